@@ -1,0 +1,1 @@
+"""LLM layer: OpenAI-compatible async client, offline writer, templates, parsing, curation."""

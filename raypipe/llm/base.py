@@ -1,0 +1,70 @@
+"""The contract between LLM backends (``openai``, ``offline``) and the stages that use them.
+
+A stage builds :class:`LLMRequest` objects with the template functions, hands a list
+of them to a backend's ``complete_batch`` and gets one :class:`LLMResult` per request,
+in order. A backend never raises for one bad request: a request that failed after
+all retries comes back with ``text=None`` and ``error`` set, and the stage turns it
+into a reject row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+#: The LLM tasks raypipe renders templates for.
+TASKS = ("keywords", "prompts", "dialogue", "benchmark")
+
+
+@dataclass(frozen=True)
+class LLMRequest:
+    """One chat-completion request.
+
+    ``messages`` is what an OpenAI-compatible model receives. ``task``, ``ability``
+    and ``params`` describe the request in structured form; the offline writer
+    answers from them, the openai backend ignores them.
+    """
+
+    key: str  # stable name within a run, e.g. "prompts/color/000003"; used in rejects and logs
+    task: str  # one of TASKS
+    ability: str
+    messages: tuple[dict[str, str], ...]  # ({"role": ..., "content": ...}, ...)
+    params: dict[str, Any] = field(default_factory=dict)  # task inputs (k, keywords, prompt, ...)
+    temperature: float = 0.9
+    seed: int | None = None
+    max_tokens: int = 1024
+
+
+@dataclass
+class LLMResult:
+    """The outcome of one request, success or failure."""
+
+    key: str
+    text: str | None  # the completion text; None when the request failed
+    error: str | None = None  # why it failed (after retries), e.g. "http_429: ...", "timeout"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    cached: bool = False  # answered from the on-disk cache (no HTTP call, no cost)
+    attempts: int = 0  # HTTP attempts made (0 for cache hits and offline)
+    latency_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.text is not None
+
+
+class LLMBackend(Protocol):
+    """What stages need from a backend."""
+
+    model: str
+
+    def complete_batch(self, requests: list[LLMRequest]) -> list[LLMResult]:
+        """Answer every request (concurrently where the backend can); results in request order."""
+        ...
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: requests, cache_hits, http_calls, retries, failures, tokens, cost_usd."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,43 @@
+"""Shared fixtures. One local Ray instance serves every test that asks for `ray_local`."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """Tiny models for this test session, built once (see raypipe.testing)."""
+    path = tmp_path_factory.mktemp("tiny")
+    os.environ["RAYPIPE_TINY_DIR"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray shared by the whole session (start-up costs seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        # Short temp dir: Ray's socket paths must stay under 108 characters.
+        temp_dir = tempfile.mkdtemp(prefix="rp-ray-", dir="/tmp")
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            _temp_dir=temp_dir,
+            runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}},
+        )
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    yield ray
+    ray.shutdown()
