@@ -80,6 +80,137 @@ class LLMConfig(Config):
 
 
 # ---------------------------------------------------------------------------------------
+# Render and quality checks
+# ---------------------------------------------------------------------------------------
+
+
+class RenderConfig(Config):
+    """The text-to-image stage: which diffusers pipeline, how it runs, and its actor pool."""
+
+    model: str = Field(
+        "stabilityai/sd-turbo",
+        description="Diffusers text-to-image pipeline: a hub id (read from the local HF cache "
+        "when HF_HUB_OFFLINE=1), a local folder with model_index.json, or "
+        "`raypipe-tiny/tiny-sd` (tiny random weights built offline, for tests and the demo).",
+    )
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="`auto`: CUDA when a GPU is visible to the actor, else CPU."
+    )
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="Weights and activations; `auto` = float16 on CUDA, float32 on CPU."
+    )
+    batch_size: int = Field(8, ge=1, description="Images per pipeline call (per actor).")
+    steps: int = Field(4, ge=1, description="Denoising steps (SD-Turbo: 1-4; SD 1.5: 25-50).")
+    guidance_scale: float = Field(
+        0.0,
+        ge=0,
+        description="Classifier-free guidance scale; <= 1 turns guidance (and the negative "
+        "prompt) off, as SD-Turbo wants. SD 1.x/2.x: about 7.5.",
+    )
+    width: int = Field(512, ge=8, multiple_of=8, description="Image width in pixels.")
+    height: int = Field(512, ge=8, multiple_of=8, description="Image height in pixels.")
+    scheduler: str | None = Field(
+        None,
+        description="None = the model's own scheduler; else a diffusers scheduler class name "
+        "such as EulerDiscreteScheduler or DPMSolverMultistepScheduler, built from the "
+        "model's scheduler config.",
+    )
+    negative_prompt: str = Field(
+        "",
+        description="Negative prompt for rows whose own negative_prompt is empty (used only "
+        "with guidance_scale > 1).",
+    )
+    emphasis: bool = Field(
+        True,
+        description="Honour A1111-style emphasis: `((word))` weights word's text embeddings "
+        "by 1.1 per bracket level, `[word]` by 1/1.1, `(word:1.4)` by 1.4. False = the "
+        "prompt text goes to the tokenizer as written.",
+    )
+    image_format: Literal["png", "jpeg", "webp"] = Field(
+        "png", description="How images are encoded in the image column."
+    )
+    image_quality: int = Field(
+        95, ge=1, le=100, description="JPEG/WebP quality (ignored for PNG, which is lossless)."
+    )
+    channels_last: bool = Field(
+        True, description="CUDA only: UNet and VAE in channels_last memory format (faster convs)."
+    )
+    compile: bool = Field(
+        False,
+        description="CUDA only: torch.compile the UNet (faster steady state; the first "
+        "batches of each actor pay the compile time).",
+    )
+    attention: Literal["sdpa", "default"] = Field(
+        "sdpa",
+        description="`sdpa`: torch scaled_dot_product_attention (flash/memory-efficient "
+        "kernels on CUDA); `default`: whatever attention processor the model loads with.",
+    )
+    min_actors: int = Field(1, ge=1, description="Smallest size of the render actor pool.")
+    max_actors: int = Field(
+        1,
+        ge=1,
+        description="Largest size of the render actor pool; on a cluster the autoscaler adds "
+        "GPU nodes while the pool wants more actors.",
+    )
+    gpus_per_actor: float = Field(
+        1.0, ge=0, description="GPUs each render actor reserves when running on CUDA."
+    )
+    max_task_retries: int = Field(
+        3,
+        ge=0,
+        description="Times a batch is retried after its actor died (the actor itself is "
+        "restarted without limit); bounded so a batch that always kills its actor fails the job.",
+    )
+    fail_once_dir: str | None = Field(
+        None,
+        description="TEST-ONLY fault injection. When set, before rendering a batch an actor "
+        "claims (deletes) one marker file from this folder, if any is left, and then exits "
+        "abruptly; so each marker file crashes one actor once. Leave None in real runs.",
+    )
+
+
+class QualityConfig(Config):
+    """Checks that reject bad images and off-topic dialogues, with an optional CLIP filter."""
+
+    min_std: float = Field(
+        2.0,
+        ge=0,
+        description="Images whose pixel standard deviation (0-255 scale) is below this are "
+        "rejected as `blank_image`.",
+    )
+    max_mean_dark: float = Field(
+        8.0,
+        ge=0,
+        description="Images whose mean pixel value (0-255) is at or below this are rejected "
+        "as `black_image` (what a NaN decode or a safety filter leaves).",
+    )
+    check_dialogue_keyword: bool = Field(
+        True,
+        description="Reject rows whose assistant turns never mention any of the row's "
+        "keywords (case-insensitive; plurals and hyphens tolerated).",
+    )
+    clip_model: str | None = Field(
+        None,
+        description="CLIPModel id or folder for the CLIP-score filter (e.g. "
+        "openai/clip-vit-large-patch14; `raypipe-tiny/tiny-clip` in tests). None = no filter.",
+    )
+    clip_min_score: float = Field(
+        0.2,
+        description="Reject as `low_clip_score` when the cosine similarity between the image "
+        "and its prompt (emphasis brackets removed) is below this.",
+    )
+    clip_batch_size: int = Field(32, ge=1, description="Images per CLIP forward pass.")
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "cpu", description="Where the CLIP filter runs; `auto` = CUDA when visible."
+    )
+    gpus_per_actor: float = Field(
+        0.0, ge=0, description="GPUs each quality actor reserves (only useful with a CLIP model)."
+    )
+    max_actors: int = Field(1, ge=1, description="Largest size of the quality actor pool.")
+    batch_size: int = Field(64, ge=1, description="Rows per batch handed to a quality actor.")
+
+
+# ---------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------
 
@@ -197,6 +328,8 @@ def redacted(config: BaseModel | dict) -> dict[str, Any]:
 __all__ = [
     "Config",
     "LLMConfig",
+    "QualityConfig",
+    "RenderConfig",
     "apply_overrides",
     "build_config",
     "load_config",
