@@ -1,0 +1,561 @@
+"""The ability catalog: one YAML file per ability, loaded and validated into :class:`Ability`.
+
+Each file ``<name>.yaml`` holds what the templates need for one ability of the StableLLaVA
+method: cautions, seed keywords, subjects/scenes/styles, in-context SD prompts, the
+question pool, dialogue and benchmark examples, and benchmark templates. The package ships
+the paper's 13 abilities in ``raypipe/abilities/data/``; a user adds or overrides an ability
+by putting one file in a directory passed to :func:`load_catalog`.
+
+An optional sibling ``<name>.curated.yaml`` (written by raypipe's curation, editable by hand)
+replaces the seed in-context examples: :attr:`Ability.icl_examples` prefers it.
+
+Every problem in a file raises :class:`raypipe.errors.CatalogError` naming the file and the
+field, e.g. ``color.yaml: field 'keywords': needs at least 40 items, got 12. ...``.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raypipe.errors import CatalogError
+
+__all__ = [
+    "ABILITIES",
+    "QUESTION_TYPES",
+    "Ability",
+    "BenchmarkExample",
+    "BenchmarkTemplate",
+    "DialogueExample",
+    "default_data_dir",
+    "fix_articles",
+    "load_ability",
+    "load_catalog",
+]
+
+#: The paper's abilities, in the paper's order.
+ABILITIES: tuple[str, ...] = (
+    "color",
+    "animal",
+    "plant",
+    "vehicle",
+    "food",
+    "clothes",
+    "furniture",
+    "hair",
+    "profession",
+    "scene",
+    "action",
+    "art_style",
+    "abnormal",
+)
+
+#: Benchmark question types (paper Fig. 5). Every ability covers all three.
+QUESTION_TYPES: tuple[str, ...] = ("yes_no", "wh", "either_or")
+
+#: Fewest items each list field may hold (see the catalog format).
+MIN_ITEMS: dict[str, int] = {
+    "cautions": 3,
+    "keywords": 40,
+    "subjects": 15,
+    "scenes": 10,
+    "styles": 6,
+    "sd_examples": 5,
+    "questions": 10,
+    "dialogue_examples": 3,
+    "benchmark_examples": 3,
+    "benchmark_templates": 3,
+}
+
+#: Placeholders a benchmark template may use; ``other`` is a distractor keyword.
+TEMPLATE_PLACEHOLDERS: tuple[str, ...] = ("keyword", "subject", "other")
+#: Placeholders ``phrase`` may use; ``keyword`` is required.
+PHRASE_PLACEHOLDERS: tuple[str, ...] = ("keyword", "subject")
+
+CURATED_SUFFIX = ".curated.yaml"
+_NAME_RE = re.compile(r"^[a-z_]+$")
+# A prompt starts with the emphasised keyword: "((crimson)) vintage car, ..."
+_LEADING_KEYWORD_RE = re.compile(r"^\(\(([^()]+)\)\)")
+_KEYWORD_MAX_CHARS = 60
+_FIELDS = (
+    "name",
+    "display_name",
+    "description",
+    "cautions",
+    "keywords",
+    "subjects",
+    "scenes",
+    "styles",
+    "phrase",
+    "sd_examples",
+    "questions",
+    "dialogue_examples",
+    "benchmark_examples",
+    "benchmark_templates",
+)
+
+
+@dataclass(frozen=True)
+class DialogueExample:
+    """A raw SD prompt and a description focused on its bracketed keyword."""
+
+    prompt: str
+    description: str
+
+
+@dataclass(frozen=True)
+class BenchmarkExample:
+    """A benchmark item: the SD prompt, a question about its image and the reference answer."""
+
+    prompt: str
+    question: str
+    question_type: str  # one of QUESTION_TYPES
+    answer: str
+    answer_keywords: tuple[str, ...]  # lowercase; a correct answer contains one of them
+
+
+@dataclass(frozen=True)
+class BenchmarkTemplate:
+    """A question/answer pattern with ``{keyword}``, ``{subject}`` and ``{other}`` placeholders.
+
+    The offline writer fills it to produce exact reference answers.
+    """
+
+    question_type: str  # one of QUESTION_TYPES
+    question: str
+    answer: str
+    answer_keywords: tuple[str, ...]
+
+    def render(self, keyword: str, subject: str, other: str = "") -> BenchmarkTemplate:
+        """Return a copy with every placeholder filled (``other``: a distractor keyword)."""
+        if not other and "{other}" in self.question + self.answer:
+            raise ValueError(f"template {self.question!r} needs a distractor: pass other=...")
+        values = {"keyword": keyword, "subject": subject, "other": other}
+        return BenchmarkTemplate(
+            question_type=self.question_type,
+            question=fix_articles(self.question.format(**values)),
+            answer=fix_articles(self.answer.format(**values)),
+            answer_keywords=tuple(k.format(**values).lower() for k in self.answer_keywords),
+        )
+
+
+@dataclass(frozen=True)
+class Ability:
+    """One ability of the catalog, as validated from ``<name>.yaml``."""
+
+    name: str  # equals the file stem, e.g. "color"
+    display_name: str  # e.g. "Color"
+    description: str  # one sentence: what visual ability this teaches
+    cautions: tuple[str, ...]  # ability-specific cautions for the SD prompt template
+    keywords: tuple[str, ...]  # seed keywords, lowercase and distinct
+    subjects: tuple[str, ...]  # what a keyword combines with (see ``phrase``)
+    scenes: tuple[str, ...]  # scene/setting phrases
+    styles: tuple[str, ...]  # rendering style phrases
+    phrase: str  # how keyword and subject read together, e.g. "{keyword} {subject}"
+    sd_examples: tuple[str, ...]  # seed in-context SD prompts, each starting "((keyword))"
+    questions: tuple[str, ...]  # description question pool for dialogues
+    dialogue_examples: tuple[DialogueExample, ...]
+    benchmark_examples: tuple[BenchmarkExample, ...]
+    benchmark_templates: tuple[BenchmarkTemplate, ...]
+    curated_examples: tuple[str, ...] | None  # from <name>.curated.yaml, when present
+    source: Path  # the file it was loaded from
+
+    @property
+    def icl_examples(self) -> tuple[str, ...]:
+        """The in-context SD prompt examples to use: the curated set if any, else the seeds."""
+        return self.curated_examples if self.curated_examples is not None else self.sd_examples
+
+    @property
+    def curated_path(self) -> Path:
+        """Where this ability's curated examples live (the file may not exist)."""
+        return curated_path_for(self.source)
+
+    def describe(self, keyword: str, subject: str) -> str:
+        """Combine a keyword and a subject in natural language, e.g. "crimson vintage car"."""
+        return fix_articles(self.phrase.format(keyword=keyword, subject=subject))
+
+
+_ARTICLE_RE = re.compile(r"\b([Aa])n? (?=([A-Za-z][\w-]*))")
+# Words whose sound disagrees with their first letter.
+_A_BEFORE_VOWEL = ("uni", "use", "usu", "ute", "eu", "one", "once", "ukulele")
+_AN_BEFORE_CONSONANT = ("hour", "honest", "honour", "heir")
+
+
+def fix_articles(text: str) -> str:
+    """Make each "a"/"an" agree with the next word: "a emperor penguin" -> "an emperor penguin".
+
+    Templates write "a {keyword}"; the keyword decides which article reads right.
+    """
+
+    def choose(m: re.Match[str]) -> str:
+        word = m.group(2).lower()
+        vowel_sound = (word[0] in "aeiou" and not word.startswith(_A_BEFORE_VOWEL)) or (
+            word.startswith(_AN_BEFORE_CONSONANT)
+        )
+        article = m.group(1) + ("n" if vowel_sound else "")
+        return article + " "
+
+    return _ARTICLE_RE.sub(choose, text)
+
+
+def default_data_dir() -> Path:
+    """The directory of the ability files shipped with raypipe."""
+    return Path(__file__).resolve().parent / "data"
+
+
+def curated_path_for(ability_path: str | Path) -> Path:
+    """``.../color.yaml`` -> ``.../color.curated.yaml``."""
+    path = Path(ability_path)
+    return path.with_name(path.stem + CURATED_SUFFIX)
+
+
+def load_ability(path: str | Path) -> Ability:
+    """Load and validate one ability file (and its curated sibling, when present)."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    check = _Checker(path)
+
+    unknown = sorted(set(raw) - set(_FIELDS))
+    if unknown:
+        check.fail(unknown[0], f"unknown field; the known fields are: {', '.join(_FIELDS)}")
+
+    # 1. Scalars.
+    name = check.text(raw, "name")
+    if not _NAME_RE.match(name):
+        check.fail("name", f"{name!r} must be lowercase letters and underscores ([a-z_]+)")
+    if name != path.stem:
+        check.fail(
+            "name",
+            f"{name!r} must equal the file name stem {path.stem!r}. "
+            f"Rename the file to {name}.yaml or set name: {path.stem}",
+        )
+    display_name = check.text(raw, "display_name")
+    description = check.text(raw, "description")
+    phrase = check.text(raw, "phrase")
+    check.placeholders("phrase", phrase, PHRASE_PLACEHOLDERS, required=("keyword",))
+
+    # 2. Lists of strings.
+    cautions = check.texts(raw, "cautions")
+    keywords = check.texts(raw, "keywords")
+    for i, keyword in enumerate(keywords):
+        check.keyword(f"keywords[{i}]", keyword)
+    check.distinct("keywords", keywords)
+    subjects = check.texts(raw, "subjects")
+    check.distinct("subjects", subjects)
+    scenes = check.texts(raw, "scenes")
+    check.distinct("scenes", scenes)
+    styles = check.texts(raw, "styles")
+    check.distinct("styles", styles)
+    sd_examples = check.texts(raw, "sd_examples")
+    for i, prompt in enumerate(sd_examples):
+        check.prompt(f"sd_examples[{i}]", prompt)
+    check.distinct("sd_examples", sd_examples)
+    questions = check.texts(raw, "questions")
+    check.distinct("questions", questions)
+
+    # 3. Lists of records.
+    dialogue_examples = tuple(
+        DialogueExample(
+            prompt=check.prompt(f"dialogue_examples[{i}].prompt", check.text(item, "prompt", at)),
+            description=check.text(item, "description", at),
+        )
+        for i, (at, item) in enumerate(check.records(raw, "dialogue_examples"))
+    )
+    benchmark_examples = tuple(
+        BenchmarkExample(
+            prompt=check.prompt(f"benchmark_examples[{i}].prompt", check.text(item, "prompt", at)),
+            question=check.text(item, "question", at),
+            question_type=check.question_type(item, at),
+            answer=check.text(item, "answer", at),
+            answer_keywords=check.answer_keywords(item, at),
+        )
+        for i, (at, item) in enumerate(check.records(raw, "benchmark_examples"))
+    )
+    check.covers_question_types("benchmark_examples", benchmark_examples)
+    benchmark_templates = []
+    for at, item in check.records(raw, "benchmark_templates"):
+        template = BenchmarkTemplate(
+            question_type=check.question_type(item, at),
+            question=check.text(item, "question", at),
+            answer=check.text(item, "answer", at),
+            answer_keywords=check.answer_keywords(item, at, templated=True),
+        )
+        check.placeholders(f"{at}.question", template.question, TEMPLATE_PLACEHOLDERS)
+        check.placeholders(f"{at}.answer", template.answer, TEMPLATE_PLACEHOLDERS)
+        for j, keyword in enumerate(template.answer_keywords):
+            check.placeholders(f"{at}.answer_keywords[{j}]", keyword, TEMPLATE_PLACEHOLDERS)
+        benchmark_templates.append(template)
+    check.covers_question_types("benchmark_templates", benchmark_templates)
+
+    return Ability(
+        name=name,
+        display_name=display_name,
+        description=description,
+        cautions=cautions,
+        keywords=keywords,
+        subjects=subjects,
+        scenes=scenes,
+        styles=styles,
+        phrase=phrase,
+        sd_examples=sd_examples,
+        questions=questions,
+        dialogue_examples=dialogue_examples,
+        benchmark_examples=benchmark_examples,
+        benchmark_templates=tuple(benchmark_templates),
+        curated_examples=_load_curated(curated_path_for(path), name),
+        source=path,
+    )
+
+
+def load_catalog(
+    dirs: list[str | Path] | None = None, names: list[str] | None = None
+) -> dict[str, Ability]:
+    """Load the abilities of raypipe's data directory plus any user directories.
+
+    Args:
+        dirs: extra directories of ``<name>.yaml`` files, searched after the package's own
+            data directory; a file there adds an ability, or replaces the one of the same
+            name (the last directory wins).
+        names: load only these abilities, in this order. An unknown name raises
+            :class:`CatalogError` listing the known ones. ``None`` loads them all.
+
+    Returns:
+        ``{name: Ability}``: the paper's abilities first in paper order, then the others
+        sorted by name (or the order of ``names`` when given).
+    """
+    search = [default_data_dir()]
+    for d in dirs or []:
+        d = Path(d)
+        if not d.is_dir():
+            raise CatalogError(
+                f"{d}: ability directory does not exist or is not a directory. "
+                "Pass a directory holding <name>.yaml ability files."
+            )
+        if d.resolve() not in [s.resolve() for s in search]:
+            search.append(d)
+
+    files: dict[str, Path] = {}
+    for d in search:
+        for path in sorted(d.glob("*.yaml")):
+            if not path.name.endswith(CURATED_SUFFIX):
+                files[path.stem] = path
+
+    if names is None:
+        order = [n for n in ABILITIES if n in files] + sorted(set(files) - set(ABILITIES))
+    else:
+        order = list(dict.fromkeys(names))
+        unknown = [n for n in order if n not in files]
+        if unknown:
+            known = ", ".join(sorted(files)) or "(none)"
+            where = ", ".join(str(d) for d in search)
+            raise CatalogError(
+                f"unknown ability {unknown[0]!r}. Known abilities: {known}. "
+                f"To add one, put {unknown[0]}.yaml in an ability directory (searched: {where})."
+            )
+    return {name: load_ability(files[name]) for name in order}
+
+
+# --- validation helpers -------------------------------------------------------------------
+
+
+def _display(path: Path) -> str:
+    """The path as a user would type it: relative to the working directory when inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CatalogError(f"{_display(path)}: ability file not found.")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise CatalogError(f"{_display(path)}: not valid YAML: {e}. Fix the syntax.") from None
+    if not isinstance(raw, dict):
+        raise CatalogError(
+            f"{_display(path)}: expected a mapping of fields (name: ..., keywords: [...]), "
+            f"got {type(raw).__name__}."
+        )
+    return raw
+
+
+def _type_hint(value: Any) -> str:
+    if isinstance(value, (bool, int, float)):
+        # YAML reads yes/no/on/off/true and bare numbers as non-strings.
+        return f"got {type(value).__name__} ({value!r}); put the value in quotes"
+    return f"got {type(value).__name__}"
+
+
+def _placeholders(text: str) -> list[str]:
+    try:
+        return [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
+    except ValueError as e:
+        raise ValueError(f"bad braces ({e}); write a literal brace as {{{{ or }}}}") from None
+
+
+class _Checker:
+    """Field checks for one file; every failure names the file and the field."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fail(self, field: str, problem: str) -> None:
+        raise CatalogError(f"{_display(self.path)}: field {field!r}: {problem}")
+
+    def text(self, raw: dict, key: str, at: str = "") -> str:
+        field = f"{at}.{key}" if at else key
+        if key not in raw:
+            self.fail(field, "missing. Add it (see the ability file format).")
+        value = raw[key]
+        if not isinstance(value, str):
+            self.fail(field, f"expected a string, {_type_hint(value)}.")
+        if not value.strip():
+            self.fail(field, "is empty. Write a value.")
+        return value.strip()
+
+    def _list(self, raw: dict, key: str) -> list:
+        if key not in raw:
+            self.fail(key, f"missing. Add a list of at least {MIN_ITEMS[key]} items.")
+        value = raw[key]
+        if not isinstance(value, list):
+            self.fail(key, f"expected a list, {_type_hint(value)}.")
+        if len(value) < MIN_ITEMS[key]:
+            self.fail(
+                key,
+                f"needs at least {MIN_ITEMS[key]} items, got {len(value)}. "
+                f"Add {key} or remove the file to drop the ability.",
+            )
+        return value
+
+    def texts(self, raw: dict, key: str) -> tuple[str, ...]:
+        out = []
+        for i, item in enumerate(self._list(raw, key)):
+            if not isinstance(item, str):
+                self.fail(f"{key}[{i}]", f"expected a string, {_type_hint(item)}.")
+            if not item.strip():
+                self.fail(f"{key}[{i}]", "is empty. Write a value or remove the item.")
+            out.append(item.strip())
+        return tuple(out)
+
+    def records(self, raw: dict, key: str) -> list[tuple[str, dict]]:
+        out = []
+        for i, item in enumerate(self._list(raw, key)):
+            if not isinstance(item, dict):
+                self.fail(f"{key}[{i}]", f"expected a mapping of fields, {_type_hint(item)}.")
+            out.append((f"{key}[{i}]", item))
+        return out
+
+    def distinct(self, key: str, items: Iterable[str]) -> None:
+        seen: dict[str, int] = {}
+        for i, item in enumerate(items):
+            norm = " ".join(item.lower().split())
+            if norm in seen:
+                self.fail(
+                    f"{key}[{i}]",
+                    f"duplicate of {key}[{seen[norm]}] ({item!r}). Remove or replace it.",
+                )
+            seen[norm] = i
+
+    def keyword(self, field: str, keyword: str) -> None:
+        if keyword != keyword.lower():
+            self.fail(field, f"{keyword!r} must be lowercase.")
+        if any(c in keyword for c in ",()\n"):
+            # Keywords are spliced into comma-separated, ((bracketed)) prompts.
+            self.fail(field, f"{keyword!r} must not contain commas, brackets or newlines.")
+        if len(keyword) > _KEYWORD_MAX_CHARS:
+            self.fail(field, f"{keyword!r} is longer than {_KEYWORD_MAX_CHARS} characters.")
+
+    def prompt(self, field: str, prompt: str) -> str:
+        match = _LEADING_KEYWORD_RE.match(prompt)
+        if not match or not match.group(1).strip():
+            self.fail(
+                field,
+                f"{prompt[:60]!r} must start with the ability keyword in double brackets, "
+                "e.g. '((crimson)) vintage car, city street, realistic photo, 8k'.",
+            )
+        return prompt
+
+    def question_type(self, item: dict, at: str) -> str:
+        value = self.text(item, "question_type", at)
+        if value not in QUESTION_TYPES:
+            self.fail(
+                f"{at}.question_type", f"{value!r} is not one of {', '.join(QUESTION_TYPES)}."
+            )
+        return value
+
+    def answer_keywords(self, item: dict, at: str, templated: bool = False) -> tuple[str, ...]:
+        field = f"{at}.answer_keywords"
+        if "answer_keywords" not in item:
+            self.fail(field, "missing. Add at least one keyword a correct answer contains.")
+        value = item["answer_keywords"]
+        if not isinstance(value, list) or not value:
+            self.fail(field, f"expected a non-empty list of strings, {_type_hint(value)}.")
+        out = []
+        for j, keyword in enumerate(value):
+            if not isinstance(keyword, str) or not keyword.strip():
+                self.fail(f"{field}[{j}]", f"expected a non-empty string, {_type_hint(keyword)}.")
+            if not templated and keyword != keyword.lower():
+                self.fail(f"{field}[{j}]", f"{keyword!r} must be lowercase.")
+            out.append(keyword.strip())
+        return tuple(out)
+
+    def covers_question_types(self, key: str, items: Iterable[Any]) -> None:
+        missing = [t for t in QUESTION_TYPES if t not in {x.question_type for x in items}]
+        if missing:
+            self.fail(
+                key,
+                f"no item of question_type {', '.join(missing)}. "
+                f"Cover all of {', '.join(QUESTION_TYPES)}.",
+            )
+
+    def placeholders(
+        self, field: str, text: str, allowed: tuple[str, ...], required: tuple[str, ...] = ()
+    ) -> None:
+        try:
+            found = _placeholders(text)
+        except ValueError as e:
+            self.fail(field, str(e))
+        for name in found:
+            if name not in allowed:
+                self.fail(
+                    field,
+                    f"unknown placeholder {{{name}}}; allowed: "
+                    + ", ".join(f"{{{a}}}" for a in allowed)
+                    + ".",
+                )
+        for name in required:
+            if name not in found:
+                self.fail(field, f"must contain the placeholder {{{name}}}.")
+
+
+def _load_curated(path: Path, name: str) -> tuple[str, ...] | None:
+    if not path.exists():
+        return None
+    raw = _read_yaml(path)
+    check = _Checker(path)
+    ability = check.text(raw, "ability")
+    if ability != name:
+        check.fail("ability", f"{ability!r} must equal {name!r}, the ability file's name.")
+    examples = raw.get("examples")
+    if not isinstance(examples, list) or len(examples) < MIN_ITEMS["sd_examples"]:
+        got = len(examples) if isinstance(examples, list) else _type_hint(examples)
+        check.fail(
+            "examples",
+            f"needs a list of at least {MIN_ITEMS['sd_examples']} prompts, got {got}. "
+            f"Re-run curation, or delete {path.name} to use the seed examples.",
+        )
+    out = []
+    for i, prompt in enumerate(examples):
+        if not isinstance(prompt, str):
+            check.fail(f"examples[{i}]", f"expected a string, {_type_hint(prompt)}.")
+        out.append(check.prompt(f"examples[{i}]", prompt.strip()))
+    check.distinct("examples", out)
+    return tuple(out)
