@@ -77,6 +77,12 @@ class LLMConfig(Config):
     cache: bool = Field(
         True, description="Cache responses on disk (OUT/cache); re-runs pay nothing."
     )
+    http_transport: Literal["auto", "aiohttp", "httpx"] = Field(
+        "auto",
+        description="HTTP layer under the openai client. `aiohttp` costs about half the CPU "
+        "per request of `httpx`; `httpx` honours HTTP(S)_PROXY. `auto`: aiohttp unless a "
+        "proxy variable is set.",
+    )
 
 
 # ---------------------------------------------------------------------------------------
