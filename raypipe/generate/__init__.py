@@ -1,0 +1,1 @@
+"""Generation job: keywords -> SD prompts -> dedup -> dialogues -> render -> quality -> Parquet."""

@@ -1,0 +1,251 @@
+"""LLM writing stages: keyword banks, SD prompts and dialogues (paper section 4).
+
+Each stage builds its LLM backend once in ``__init__`` and is a pure
+``__call__(batch: pyarrow.Table) -> pyarrow.Table`` over work rows (raypipe.schema).
+A request that fails after retries, or whose text does not parse, rejects the rows it
+was for, with the reason and the raw text; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from typing import Any
+
+import pyarrow as pa
+
+from raypipe.abilities import Ability, load_catalog
+from raypipe.config import LLMConfig
+from raypipe.llm import make_backend
+from raypipe.llm.base import LLMResult
+from raypipe.llm.parsing import emphasized_keywords, parse_dialogue, parse_keywords, parse_prompts
+from raypipe.llm.templates import dialogue_request, keyword_request, prompt_request
+from raypipe.schema import is_rejected, reject, row_seed, rows_to_table, update_meta
+
+
+def stable_seed(*parts: Any) -> int:
+    """A 31-bit seed from any parts (LLM APIs take small ints)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "big") >> 1
+
+
+def usage_meta(result: LLMResult, share: int = 1) -> dict[str, Any]:
+    """A request's tokens and cost, split over the ``share`` rows it served."""
+    return {
+        "prompt_tokens": result.prompt_tokens / share,
+        "completion_tokens": result.completion_tokens / share,
+        "cost_usd": result.cost_usd / share,
+        "cached": result.cached,
+        "attempts": result.attempts,
+        "latency_s": result.latency_s,
+    }
+
+
+def add_usage(row: dict[str, Any], stage: str, usage: dict[str, Any]) -> None:
+    meta = json.loads(row["meta"]) if row.get("meta") else {}
+    llm = meta.setdefault("llm", {})
+    llm[stage] = usage
+    row["meta"] = json.dumps(meta, sort_keys=True)
+
+
+# ------------------------------------------------------------------------------------
+# 1. Keyword banks (driver side, once per ability, saved in OUT/keywords)
+# ------------------------------------------------------------------------------------
+
+
+def expand_keyword_bank(
+    ability: Ability, backend, extra: int, seed: int, temperature: float, per_request: int = 50
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """Seed keywords plus ``extra`` LLM-listed ones (paper section 4.3).
+
+    Returns (bank, rejects). Requests continue until ``extra`` new keywords are in the
+    bank or a few rounds in a row add nothing.
+    """
+    bank = list(dict.fromkeys(k.strip().lower() for k in ability.keywords))
+    rejects: list[dict[str, Any]] = []
+    target, stale, round_ = len(bank) + extra, 0, 0
+    while len(bank) < target and stale < 3:
+        n = min(per_request, target - len(bank))
+        key = f"keywords/{ability.name}/{round_:04d}"
+        req = keyword_request(
+            ability, n, list(bank), key=key, seed=stable_seed(seed, key), temperature=temperature
+        )
+        (res,) = backend.complete_batch([req])
+        round_ += 1
+        if not res.ok:
+            rejects.append(_keyword_reject(key, ability.name, f"llm_error:{res.error}", ""))
+            stale += 1
+            continue
+        parsed = parse_keywords(res.text, ability, existing=bank)
+        for reason, raw in parsed.rejects:
+            rejects.append(_keyword_reject(key, ability.name, reason, raw))
+        new = [k for k in parsed.items if k not in bank]
+        bank.extend(new[: target - len(bank)])
+        stale = 0 if new else stale + 1
+    return bank, rejects
+
+
+def _keyword_reject(key: str, ability: str, reason: str, raw: str) -> dict[str, Any]:
+    return {"id": key, "ability": ability, "stage": "keywords", "reason": reason, "raw": raw or ""}
+
+
+def keyword_for(bank: list[str], run_seed: int, ability: str, index: int) -> str:
+    """The keyword of row ``index``: walks a seeded permutation of the bank, so the
+    keywords spread evenly and a row's keyword never depends on which rows exist."""
+    perm = list(range(len(bank)))
+    random.Random(stable_seed(run_seed, ability, "keywords")).shuffle(perm)
+    cycle, pos = divmod(index, len(bank))
+    if cycle:  # a new order on every pass through the bank
+        random.Random(stable_seed(run_seed, ability, "keywords", cycle)).shuffle(perm)
+    return bank[perm[pos]]
+
+
+# ------------------------------------------------------------------------------------
+# 2. SD prompt writing (an actor pool of LLM clients, k prompts per request)
+# ------------------------------------------------------------------------------------
+
+
+class PromptWriter:
+    """Writes one SD prompt per planned row, k rows per LLM request.
+
+    Input: one item per request chunk: ``ability``, ``chunk``, ``indices`` (the rows of the
+    chunk still to make), ``chunk_keywords`` (all k keywords of the chunk, so the request
+    is identical whichever of its rows remain: a re-run hits the cache), ``ids``.
+    Output: work rows (raypipe.schema.WORK_SCHEMA) with id, ability, index, seed,
+    keywords, prompt, negative_prompt, llm_model and meta filled, or rejected with
+    stage ``prompts``.
+    """
+
+    INPUT_COLUMNS = ("ability", "chunk", "indices", "ids", "chunk_keywords")
+    OUTPUT_COLUMNS = (
+        "id",
+        "ability",
+        "index",
+        "seed",
+        "keywords",
+        "prompt",
+        "negative_prompt",
+        "llm_model",
+        "meta",
+    )
+
+    def __init__(
+        self,
+        llm: dict,
+        cache_dir: str | None,
+        catalog_dirs: list[str],
+        run_seed: int,
+        negative_prompt: str,
+    ):
+        self.cfg = LLMConfig.model_validate(llm)
+        self.backend = make_backend(self.cfg, cache_dir)
+        self.catalog = load_catalog(catalog_dirs or None)
+        self.run_seed = run_seed
+        self.negative_prompt = negative_prompt
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        items = batch.to_pylist()
+        requests = []
+        for it in items:
+            key = f"prompts/{it['ability']}/{it['chunk']:06d}"
+            requests.append(
+                prompt_request(
+                    self.catalog[it["ability"]],
+                    list(it["chunk_keywords"]),
+                    key=key,
+                    seed=stable_seed(self.run_seed, key),
+                    temperature=self.cfg.temperature,
+                )
+            )
+        results = self.backend.complete_batch(requests)
+        rows: list[dict[str, Any]] = []
+        for it, res in zip(items, results):
+            k = len(it["chunk_keywords"])
+            parsed = parse_prompts(res.text, list(it["chunk_keywords"])) if res.ok else None
+            for index, sid in zip(it["indices"], it["ids"]):
+                pos = index % k
+                row = {
+                    "id": sid,
+                    "ability": it["ability"],
+                    "index": index,
+                    "seed": row_seed(sid),
+                    "keywords": [it["chunk_keywords"][pos]],
+                    "negative_prompt": self.negative_prompt,
+                    "llm_model": self.backend.model,
+                    "meta": "{}",
+                }
+                add_usage(row, "prompts", usage_meta(res, share=k))
+                if not res.ok:
+                    reject(row, "prompts", f"llm_error:{res.error}", res.text or "")
+                elif parsed[pos].reason:
+                    reject(row, "prompts", parsed[pos].reason, parsed[pos].raw or res.text)
+                else:
+                    row["prompt"] = parsed[pos].prompt
+                    row["keywords"] = emphasized_keywords(parsed[pos].prompt) or row["keywords"]
+                rows.append(row)
+        return rows_to_table(rows)
+
+
+# ------------------------------------------------------------------------------------
+# 3. Dialogue writing (grounded in the same prompt)
+# ------------------------------------------------------------------------------------
+
+
+class DialogueWriter:
+    """Writes the answer to a question drawn from the ability's question pool.
+
+    Input: work rows with id, ability, prompt, keywords, seed. Output: conversations
+    (LLaVA format; the human turn starts ``<image>\\n``), question_type, answer_keywords
+    and meta; or rejected with stage ``dialogue``. Already-rejected rows pass through.
+    """
+
+    INPUT_COLUMNS = ("id", "ability", "prompt", "keywords", "seed")
+    OUTPUT_COLUMNS = ("conversations", "question_type", "answer_keywords", "meta")
+
+    def __init__(self, llm: dict, cache_dir: str | None, catalog_dirs: list[str], run_seed: int):
+        self.cfg = LLMConfig.model_validate(llm)
+        self.backend = make_backend(self.cfg, cache_dir)
+        self.catalog = load_catalog(catalog_dirs or None)
+        self.run_seed = run_seed
+
+    def question_for(self, ability: Ability, sample_id: str) -> str:
+        pool = ability.questions
+        return pool[stable_seed(self.run_seed, sample_id, "question") % len(pool)]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        todo = [r for r in rows if not is_rejected(r)]
+        requests, questions = [], []
+        for r in todo:
+            ability = self.catalog[r["ability"]]
+            question = self.question_for(ability, r["id"])
+            questions.append(question)
+            requests.append(
+                dialogue_request(
+                    ability,
+                    r["prompt"],
+                    question,
+                    key=f"dialogue/{r['id']}",
+                    seed=stable_seed(self.run_seed, r["id"], "dialogue"),
+                    temperature=self.cfg.temperature,
+                )
+            )
+        results = self.backend.complete_batch(requests) if requests else []
+        for r, question, res in zip(todo, questions, results):
+            add_usage(r, "dialogue", usage_meta(res))
+            if not res.ok:
+                reject(r, "dialogue", f"llm_error:{res.error}", res.text or "")
+                continue
+            keyword = (r["keywords"] or [""])[0]
+            parsed = parse_dialogue(res.text, r["prompt"], keyword)
+            if parsed.reason:
+                reject(r, "dialogue", parsed.reason, res.text)
+                continue
+            r["conversations"] = [
+                {"from": "human", "value": "<image>\n" + question},
+                {"from": "gpt", "value": parsed.description},
+            ]
+            r["question_type"] = "unusual" if r["ability"] == "abnormal" else "caption"
+            r["answer_keywords"] = []
+            update_meta(r, question=question)
+        return rows_to_table(rows)
