@@ -219,6 +219,247 @@ def build_tiny_clip(path: str | Path, seed: int = 0, image_size: int = 32) -> Pa
     return _mark_done(path)
 
 
+#: Vicuna-v1.1 style chat template (LLaVA-1.5's conversation format) for the tiny Llama
+#: tokenizer. Jinja drops a literal newline after ``{% endif %}``, so none is used here.
+LLAMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] != 'system' %}"
+    "{{ 'A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user\\'s questions. ' }}"
+    "{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + ' ' }}"
+    "{% elif message['role'] == 'user' %}{{ 'USER: ' + message['content'] + ' ' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ 'ASSISTANT: ' + message['content'] + eos_token }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+#: Extra fixed text for the Llama tokenizer: the fixture dialogues' words become tokens.
+_LLAMA_EXTRA = """
+A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions.
+What is in the picture? What colour is the square? Is the square red? Which shape is shown? It is a red square. It is a blue circle. Yes. No.
+The image shows a green square on a white background. This is a photo of a yellow circle. It is bright.
+""".strip()
+
+
+def build_tiny_llama_tokenizer(path: str | Path, vocab_size: int = 1024):
+    """A Llama-style BPE tokenizer trained offline, with ``<image>`` and a Vicuna chat template.
+
+    SentencePiece layout as in Llama: words carry a ``▁`` prefix, unknown characters fall
+    back to ``<0xNN>`` byte tokens, BOS ``<s>`` is added on encode, EOS is ``</s>``. PAD is
+    its own ``<pad>`` token (as in llava-hf checkpoints) and ``<image>`` is a special token,
+    both appended after the trained vocabulary.
+    """
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = Path(path)
+    if _done(path):
+        return AutoTokenizer.from_pretrained(path)
+    specials = ["<unk>", "<s>", "</s>"]
+
+    def metaspace():
+        return pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+
+    trained = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    trained.pre_tokenizer = metaspace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, show_progress=False
+    )
+    trained.train_from_iterator(_corpus_lines(_LLAMA_EXTRA.splitlines()), trainer)
+    spec = json.loads(trained.to_str())["model"]
+    # Llama's id layout: specials, then the 256 byte-fallback tokens, then learned pieces.
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for byte in range(256):
+        vocab[f"<0x{byte:02X}>"] = len(vocab)
+    for tok in sorted(spec["vocab"], key=spec["vocab"].get):
+        vocab.setdefault(tok, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in spec["merges"]]
+    tok = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
+    )
+    tok.pre_tokenizer = metaspace()
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        model_max_length=2048,
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    tokenizer.chat_template = LLAMA_CHAT_TEMPLATE
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(path)
+    _mark_done(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def tiny_clip_vision_config(image_size: int = 32):
+    """2-layer CLIP vision tower: 32 px images in 8 px patches = 16 patches + CLS."""
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        image_size=image_size,
+        patch_size=8,
+        projection_dim=32,
+    )
+
+
+def tiny_llama_config(vocab_size: int, tokenizer=None):
+    """2-layer Llama, hidden size 64; special token ids taken from ``tokenizer`` if given."""
+    from transformers import LlamaConfig
+
+    ids = {}
+    if tokenizer is not None:
+        ids = {
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        **ids,
+    )
+
+
+def tiny_clip_image_processor(image_size: int = 32):
+    """CLIP preprocessing at ``image_size`` (the PIL backend: no torchvision needed)."""
+    from transformers import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+
+
+def build_tiny_clip_vision(path: str | Path, seed: int = 0, image_size: int = 32) -> Path:
+    """A tiny ``CLIPVisionModel`` plus its image processor: a vision tower for LLaVA builds."""
+    import torch
+    from transformers import CLIPVisionModel
+
+    path = Path(path)
+    if _done(path):
+        return path
+    torch.manual_seed(seed)
+    model = CLIPVisionModel(tiny_clip_vision_config(image_size))
+    model.save_pretrained(path, safe_serialization=True)
+    tiny_clip_image_processor(image_size).save_pretrained(path)
+    return _mark_done(path)
+
+
+def build_tiny_llama(path: str | Path, seed: int = 0) -> Path:
+    """A tiny ``LlamaForCausalLM`` with the tiny Llama tokenizer: an LLM for LLaVA builds."""
+    import torch
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    path = Path(path)
+    if _done(path):
+        return path
+    tokenizer = build_tiny_llama_tokenizer(path / "_tokenizer_build")
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(len(tokenizer), tokenizer))
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return _mark_done(path)
+
+
+def build_tiny_llava(
+    path: str | Path, seed: int = 0, projector: str = "mlp2x_gelu", image_size: int = 32
+) -> Path:
+    """A tiny ``LlavaForConditionalGeneration`` with its ``LlavaProcessor``, LLaVA-1.5 layout.
+
+    2-layer CLIP vision tower (32 px, patch 8: 16 image tokens after dropping CLS, the
+    "default" feature strategy, features from layer -2), the LLaVA-1.5 ``mlp2x_gelu``
+    projector and a 2-layer Llama. ``projector`` must be "mlp2x_gelu": the transformers
+    Llava class has no single-linear projector (build other layouts with raypipe.train.model).
+    """
+    import torch
+    from transformers import (
+        GenerationConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    if projector != "mlp2x_gelu":
+        raise ValueError(
+            f"build_tiny_llava builds the mlp2x_gelu projector only, not {projector!r}; "
+            "build a linear projector from the tiny vision tower and LLM with raypipe.train.model"
+        )
+    path = Path(path)
+    if _done(path):
+        return path
+    tokenizer = build_tiny_llama_tokenizer(path / "_tokenizer_build")
+    vision = tiny_clip_vision_config(image_size)
+    torch.manual_seed(seed)
+    config = LlavaConfig(
+        vision_config=vision.to_dict(),
+        text_config=tiny_llama_config(len(tokenizer), tokenizer).to_dict(),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    processor = LlavaProcessor(
+        image_processor=tiny_clip_image_processor(image_size),
+        tokenizer=tokenizer,
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy="default",
+        # CLIP prepends a CLS token that the "default" strategy drops again.
+        num_additional_image_tokens=1,
+        chat_template=LLAMA_CHAT_TEMPLATE,
+    )
+    model.save_pretrained(path, safe_serialization=True)
+    processor.save_pretrained(path)
+    return _mark_done(path)
+
+
 def default_models_dir() -> Path:
     """Where the demo and tests keep tiny models: $RAYPIPE_TINY_DIR or ~/.cache/raypipe/tiny."""
     return Path(os.environ.get("RAYPIPE_TINY_DIR", Path.home() / ".cache" / "raypipe" / "tiny"))
@@ -226,7 +467,13 @@ def default_models_dir() -> Path:
 
 #: Bump when a builder changes, so cached folders of older builds are not reused.
 TINY_VERSION = 1
-TINY_IDS = {"tiny-sd": build_tiny_sd, "tiny-clip": build_tiny_clip}
+TINY_IDS = {
+    "tiny-sd": build_tiny_sd,
+    "tiny-clip": build_tiny_clip,
+    "tiny-llava": build_tiny_llava,
+    "tiny-clip-vision": build_tiny_clip_vision,
+    "tiny-llama": build_tiny_llama,
+}
 
 
 def resolve_tiny(model_id: str) -> str:
