@@ -41,3 +41,25 @@ def ray_local():
     ctx.enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def llm_server():
+    """Start loopback OpenAI-compatible servers: ``llm_server(**options) -> LLMServer``.
+
+    Options as in ``tests/llm_server.py`` (latency, faults, responder, api_key, ...).
+    Every server started stops when the test ends.
+    """
+    from llm_server import LLMServer
+
+    started: list[LLMServer] = []
+
+    def start(**options) -> LLMServer:
+        options.setdefault("lifetime_s", 120.0)
+        server = LLMServer(**options).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

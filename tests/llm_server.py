@@ -1,0 +1,431 @@
+"""A loopback OpenAI-compatible chat server for tests and benchmarks.
+
+    python tests/llm_server.py --latency 0.1 --faults 429=0.1,500=0.05 --lifetime 600
+
+It serves ``POST /v1/chat/completions``, ``GET /v1/models`` and ``GET /stats`` on
+127.0.0.1 only, for a bounded time, and can inject the faults a real endpoint
+shows: 429 with Retry-After, 500, a hang past the client's timeout, a malformed
+JSON body, malformed or empty content. Which fault a request gets is a pure
+function of (seed, request hash, attempt number), so a run is reproducible and a
+test can force a fault for, say, the first attempt of one request
+(``fault_fn``). ``responder`` maps the request's messages to the answer text, so
+tests of other modules can plug in realistic answers.
+
+In a test::
+
+    with LLMServer(latency_s=0.01, fault_rates={"429": 0.1}) as server:
+        cfg = LLMConfig(backend="openai", base_url=server.url, ...)
+        ...
+        assert server.total_requests == 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import email.utils
+import hashlib
+import json
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+HOST = "127.0.0.1"  # never anything else: the server must not be reachable from outside
+
+#: Faults the server can inject, by name. Other status codes ("400", "401", "503", ...)
+#: can be returned through ``fault_fn``.
+FAULTS = ("429", "500", "hang", "bad_json", "bad_content", "empty")
+
+#: What ``bad_content`` answers with: output a stage's parser must reject.
+BAD_CONTENTS = (
+    "I'm sorry, but I can't help with that request.",
+    "```\n\n```",
+    "Prompt:\nDescription:",
+    "lorem ipsum ((( dolor ,,, ))",
+)
+
+#: The fault mix of the writer issue's fault-tolerance test and benchmark.
+STANDARD_FAULTS = {"429": 0.10, "500": 0.05, "hang": 0.02, "bad_json": 0.025, "bad_content": 0.025}
+
+
+def request_hash(body: dict[str, Any]) -> str:
+    """Stable hash of a request body: the same request on every attempt."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def default_responder(messages: list[dict[str, Any]]) -> str:
+    """A deterministic answer that names the last user message (so answers differ)."""
+    last = next((m.get("content") or "" for m in reversed(messages) if m.get("role") == "user"), "")
+    digest = hashlib.sha256(str(last).encode()).hexdigest()[:12]
+    return f"answer {digest}: {str(last)[:60]}"
+
+
+def _estimate_tokens(text: str) -> int:
+    return max(1, len(text) // 4)
+
+
+@dataclass
+class _Event:
+    """One chat request as the server saw it."""
+
+    time: float
+    hash: str
+    attempt: int  # 0 for the first time this request hash arrived
+    fault: str | None
+
+
+class LLMServer:
+    """OpenAI-compatible chat server on 127.0.0.1 with injectable latency and faults.
+
+    Args:
+        latency_s: time each chat request takes before its answer (or fault).
+        fault_rates: fault name (see ``FAULTS``) -> probability per attempt.
+        fault_fn: ``(request_hash, attempt, body) -> fault | None``, asked first: a fault
+            name, any HTTP status as a string (``"401"``), ``"ok"`` for no fault, or None
+            to leave the choice to ``fault_rates``.
+        retry_after: value of the ``Retry-After`` header on 429s (seconds, or an HTTP
+            date); None sends none.
+        retry_after_ms: value of the ``retry-after-ms`` header on 429s; None sends none.
+        hang_s: how long a ``hang`` holds the request before closing it unanswered.
+        responder: ``messages -> content text`` for successful answers.
+        api_key: the bearer token clients must send; None accepts any.
+        models: ids listed by ``GET /v1/models``; empty: the route answers 404.
+        lifetime_s: the server shuts itself down after this many seconds.
+        seed: seeds fault selection.
+    """
+
+    def __init__(
+        self,
+        *,
+        latency_s: float = 0.0,
+        fault_rates: dict[str, float] | None = None,
+        fault_fn: Callable[[str, int, dict[str, Any]], str | None] | None = None,
+        retry_after: str | None = "1",
+        retry_after_ms: str | None = None,
+        hang_s: float = 5.0,
+        responder: Callable[[list[dict[str, Any]]], str] | None = None,
+        api_key: str | None = None,
+        models: tuple[str, ...] = ("test-model",),
+        lifetime_s: float = 120.0,
+        seed: int = 0,
+    ) -> None:
+        rates = dict(fault_rates or {})
+        unknown = set(rates) - set(FAULTS)
+        if unknown:
+            raise ValueError(f"unknown faults {sorted(unknown)}; known: {FAULTS}")
+        if sum(rates.values()) > 1:
+            raise ValueError("fault rates add up to more than 1")
+        self.latency_s = latency_s
+        self.fault_rates = rates
+        self.fault_fn = fault_fn
+        self.retry_after = retry_after
+        self.retry_after_ms = retry_after_ms
+        self.hang_s = hang_s
+        self.responder = responder or default_responder
+        self.api_key = api_key
+        self.models = models
+        self.lifetime_s = lifetime_s
+        self.seed = seed
+
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._timer: threading.Timer | None = None
+        self.reset_counts()
+
+    # -- counters ---------------------------------------------------------------------
+
+    def reset_counts(self) -> None:
+        with self._lock:
+            self.attempts_by_hash: Counter[str] = Counter()  # chat requests per request hash
+            self.answered_by_hash: Counter[str] = Counter()  # well-formed 200 answers per hash
+            self.fault_counts: Counter[str] = Counter()
+            self.unauthorized = 0
+            self.in_flight = 0
+            self.max_in_flight = 0  # most chat requests being handled at once
+            self.events: list[_Event] = []
+
+    @property
+    def total_requests(self) -> int:
+        """Chat-completion requests received (every attempt, faults included)."""
+        with self._lock:
+            return sum(self.attempts_by_hash.values())
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "requests": sum(self.attempts_by_hash.values()),
+                "distinct": len(self.attempts_by_hash),
+                "answered": sum(self.answered_by_hash.values()),
+                "faults": dict(self.fault_counts),
+                "unauthorized": self.unauthorized,
+                "max_in_flight": self.max_in_flight,
+            }
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        assert self._httpd is not None, "server not started"
+        return self._httpd.server_address[1]
+
+    @property
+    def url(self) -> str:
+        """Base URL to give an OpenAI client."""
+        return f"http://{HOST}:{self.port}/v1"
+
+    def start(self) -> LLMServer:
+        handler = type("Handler", (_Handler,), {"llm": self})
+        httpd = _Server((HOST, 0), handler)
+        self._httpd = httpd
+        self._thread = threading.Thread(
+            target=httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True
+        )
+        self._thread.start()
+        self._timer = threading.Timer(self.lifetime_s, self.stop)
+        self._timer.daemon = True
+        self._timer.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()  # releases hanging requests
+        httpd, self._httpd = self._httpd, None
+        if httpd is None:
+            return
+        if self._timer is not None and self._timer is not threading.current_thread():
+            self._timer.cancel()
+        httpd.shutdown()
+        httpd.server_close()
+
+    def __enter__(self) -> LLMServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- behaviour --------------------------------------------------------------------
+
+    def choose_fault(self, digest: str, attempt: int, body: dict[str, Any]) -> str | None:
+        if self.fault_fn is not None:
+            forced = self.fault_fn(digest, attempt, body)
+            if forced is not None:
+                return None if forced == "ok" else forced
+        if not self.fault_rates:
+            return None
+        draw = hashlib.sha256(f"{self.seed}:{digest}:{attempt}".encode()).digest()
+        u = int.from_bytes(draw[:8], "big") / 2**64
+        acc = 0.0
+        for name in FAULTS:
+            acc += self.fault_rates.get(name, 0.0)
+            if u < acc:
+                return name
+        return None
+
+    def record(self, digest: str) -> tuple[int, float]:
+        with self._lock:
+            attempt = self.attempts_by_hash[digest]
+            self.attempts_by_hash[digest] += 1
+        return attempt, time.monotonic()
+
+    def wait(self, seconds: float) -> None:
+        if seconds > 0:
+            self._stopping.wait(seconds)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # else concurrent connects overflow the listen backlog
+    allow_reuse_address = True
+
+
+class _Handler(BaseHTTPRequestHandler):
+    llm: LLMServer  # set on the per-server subclass
+    protocol_version = "HTTP/1.1"  # keep-alive: one connection per client slot
+    disable_nagle_algorithm = True
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        pass
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _send(self, status: int, payload: bytes, headers: dict[str, str] | None = None) -> None:
+        reason = self.responses.get(status, ("",))[0]
+        lines = [f"HTTP/1.1 {status} {reason}", "Content-Type: application/json"]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        lines.append(f"Content-Length: {len(payload)}")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self.wfile.write(head + payload)  # one write: no Nagle/delayed-ACK stall
+
+    def _error(self, status: int, message: str, kind: str, headers: dict | None = None) -> None:
+        body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
+        self._send(status, json.dumps(body).encode(), headers)
+
+    def _authorized(self) -> bool:
+        want = self.llm.api_key
+        if want is None:
+            return True
+        got = self.headers.get("Authorization", "")
+        if got == f"Bearer {want}":
+            return True
+        with self.llm._lock:
+            self.llm.unauthorized += 1
+        # Echo what was sent, as careless servers do: clients must scrub it.
+        sent = got.removeprefix("Bearer ")
+        self._error(401, f"Incorrect API key provided: {sent}.", "invalid_request_error")
+        return False
+
+    # -- routes -----------------------------------------------------------------------
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0].rstrip("/")
+        if path == "/stats":
+            self._send(200, json.dumps(self.llm.stats()).encode())
+        elif path == "/v1/models" and self.llm.models:
+            if not self._authorized():
+                return
+            data = [
+                {"id": m, "object": "model", "created": 0, "owned_by": "raypipe-test"}
+                for m in self.llm.models
+            ]
+            self._send(200, json.dumps({"object": "list", "data": data}).encode())
+        else:
+            self._error(404, f"no route {path}", "not_found")
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length)
+        path = self.path.split("?", 1)[0].rstrip("/")
+        if path != "/v1/chat/completions":
+            self._error(404, f"no route {path}", "not_found")
+            return
+        if not self._authorized():
+            return
+        try:
+            body = json.loads(raw)
+            messages = body["messages"]
+        except (ValueError, KeyError, TypeError):
+            self._error(
+                400, "request body is not a chat-completion request", "invalid_request_error"
+            )
+            return
+        with self.llm._lock:
+            self.llm.in_flight += 1
+            self.llm.max_in_flight = max(self.llm.max_in_flight, self.llm.in_flight)
+        try:
+            self._chat(body, messages)
+        finally:
+            with self.llm._lock:
+                self.llm.in_flight -= 1
+
+    def _chat(self, body: dict[str, Any], messages: list[dict[str, Any]]) -> None:
+        llm = self.llm
+        digest = request_hash(body)
+        attempt, now = llm.record(digest)
+        fault = llm.choose_fault(digest, attempt, body)
+        with llm._lock:
+            llm.events.append(_Event(now, digest, attempt, fault))
+            if fault:
+                llm.fault_counts[fault] += 1
+        llm.wait(llm.latency_s)
+
+        if fault == "429":
+            headers = {}
+            if llm.retry_after is not None:
+                headers["Retry-After"] = llm.retry_after
+            if llm.retry_after_ms is not None:
+                headers["retry-after-ms"] = llm.retry_after_ms
+            self._error(429, "Rate limit reached; try again later.", "requests", headers)
+            return
+        if fault is not None and fault.isdigit():
+            self._error(int(fault), f"injected HTTP {fault}", "server_error")
+            return
+        if fault == "hang":
+            llm.wait(llm.hang_s)
+            self.close_connection = True  # never answered
+            return
+        if fault == "bad_json":
+            self._send(200, b'{"id": "chatcmpl-x", "choices": [{"message": {"content": "trunc')
+            return
+
+        if fault == "bad_content":
+            content: str | None = BAD_CONTENTS[int(digest[:8], 16) % len(BAD_CONTENTS)]
+        elif fault == "empty":
+            content = None if int(digest[:2], 16) % 2 else ""
+        else:
+            content = llm.responder(messages)
+        prompt_tokens = sum(_estimate_tokens(str(m.get("content") or "")) + 4 for m in messages)
+        completion_tokens = _estimate_tokens(content or "") if content else 0
+        answer = {
+            "id": f"chatcmpl-{digest[:16]}-{attempt}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model", ""),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+        with llm._lock:
+            llm.answered_by_hash[digest] += 1
+        self._send(200, json.dumps(answer).encode())
+
+
+def http_date(seconds_from_now: float) -> str:
+    """An HTTP date (for a Retry-After header given as a date)."""
+    return email.utils.formatdate(time.time() + seconds_from_now, usegmt=True)
+
+
+def _parse_faults(text: str) -> dict[str, float]:
+    if not text:
+        return {}
+    if text == "standard":
+        return dict(STANDARD_FAULTS)
+    return {k: float(v) for k, v in (item.split("=", 1) for item in text.split(","))}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Loopback OpenAI-compatible chat server.")
+    ap.add_argument("--latency", type=float, default=0.0, help="seconds per request")
+    ap.add_argument("--faults", default="", help="'standard' or e.g. 429=0.1,500=0.05,hang=0.02")
+    ap.add_argument("--retry-after", default="1", help="Retry-After header value on 429s")
+    ap.add_argument("--hang", type=float, default=5.0, help="seconds a hang lasts")
+    ap.add_argument("--api-key", default=None, help="required bearer token (default: any)")
+    ap.add_argument("--lifetime", type=float, default=600.0, help="seconds before shutdown")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    server = LLMServer(
+        latency_s=args.latency,
+        fault_rates=_parse_faults(args.faults),
+        retry_after=args.retry_after,
+        hang_s=args.hang,
+        api_key=args.api_key,
+        lifetime_s=args.lifetime,
+        seed=args.seed,
+    ).start()
+    print(f"PORT {server.port}", flush=True)
+    try:
+        while server._httpd is not None:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,465 @@
+"""The openai backend against the loopback server: faults, retries, cache, limits, cost, secrets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import pickle
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from llm_server import BAD_CONTENTS, STANDARD_FAULTS, http_date
+
+from raypipe.config import LLMConfig
+from raypipe.errors import EndpointError
+from raypipe.llm import make_backend
+from raypipe.llm.base import LLMRequest
+from raypipe.llm.cache import ResponseCache, request_key
+from raypipe.llm.client import OpenAIBackend, TokenBucket, retry_after_s
+
+KEY_ENV = "RAYPIPE_TEST_LLM_KEY"
+SENTINEL = "sk-raypipe-SENTINEL-7f3a9c1e5b"
+ERROR_KINDS = ("http_", "timeout", "connection", "bad_response", "empty_completion")
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    monkeypatch.setenv(KEY_ENV, SENTINEL)
+    return SENTINEL
+
+
+def make_cfg(server, **over) -> LLMConfig:
+    fields = dict(
+        backend="openai",
+        model="test-model",
+        base_url=server.url,
+        api_key_env=KEY_ENV,
+        concurrency=32,
+        max_attempts=6,
+        timeout_s=2.0,
+        backoff_initial_s=0.01,
+        backoff_max_s=0.2,
+        prices={"test-model": (1.0, 2.0)},
+    )
+    fields.update(over)
+    return LLMConfig(**fields)
+
+
+def requests_(n: int, tag: str = "r", **over) -> list[LLMRequest]:
+    return [
+        LLMRequest(
+            key=f"{tag}/{i:05d}",
+            task="prompts",
+            ability="color",
+            messages=(
+                {"role": "system", "content": "You write prompts."},
+                {"role": "user", "content": f"{tag} request number {i}"},
+            ),
+            seed=i,
+            **over,
+        )
+        for i in range(n)
+    ]
+
+
+def user_text(body: dict) -> str:
+    return body["messages"][-1]["content"]
+
+
+# ---------------------------------------------------------------------------------------
+# Faults: nothing lost, nothing duplicated, re-runs free
+# ---------------------------------------------------------------------------------------
+
+
+def test_fault_mix_500_requests_none_lost_then_rerun_is_free(llm_server, tmp_path):
+    doomed = {f"r request number {i}" for i in (7, 123, 321)}  # 500 on every attempt
+    server = llm_server(
+        fault_rates=STANDARD_FAULTS,
+        fault_fn=lambda h, a, body: "500" if user_text(body) in doomed else None,
+        retry_after=None,
+        retry_after_ms="100",
+        hang_s=1.5,
+        api_key=SENTINEL,
+    )
+    cfg = make_cfg(server, timeout_s=0.4)
+    reqs = requests_(500)
+    with OpenAIBackend(cfg, tmp_path / "cache") as llm:
+        results = llm.complete_batch(reqs)
+        stats = llm.stats()
+
+    # One result per request, in order, each answered or failed with a reason.
+    assert [r.key for r in results] == [q.key for q in reqs]
+    assert max(Counter(r.key for r in results).values()) == 1
+    for r in results:
+        assert r.ok != bool(r.error), r
+        if not r.ok:
+            assert r.error.startswith(ERROR_KINDS), r.error
+    failed = [r for r in results if not r.ok]
+    assert {r.key for r in failed} >= {"r/00007", "r/00123", "r/00321"}
+    for r in failed:
+        if r.key in {"r/00007", "r/00123", "r/00321"}:
+            assert r.error.startswith("http_500") and r.attempts == cfg.max_attempts
+
+    # The faults really happened and were retried; no request was answered twice.
+    seen = server.stats()
+    assert {"429", "500", "hang", "bad_json", "bad_content"} <= set(seen["faults"])
+    assert seen["distinct"] == 500 and seen["unauthorized"] == 0
+    assert max(server.answered_by_hash.values()) == 1
+    assert seen["answered"] == len(results) - len(failed)
+    # Malformed content is the stage parser's business: returned as text, once per fault.
+    assert sum(r.text in BAD_CONTENTS for r in results) == seen["faults"]["bad_content"]
+    assert stats["requests"] == 500
+    assert stats["http_calls"] == seen["requests"]
+    assert stats["retries"] == seen["requests"] - 500
+    assert stats["failures"] == len(failed)
+    assert sum(r.attempts for r in results) == seen["requests"]
+
+    # Second run over the answered requests: all from the cache, zero HTTP calls.
+    answered = [q for q, r in zip(reqs, results) if r.ok]
+    before = server.total_requests
+    with OpenAIBackend(cfg, tmp_path / "cache") as llm:
+        again = llm.complete_batch(answered)
+        assert llm.stats()["http_calls"] == 0
+    assert server.total_requests == before
+    assert all(r.cached and r.attempts == 0 and r.cost_usd == 0 for r in again)
+    assert [r.text for r in again] == [r.text for r in results if r.ok]
+
+    # Failures are not cached: asking again pays again.
+    with OpenAIBackend(cfg, tmp_path / "cache") as llm:
+        retry = llm.complete_batch([q for q in reqs if q.key == "r/00007"])
+    assert not retry[0].ok and server.total_requests == before + cfg.max_attempts
+
+
+def test_retry_after_seconds_is_honoured(llm_server):
+    server = llm_server(fault_fn=lambda h, a, b: "429" if a == 0 else None, retry_after="1")
+    with OpenAIBackend(make_cfg(server), None) as llm:
+        (result,) = llm.complete_batch(requests_(1))
+    assert result.ok and result.attempts == 2
+    first, second = server.events
+    assert first.fault == "429" and second.attempt == 1
+    assert 1.0 <= second.time - first.time < 2.5  # backoff alone would wait ~0.01 s
+
+
+def test_retry_after_ms_is_honoured(llm_server):
+    server = llm_server(
+        fault_fn=lambda h, a, b: "429" if a == 0 else None, retry_after=None, retry_after_ms="400"
+    )
+    with OpenAIBackend(make_cfg(server), None) as llm:
+        (result,) = llm.complete_batch(requests_(1))
+    first, second = server.events
+    assert result.ok and 0.4 <= second.time - first.time < 1.5
+
+
+def test_retry_after_header_forms():
+    assert retry_after_s({"retry-after": "3"}) == 3.0
+    assert retry_after_s({"retry-after": "0.5"}) == 0.5
+    assert retry_after_s({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    assert 8.0 <= retry_after_s({"retry-after": http_date(10)}) <= 10.0
+    assert retry_after_s({"retry-after": "soon"}) is None
+    assert retry_after_s({}) is None
+
+
+@pytest.mark.parametrize("status", ["400", "401", "403", "404", "422"])
+def test_client_errors_fail_at_once(llm_server, status):
+    server = llm_server(fault_fn=lambda h, a, b: status)
+    with OpenAIBackend(make_cfg(server), None) as llm:
+        (result,) = llm.complete_batch(requests_(1))
+        assert llm.stats()["failures"] == 1
+    assert not result.ok and result.error.startswith(f"http_{status}: ")
+    assert result.attempts == 1 and server.total_requests == 1
+
+
+@pytest.mark.parametrize(
+    ("fault", "kind"), [("503", "http_503"), ("bad_json", "bad_response"), ("hang", "timeout")]
+)
+def test_retryable_faults_end_as_failures_after_max_attempts(llm_server, fault, kind):
+    server = llm_server(fault_fn=lambda h, a, b: fault, hang_s=2.0)
+    cfg = make_cfg(server, max_attempts=3, timeout_s=0.3)
+    with OpenAIBackend(cfg, None) as llm:
+        (result,) = llm.complete_batch(requests_(1))
+    assert not result.ok and result.error.startswith(f"{kind}: "), result.error
+    assert result.attempts == 3 and server.total_requests == 3
+
+
+def test_empty_completion_is_a_failed_result_not_retried_not_cached(llm_server, tmp_path):
+    server = llm_server(fault_fn=lambda h, a, b: "empty")
+    cfg = make_cfg(server)
+    for _ in range(2):
+        with OpenAIBackend(cfg, tmp_path) as llm:
+            results = llm.complete_batch(requests_(4))
+    assert all(not r.ok and r.error.startswith("empty_completion") for r in results)
+    assert all(r.attempts == 1 for r in results)
+    assert server.total_requests == 8  # asked twice: nothing was cached
+    assert len(ResponseCache(tmp_path)) == 0
+
+
+# ---------------------------------------------------------------------------------------
+# Secrets
+# ---------------------------------------------------------------------------------------
+
+
+def test_api_key_is_sent_but_never_leaks(llm_server, tmp_path, caplog, capsys, monkeypatch):
+    caplog.set_level(logging.DEBUG)  # every logger, the SDK's and HTTP library's included
+    server = llm_server(
+        api_key=SENTINEL, fault_rates={"429": 0.15, "500": 0.05, "bad_json": 0.05}, retry_after="0"
+    )
+    cfg = make_cfg(server)
+    texts: list[str] = []
+    with OpenAIBackend(cfg, tmp_path / "cache") as llm:
+        results = llm.complete_batch(requests_(40))
+        texts += [repr(llm), json.dumps(llm.stats()), str(llm.check())]
+        with pytest.raises(TypeError) as info:
+            pickle.dumps(llm)
+        texts.append(str(info.value))
+    assert server.unauthorized == 0 and all(r.ok for r in results)  # the key was sent
+
+    # A wrong key: the server echoes it back in its 401 message.
+    wrong = "sk-raypipe-WRONG-0d9e8f7a6b"
+    monkeypatch.setenv(KEY_ENV, wrong)
+    with OpenAIBackend(cfg, None) as llm:
+        (bad,) = llm.complete_batch(requests_(1, tag="w"))
+        with pytest.raises(EndpointError) as info:
+            llm.check()
+    assert bad.error.startswith("http_401") and "***" in bad.error
+    assert KEY_ENV in str(info.value)
+    texts += [bad.error, str(info.value), repr(info.value.__cause__), repr(info.value.__context__)]
+
+    monkeypatch.delenv(KEY_ENV)
+    with pytest.raises(EndpointError) as info:
+        OpenAIBackend(cfg, None)
+    assert KEY_ENV in str(info.value)
+
+    out = capsys.readouterr()
+    texts += [caplog.text, out.out, out.err, str(info.value)]
+    texts += [p.read_text() for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert len(texts) > 40  # cache files were written and read
+    for secret in (SENTINEL, wrong):
+        assert not any(secret in t for t in texts), secret
+
+
+def test_missing_key_variable_names_it(monkeypatch, llm_server):
+    server = llm_server()
+    monkeypatch.delenv(KEY_ENV)
+    with pytest.raises(EndpointError, match=KEY_ENV):
+        make_backend(make_cfg(server), None)
+    monkeypatch.setenv(KEY_ENV, "")
+    with pytest.raises(EndpointError, match=KEY_ENV):
+        make_backend(make_cfg(server), None)
+
+
+# ---------------------------------------------------------------------------------------
+# Limits, cost, cache, reachability, calling conventions
+# ---------------------------------------------------------------------------------------
+
+
+def test_concurrency_is_bounded(llm_server):
+    server = llm_server(latency_s=0.1)
+    with OpenAIBackend(make_cfg(server, concurrency=4), None) as llm:
+        start = time.monotonic()
+        results = llm.complete_batch(requests_(20))
+        elapsed = time.monotonic() - start
+    assert all(r.ok for r in results)
+    assert server.max_in_flight == 4
+    assert elapsed >= 0.5  # 20 requests, 4 at a time, 0.1 s each
+
+
+def test_requests_per_minute_limit_bounds_the_rate(llm_server):
+    server = llm_server()
+    cfg = make_cfg(server, requests_per_minute=1200)  # 20/s, bursts of one second's worth
+    with OpenAIBackend(cfg, None) as llm:
+        results = llm.complete_batch(requests_(50))
+    assert all(r.ok for r in results)
+    times = sorted(e.time for e in server.events)
+    # After the first second's burst (20), the other 30 arrive at <= 20/s.
+    assert times[-1] - times[19] >= 30 / 20 * 0.9
+    for i in range(len(times)):  # no one-second window holds more than burst + rate
+        assert sum(1 for t in times[i:] if t - times[i] < 1.0) <= 41
+
+
+def test_token_bucket_goes_into_debt_and_a_give_back_wakes_waiters():
+    async def run() -> tuple[float, float]:
+        bucket = TokenBucket(per_minute=6000)  # 100/s, capacity 100
+        start = time.monotonic()
+        await bucket.acquire(150)  # more than capacity: allowed when full, leaves a debt
+        await bucket.acquire(50)  # waits for -50 to refill to 50: 1 s
+        debt_wait = time.monotonic() - start
+
+        async def give_back_soon() -> None:
+            await asyncio.sleep(0.1)
+            bucket.adjust(-150)  # the real cost was lower than reserved
+
+        start = time.monotonic()
+        await asyncio.gather(bucket.acquire(100), give_back_soon())  # would wait 1 s
+        return debt_wait, time.monotonic() - start
+
+    debt_wait, woken = asyncio.run(run())
+    assert 0.9 <= debt_wait <= 1.5
+    assert woken < 0.5
+
+
+def test_tokens_per_minute_limit_bounds_the_token_rate(llm_server):
+    server = llm_server(responder=lambda messages: "x" * 2000)  # 500 completion tokens
+    cfg = make_cfg(server, tokens_per_minute=60_000)  # 1000 tokens/s, capacity 1000
+    with OpenAIBackend(cfg, None) as llm:
+        start = time.monotonic()
+        results = llm.complete_batch(requests_(5, max_tokens=500))
+        elapsed = time.monotonic() - start
+        used = llm.stats()["prompt_tokens"] + llm.stats()["completion_tokens"]
+    assert all(r.ok for r in results) and used > 2500
+    assert elapsed >= (used - 1000) / 1000 * 0.9
+
+    # Reservations of max_tokens are corrected by the real usage: short answers don't wait.
+    short = llm_server()
+    with OpenAIBackend(make_cfg(short, tokens_per_minute=60_000), None) as llm:
+        start = time.monotonic()
+        results = llm.complete_batch(requests_(6, max_tokens=900))  # 6 x ~920 reserved
+        elapsed = time.monotonic() - start
+    assert all(r.ok for r in results)
+    assert elapsed < 2.0  # without the correction: >= 4.5 s
+
+
+def test_cost_from_the_price_table(llm_server, caplog):
+    server = llm_server()
+    cfg = make_cfg(server, prices={"test-model": (1.5, 6.0)})
+    with OpenAIBackend(cfg, None) as llm:
+        results = llm.complete_batch(requests_(10))
+        stats = llm.stats()
+    for r in results:
+        assert r.prompt_tokens > 0 and r.completion_tokens > 0
+        assert r.cost_usd == pytest.approx(
+            (r.prompt_tokens * 1.5 + r.completion_tokens * 6.0) / 1e6
+        )
+    assert stats["prompt_tokens"] == sum(r.prompt_tokens for r in results)
+    assert stats["completion_tokens"] == sum(r.completion_tokens for r in results)
+    assert stats["cost_usd"] == pytest.approx(sum(r.cost_usd for r in results))
+
+    # A dated variant prices as its family; an unknown model costs 0 with one warning.
+    dated = make_cfg(server, model="test-model-2026-01-01", prices={"test-model": (1.5, 6.0)})
+    with OpenAIBackend(dated, None) as llm:
+        assert llm.complete_batch(requests_(1))[0].cost_usd > 0
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="raypipe"):
+        with OpenAIBackend(make_cfg(server, model="mystery"), None) as llm:
+            results = llm.complete_batch(requests_(5))
+            assert llm.stats()["cost_usd"] == 0
+    assert all(r.ok and r.cost_usd == 0 for r in results)
+    assert sum("no price for model 'mystery'" in m for m in caplog.messages) == 1
+
+
+def test_cache_layout_and_corrupt_entries(llm_server, tmp_path):
+    server = llm_server()
+    cfg = make_cfg(server)
+    reqs = requests_(3)
+    with OpenAIBackend(cfg, tmp_path) as llm:
+        first = llm.complete_batch(reqs)
+    files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    assert len(files) == 3
+    for f in files:
+        assert f.parent.name == f.name[:2] and len(f.stem) == 64  # ab/abcdef....json
+        entry = json.loads(f.read_text())
+        assert entry["text"] in {r.text for r in first} and entry["completion_tokens"] > 0
+    files[0].write_text('{"text": trunc')  # a damaged entry is a miss, then rewritten
+    with OpenAIBackend(cfg, tmp_path) as llm:
+        again = llm.complete_batch(reqs)
+        assert llm.stats()["cache_hits"] == 2 and llm.stats()["http_calls"] == 1
+    assert [r.text for r in again] == [r.text for r in first]
+    assert json.loads(files[0].read_text())["text"]
+
+
+def test_cache_key_covers_model_messages_and_sampling():
+    base = {"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 0.7}
+    same = {"temperature": 0.7, "messages": [{"content": "x", "role": "user"}], "model": "m"}
+    assert request_key(base) == request_key(same)  # key order does not matter
+    for change in ({"model": "n"}, {"temperature": 0.8}, {"seed": 1}, {"max_tokens": 5}):
+        assert request_key({**base, **change}) != request_key(base)
+
+
+def test_identical_requests_in_flight_are_asked_once(llm_server, tmp_path):
+    server = llm_server(latency_s=0.05)
+    a = requests_(1, tag="same")[0]
+    b = LLMRequest(
+        key="other-key", task=a.task, ability=a.ability, messages=a.messages, seed=a.seed
+    )
+    with OpenAIBackend(make_cfg(server), tmp_path) as llm:
+        ra, rb = llm.complete_batch([a, b])
+    assert server.total_requests == 1
+    assert ra.ok and rb.ok and ra.text == rb.text and rb.key == "other-key" and rb.cached
+
+
+def test_async_callers_and_threads(llm_server):
+    server = llm_server(latency_s=0.01)
+    with OpenAIBackend(make_cfg(server), None) as llm:
+        # From a foreign event loop: bridged onto the backend's own loop.
+        many = asyncio.run(llm.acomplete_many(requests_(10, tag="a")))
+        one = asyncio.run(llm.acomplete(requests_(1, tag="b")[0]))
+        # From several threads at once.
+        out: dict[int, list] = {}
+
+        def work(i: int) -> None:
+            out[i] = llm.complete_batch(requests_(10, tag=f"t{i}"))
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert all(r.ok for r in many) and one.ok
+    assert [r.key for r in out[2]] == [f"t2/{i:05d}" for i in range(10)]
+    assert all(r.ok for rs in out.values() for r in rs)
+    with pytest.raises(RuntimeError, match="closed"):
+        llm.complete_batch(requests_(1))
+
+
+def test_check_reports_what_to_fix(llm_server):
+    server = llm_server(models=("test-model", "other"))
+    with OpenAIBackend(make_cfg(server), None) as llm:
+        info = llm.check()
+        assert info["models"] == 2 and info["model"] == "test-model"
+    with OpenAIBackend(make_cfg(server, model="absent"), None) as llm:
+        with pytest.raises(EndpointError, match="it serves: test-model, other"):
+            llm.ping()
+
+    # No /models route: a one-token completion stands in.
+    bare = llm_server(models=())
+    with OpenAIBackend(make_cfg(bare), None) as llm:
+        assert llm.check()["models"] == 0
+    assert bare.total_requests == 1
+
+    # Nothing listening: the message says to check base_url and start the server.
+    url, cfg = server.url, make_cfg(server)
+    server.stop()
+    with OpenAIBackend(cfg, None) as llm:
+        with pytest.raises(EndpointError, match="base_url") as info:
+            llm.check(timeout_s=2)
+    assert url in str(info.value) and "vllm serve" in str(info.value)
+
+
+def test_make_backend_picks_openai(llm_server, tmp_path):
+    server = llm_server()
+    llm = make_backend(make_cfg(server), tmp_path)
+    try:
+        assert isinstance(llm, OpenAIBackend) and llm.cache is not None
+        assert Path(llm.cache.root) == tmp_path
+    finally:
+        llm.close()
+    no_cache = make_backend(make_cfg(server, cache=False), tmp_path)
+    assert no_cache.cache is None
+    no_cache.close()
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+def test_both_http_transports_handle_faults(llm_server, transport):
+    server = llm_server(
+        fault_rates={"429": 0.2, "500": 0.1, "bad_json": 0.1, "hang": 0.05},
+        retry_after="0",
+        hang_s=1,
+    )
+    cfg = make_cfg(server, http_transport=transport, timeout_s=0.3, max_attempts=10)
+    with OpenAIBackend(cfg, None) as llm:
+        results = llm.complete_batch(requests_(40))
+    assert all(r.ok for r in results)
+    assert server.stats()["faults"].get("hang", 0) > 0
