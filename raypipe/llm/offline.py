@@ -68,6 +68,22 @@ UNUSUAL_ABILITIES = frozenset({"abnormal"})
 #: ("sense of depth"), which descriptions add as "with ..." rather than "... as the setting".
 SETTING_ABILITIES = frozenset({"scene"})
 
+#: The sentence that puts the keyword in focus, per ability (others rotate the default).
+FOCUS_SENTENCES: dict[str, str] = {
+    "color": "Its {keyword} colour is the most vivid in the picture and is easy to name.",
+    "action": "The person is clearly {keyword}, and the pose makes the action easy to recognise.",
+    "profession": "The {keyword} is easy to recognise from the clothing, tools and surroundings.",
+    "scene": "The {keyword} fills the frame and is easy to recognise as the place shown.",
+    "art_style": "The picture is clearly rendered in {keyword} style, recognisable from its "
+    "technique, lines and colours.",
+    "abnormal": "The {keyword} is shown clearly, in the middle of the frame.",
+}
+DEFAULT_FOCUS_SENTENCES = (
+    "The {keyword} is the clear focus of the picture, large in the frame and in sharp detail.",
+    "The {keyword} stands out clearly from the background and is easy to recognise.",
+    "Nothing else in the picture draws the eye as much as the {keyword}.",
+)
+
 _REFUSAL_TEXT = "I'm sorry, but I can't help with that request."
 _DETERMINERS = frozenset("a an the one two three some several".split())
 
@@ -127,7 +143,9 @@ class _PromptFacts:
             self.phrase = keyword
         self.scene = _find_first(ability.scenes, plain)
         self.style = _find_first(ability.styles, plain)
-        self.light = next((s for s in segments[1:] if "light" in s.lower()), None)
+        self.light = next(
+            (s for s in segments[1:] if s.lower().endswith(("light", "lighting"))), None
+        )
 
 
 class OfflineBackend:
@@ -279,18 +297,8 @@ class OfflineBackend:
             first += f", with {_article(facts.scene)} as the setting."
         else:
             first += "."
-        sentences = [
-            first,
-            rng.choice(
-                (
-                    f"The {keyword} is the clear focus of the picture, large in the frame "
-                    "and in sharp detail.",
-                    f"The {keyword} stands out clearly from the background and is easy "
-                    "to recognise.",
-                    f"Nothing else in the picture draws the eye as much as the {keyword}.",
-                )
-            ),
-        ]
+        focus = FOCUS_SENTENCES.get(ability.name) or rng.choice(DEFAULT_FOCUS_SENTENCES)
+        sentences = [first, focus.format(keyword=keyword)]
         if ability.name in UNUSUAL_ABILITIES:
             sentences.append(
                 f"What makes the image unusual is that {_article(keyword)} is something that "
