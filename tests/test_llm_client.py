@@ -19,7 +19,7 @@ from raypipe.errors import EndpointError
 from raypipe.llm import make_backend
 from raypipe.llm.base import LLMRequest
 from raypipe.llm.cache import ResponseCache, request_key
-from raypipe.llm.client import OpenAIBackend, TokenBucket, retry_after_s
+from raypipe.llm.client import OpenAIBackend, Slots, TokenBucket, retry_after_s
 
 KEY_ENV = "RAYPIPE_TEST_LLM_KEY"
 SENTINEL = "sk-raypipe-SENTINEL-7f3a9c1e5b"
@@ -267,6 +267,30 @@ def test_concurrency_is_bounded(llm_server):
     assert elapsed >= 0.5  # 20 requests, 4 at a time, 0.1 s each
 
 
+def test_slots_serve_retries_first_and_survive_cancellation():
+    async def run() -> list[str]:
+        slots, order = Slots(1), []
+        await slots.acquire(retry=False)  # the only slot is taken
+
+        async def user(name: str, retry: bool) -> None:
+            await slots.acquire(retry)
+            order.append(name)
+            slots.release()
+
+        first = asyncio.create_task(user("first-attempt", False))
+        doomed = asyncio.create_task(user("cancelled", True))
+        retry = asyncio.create_task(user("retry", True))
+        await asyncio.sleep(0.01)
+        doomed.cancel()
+        await asyncio.sleep(0.01)
+        slots.release()
+        await asyncio.gather(first, retry)
+        assert slots.free == 1  # the cancelled waiter kept no slot
+        return order
+
+    assert asyncio.run(run()) == ["retry", "first-attempt"]
+
+
 def test_requests_per_minute_limit_bounds_the_rate(llm_server):
     server = llm_server()
     cfg = make_cfg(server, requests_per_minute=1200)  # 20/s, bursts of one second's worth
@@ -463,3 +487,26 @@ def test_both_http_transports_handle_faults(llm_server, transport):
         results = llm.complete_batch(requests_(40))
     assert all(r.ok for r in results)
     assert server.stats()["faults"].get("hang", 0) > 0
+
+
+def test_inside_a_ray_actor(ray_local, llm_server):
+    """Stages build the backend in a Ray actor's __init__ and call it from plain code."""
+    server = llm_server(api_key=SENTINEL, fault_rates={"429": 0.2}, retry_after="0")
+    cfg = make_cfg(server)
+
+    @ray_local.remote(num_cpus=0)
+    class Writer:
+        def __init__(self, cfg: LLMConfig) -> None:
+            self.llm = OpenAIBackend(cfg, None)
+
+        def __call__(self, batch: list[LLMRequest]) -> tuple[list[bool], dict]:
+            results = self.llm.complete_batch(batch)
+            return [r.ok for r in results], self.llm.stats()
+
+    # (The actor class travels by value; it must not refer to this test module's names.)
+    actor = Writer.options(runtime_env={"env_vars": {KEY_ENV: SENTINEL}}).remote(cfg)
+    oks, stats = ray_local.get(actor.__call__.remote(requests_(20)), timeout=60)
+    again, _ = ray_local.get(actor.__call__.remote(requests_(5, tag="x")), timeout=60)
+    ray_local.kill(actor)
+    assert all(oks) and len(oks) == 20 and all(again)
+    assert stats["http_calls"] == server.total_requests - 5 and server.unauthorized == 0

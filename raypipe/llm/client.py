@@ -29,6 +29,7 @@ message raypipe writes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import logging
@@ -37,7 +38,7 @@ import random
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -150,6 +151,44 @@ def describe(exc: BaseException) -> str:
 # ---------------------------------------------------------------------------------------
 # Rate limits
 # ---------------------------------------------------------------------------------------
+
+
+class Slots:
+    """``n`` concurrency slots; retries are served before first attempts.
+
+    A retried request has already waited (its backoff); putting it behind every
+    request not yet started would make the slowest request of a batch slower still.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.free = n
+        self._retries: deque[asyncio.Future[None]] = deque()
+        self._firsts: deque[asyncio.Future[None]] = deque()
+
+    async def acquire(self, retry: bool) -> None:
+        if self.free > 0 and not self._retries and not self._firsts:
+            self.free -= 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        (self._retries if retry else self._firsts).append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed a slot just as we were cancelled: pass it on
+            else:
+                with contextlib.suppress(ValueError):
+                    (self._retries if retry else self._firsts).remove(waiter)
+            raise
+
+    def release(self) -> None:
+        for queue in (self._retries, self._firsts):
+            while queue:
+                waiter = queue.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)  # the slot passes straight to the waiter
+                    return
+        self.free += 1
 
 
 class TokenBucket:
@@ -277,18 +316,24 @@ class OpenAIBackend:
         self._stats_lock = threading.Lock()
         self._closed = False
 
-        # The loop thread owns the HTTP client, the semaphore and the buckets.
+        # The loop thread owns the HTTP client, the slots and the buckets.
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="raypipe-llm-loop", daemon=True
         )
         self._thread.start()
-        self._run(self._setup(api_key))
+        try:
+            self._run(self._setup(api_key))
+        except BaseException:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            self._closed = True
+            raise
 
     async def _setup(self, api_key: str) -> None:
         cfg = self.cfg
         self._secret = _Secret(api_key)  # for scrubbing messages; prints as ***
-        self._sem = asyncio.Semaphore(cfg.concurrency)
+        self._slots = Slots(cfg.concurrency)
         self._rpm = TokenBucket(cfg.requests_per_minute) if cfg.requests_per_minute else None
         self._tpm = TokenBucket(cfg.tokens_per_minute) if cfg.tokens_per_minute else None
         self._inflight: dict[str, asyncio.Future[LLMResult]] = {}
@@ -339,6 +384,9 @@ class OpenAIBackend:
     async def _bridge(self, coro: Coroutine[Any, Any, T]) -> T:
         if self._on_loop():
             return await coro
+        if self._closed:
+            coro.close()
+            raise RuntimeError("OpenAIBackend is closed")
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
 
     # -- public API ---------------------------------------------------------------------
@@ -390,13 +438,21 @@ class OpenAIBackend:
             self._loop.call_soon(self._loop.stop)
             return
         try:
-            asyncio.run_coroutine_threadsafe(self._client.close(), self._loop).result(timeout=10)
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=10)
         except Exception as e:  # closing must not mask the caller's own error
             log.debug("closing the HTTP client failed: %s", type(e).__name__)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         if not self._thread.is_alive():
             self._loop.close()
+
+    async def _shutdown(self) -> None:
+        # Calls still running (from other threads) end as cancelled instead of hanging.
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._client.close()
 
     def __enter__(self) -> OpenAIBackend:
         return self
@@ -518,7 +574,7 @@ class OpenAIBackend:
                     attempts += 1
                     if attempts > 1:
                         self._count(retries=1)
-                    text, usage, finish = await self._attempt(body, estimate)
+                    text, usage, finish = await self._attempt(body, estimate, attempts > 1)
         except Exception as e:
             return self._failed(req, self._scrub(describe(e)), attempts, start)
 
@@ -552,9 +608,12 @@ class OpenAIBackend:
             self.cache.put(key, entry)
         return LLMResult(text=text, **common)
 
-    async def _attempt(self, body: dict[str, Any], estimate: int) -> tuple[str | None, dict, Any]:
+    async def _attempt(
+        self, body: dict[str, Any], estimate: int, retry: bool
+    ) -> tuple[str | None, dict, Any]:
         """One HTTP call: (content, usage, finish_reason); raises on any failure."""
-        async with self._sem:
+        await self._slots.acquire(retry)
+        try:
             if self._rpm is not None:
                 await self._rpm.acquire(1)
             if self._tpm is not None:
@@ -566,6 +625,8 @@ class OpenAIBackend:
                 self._client.post("/chat/completions", body=body, cast_to=httpx.Response),
                 timeout=self.cfg.timeout_s,
             )
+        finally:
+            self._slots.release()
         try:
             data = json.loads(response.content)
             choice = data["choices"][0]

@@ -1,0 +1,145 @@
+"""Throughput of the openai backend against the loopback server, with and without faults.
+
+    .venv/bin/python benchmarks/llm_client.py              # 2,000 requests, 100 ms, concurrency 64
+    .venv/bin/python benchmarks/llm_client.py --faults     # + 429 (Retry-After 1 s), 500, hangs, bad bodies
+    .venv/bin/python benchmarks/llm_client.py --smoke-test # a few seconds
+
+The server runs in its own process (its own GIL), answers every request after
+``--latency`` seconds, and the client keeps ``--concurrency`` requests in flight, so
+the bound is concurrency / latency requests per second; efficiency = achieved / bound.
+The cache is off. The last line printed is one JSON object of figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+from raypipe.config import LLMConfig
+from raypipe.llm.base import LLMRequest
+from raypipe.llm.client import OpenAIBackend
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY_ENV = "RAYPIPE_BENCH_KEY"
+
+
+def start_server(latency_s: float, faults: bool) -> tuple[subprocess.Popen, int]:
+    cmd = [sys.executable, str(ROOT / "tests" / "llm_server.py"), "--latency", str(latency_s)]
+    cmd += ["--api-key", os.environ[KEY_ENV], "--lifetime", "900"]
+    if faults:
+        cmd += ["--faults", "standard", "--retry-after", "1", "--hang", "10"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if not line.startswith("PORT "):
+        proc.kill()
+        raise RuntimeError(f"loopback server did not start: {line!r}")
+    return proc, int(line.split()[1])
+
+
+def make_requests(n: int, tag: str) -> list[LLMRequest]:
+    return [
+        LLMRequest(
+            key=f"{tag}/{i:06d}",
+            task="prompts",
+            ability="color",
+            messages=(
+                {"role": "system", "content": "You write text-to-image prompts."},
+                {"role": "user", "content": f"Write one prompt about colour #{i} ({tag})."},
+            ),
+            seed=i,
+            max_tokens=256,
+        )
+        for i in range(n)
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--latency", type=float, default=0.1, help="server seconds per request")
+    ap.add_argument("--faults", action="store_true", help="10%% 429, 5%% 500, 2%% hang, 5%% bad")
+    ap.add_argument("--transport", default="auto", choices=["auto", "aiohttp", "httpx"])
+    ap.add_argument("--backoff-initial", type=float, default=0.5, help="first retry wait (s)")
+    ap.add_argument("--smoke-test", action="store_true", help="200 requests, a few seconds")
+    args = ap.parse_args()
+    if args.smoke_test:
+        args.requests = 200
+    os.environ.setdefault(KEY_ENV, "sk-bench-not-a-real-key")
+
+    # 1. Server in its own process; client with the cache off.
+    proc, port = start_server(args.latency, args.faults)
+    cfg = LLMConfig(
+        backend="openai",
+        model="test-model",
+        base_url=f"http://127.0.0.1:{port}/v1",
+        api_key_env=KEY_ENV,
+        concurrency=args.concurrency,
+        timeout_s=3.0,  # hangs last 10 s: each costs one timeout, then a retry
+        backoff_initial_s=args.backoff_initial,
+        prices={"test-model": (0.15, 0.60)},
+        cache=False,
+        http_transport=args.transport,
+    )
+    llm = OpenAIBackend(cfg, cache_dir=None)
+    try:
+        # 2. Warm up connections (not timed), then the timed run.
+        llm.complete_batch(make_requests(args.concurrency, "warmup"))
+        warm = llm.stats()
+        requests = make_requests(args.requests, "bench")
+        cpu0, start = time.process_time(), time.perf_counter()
+        results = llm.complete_batch(requests)
+        elapsed = time.perf_counter() - start
+        cpu = time.process_time() - cpu0
+        stats = llm.stats()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=5) as resp:
+            server = json.load(resp)
+    finally:
+        llm.close()
+        proc.terminate()
+        proc.wait(timeout=10)
+
+    # 3. Accounting: every request answered or failed with a reason, once.
+    by_key = Counter(r.key for r in results)
+    answered = sum(r.ok for r in results)
+    failed = sum(1 for r in results if not r.ok and r.error)
+    lost = len({q.key for q in requests} - set(by_key)) + sum(
+        1 for r in results if not r.ok and not r.error
+    )
+    bound = args.concurrency / args.latency
+    achieved = args.requests / elapsed
+    figures = {
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "latency_s": args.latency,
+        "faults": args.faults,
+        "achieved_rps": round(achieved, 1),
+        "bound_rps": round(bound, 1),
+        "efficiency": round(achieved / bound, 3),
+        "elapsed_s": round(elapsed, 2),
+        "answered": answered,
+        "failed": failed,
+        "lost": lost,
+        "duplicated": sum(n - 1 for n in by_key.values()),
+        "max_attempts": cfg.max_attempts,
+        "backoff_initial_s": cfg.backoff_initial_s,
+        "retries": stats["retries"] - warm["retries"],
+        "http_calls": stats["http_calls"] - warm["http_calls"],
+        "errors": stats["errors"],
+        "server_faults": server["faults"],
+        "client_cpu_ms_per_request": round(cpu / args.requests * 1e3, 3),
+        "cost_usd": stats["cost_usd"],
+        "transport": args.transport,
+    }
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
