@@ -462,7 +462,7 @@ def test_check_reports_what_to_fix(llm_server):
     assert url in str(info.value) and "vllm serve" in str(info.value)
 
 
-def test_make_backend_picks_openai(llm_server, tmp_path):
+def test_make_backend_picks_the_named_backend(llm_server, tmp_path):
     server = llm_server()
     llm = make_backend(make_cfg(server), tmp_path)
     try:
@@ -473,6 +473,8 @@ def test_make_backend_picks_openai(llm_server, tmp_path):
     no_cache = make_backend(make_cfg(server, cache=False), tmp_path)
     assert no_cache.cache is None
     no_cache.close()
+    offline = make_backend(LLMConfig(backend="offline"), tmp_path)
+    assert type(offline).__name__ == "OfflineBackend"
 
 
 @pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
