@@ -106,6 +106,14 @@ class RenderConfig(Config):
         "auto", description="Weights and activations; `auto` = float16 on CUDA, float32 on CPU."
     )
     batch_size: int = Field(8, ge=1, description="Images per pipeline call (per actor).")
+    batch_invariant: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="`on`: each row goes through the text encoder, UNet and VAE as its own "
+        "batch (with its CFG pair), so its image is bit-identical whichever rows share its "
+        "pipeline call. `off`: whole batches per call (fastest on GPU; a re-render in a "
+        "batch of another size may differ by one 8-bit level in rare pixels). "
+        "`auto` = on for CPU, off for CUDA.",
+    )
     steps: int = Field(4, ge=1, description="Denoising steps (SD-Turbo: 1-4; SD 1.5: 25-50).")
     guidance_scale: float = Field(
         0.0,
@@ -160,6 +168,12 @@ class RenderConfig(Config):
     )
     gpus_per_actor: float = Field(
         1.0, ge=0, description="GPUs each render actor reserves when running on CUDA."
+    )
+    cpus_per_actor: float = Field(
+        1.0,
+        gt=0,
+        description="CPUs each render actor reserves; on CPU it also sets the actor's torch "
+        "threads (Ray sets OMP_NUM_THREADS to this, at least 1).",
     )
     max_task_retries: int = Field(
         3,

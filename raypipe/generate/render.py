@@ -1,0 +1,534 @@
+"""The render stage: prompts -> encoded images with a diffusers text-to-image pipeline.
+
+One :class:`Renderer` per actor loads the pipeline once (fp16 + SDPA on CUDA, fp32 on
+CPU) and renders batches of rows. Every row gets its own ``torch.Generator`` seeded
+with the row's ``seed``, and its text embeddings are computed from its prompt alone
+(``((word))`` emphasis and prompts over 77 tokens handled in
+:mod:`raypipe.generate.emphasis`). Kernels for a batch of 1 and a batch of 8 round
+differently (~1e-6), which flips one 8-bit level in about 1 pixel in 60,000; so with
+``batch_invariant`` on (the default on CPU) each row also runs through the text
+encoder, UNet and VAE as its own batch, and re-rendering a row gives the same bytes
+whichever rows share its pipeline call. On CUDA the default batches whole calls for
+speed.
+
+:func:`add_render` appends the stage to a Ray Dataset as an autoscaling actor pool;
+:func:`check_render_model` validates the model id in a second, before any rendering.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from raypipe.config import RenderConfig
+from raypipe.errors import ConfigError, ModelError
+from raypipe.generate.emphasis import TokenChunks, encode_chunks, pad_chunks, tokenize_chunks
+from raypipe.schema import is_rejected, reject, rows_to_table, update_meta
+
+log = logging.getLogger(__name__)
+
+STAGE = "render"
+#: File extension per image format (the image struct's ``path`` is ``<id>.<ext>``).
+EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+
+_OFFLINE_HINT = (
+    "With HF_HUB_OFFLINE=1 (no internet) a hub model must already be in the local HF "
+    "cache (HF_HOME, default ~/.cache/huggingface): download it on a machine with "
+    "internet (`hf download <id>`) and copy the cache over, or point the field at a "
+    "local folder saved with save_pretrained. For a quick offline run use the tiny "
+    "models (raypipe-tiny/tiny-sd, raypipe-tiny/tiny-clip)."
+)
+
+
+# ---------------------------------------------------------------------------------------
+# Model resolution and loading
+# ---------------------------------------------------------------------------------------
+
+
+def _hub_offline() -> bool:
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except ImportError:  # pragma: no cover - huggingface_hub comes with diffusers
+        return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def check_render_model(cfg: RenderConfig) -> str:
+    """Resolve ``cfg.model`` to what ``from_pretrained`` will load, without loading weights.
+
+    Local folders must hold ``model_index.json``; hub ids must be in the local HF cache
+    when offline (HF_HUB_OFFLINE=1), else their ``model_index.json`` is fetched (a few
+    kB). Also checks ``cfg.scheduler`` names a diffusers scheduler. Raises ModelError /
+    ConfigError with what to do, so a job fails in its first seconds.
+    """
+    resolved = resolve_pretrained(cfg.model, "model_index.json", "render.model")
+    if cfg.scheduler:
+        scheduler_class(cfg.scheduler)
+    return resolved
+
+
+def resolve_pretrained(model: str, marker: str, field: str) -> str:
+    """A hub id or folder -> what ``from_pretrained`` loads, checked without loading.
+
+    ``raypipe-tiny/<name>`` ids are built (see raypipe.testing). A folder must contain
+    ``marker`` (``model_index.json`` for diffusers, ``config.json`` for transformers);
+    a hub id must be cached when offline, else ``marker`` is fetched. ``field`` names
+    the config field in error messages.
+    """
+    from raypipe.testing import resolve_tiny
+
+    resolved = resolve_tiny(model)
+    path = Path(resolved).expanduser()
+    if path.exists():
+        if not (path / marker).is_file():
+            raise ModelError(
+                f"{field}={model!r}: folder {path} has no {marker}, so it is not a saved "
+                "model. Point it at a folder written by `save_pretrained(...)` or at a hub id."
+            )
+        return str(path)
+    if resolved.startswith(("/", "./", "../", "~")) or resolved.count("/") != 1:
+        raise ModelError(
+            f"{field}={model!r}: no such folder, and not a hub id of the form `owner/name`. "
+            "Check the path, or name a hub model."
+        )
+    _check_hub_model(resolved, marker, field)
+    return resolved
+
+
+def _check_hub_model(repo_id: str, marker: str, field: str) -> None:
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    if _hub_offline():
+        if not isinstance(try_to_load_from_cache(repo_id, marker), str):
+            raise ModelError(
+                f"{field}={repo_id!r} is not in the local Hugging Face cache. " + _OFFLINE_HINT
+            )
+        return
+    try:
+        hf_hub_download(repo_id, marker, etag_timeout=5)
+    except Exception as e:  # RepositoryNotFound, gated repo, no network, ...
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ModelError(
+            f"{field}={repo_id!r}: could not fetch its {marker} from the hub "
+            f"({type(e).__name__}: {first}). Check the id (and HF_TOKEN for gated "
+            "models). " + _OFFLINE_HINT
+        ) from None
+
+
+def scheduler_class(name: str):
+    """The diffusers scheduler class called ``name`` (ConfigError listing the choices)."""
+    import diffusers
+    from diffusers import SchedulerMixin
+
+    cls = getattr(diffusers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        known = sorted(
+            n
+            for n in dir(diffusers)
+            if n.endswith("Scheduler")
+            and isinstance(getattr(diffusers, n, None), type)
+            and issubclass(getattr(diffusers, n), SchedulerMixin)
+        )
+        raise ConfigError(
+            f"render.scheduler={name!r} is not a diffusers scheduler. Use None (the model's "
+            f"own) or one of: {', '.join(known)}"
+        )
+    return cls
+
+
+def resolve_device(name: str, field: str = "render.device") -> str:
+    """``auto`` -> cuda when torch sees a GPU, else cpu; ``cuda`` without one is an error."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"{field}=cuda but torch sees no CUDA device here. Run on a GPU node (the actor "
+            f"pool asks Ray for GPUs) or set {field}=cpu."
+        )
+    return name
+
+
+def resolve_dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        return torch.float16 if device == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def load_pipeline(cfg: RenderConfig, device: str, dtype):
+    """Load the text-to-image pipeline and set it up for fast batched inference."""
+    import diffusers
+    import torch
+    from diffusers import AutoPipelineForText2Image
+
+    # 1. Resolve the model (fails fast with a ModelError that says what to do).
+    model = check_render_model(cfg)
+
+    # 2. Load safetensors weights; safety checker off (it would black out images
+    #    without telling us, and our quality stage rejects black images itself).
+    kwargs: dict[str, Any] = {"use_safetensors": True}
+    dtype_kw = "dtype" if hasattr(diffusers.utils.deprecation_utils, "_resolve_dtype") else None
+    kwargs[dtype_kw or "torch_dtype"] = dtype
+    index = _model_index(model)
+    if "safety_checker" in index:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        pipe = AutoPipelineForText2Image.from_pretrained(model, **kwargs)
+    except Exception as e:
+        raise ModelError(
+            f"could not load render.model={cfg.model!r} ({model}) as a diffusers "
+            f"text-to-image pipeline: {type(e).__name__}: {e}. Check that it is a Stable "
+            "Diffusion 1.x/2.x/XL or SD-Turbo pipeline with safetensors weights. " + _OFFLINE_HINT
+        ) from e
+
+    # 3. Scheduler, attention, memory format, device.
+    if cfg.scheduler:
+        pipe.scheduler = scheduler_class(cfg.scheduler).from_config(pipe.scheduler.config)
+    if cfg.attention == "sdpa":
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        pipe.unet.set_attn_processor(AttnProcessor2_0())
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    if device == "cuda" and cfg.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if device == "cuda" and cfg.compile:
+        pipe.unet = torch.compile(pipe.unet)
+    return pipe
+
+
+def _model_index(model: str) -> dict[str, Any]:
+    path = Path(model) / "model_index.json"
+    if not path.is_file():
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(model, "model_index.json")
+        path = Path(hit) if isinstance(hit, str) else None
+    return json.loads(path.read_text()) if path else {}
+
+
+# ---------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------
+
+
+def encode_image(pixels: np.ndarray, image_format: str, quality: int = 95) -> bytes:
+    """HxWx3 uint8 -> PNG / JPEG / WebP bytes."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    img = Image.fromarray(pixels)
+    if image_format == "png":
+        # Level 1: lossless like any level, several times faster to write than the default.
+        img.save(buf, format="PNG", compress_level=1)
+    elif image_format == "jpeg":
+        img.save(buf, format="JPEG", quality=quality)
+    elif image_format == "webp":
+        img.save(buf, format="WEBP", quality=quality)
+    else:
+        raise ConfigError(f"image_format {image_format!r}: use png, jpeg or webp")
+    return buf.getvalue()
+
+
+def rowwise_forward(forward, guided: bool):
+    """Wrap a UNet ``forward`` to run one row (and its CFG twin) per call.
+
+    Under classifier-free guidance diffusers stacks the batch as [uncond rows; cond
+    rows], so row i's pair is (i, i + n/2). Every tensor argument whose first dimension
+    is the batch is sliced alike (SDXL's ``added_cond_kwargs`` included); the outputs are
+    put back in the original order.
+    """
+    import torch
+
+    def take(x, idx, n):
+        if isinstance(x, torch.Tensor) and x.ndim > 0 and x.shape[0] == n:
+            return x[idx]
+        if isinstance(x, dict):
+            return {k: take(v, idx, n) for k, v in x.items()}
+        return x
+
+    def run(sample, *args, **kwargs):
+        n = sample.shape[0]
+        half = n // 2 if guided and n % 2 == 0 else 0
+        groups = [[i, i + half] for i in range(half)] if half else [[i] for i in range(n)]
+        outs, order = [], []
+        for idx in groups:
+            out = forward(
+                sample[idx],
+                *[take(a, idx, n) for a in args],
+                **{k: take(v, idx, n) for k, v in kwargs.items()},
+            )
+            outs.append(out[0] if isinstance(out, tuple) else out.sample)
+            order += idx
+        result = torch.empty_like(sample, dtype=outs[0].dtype)
+        result[order] = torch.cat(outs)
+        return (result,) if isinstance(out, tuple) else type(out)(sample=result)
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------
+
+
+class Renderer:
+    """Render each row's prompt with its own seed; encode the image.
+
+    Input columns: ``id``, ``prompt``, ``negative_prompt`` (empty = ``cfg.negative_prompt``),
+    ``seed``; rows with an empty prompt or no seed are rejected (``empty_prompt``,
+    ``missing_seed``). Output columns: ``image`` (``{"bytes", "path": "<id>.<ext>"}``), ``width``,
+    ``height``, ``sd_model``, ``negative_prompt`` (what the model got), ``meta`` (merged:
+    ``steps``, ``guidance``, ``render_s`` per image, ``scheduler``, ``dtype``,
+    ``prompt_chunks``). Rows whose image comes out with NaN pixels are rejected
+    (``render``/``nan_image``); already-rejected rows pass through untouched.
+    """
+
+    INPUT_COLUMNS = ("id", "prompt", "negative_prompt", "seed")
+    OUTPUT_COLUMNS = ("image", "width", "height", "sd_model", "negative_prompt", "meta")
+
+    def __init__(self, cfg: RenderConfig):
+        import torch
+
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        if self.device == "cpu" and self.dtype == torch.float16:
+            log.warning("render: float16 on CPU is slow and may give NaN images")
+        self.pipe = load_pipeline(cfg, self.device, self.dtype)
+        # SDXL-style pipelines have a second text encoder and want pooled embeddings.
+        self.encoders = [(self.pipe.tokenizer, self.pipe.text_encoder)]
+        self.dual = getattr(self.pipe, "text_encoder_2", None) is not None
+        if self.dual:
+            self.encoders.append((self.pipe.tokenizer_2, self.pipe.text_encoder_2))
+        self.guided = cfg.guidance_scale > 1 and (
+            getattr(self.pipe.unet.config, "time_cond_proj_dim", None) is None
+        )
+        self.scheduler_name = type(self.pipe.scheduler).__name__
+        self.invariant = cfg.batch_invariant == "on" or (
+            cfg.batch_invariant == "auto" and self.device == "cpu"
+        )
+        if self.invariant:
+            # Same shapes for a row whatever its batch -> same kernels -> same bits.
+            self.pipe.vae.enable_slicing()
+            self.pipe.unet.forward = rowwise_forward(self.pipe.unet.forward, self.guided)
+        self.pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        self._maybe_fail_once()
+        rows = batch.to_pylist()
+        todo = [r for r in rows if not is_rejected(r)]
+        for group in self._groups(todo):
+            for start in range(0, len(group), self.cfg.batch_size):
+                self.render_rows(group[start : start + self.cfg.batch_size])
+        return rows_to_table(rows)
+
+    # -- steps ---------------------------------------------------------------------------
+
+    def _groups(self, rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        """Tokenize each row and group rows by chunk count (one shape per pipeline call)."""
+        groups: dict[int, list[dict[str, Any]]] = {}
+        for row in rows:
+            if not (row.get("prompt") or "").strip():
+                reject(row, STAGE, "empty_prompt", "")
+                continue
+            if row.get("seed") is None:
+                reject(row, STAGE, "missing_seed", row["prompt"])
+                continue
+            negative = row.get("negative_prompt") or self.cfg.negative_prompt
+            row["negative_prompt"] = negative if self.guided else (row.get("negative_prompt") or "")
+            row["_tokens"] = [self._tokenize(tok, row["prompt"] or "") for tok, _ in self.encoders]
+            n = max(len(t.ids) for t in row["_tokens"])
+            if self.guided:
+                row["_neg_tokens"] = [self._tokenize(tok, negative) for tok, _ in self.encoders]
+                n = max([n] + [len(t.ids) for t in row["_neg_tokens"]])
+            groups.setdefault(n, []).append(row)
+        return [groups[n] for n in sorted(groups)]
+
+    def _tokenize(self, tokenizer, text: str) -> TokenChunks:
+        return tokenize_chunks(tokenizer, text, emphasis=self.cfg.emphasis)
+
+    def render_rows(self, rows: list[dict[str, Any]]) -> None:
+        """Render rows of one chunk count in one pipeline call; fill their columns in place."""
+        import torch
+
+        t0 = time.perf_counter()
+        # 1. Text embeddings, per row (emphasis + chunks), one encoder pass per encoder.
+        embeds = self._embed(rows)
+        # 2. One generator per row, on the CPU: a row's noise depends on its seed alone,
+        #    on any device and in any batch.
+        generators = [torch.Generator("cpu").manual_seed(int(r["seed"])) for r in rows]
+        # 3. Denoise and decode.
+        with torch.inference_mode():
+            images = self.pipe(
+                **embeds,
+                num_inference_steps=self.cfg.steps,
+                guidance_scale=self.cfg.guidance_scale,
+                width=self.cfg.width,
+                height=self.cfg.height,
+                generator=generators,
+                output_type="pt",
+            ).images
+            # 4. NaN check and 8-bit conversion on the device (as diffusers' own
+            #    numpy path: float32, x255, round), then one small copy to the host.
+            bad = torch.isnan(images).flatten(1).any(1).tolist()
+            pixels = (
+                (images.float().nan_to_num(0.0) * 255)
+                .round()
+                .clamp(0, 255)
+                .to(torch.uint8)
+                .permute(0, 2, 3, 1)
+                .cpu()
+                .numpy()
+            )
+        # 5. Encode in threads (Pillow releases the GIL).
+        fmt, ext = self.cfg.image_format, EXTENSIONS[self.cfg.image_format]
+        encoded = list(
+            self.pool.map(lambda p: encode_image(p, fmt, self.cfg.image_quality), pixels)
+        )
+        per_image = (time.perf_counter() - t0) / len(rows)
+
+        # 6. Fill the rows.
+        for row, data, px, is_nan in zip(rows, encoded, pixels, bad):
+            chunks = len(row.pop("_tokens")[0].ids)
+            row.pop("_neg_tokens", None)
+            update_meta(
+                row,
+                steps=self.cfg.steps,
+                guidance=self.cfg.guidance_scale,
+                render_s=round(per_image, 4),
+                scheduler=self.scheduler_name,
+                dtype=str(self.dtype).removeprefix("torch."),
+                prompt_chunks=chunks,
+            )
+            row["sd_model"] = self.cfg.model
+            if is_nan:
+                reject(row, STAGE, "nan_image", f"NaN pixels rendering {row['prompt']!r}")
+                continue
+            row["image"] = {"bytes": data, "path": f"{row['id']}.{ext}"}
+            row["height"], row["width"] = int(px.shape[0]), int(px.shape[1])
+
+    def _embed(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Pipeline kwargs: prompt_embeds (+ negative, + pooled for SDXL-style pipelines)."""
+        import torch
+
+        n = max(len(t.ids) for r in rows for t in r["_tokens"] + r.get("_neg_tokens", []))
+        out: dict[str, Any] = {}
+        sides = [("", "_tokens")] + ([("negative_", "_neg_tokens")] if self.guided else [])
+        with torch.inference_mode():
+            for prefix, key in sides:
+                parts, pooled = [], None
+                for i, (tokenizer, encoder) in enumerate(self.encoders):
+                    chunks = [pad_chunks(r[key][i], tokenizer, n) for r in rows]
+                    if self.dual:
+                        # SDXL: penultimate hidden states of both encoders, concatenated;
+                        # pooled output of the second encoder's first chunk.
+                        last = i == len(self.encoders) - 1
+                        res = self._encode(encoder, chunks, -2, pooled=last)
+                        if last:
+                            res, pooled = res
+                        parts.append(res)
+                    else:
+                        parts.append(self._encode(encoder, chunks))
+                embeds = torch.cat(parts, dim=-1)
+                if (
+                    prefix
+                    and self.dual
+                    and getattr(self.pipe.config, "force_zeros_for_empty_prompt", False)
+                ):
+                    empty = torch.tensor(
+                        [not r["negative_prompt"] for r in rows], device=embeds.device
+                    )
+                    embeds = torch.where(empty[:, None, None], torch.zeros_like(embeds), embeds)
+                    pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
+                out[f"{prefix}prompt_embeds"] = embeds.to(self.dtype)
+                if pooled is not None:
+                    out[f"{prefix}pooled_prompt_embeds"] = pooled.to(self.dtype)
+        return out
+
+    def _encode(self, encoder, chunks: list[TokenChunks], layer=None, pooled=False):
+        """encode_chunks over the rows at once, or row by row when batch-invariant."""
+        import torch
+
+        if not self.invariant:
+            return encode_chunks(encoder, chunks, self.device, layer, pooled)
+        outs = [encode_chunks(encoder, [c], self.device, layer, pooled) for c in chunks]
+        if pooled:
+            return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+        return torch.cat(outs)
+
+    def _maybe_fail_once(self) -> None:
+        """Test-only fault injection (``cfg.fail_once_dir``): claim a marker, then die."""
+        folder = self.cfg.fail_once_dir
+        if not folder or not os.path.isdir(folder):
+            return
+        for name in sorted(os.listdir(folder)):
+            try:
+                os.remove(os.path.join(folder, name))  # atomic: one actor wins each marker
+            except OSError:
+                continue
+            log.error("render: fault injection (%s) - this actor exits now", name)
+            os._exit(1)
+
+
+# ---------------------------------------------------------------------------------------
+# Ray Data
+# ---------------------------------------------------------------------------------------
+
+
+def render_uses_gpu(cfg: RenderConfig) -> bool:
+    """Whether render actors ask Ray for GPUs: device=cuda, or auto on a cluster with GPUs."""
+    if cfg.device == "cuda":
+        return True
+    if cfg.device == "cpu":
+        return False
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def add_render(ds, cfg: RenderConfig):
+    """Append the render stage to a Ray Dataset: an actor pool of Renderers.
+
+    The pool autoscales between ``min_actors`` and ``max_actors``; on GPU each actor asks
+    for ``gpus_per_actor`` GPUs, so a cluster autoscaler adds GPU nodes while the pool
+    wants more actors. A dead actor is restarted and its batch retried
+    (``max_task_retries`` times).
+    """
+    import ray
+
+    use_gpu = render_uses_gpu(cfg)
+    actor_cfg = cfg.model_copy(update={"device": "cuda" if use_gpu else "cpu"})
+    remote_args: dict[str, Any] = {
+        "num_cpus": cfg.cpus_per_actor,
+        "max_restarts": -1,
+        "max_task_retries": cfg.max_task_retries,
+    }
+    if use_gpu:
+        remote_args["num_gpus"] = cfg.gpus_per_actor
+    return ds.map_batches(
+        Renderer,
+        fn_constructor_kwargs={"cfg": actor_cfg},
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
+        ray_remote_args=remote_args,
+    )
+
+
+#: The stage's ``build_*`` name (DESIGN.md: one plain function appends a stage).
+build_render = add_render

@@ -1,0 +1,230 @@
+"""The render stage with a tiny random-weight Stable Diffusion on CPU."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from raypipe.config import RenderConfig
+from raypipe.errors import ConfigError, ModelError
+from raypipe.generate.emphasis import (
+    CHUNK_TOKENS,
+    encode_chunks,
+    parse_emphasis,
+    strip_emphasis,
+    tokenize_chunks,
+)
+from raypipe.generate.render import Renderer, check_render_model, encode_image
+from raypipe.schema import WORK_SCHEMA, reject, row_seed, rows_to_table
+
+LONG = ", ".join(
+    ["a crimson vintage car parked on a city street at dusk", "golden retriever running"] * 12
+    + ["oil painting"]
+)
+
+
+def make_rows(prompts, seeds=None):
+    rows = []
+    for i, prompt in enumerate(prompts):
+        sid = f"color-s0-{i:07d}"
+        rows.append(
+            {
+                "id": sid,
+                "ability": "color",
+                "prompt": prompt,
+                "negative_prompt": "",
+                "seed": seeds[i] if seeds else row_seed(sid),
+            }
+        )
+    return rows
+
+
+def render(renderer, rows):
+    return renderer(rows_to_table(rows)).to_pylist()
+
+
+@pytest.fixture(scope="module")
+def cfg(tiny_dir):
+    return RenderConfig(
+        model="raypipe-tiny/tiny-sd",
+        width=64,
+        height=64,
+        steps=2,
+        guidance_scale=7.5,
+        batch_size=4,
+        negative_prompt="blurry, low quality",
+    )
+
+
+@pytest.fixture(scope="module")
+def renderer(cfg):
+    # One thread: tiny models gain nothing from more, and on a busy 2-core machine
+    # OpenMP barriers across threads cost seconds per call.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield Renderer(cfg)
+    torch.set_num_threads(threads)
+
+
+def test_rows_render_to_encoded_images_with_meta(renderer):
+    out = render(renderer, make_rows(["((red)) car, city street", "a blue cat"]))
+    assert [r["reject_stage"] for r in out] == [None, None]
+    for row in out:
+        img = Image.open(io.BytesIO(row["image"]["bytes"]))
+        assert img.format == "PNG" and img.size == (64, 64)
+        assert (row["width"], row["height"]) == (64, 64)
+        assert row["image"]["path"] == f"{row['id']}.png"
+        assert row["sd_model"] == "raypipe-tiny/tiny-sd"
+        assert row["negative_prompt"] == "blurry, low quality"
+        meta = __import__("json").loads(row["meta"])
+        assert meta["steps"] == 2 and meta["guidance"] == 7.5 and meta["dtype"] == "float32"
+        assert meta["scheduler"] == "EulerDiscreteScheduler" and meta["render_s"] > 0
+    assert out[0]["image"]["bytes"] != out[1]["image"]["bytes"]
+    assert rows_to_table(out).schema == WORK_SCHEMA
+
+
+def test_row_reproduces_exactly_in_any_batch(renderer):
+    target = "a crimson vintage car, teal umbrella"
+    alone = render(renderer, make_rows([target], [1234]))[0]
+    # Same row at another position, with other rows, in a batch split into two calls.
+    mixed = render(
+        renderer,
+        make_rows(["dog", "a bowl of ramen", "tree", target, "bus", "x"], [5, 6, 7, 1234, 8, 9]),
+    )
+    assert mixed[3]["image"]["bytes"] == alone["image"]["bytes"]
+    other_seed = render(renderer, make_rows([target], [1235]))[0]
+    assert other_seed["image"]["bytes"] != alone["image"]["bytes"]
+
+
+def test_parse_emphasis_rules():
+    assert parse_emphasis("((red)) car") == [("red", pytest.approx(1.21)), (" car", 1.0)]
+    assert parse_emphasis("[blurry] (sharp:1.5) x") == [
+        ("blurry", pytest.approx(1 / 1.1)),
+        (" ", 1.0),
+        ("sharp", 1.5),
+        (" x", 1.0),
+    ]
+    assert parse_emphasis(r"\(literal\) ok") == [("(literal) ok", 1.0)]
+    assert parse_emphasis("(unclosed red") == [("unclosed red", pytest.approx(1.1))]
+    assert parse_emphasis("time: 5pm") == [("time: 5pm", 1.0)]
+    assert strip_emphasis("((crimson)) vintage car, [blurry]") == "crimson vintage car, blurry"
+
+
+def test_emphasis_scales_only_emphasised_tokens(renderer):
+    tok, enc = renderer.pipe.tokenizer, renderer.pipe.text_encoder
+    plain = tokenize_chunks(tok, "red car, city street")
+    weighted = tokenize_chunks(tok, "((red)) car, city street")
+    assert weighted.ids == plain.ids  # brackets are syntax, not tokens
+    red = [i for i, w in enumerate(weighted.weights[0]) if w != 1.0]
+    assert red and all(weighted.weights[0][i] == pytest.approx(1.21) for i in red)
+    with torch.no_grad():
+        e_plain = encode_chunks(enc, [plain], "cpu")[0]
+        e_weighted = encode_chunks(enc, [weighted], "cpu")[0]
+    ratio = (e_weighted / e_plain).nan_to_num(1.0)
+    # One common factor restores the mean; the emphasised tokens get 1.21 on top.
+    common = ratio[0].median()
+    others = [i for i in range(ratio.shape[0]) if i not in red]
+    torch.testing.assert_close(ratio[others], torch.full_like(ratio[others], common.item()))
+    torch.testing.assert_close(ratio[red], torch.full_like(ratio[red], 1.21 * common.item()))
+    # And it reaches the image.
+    a, b = render(renderer, make_rows(["red car, city street", "((red)) car, city street"], [3, 3]))
+    assert a["image"]["bytes"] != b["image"]["bytes"]
+
+
+def test_long_prompt_uses_several_chunks_and_is_not_cut(renderer):
+    tok = renderer.pipe.tokenizer
+    full = tok(LONG, add_special_tokens=False)["input_ids"]
+    assert len(full) > 2 * CHUNK_TOKENS
+    chunks = tokenize_chunks(tok, LONG)
+    assert len(chunks.ids) == 3 and all(len(c) == CHUNK_TOKENS + 2 for c in chunks.ids)
+    kept = [i for c in chunks.ids for i in c[1:-1] if i != tok.pad_token_id]
+    assert kept == [i for i in full if i != tok.pad_token_id]  # every token, in order
+    # Chunks break after a comma rather than mid-phrase.
+    comma = tok.convert_tokens_to_ids(",</w>")
+    first = [i for i in chunks.ids[0][1:-1] if i != tok.pad_token_id]
+    assert first[-1] == comma
+
+    changed_tail = LONG.replace("oil painting", "pixel art")
+    out = render(renderer, make_rows([LONG, changed_tail, "short"], [7, 7, 7]))
+    metas = [__import__("json").loads(r["meta"]) for r in out]
+    assert [m["prompt_chunks"] for m in metas] == [3, 3, 1]
+    # The last words (past token 150) still change the image: nothing was cut.
+    assert out[0]["image"]["bytes"] != out[1]["image"]["bytes"]
+
+
+def test_nan_image_becomes_reject(renderer):
+    # NaN text embeddings for prompts that mention "giraffe" -> NaN latents -> NaN image.
+    target = set(renderer.pipe.tokenizer("giraffe", add_special_tokens=False)["input_ids"])
+
+    def poison(module, args, kwargs, output):
+        ids = args[0] if args else kwargs["input_ids"]
+        hit = torch.tensor([target <= set(r.tolist()) for r in ids])
+        output.last_hidden_state[hit] = float("nan")
+
+    handle = renderer.pipe.text_encoder.register_forward_hook(poison, with_kwargs=True)
+    try:
+        out = render(renderer, make_rows(["red car", "a giraffe in a corridor", "green tree"]))
+    finally:
+        handle.remove()
+    assert out[1]["reject_stage"] == "render" and out[1]["reject_reason"] == "nan_image"
+    assert out[1]["image"] is None
+    assert out[0]["reject_stage"] is None and out[0]["image"]["bytes"]
+    assert out[2]["reject_stage"] is None and out[2]["image"]["bytes"]
+
+
+def test_rejected_and_invalid_rows(renderer):
+    rows = make_rows(["red car", "blue cat", "", "tree"])
+    reject(rows[0], "prompt", "malformed", "raw text")
+    rows[3]["seed"] = None
+    out = render(renderer, rows)
+    assert out[0]["reject_reason"] == "malformed" and out[0]["image"] is None  # untouched
+    assert out[1]["image"]["bytes"]
+    assert (out[2]["reject_stage"], out[2]["reject_reason"]) == ("render", "empty_prompt")
+    assert out[3]["reject_reason"] == "missing_seed"
+
+
+@pytest.mark.parametrize("fmt,ext", [("png", "png"), ("jpeg", "jpg"), ("webp", "webp")])
+def test_image_formats_decode(renderer, cfg, fmt, ext):
+    renderer.cfg = cfg.model_copy(update={"image_format": fmt, "image_quality": 90})
+    try:
+        row = render(renderer, make_rows(["a red car"]))[0]
+    finally:
+        renderer.cfg = cfg
+    img = Image.open(io.BytesIO(row["image"]["bytes"]))
+    assert img.format == {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}[fmt]
+    assert img.size == (64, 64) and row["image"]["path"].endswith(f".{ext}")
+    pixels = torch.randint(0, 255, (8, 8, 3), dtype=torch.uint8).numpy()
+    back = Image.open(io.BytesIO(encode_image(pixels, fmt, 100)))
+    assert back.size == (8, 8)
+
+
+def test_bad_model_fails_fast(tmp_path, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    t0 = time.perf_counter()
+    with pytest.raises(ModelError, match="no such folder"):
+        check_render_model(RenderConfig(model=str(tmp_path / "missing" / "sd")))
+    with pytest.raises(ModelError, match="not in the local Hugging Face cache"):
+        check_render_model(RenderConfig(model="nobody-here/no-such-model"))
+    with pytest.raises(ModelError, match="no model_index.json"):
+        check_render_model(RenderConfig(model=str(tmp_path)))
+    with pytest.raises(ModelError):
+        Renderer(RenderConfig(model="nobody-here/no-such-model", device="cpu"))
+    assert time.perf_counter() - t0 < 10
+
+
+def test_scheduler_and_emphasis_off(cfg):
+    with pytest.raises(ConfigError, match="not a diffusers scheduler"):
+        check_render_model(cfg.model_copy(update={"scheduler": "NoSuchScheduler"}))
+    other = Renderer(
+        cfg.model_copy(update={"scheduler": "DPMSolverMultistepScheduler", "emphasis": False})
+    )
+    assert type(other.pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    tok = other.pipe.tokenizer
+    literal = tok("((red)) car", add_special_tokens=False)["input_ids"]
+    assert other._tokenize(tok, "((red)) car").ids[0][1 : 1 + len(literal)] == literal
+    row = render(other, make_rows(["((red)) car"]))[0]
+    assert '"scheduler": "DPMSolverMultistepScheduler"' in row["meta"]
