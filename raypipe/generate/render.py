@@ -8,8 +8,9 @@ with the row's ``seed``, and its text embeddings are computed from its prompt al
 differently (~1e-6), which flips one 8-bit level in about 1 pixel in 60,000; so with
 ``batch_invariant`` on (the default on CPU) each row also runs through the text
 encoder, UNet and VAE as its own batch, and re-rendering a row gives the same bytes
-whichever rows share its pipeline call. On CUDA the default batches whole calls for
-speed.
+whichever rows share its pipeline call (on the same kind of machine with the same
+number of torch threads: thread count changes reduction order too; Ray gives an actor
+``floor(cpus_per_actor)`` threads). On CUDA the default batches whole calls for speed.
 
 :func:`add_render` appends the stage to a Ray Dataset as an autoscaling actor pool;
 :func:`check_render_model` validates the model id in a second, before any rendering.
@@ -22,6 +23,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -520,14 +522,18 @@ def add_render(ds, cfg: RenderConfig):
     }
     if use_gpu:
         remote_args["num_gpus"] = cfg.gpus_per_actor
-    return ds.map_batches(
-        Renderer,
-        fn_constructor_kwargs={"cfg": actor_cfg},
-        batch_size=cfg.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
-        ray_remote_args=remote_args,
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for actor restarts and retries yet, and warns
+        # that extra remote args are deprecated; they are still applied.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(
+            Renderer,
+            fn_constructor_kwargs={"cfg": actor_cfg},
+            batch_size=cfg.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
+            **remote_args,
+        )
 
 
 #: The stage's ``build_*`` name (DESIGN.md: one plain function appends a stage).

@@ -1,0 +1,58 @@
+"""The render stage on Ray Data: a render actor that dies is replaced and no row is lost."""
+
+from __future__ import annotations
+
+import io
+
+import torch
+from PIL import Image
+
+from raypipe.config import RenderConfig
+from raypipe.generate.render import Renderer, add_render
+from raypipe.schema import row_seed, rows_to_table
+from raypipe.testing import resolve_tiny
+
+
+def test_crashed_render_actor_is_replaced(tiny_dir, ray_local, tmp_path):
+    ray = ray_local
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    (faults / "crash-once").write_text("")
+    cfg = RenderConfig(
+        # A resolved folder, so actors don't depend on the driver's RAYPIPE_TINY_DIR.
+        model=resolve_tiny("raypipe-tiny/tiny-sd"),
+        device="cpu",
+        width=64,
+        height=64,
+        steps=2,
+        batch_size=2,
+        fail_once_dir=str(faults),
+    )
+    rows = [
+        {
+            "id": f"animal-s0-{i:07d}",
+            "ability": "animal",
+            "prompt": f"a ((fox)) number {i} in a forest",
+            "negative_prompt": "",
+            "seed": row_seed(f"animal-s0-{i:07d}"),
+        }
+        for i in range(8)
+    ]
+    out = add_render(ray.data.from_items(rows), cfg).take_all()
+
+    assert not any(faults.iterdir())  # the marker was claimed: an actor did exit
+    assert sorted(r["id"] for r in out) == [r["id"] for r in rows]
+    assert all(r["reject_stage"] is None for r in out)
+    for r in out:
+        assert Image.open(io.BytesIO(r["image"]["bytes"])).size == (64, 64)
+
+    # The same rows rendered here, in other batches and another process, match to the byte
+    # (with the actor's thread count: Ray gives a 1-CPU actor one OpenMP thread).
+    local = Renderer(cfg.model_copy(update={"fail_once_dir": None, "batch_size": 8}))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        again = {r["id"]: r for r in local(rows_to_table(rows[::-1])).to_pylist()}
+    finally:
+        torch.set_num_threads(threads)
+    assert all(again[r["id"]]["image"]["bytes"] == r["image"]["bytes"] for r in out)
