@@ -53,7 +53,8 @@ logger = logging.getLogger(__name__)
 SOURCE_KINDS = ("raypipe", "llava_json", "stablellava")
 
 #: Rows that build_train_dataset yields. ``image`` holds encoded bytes, or is null with
-#: ``image_error`` saying why (missing file, row without an image).
+#: ``image_error`` saying why: "<reason>[: <detail>]" with reason DROP_MISSING_FILE or
+#: DROP_NO_IMAGE.
 TRAIN_ROW_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
@@ -75,6 +76,8 @@ _STAGED_SCHEMA = pa.schema(
 )
 _PARQUET_COLUMNS = ["id", "image", "conversations"]
 _JSON_BLOCK_ROWS = 4096
+_SORT_ROWS = 512  # rows per partition of the global shuffle (they carry image bytes)
+_SORT_MAX_PARTITIONS = 1000
 
 
 # ---------------------------------------------------------------------------------------
@@ -288,11 +291,31 @@ def build_train_dataset(
         parts = [_rows_dataset(p) if isinstance(p, list) else p for p in staged]
         ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
         if shuffle:
-            ds = ds.sort("order_key")
+            rows = sum(
+                len(p) if isinstance(p, list) else _parquet_rows(src) * src.weight
+                for p, src in zip(staged, resolved)
+            )
+            ds = ds.sort("order_key", boundaries=_sort_boundaries(rows))
     if num_samples is not None:
         ds = ds.limit(num_samples)
     # 4. Read image files of the kept rows; drop staging columns.
     return ds.map_batches(_read_image_files, batch_format="pyarrow", batch_size=64)
+
+
+def _sort_boundaries(rows: float) -> list[int]:
+    """Even split points of the (uniform) order keys: about _SORT_ROWS rows per partition.
+
+    Given, they spare Ray Data the sampling pass and its default of 200 partitions,
+    which dominates small runs.
+    """
+    parts = int(min(_SORT_MAX_PARTITIONS, max(2, math.ceil(rows / _SORT_ROWS))))
+    return [(2**63 // parts) * i for i in range(1, parts)]
+
+
+def _parquet_rows(src: DataSource) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in _parquet_files(Path(src.path)))
 
 
 def _rows_dataset(rows: list[dict[str, Any]]):
@@ -334,11 +357,16 @@ def _stage_json_source(src: DataSource, index: int, seed: int, epoch: int) -> li
             record = {"id": f"#{position}", "conversations": []}
         row_id = str(record.get("id", f"#{position}"))
         image = record.get("image")
+        error = None
+        if not image:
+            error = DROP_NO_IMAGE
+        elif not isinstance(image, str):  # e.g. a list: one image per sample only
+            error, image = f"{DROP_NO_IMAGE}: image field is a {type(image).__name__}", None
         base = {
             "id": row_id,
             "source": src.path,
             "image": None,
-            "image_error": None if image else DROP_NO_IMAGE,
+            "image_error": error,
             "image_path": os.path.join(src.image_folder, image) if image else None,
             "conversations": to_turns(record),
         }
@@ -709,11 +737,12 @@ def _report_and_filter(batch: dict[str, np.ndarray], counter) -> dict[str, np.nd
 
 def encode_dataset(
     ds,
-    model_dir: str,
+    model_dir: str | None,
     template: str = "vicuna_v1",
     max_length: int = 2048,
     pad_to_square: bool = True,
     *,
+    processor: Any = None,
     batch_size: int = 16,
     num_actors: int = 1,
     num_cpus: float = 0.5,
@@ -726,6 +755,8 @@ def encode_dataset(
     the stream runs: read it with :func:`summarize_drops` after iterating. The encoders
     are an actor pool of ``num_actors`` actors of ``num_cpus`` CPUs each (fractional by
     default, so Ray Train workers and the read leave room on small machines).
+    ``processor`` (e.g. one composed from a vision tower and an LLM) replaces loading one
+    from ``model_dir``; it is shipped to the actors.
     """
     import ray
 
@@ -737,6 +768,7 @@ def encode_dataset(
             "template": template,
             "max_length": max_length,
             "pad_to_square": pad_to_square,
+            "processor": processor,
         },
         batch_size=batch_size,
         batch_format="pyarrow",
