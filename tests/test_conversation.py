@@ -248,3 +248,20 @@ def test_normalize_image_placeholder():
     assert normalize_image_placeholder(twice).reason == DROP_EXTRA_IMAGE_TOKEN
     later = [{"from": "human", "value": "Hi"}, SINGLE[1], SINGLE[0], SINGLE[1]]
     assert normalize_image_placeholder(later).reason == DROP_NO_IMAGE_TOKEN
+
+
+def test_merge_across_piece_boundary_is_dropped_not_mislabelled(processor):
+    """A template whose prompt ends inside a word ("... t" + "he ..."): the prompt's ids
+    are not a prefix of the full ids, so the sample is dropped rather than mislabelled."""
+    from raypipe.train.conversation import DROP_TOKEN_BOUNDARY
+
+    split_word = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}"
+        "{% else %}{{ ' t' + m['content'] + eos_token }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ ' t' }}{% endif %}"
+    )
+    tok = processor.tokenizer
+    assert tok.tokenize(" the")[-1] != tok.tokenize(" t")[-1]  # "the" is one token
+    turns = [SINGLE[0], {"from": "gpt", "value": "he image shows a square."}]
+    renderer = ConversationRenderer(tok, "chat_template", chat_template=split_word)
+    assert renderer.render(turns, 16).reason == DROP_TOKEN_BOUNDARY
