@@ -88,7 +88,7 @@ def normalize_image_placeholder(
     ``<image>\\n`` first. A conversation with no ``<image>`` there, or with more than one
     in the whole conversation, is dropped.
     """
-    if not turns or _ROLES.get(turns[0].get("from", "")) != "user":
+    if not turns or _ROLES.get(str(turns[0].get("from", "")).lower()) != "user":
         return Dropped(DROP_BAD_TURNS, "the first turn is not from the human")
     total = sum(str(t.get("value", "")).count(image_token) for t in turns)
     first = str(turns[0].get("value", ""))
