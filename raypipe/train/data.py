@@ -724,15 +724,24 @@ class DropCounter:
         return ray.get(self.actor.summary.remote())
 
 
-def _report_and_filter(batch: dict[str, np.ndarray], counter) -> dict[str, np.ndarray]:
-    import ray
+class _CountingEncoder(SampleEncoder):
+    """encode_dataset's stage: SampleEncoder, then report drops to the counter and keep
+    the trainable rows (one actor stage, not two)."""
 
-    reasons = batch["drop_reason"]
-    bad = [i for i, r in enumerate(reasons) if r]
-    drops = [(str(reasons[i]), str(batch["id"][i]), str(batch["drop_detail"][i])) for i in bad]
-    ray.get(counter.add.remote(len(reasons), drops))
-    keep = np.array([not r for r in reasons], dtype=bool)
-    return {k: v[keep] for k, v in batch.items() if k not in ("drop_reason", "drop_detail")}
+    def __init__(self, counter, **encoder_kwargs):
+        super().__init__(**encoder_kwargs)
+        self.counter = counter
+
+    def __call__(self, batch):
+        import ray
+
+        out = super().__call__(batch)
+        reasons = out["drop_reason"]
+        bad = [i for i, r in enumerate(reasons) if r]
+        drops = [(str(reasons[i]), str(out["id"][i]), str(out["drop_detail"][i])) for i in bad]
+        ray.get(self.counter.add.remote(len(reasons), drops))
+        keep = np.array([not r for r in reasons], dtype=bool)
+        return {k: v[keep] for k, v in out.items() if k not in ("drop_reason", "drop_detail")}
 
 
 def encode_dataset(
@@ -761,9 +770,10 @@ def encode_dataset(
     import ray
 
     counter = counter or DropCounter()
-    encoded = ds.map_batches(
-        SampleEncoder,
+    ds_ok = ds.map_batches(
+        _CountingEncoder,
         fn_constructor_kwargs={
+            "counter": counter.actor,
             "model_dir": model_dir,
             "template": template,
             "max_length": max_length,
@@ -774,13 +784,6 @@ def encode_dataset(
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors),
         num_cpus=num_cpus,
-    )
-    ds_ok = encoded.map_batches(
-        _report_and_filter,
-        fn_kwargs={"counter": counter.actor},
-        batch_format="numpy",
-        batch_size=None,
-        num_cpus=min(num_cpus, 0.25),
     )
     return ds_ok, counter
 
