@@ -503,13 +503,14 @@ def render_uses_gpu(cfg: RenderConfig) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def add_render(ds, cfg: RenderConfig):
+def add_render(ds, cfg: RenderConfig, stage: type[Renderer] = Renderer):
     """Append the render stage to a Ray Dataset: an actor pool of Renderers.
 
     The pool autoscales between ``min_actors`` and ``max_actors``; on GPU each actor asks
     for ``gpus_per_actor`` GPUs, so a cluster autoscaler adds GPU nodes while the pool
     wants more actors. A dead actor is restarted and its batch retried
-    (``max_task_retries`` times).
+    (``max_task_retries`` times). ``stage`` may be a Renderer subclass (the benchmark's
+    adds timestamps).
     """
     import ray
 
@@ -527,7 +528,7 @@ def add_render(ds, cfg: RenderConfig):
         # that extra remote args are deprecated; they are still applied.
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         return ds.map_batches(
-            Renderer,
+            stage,
             fn_constructor_kwargs={"cfg": actor_cfg},
             batch_size=cfg.batch_size,
             batch_format="pyarrow",
