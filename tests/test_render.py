@@ -100,6 +100,24 @@ def test_row_reproduces_exactly_in_any_batch(renderer):
     assert other_seed["image"]["bytes"] != alone["image"]["bytes"]
 
 
+def test_plain_prompt_matches_diffusers_own_encoding(renderer, cfg):
+    import numpy as np
+
+    row = render(renderer, make_rows(["blue sky over a city street"], [11]))[0]
+    ref = renderer.pipe(
+        "blue sky over a city street",
+        negative_prompt=cfg.negative_prompt,
+        num_inference_steps=cfg.steps,
+        guidance_scale=cfg.guidance_scale,
+        width=64,
+        height=64,
+        generator=[torch.Generator().manual_seed(11)],
+        output_type="np",
+    ).images[0]
+    mine = np.asarray(Image.open(io.BytesIO(row["image"]["bytes"])), dtype=np.int64)
+    assert np.array_equal(mine, (ref * 255).round().astype(np.int64))
+
+
 def test_parse_emphasis_rules():
     assert parse_emphasis("((red)) car") == [("red", pytest.approx(1.21)), (" car", 1.0)]
     assert parse_emphasis("[blurry] (sharp:1.5) x") == [
@@ -228,3 +246,77 @@ def test_scheduler_and_emphasis_off(cfg):
     assert other._tokenize(tok, "((red)) car").ids[0][1 : 1 + len(literal)] == literal
     row = render(other, make_rows(["((red)) car"]))[0]
     assert '"scheduler": "DPMSolverMultistepScheduler"' in row["meta"]
+
+
+def build_tiny_sdxl(path, tokenizer_dir):
+    """A tiny SDXL-layout pipeline: two CLIP text encoders, pooled + time conditioning."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from raypipe.testing import build_clip_tokenizer, tiny_clip_text_config
+
+    tok = build_clip_tokenizer(tokenizer_dir)
+    torch.manual_seed(0)
+    text_config = tiny_clip_text_config(len(tok))
+    pipe = StableDiffusionXLPipeline(
+        unet=UNet2DConditionModel(
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            sample_size=32,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=8 * 6 + 32,
+            cross_attention_dim=64,  # both encoders' hidden states side by side
+            norm_num_groups=8,
+        ),
+        vae=AutoencoderKL(
+            block_out_channels=(16, 32),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            norm_num_groups=8,
+            sample_size=64,
+        ),
+        text_encoder=CLIPTextModel(text_config),
+        text_encoder_2=CLIPTextModelWithProjection(text_config),
+        tokenizer=tok,
+        tokenizer_2=tok,
+        scheduler=EulerDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+        ),
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def test_sdxl_layout_renders_long_and_plain_prompts(renderer, tmp_path):
+    import numpy as np
+
+    model = build_tiny_sdxl(tmp_path / "sdxl", tmp_path / "tok")
+    cfg = RenderConfig(model=str(model), width=64, height=64, steps=2, guidance_scale=5.0)
+    sdxl = Renderer(cfg)
+    assert sdxl.dual
+    out = render(sdxl, make_rows(["((red)) car", LONG, "blue sky"], [1, 2, 3]))
+    assert all(r["reject_stage"] is None for r in out)
+    assert [__import__("json").loads(r["meta"])["prompt_chunks"] for r in out] == [1, 3, 1]
+    # A plain prompt gives exactly what diffusers' own prompt encoding gives
+    # (empty negative prompt -> zero embeddings, as SDXL configures).
+    ref = sdxl.pipe(
+        "blue sky",
+        num_inference_steps=2,
+        guidance_scale=5.0,
+        width=64,
+        height=64,
+        generator=[torch.Generator().manual_seed(3)],
+        output_type="np",
+    ).images[0]
+    mine = np.asarray(Image.open(io.BytesIO(out[2]["image"]["bytes"])), dtype=np.int64)
+    assert np.array_equal(mine, (ref * 255).round().astype(np.int64))
