@@ -182,7 +182,7 @@ def load_pipeline(cfg: RenderConfig, device: str, dtype):
     # 2. Load safetensors weights; safety checker off (it would black out images
     #    without telling us, and our quality stage rejects black images itself).
     kwargs: dict[str, Any] = {"use_safetensors": True}
-    # diffusers >= 0.36 names it `dtype` and warns on `torch_dtype`; older ones need the latter.
+    # Newer diffusers name it `dtype` and warn on `torch_dtype`; older ones need the latter.
     new_name = hasattr(diffusers.utils.deprecation_utils, "_resolve_dtype")
     kwargs["dtype" if new_name else "torch_dtype"] = dtype
     index = _model_index(model)
