@@ -227,7 +227,15 @@ class QualityConfig(Config):
         0.0, ge=0, description="GPUs each quality actor reserves (only useful with a CLIP model)."
     )
     max_actors: int = Field(1, ge=1, description="Largest size of the quality actor pool.")
-    batch_size: int = Field(64, ge=1, description="Rows per batch handed to a quality actor.")
+    batch_size: int = Field(
+        16,
+        ge=1,
+        description="Rows per batch handed to a quality actor. Rows wait until a batch is "
+        "full, so keep it near render.batch_size for steady streaming to Parquet.",
+    )
+    cpus_per_actor: float = Field(
+        0.5, gt=0, description="CPUs reserved per quality actor (pixel checks are light)."
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -238,30 +246,54 @@ class QualityConfig(Config):
 class GenerateConfig(Config):
     """The generation job (jobs/generate.py): what to make, with which models, how fast."""
 
-    seed: int = Field(0, description="Run seed: ids, keyword order, per-row image seeds derive from it.")
-    num_samples: int = Field(26, ge=1, description="Accepted rows wanted in OUT/data (split evenly over abilities).")
-    abilities: list[str] | None = Field(None, description="Abilities to make; None = every ability in the catalog.")
+    seed: int = Field(
+        0, description="Run seed: ids, keyword order, per-row image seeds derive from it."
+    )
+    num_samples: int = Field(
+        26, ge=1, description="Accepted rows wanted in OUT/data (split evenly over abilities)."
+    )
+    abilities: list[str] | None = Field(
+        None, description="Abilities to make; None = every ability in the catalog."
+    )
     catalog_dirs: list[str] = Field(
-        default_factory=list, description="Extra folders of ability files (add or override abilities)."
+        default_factory=list,
+        description="Extra folders of ability files (add or override abilities).",
     )
     extra_keywords_per_ability: int = Field(
-        0, ge=0, description="Keywords the LLM adds to each ability's seed bank (paper section 4.3)."
+        0,
+        ge=0,
+        description="Keywords the LLM adds to each ability's seed bank (paper section 4.3).",
     )
-    prompts_per_request: int = Field(5, ge=1, le=50, description="SD prompts the LLM writes per request (k).")
+    prompts_per_request: int = Field(
+        5, ge=1, le=50, description="SD prompts the LLM writes per request (k)."
+    )
     near_duplicate_threshold: float = Field(
-        0.8, gt=0, le=1, description="Word-bigram Jaccard at which two prompts are near duplicates (1 = exact only)."
+        0.8,
+        gt=0,
+        le=1,
+        description="Word-bigram Jaccard at which two prompts are near duplicates (1 = exact only).",
     )
-    llm: LLMConfig = Field(default_factory=LLMConfig, description="The LLM that writes keywords, prompts, dialogues.")
+    llm: LLMConfig = Field(
+        default_factory=LLMConfig, description="The LLM that writes keywords, prompts, dialogues."
+    )
     render: RenderConfig = Field(default_factory=RenderConfig, description="Text-to-image stage.")
     quality: QualityConfig = Field(default_factory=QualityConfig, description="Quality checks.")
     llm_actors: int = Field(2, ge=1, description="Most LLM-client actors per writing stage.")
-    llm_actor_cpus: float = Field(0.25, gt=0, description="CPUs reserved per LLM actor (they mostly wait on I/O).")
+    llm_actor_cpus: float = Field(
+        0.25, gt=0, description="CPUs reserved per LLM actor (they mostly wait on I/O)."
+    )
     llm_batch_chunks: int = Field(8, ge=1, description="Prompt requests per PromptWriter batch.")
-    llm_batch_rows: int = Field(32, ge=1, description="Rows per DialogueWriter batch (requests run concurrently).")
+    llm_batch_rows: int = Field(
+        32, ge=1, description="Rows per DialogueWriter batch (requests run concurrently)."
+    )
     rows_per_file: int = Field(256, ge=1, description="Rows per Parquet part written.")
     writer_cpus: float = Field(0.25, gt=0, description="CPUs reserved per Parquet-writing task.")
-    max_rounds: int = Field(4, ge=1, description="Planning rounds: later rounds replace rejected rows.")
-    ray_address: str | None = Field(None, description="Ray cluster address; None = RAY_ADDRESS or a local Ray.")
+    max_rounds: int = Field(
+        4, ge=1, description="Planning rounds: later rounds replace rejected rows."
+    )
+    ray_address: str | None = Field(
+        None, description="Ray cluster address; None = RAY_ADDRESS or a local Ray."
+    )
     progress: bool = Field(True, description="Show Ray Data progress bars.")
     log_to_driver: bool = Field(True, description="Forward worker logs to the driver.")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import Counter, defaultdict
 from typing import Any
@@ -28,6 +29,7 @@ from raypipe.errors import ConfigError
 from raypipe.generate.dedup import NearDuplicateIndex
 from raypipe.generate.store import OutputStore
 from raypipe.generate.text import DialogueWriter, PromptWriter, expand_keyword_bank, keyword_for
+from raypipe.llm.base import Secret
 from raypipe.schema import (
     REJECT_SCHEMA,
     is_rejected,
@@ -61,11 +63,19 @@ def write_parts(batch: pa.Table, uri: str) -> pa.Table:
     return rows
 
 
+def driver_key(cfg: GenerateConfig) -> Secret | None:
+    """The driver's API key, for actors on nodes where the variable is not set."""
+    value = os.environ.get(cfg.llm.api_key_env) if cfg.llm.backend == "openai" else None
+    return Secret(value) if value else None
+
+
 def build_prompt_dataset(cfg: GenerateConfig, chunks: list[dict[str, Any]], cache_dir: str):
     """Planned request chunks -> work rows with SD prompts (an actor pool of LLM clients)."""
     import ray
 
-    ds = ray.data.from_items(chunks)
+    ds = ray.data.from_items(
+        chunks, override_num_blocks=max(1, len(chunks) // cfg.llm_batch_chunks)
+    )
     return ds.map_batches(
         PromptWriter,
         fn_constructor_kwargs=dict(
@@ -74,6 +84,7 @@ def build_prompt_dataset(cfg: GenerateConfig, chunks: list[dict[str, Any]], cach
             catalog_dirs=cfg.catalog_dirs,
             run_seed=cfg.seed,
             negative_prompt=cfg.render.negative_prompt,
+            api_key=driver_key(cfg),
         ),
         batch_size=cfg.llm_batch_chunks,
         batch_format="pyarrow",
@@ -89,7 +100,10 @@ def build_generation(cfg: GenerateConfig, rows: pa.Table, store: OutputStore, ca
     from raypipe.generate.quality import add_quality
     from raypipe.generate.render import add_render
 
-    ds = ray.data.from_arrow(rows)
+    # Many small blocks, not one: Ray Data streams block by block, so a single block
+    # would hold every row back until the last dialogue is written.
+    step = cfg.llm_batch_rows
+    ds = ray.data.from_arrow([rows.slice(i, step) for i in range(0, rows.num_rows, step)])
     ds = ds.map_batches(
         DialogueWriter,
         fn_constructor_kwargs=dict(
@@ -97,6 +111,7 @@ def build_generation(cfg: GenerateConfig, rows: pa.Table, store: OutputStore, ca
             cache_dir=cache_dir,
             catalog_dirs=cfg.catalog_dirs,
             run_seed=cfg.seed,
+            api_key=driver_key(cfg),
         ),
         batch_size=cfg.llm_batch_rows,
         batch_format="pyarrow",
@@ -126,7 +141,7 @@ def check_inputs(cfg: GenerateConfig, store: OutputStore) -> dict[str, Any]:
     from raypipe.llm import make_backend
 
     catalog = load_catalog(cfg.catalog_dirs or None, names=cfg.abilities)
-    backend = make_backend(cfg.llm, store.local_cache_dir())
+    backend = make_backend(cfg.llm, store.local_cache_dir() if cfg.llm.cache else None, catalog)
     if hasattr(backend, "check"):
         backend.check()
     check_render_model(cfg.render)

@@ -261,6 +261,7 @@ def add_quality(ds, cfg: QualityConfig):
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.max_actors),
+        num_cpus=cfg.cpus_per_actor,
         num_gpus=cfg.gpus_per_actor if use_gpu else None,
     )
 

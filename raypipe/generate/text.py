@@ -18,7 +18,7 @@ import pyarrow as pa
 from raypipe.abilities import Ability, load_catalog
 from raypipe.config import LLMConfig
 from raypipe.llm import make_backend
-from raypipe.llm.base import LLMResult
+from raypipe.llm.base import LLMResult, Secret
 from raypipe.llm.parsing import emphasized_keywords, parse_dialogue, parse_keywords, parse_prompts
 from raypipe.llm.templates import dialogue_request, keyword_request, prompt_request
 from raypipe.schema import is_rejected, reject, row_seed, rows_to_table, update_meta
@@ -136,10 +136,11 @@ class PromptWriter:
         catalog_dirs: list[str],
         run_seed: int,
         negative_prompt: str,
+        api_key: Secret | None = None,
     ):
         self.cfg = LLMConfig.model_validate(llm)
-        self.backend = make_backend(self.cfg, cache_dir)
         self.catalog = load_catalog(catalog_dirs or None)
+        self.backend = make_backend(self.cfg, cache_dir, self.catalog, api_key)
         self.run_seed = run_seed
         self.negative_prompt = negative_prompt
 
@@ -202,10 +203,17 @@ class DialogueWriter:
     INPUT_COLUMNS = ("id", "ability", "prompt", "keywords", "seed")
     OUTPUT_COLUMNS = ("conversations", "question_type", "answer_keywords", "meta")
 
-    def __init__(self, llm: dict, cache_dir: str | None, catalog_dirs: list[str], run_seed: int):
+    def __init__(
+        self,
+        llm: dict,
+        cache_dir: str | None,
+        catalog_dirs: list[str],
+        run_seed: int,
+        api_key: Secret | None = None,
+    ):
         self.cfg = LLMConfig.model_validate(llm)
-        self.backend = make_backend(self.cfg, cache_dir)
         self.catalog = load_catalog(catalog_dirs or None)
+        self.backend = make_backend(self.cfg, cache_dir, self.catalog, api_key)
         self.run_seed = run_seed
 
     def question_for(self, ability: Ability, sample_id: str) -> str:

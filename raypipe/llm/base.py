@@ -16,6 +16,23 @@ from typing import Any, Protocol
 TASKS = ("keywords", "prompts", "dialogue", "benchmark")
 
 
+class Secret:
+    """Holds an API key; prints as *** so it never lands in a log, repr or traceback."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "***"
+
+    __str__ = __repr__
+
+    def __reduce__(self):  # pickles (to Ray actors) without exposing the value in repr
+        return (Secret, (self.value,))
+
+
 @dataclass(frozen=True)
 class LLMRequest:
     """One chat-completion request.

@@ -49,7 +49,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 
 from raypipe.config import LLMConfig
 from raypipe.errors import EndpointError
-from raypipe.llm.base import LLMRequest, LLMResult
+from raypipe.llm.base import LLMRequest, LLMResult, Secret
 from raypipe.llm.cache import ResponseCache, request_key
 
 log = logging.getLogger(__name__)
@@ -72,18 +72,7 @@ def _sdk_httpx() -> Any:
 httpx = _sdk_httpx()
 
 
-class _Secret:
-    """Holds the API key for scrubbing; prints as ***."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: str) -> None:
-        self.value = value
-
-    def __repr__(self) -> str:
-        return "***"
-
-    __str__ = __repr__
+_Secret = Secret
 
 
 # ---------------------------------------------------------------------------------------
@@ -284,13 +273,19 @@ class OpenAIBackend:
         cfg: the client's settings (endpoint, key variable, limits, retries, prices).
         cache_dir: folder of the response cache (``OUT/cache``); None, or
             ``cfg.cache=False``, turns caching off.
+        api_key: the key as a :class:`~raypipe.llm.base.Secret`, used when the
+            environment variable ``cfg.api_key_env`` is not set in this process.
 
     Raises:
         EndpointError: the environment variable ``cfg.api_key_env`` is not set.
     """
 
-    def __init__(self, cfg: LLMConfig, cache_dir: str | Path | None = None) -> None:
-        api_key = os.environ.get(cfg.api_key_env, "")
+    def __init__(
+        self, cfg: LLMConfig, cache_dir: str | Path | None = None, api_key: Secret | None = None
+    ) -> None:
+        # The environment wins; ``api_key`` is how a driver hands its key to Ray actors
+        # on machines where the variable is not set.
+        api_key = os.environ.get(cfg.api_key_env, "") or (api_key.value if api_key else "")
         if not api_key:
             raise EndpointError(
                 f"the environment variable {cfg.api_key_env} (llm.api_key_env) is not set: "

@@ -1,0 +1,316 @@
+"""The generation job end to end on CPU: tiny SD, offline writer or the loopback LLM server."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from raypipe.config import GenerateConfig, load_config
+from raypipe.errors import CatalogError, ConfigError, EndpointError
+from raypipe.generate.pipeline import generate
+from raypipe.schema import SAMPLE_SCHEMA, validate_samples
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "jobs" / "configs" / "demo.yaml"
+sys.path.insert(0, str(Path(__file__).parent))
+from llm_server import LLMServer  # noqa: E402
+
+
+def demo_config(*overrides: str) -> GenerateConfig:
+    return load_config(GenerateConfig, DEMO, ["log_to_driver=false", *overrides])
+
+
+def read_data(out: Path):
+    return pq.read_table(out / "data").to_pylist() if (out / "data").exists() else []
+
+
+def read_rejects(out: Path):
+    parts = list((out / "rejects").glob("*.parquet"))
+    return pq.read_table(out / "rejects").to_pylist() if parts else []
+
+
+# ---------------------------------------------------------------------------------------
+# A realistic answerer for the loopback server: reads the rendered templates.
+# ---------------------------------------------------------------------------------------
+
+
+SUBJECTS = (
+    "old bicycle",
+    "ceramic vase",
+    "wool scarf",
+    "city bus",
+    "garden chair",
+    "kite",
+    "teapot",
+)
+SCENES = ("sunny park", "quiet kitchen", "rainy street", "mountain lake", "busy market")
+
+
+def template_responder(bad_keywords: frozenset[str] = frozenset()):
+    """Answers prompt and dialogue requests the way a well-behaved model would.
+
+    A prompt request whose keywords include one in ``bad_keywords`` gets malformed text.
+    """
+
+    def respond(messages):
+        user = messages[-1]["content"]
+        if "Keywords to use, one per prompt:" in user:
+            block = user.split("Keywords to use, one per prompt:")[1].split("\n\n")[0]
+            keywords = re.findall(r"^\d+\.\s*(.+)$", block.strip(), flags=re.M)
+            if bad_keywords & set(keywords):
+                return "Sure! Here are some ideas for images you might like."
+            return "\n".join(
+                f"{i}. (({kw})) {SUBJECTS[len(kw) % 7]} beside a {kw} {SUBJECTS[(i + len(kw)) % 7]},"
+                f" {kw} tones, {SCENES[(len(kw) + i) % 5]}, realistic photo, 8k"
+                for i, kw in enumerate(keywords, 1)
+            )
+        if "Description:" in user:
+            prompt = re.search(r"^Question: .+\nPrompt: (.+)$", user, flags=re.M).group(1)
+            kw = re.search(r"\(\((.+?)\)\)", prompt).group(1)
+            return f"Prompt: {prompt}\nDescription: The image shows {kw} in the centre of the frame. It is lit by soft light."
+        return "1. extra keyword"
+
+    return respond
+
+
+# ---------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------
+
+
+def test_demo_writes_valid_balanced_reproducible_dataset(ray_local, tiny_dir, tmp_path):
+    cfg = demo_config()
+    out1, out2 = tmp_path / "a", tmp_path / "b"
+    manifest = generate(cfg, str(out1))
+
+    rows = read_data(out1)
+    assert len(rows) == 26
+    assert {r["ability"] for r in rows} == set(
+        json.loads(json.dumps(manifest["counts"]["abilities"]))
+    )
+    assert len({r["ability"] for r in rows}) == 13
+    table = pq.read_table(out1 / "data")
+    assert table.schema.equals(SAMPLE_SCHEMA, check_metadata=False)
+    assert validate_samples(table.cast(SAMPLE_SCHEMA)) == []
+    for r in rows:
+        img = Image.open(__import__("io").BytesIO(r["image"]["bytes"]))
+        assert img.size == (r["width"], r["height"]) == (64, 64)
+        assert r["conversations"][0]["value"].startswith("<image>\n")
+        assert r["prompt"].startswith("((") and r["keywords"]
+        assert r["keywords"][0].lower() in r["conversations"][1]["value"].lower()
+    assert len({r["id"] for r in rows}) == 26
+
+    counts = manifest["counts"]
+    assert counts["balanced"]
+    for stage, c in counts["stages"].items():
+        assert c["in"] == c["accepted"] + c["rejected"], stage
+    assert counts["stages"]["quality"]["accepted"] == 26
+    on_disk = json.loads((out1 / "manifest.json").read_text())
+    assert on_disk["counts"]["accepted"] == 26 and on_disk["versions"]["ray"]
+    assert (out1 / "keywords" / "color.json").exists()
+
+    # `datasets` reads the image column as images.
+    import datasets
+
+    ds = datasets.load_dataset(
+        "parquet", data_files=str(out1 / "data" / "*.parquet"), split="train"
+    )
+    assert ds.num_rows == 26
+    assert isinstance(ds.features["image"], datasets.Image)
+    assert ds[0]["image"].size == (64, 64)
+
+    # Same config again: identical ids, prompts and image bytes.
+    generate(cfg, str(out2))
+    a = {r["id"]: r for r in rows}
+    b = {r["id"]: r for r in read_data(out2)}
+    assert a.keys() == b.keys()
+    for sid in a:
+        assert a[sid]["prompt"] == b[sid]["prompt"]
+        assert a[sid]["image"]["bytes"] == b[sid]["image"]["bytes"], sid
+        assert a[sid]["conversations"] == b[sid]["conversations"]
+
+    # Re-running on a complete OUT adds nothing.
+    again = generate(cfg, str(out1))
+    assert len(read_data(out1)) == 26 and again["runs"][-1]["rows_written"] == 0
+
+
+def test_malformed_llm_output_is_rejected_and_replaced(ray_local, tiny_dir, tmp_path):
+    bad = frozenset({"turquoise", "royal blue"})  # two of color's keywords (rows 0 and 1)
+    with LLMServer(responder=template_responder(bad), lifetime_s=300) as server:
+        os.environ["RAYPIPE_TEST_KEY"] = "sk-test-sentinel-0123456789"
+        cfg = demo_config(
+            "llm.backend=openai",
+            f"llm.base_url={server.url}",
+            "llm.api_key_env=RAYPIPE_TEST_KEY",
+            "llm.model=test-model",
+            "abilities=[color]",
+            "num_samples=12",
+            "max_rounds=6",
+        )
+        manifest = generate(cfg, str(tmp_path))
+    rows, rejects = read_data(tmp_path), read_rejects(tmp_path)
+    assert len(rows) == 12 and len({r["id"] for r in rows}) == 12
+    prompt_rejects = [r for r in rejects if r["stage"] == "prompts"]
+    assert prompt_rejects, "malformed prompt answers must land in rejects"
+    assert all(r["reason"] and "Sure! Here are" in r["raw"] for r in prompt_rejects)
+    assert not {r["id"] for r in rejects} & {r["id"] for r in rows}
+    assert manifest["counts"]["rejected"] == len([r for r in rejects if r["stage"] != "keywords"])
+    assert "sk-test-sentinel" not in (tmp_path / "manifest.json").read_text()
+
+
+def test_black_images_are_rejected_with_reason(ray_local, tiny_dir, tmp_path):
+    # A darkness threshold at the top of the 0-255 scale marks every image black.
+    cfg = demo_config(
+        "abilities=[animal]", "num_samples=3", "max_rounds=1", "quality.max_mean_dark=255"
+    )
+    manifest = generate(cfg, str(tmp_path))
+    assert read_data(tmp_path) == []
+    rejects = read_rejects(tmp_path)
+    assert len(rejects) == 3 and {(r["stage"], r["reason"]) for r in rejects} == {
+        ("quality", "black_image")
+    }
+    assert manifest["counts"]["stages"]["quality"] == {"in": 3, "accepted": 0, "rejected": 3}
+
+
+def test_bad_inputs_fail_before_rendering(tmp_path):
+    with pytest.raises(CatalogError, match="unknown|known"):
+        generate(demo_config("abilities=[colour]"), str(tmp_path / "a"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(GenerateConfig, REPO / "jobs" / "configs" / "nope.yaml")
+    with pytest.raises(ConfigError, match="render.batchsize"):
+        demo_config("render.batchsize=3")
+    os.environ.pop("RAYPIPE_MISSING_KEY", None)
+    t = time.time()
+    with pytest.raises(EndpointError, match="RAYPIPE_MISSING_KEY"):
+        generate(
+            demo_config("llm.backend=openai", "llm.api_key_env=RAYPIPE_MISSING_KEY"),
+            str(tmp_path / "b"),
+        )
+    os.environ["RAYPIPE_TEST_KEY"] = "sk-test"
+    with pytest.raises(EndpointError):
+        generate(
+            demo_config(
+                "llm.backend=openai",
+                "llm.api_key_env=RAYPIPE_TEST_KEY",
+                "llm.base_url=http://127.0.0.1:9/v1",
+                "llm.timeout_s=2",
+            ),
+            str(tmp_path / "c"),
+        )
+    from raypipe.errors import ModelError
+
+    with pytest.raises(ModelError):
+        generate(demo_config(f"render.model={tmp_path / 'no-such-model'}"), str(tmp_path / "d"))
+    assert time.time() - t < 30
+    assert not list((tmp_path).glob("*/data/*.parquet"))
+
+
+def _job_cmd(out: Path, *overrides: str) -> list[str]:
+    return [
+        sys.executable,
+        str(REPO / "jobs" / "generate.py"),
+        "--config",
+        str(DEMO),
+        "--out",
+        str(out),
+        *overrides,
+    ]
+
+
+def _job_env(tiny_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(RAYPIPE_TINY_DIR=str(tiny_dir), RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def test_killed_job_resumes_without_loss_duplicates_or_repaid_requests(tiny_dir, tmp_path):
+    """A real SIGKILL of the job's whole process group after some rows are written."""
+    out = tmp_path / "out"
+    env = _job_env(tiny_dir)
+    env["RAYPIPE_TEST_KEY"] = "sk-test"
+    with LLMServer(responder=template_responder(), latency_s=0.4, lifetime_s=600) as server:
+        overrides = [
+            "--num-samples",
+            "40",
+            "--abilities",
+            "color,animal",
+            "llm.backend=openai",
+            f"llm.base_url={server.url}",
+            "llm.api_key_env=RAYPIPE_TEST_KEY",
+            "llm.model=test-model",
+            "llm.concurrency=1",
+            "llm_batch_rows=2",
+            "rows_per_file=4",
+            "render.batch_size=4",
+            "quality.batch_size=4",
+            "log_to_driver=false",
+        ]
+        proc = subprocess.Popen(
+            _job_cmd(out, *overrides),
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if len(list((out / "data").glob("part-*.parquet"))) >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, (
+            "job finished before it could be killed: " + proc.stderr.read().decode()[-2000:]
+        )
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        written = len(read_data(out))
+        assert 0 < written < 40
+        answered_before = Counter(server.answered_by_hash)
+
+        done = subprocess.run(_job_cmd(out, *overrides), env=env, capture_output=True, timeout=300)
+        assert done.returncode == 0, done.stderr.decode()[-3000:]
+
+    rows = read_data(out)
+    ids = [r["id"] for r in rows]
+    assert len(ids) == 40 and len(set(ids)) == 40
+    rejected = {r["id"] for r in read_rejects(out)}
+    assert not rejected & set(ids)
+    # No request answered in the first run was paid for again.
+    for digest, n in server.answered_by_hash.items():
+        assert n == 1 or digest not in answered_before, "a cached answer was requested again"
+    assert max(server.answered_by_hash.values()) == 1
+
+
+def test_driver_memory_stays_flat_with_10x_rows(tiny_dir, tmp_path):
+    """Rows stream through the workers: the driver's peak RSS does not grow with N."""
+    probe = (
+        "import resource, runpy, sys; sys.argv = sys.argv[1:];"
+        "\ntry:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    peaks = {}
+    for n in (26, 260):
+        cmd = [
+            sys.executable,
+            "-c",
+            probe,
+            *_job_cmd(tmp_path / str(n), "--num-samples", str(n), "log_to_driver=false")[1:],
+        ]
+        res = subprocess.run(cmd, env=_job_env(tiny_dir), capture_output=True, timeout=400)
+        assert res.returncode == 0, res.stderr.decode()[-3000:]
+        peaks[n] = int(re.search(rb"MAXRSS_KB (\d+)", res.stdout).group(1))
+        assert len(read_data(tmp_path / str(n))) == n
+    growth_mb = (peaks[260] - peaks[26]) / 1024
+    assert growth_mb < 120, f"driver peak grew by {growth_mb:.0f} MB for 10x rows: {peaks}"
