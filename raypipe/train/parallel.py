@@ -38,9 +38,14 @@ def parallelize_llava(
     """
     # 1. Activation checkpointing
     if activation_checkpointing:
-        unwrap(model).gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+        base = unwrap(model)
+        enable = getattr(base, "activation_checkpointing_enable", None)
+        if enable is not None:  # transformers >= 5.2x
+            enable({"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
     # 2. Mesh and precision policy
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     if mixed_precision == "bf16":
