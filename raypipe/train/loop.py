@@ -55,15 +55,13 @@ from raypipe.train.checkpoint import (
 )
 from raypipe.train.config import TrainConfig
 from raypipe.train.conversation import IGNORE_INDEX
+from raypipe.train.flops import flops_per_sample_parts, peak_flops, step_flops
 
 #: Rows an equal split between workers leaves over (deterministic_order=False only).
 DROP_SPLIT_REMAINDER = "left over by the equal split between workers"
 
 #: What a training step needs from an encoded row.
 ENCODED_COLUMNS = ("input_ids", "labels", "pixel_values")
-
-#: Peak dense bf16 FLOP/s per accelerator, for MFU (vendor figures, no sparsity).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 # ---------------------------------------------------------------------------------------
@@ -478,70 +476,6 @@ class StepBatcher:
         return batches
 
 
-# --- FLOPs ------------------------------------------------------------------------------
-
-
-def flops_per_sample_parts(model) -> dict[str, float]:
-    """Per-part constants for :func:`step_flops` (counted on the unsharded config)."""
-    from raypipe.train.model import unwrap
-
-    base = unwrap(model)
-    config = base.config
-    text, vision = config.text_config, config.vision_config
-
-    def numel(params) -> int:
-        return sum(p.numel() for p in params)
-
-    llm_layers = base.model.language_model.layers
-    full_llm = all(p.requires_grad for p in llm_layers.parameters())  # False in stage 1, LoRA
-    return {
-        # matmul weights of the LLM (layers + LM head; the embedding lookup is free)
-        "llm_params": float(numel(llm_layers.parameters()) + numel(base.lm_head.parameters())),
-        "llm_factor": 6.0 if full_llm else 4.0,
-        "llm_attn": 12.0 * text.num_hidden_layers * text.hidden_size,
-        "vision_params": float(numel(base.model.vision_tower.encoder.parameters())),
-        "vision_attn": 4.0 * vision.num_hidden_layers * vision.hidden_size,
-        "patches": float((vision.image_size // vision.patch_size) ** 2 + 1),
-        "projector_params": float(numel(base.model.multi_modal_projector.parameters())),
-    }
-
-
-def step_flops(parts: dict[str, float], micro_batches: list[dict[str, torch.Tensor]]) -> float:
-    """Model FLOPs of one rank's micro-batches (forward + backward).
-
-    LLM: ``6·N`` per token when its weights train, ``4·N`` when frozen (backward still
-    flows through it to the projector), plus ``12·L·d·T`` per token for attention
-    (``T`` = padded length). Vision tower: frozen and first, so forward only: ``2·N`` per
-    patch plus ``4·L·d·P`` attention. Projector: ``6·N`` per image token.
-    """
-    total = 0.0
-    for b in micro_batches:
-        tokens = float(b["attention_mask"].sum())
-        if not (b["labels"] != IGNORE_INDEX).any():
-            continue  # stand-in batches do no useful work
-        length = float(b["input_ids"].shape[1])
-        images = float(b["pixel_values"].shape[0])
-        image_tokens = images * (parts["patches"] - 1)
-        total += tokens * (parts["llm_factor"] * parts["llm_params"] + parts["llm_attn"] * length)
-        total += (
-            images
-            * parts["patches"]
-            * (2.0 * parts["vision_params"] + parts["vision_attn"] * parts["patches"])
-        )
-        total += 6.0 * parts["projector_params"] * image_tokens
-    return total
-
-
-def peak_flops(cfg: TrainConfig) -> float | None:
-    """Peak FLOP/s of this worker's accelerator, if known (None on CPU)."""
-    if cfg.peak_flops is not None:
-        return cfg.peak_flops
-    if not (cfg.use_gpu and torch.cuda.is_available()):
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-
 # --- the loop ---------------------------------------------------------------------------
 
 
@@ -618,7 +552,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     # 4. Optimiser steps
     flop_parts = flops_per_sample_parts(model)
-    peak = peak_flops(cfg)
+    peak = peak_flops(cfg.peak_flops, cfg.use_gpu)
     timings: list[tuple[float, float, float, float]] = []  # seconds, tokens, samples, flops
     model.train()
     tick = time.perf_counter()
@@ -725,7 +659,6 @@ __all__ = [
     "preflight",
     "setup",
     "setup_model",
-    "step_flops",
     "token_loss_sum",
     "train_loop_per_worker",
 ]
