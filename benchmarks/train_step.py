@@ -27,10 +27,10 @@ batches, collectives, logging) then don't dominate. The ratio is ray / bare.
 ``--gpu-real-size`` builds CLIP ViT-L/14-336's vision config (24 layers, 576 patches) and
 a Llama-2-7B-shaped LLM (hidden 4096, FFN 11008, 32 heads, vocab 32064) with as many of
 its 32 layers as fit the GPU next to fp32 master weights and AdamW state (16 bytes per
-parameter; ``--llm-layers`` to choose), bf16 compute, activation checkpointing. It runs
-the bare path on synthetic batches (576 image tokens + text, ``--seq-len`` in all) and,
-when Ray is installed, not the Ray path (one GPU is one worker: Ray's overhead is what
-the CPU run measures). MFU = model FLOPs (raypipe.train.flops: 6·N per trained token,
+parameter; ``--llm-layers`` to choose), bf16 compute, activation checkpointing (unless
+``--no-activation-checkpointing``). It runs the bare path only, on synthetic batches
+(576 image tokens + text, ``--seq-len`` in all), and needs no Ray: one GPU is one
+worker, and Ray's overhead is what the CPU run measures. MFU = model FLOPs (raypipe.train.flops: 6·N per trained token,
 2·N per frozen vision patch, attention) / (seconds x peak); peak 989 TFLOP/s (H100/H200
 bf16 dense).
 
@@ -84,6 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=1024, help="GPU: tokens per sample")
     p.add_argument("--no-activation-checkpointing", action="store_true", help="GPU only")
     p.add_argument("--no-ray", action="store_true", help="bare path only")
+    p.add_argument("--fused-adamw", action="store_true", help="GPU: fused AdamW kernel")
     return p.parse_args(argv)
 
 
@@ -137,7 +138,7 @@ def auto_llm_layers(free_bytes: int) -> int:
     return max(1, min(32, int((budget / 16 - fixed) // per_layer)))
 
 
-def build_gpu_model(layers: int):
+def build_gpu_model(layers: int, device: str = "cuda"):
     """Random-weight LLaVA-1.5-shaped model on the GPU (fp32 weights), stage 2."""
     from transformers import (
         CLIPVisionConfig,
@@ -157,9 +158,8 @@ def build_gpu_model(layers: int):
         vision_feature_layer=-2,
         pad_token_id=32001,
     )
-    config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = LlavaForConditionalGeneration(config)
     model.config.use_cache = False
     apply_freeze_policy(model, 2)
@@ -195,13 +195,15 @@ def init_single_process_group(device: torch.device) -> None:
         dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
 
 
-def bare_loop(model, batches, steps: int, lr: float, device: torch.device) -> dict:
+def bare_loop(
+    model, batches, steps: int, lr: float, device: torch.device, fused: bool = False
+) -> dict:
     """Steps over prepared micro-batches (one per step); timing from the end of step 1."""
     from raypipe.train.flops import flops_per_sample_parts, step_flops
     from raypipe.train.loop import token_loss_sum
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0, fused=fused or None)
     parts = flops_per_sample_parts(model)
     model.train()
     tokens = flops = 0.0
@@ -361,7 +363,7 @@ def run_gpu(args) -> dict:
     parallelize_llava(model, device=device, mixed_precision="bf16", activation_checkpointing=ac)
     batches = [synthetic_batch(micro, args.seq_len, model.config) for _ in range(2)]
     torch.cuda.reset_peak_memory_stats()
-    bare = bare_loop(model, batches, steps, 2e-5, device)
+    bare = bare_loop(model, batches, steps, 2e-5, device, fused=args.fused_adamw)
     peak = peak_flops()
     return {
         "device": "cuda",
@@ -380,6 +382,7 @@ def run_gpu(args) -> dict:
         "steps": steps,
         "activation_checkpointing": ac,
         "dtype": "bf16",
+        "fused_adamw": args.fused_adamw,
         "step_s": round(bare["seconds"] / (steps - 1), 3),
         "max_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
         "gpu_memory_gib": round(total / 2**30, 1),
