@@ -245,10 +245,10 @@ def test_step_batcher_pads_with_inert_standin_batches(tiny_dir):
     model, processor = build_model(cfg)
     batcher = StepBatcher(cfg, processor, model.config)
     bad = {**_row(9), "image": b"not an image"}
-    batches = batcher([_row(0), bad])  # one good row, one undecodable: 2 micro-batches
+    batches, drops = batcher([_row(0), bad])  # one good row, one undecodable: 2 micro-batches
     assert len(batches) == cfg.grad_accum_steps == 2
     assert batches[0]["input_ids"].shape[0] == 1
-    assert batcher.drops == {"undecodable image": 1}
+    assert drops == {"undecodable image": 1}
     standin = batches[1]
     assert (standin["labels"] == -100).all()
     logits = model(

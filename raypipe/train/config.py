@@ -101,11 +101,13 @@ class DataSpec(Config):
     )
     deterministic_order: bool = Field(
         True,
-        description="Every worker reads the same ordered stream and keeps its slice of each "
-        "global batch: the batches, and so the losses, do not depend on the worker count, "
-        "and resume restarts at the exact sample. False: Ray Data splits the stream "
-        "dynamically between workers (each reads only its share; resume skips the same "
-        "number of samples, not the same samples).",
+        description="The driver reads, mixes and orders the data once (held in Ray's object "
+        "store, spilled to disk when large); every worker reads that ordered stream and "
+        "decodes only its slice of each global batch: the batches, and so the losses, do "
+        "not depend on the worker count, and resume restarts at the exact sample. False: "
+        "Ray Data streams and splits the data dynamically between workers (each reads only "
+        "its share; resume skips the same number of samples, not the same samples; the "
+        "equal split leaves num_rows % num_workers rows per epoch, counted in the summary).",
     )
     prefetch_steps: int = Field(
         1,

@@ -446,7 +446,6 @@ class StepBatcher:
         self.micro = cfg.micro_batch_size
         self.accum = cfg.grad_accum_steps
         self.pad_id = processor.tokenizer.pad_token_id
-        self.drops: Counter = Counter()
         self._standin = self._standin_batch(model_config)
 
     def _standin_batch(self, config) -> dict[str, torch.Tensor]:
@@ -463,22 +462,23 @@ class StepBatcher:
             "pixel_values": torch.zeros(1, 3, vision.image_size, vision.image_size),
         }
 
-    def __call__(self, rows: list[dict]) -> list[dict[str, torch.Tensor]]:
+    def __call__(self, rows: list[dict]) -> tuple[list[dict[str, torch.Tensor]], Counter]:
+        """``(micro-batches, dropped rows by reason)`` for one step's rows."""
         from raypipe.train.data import collate
 
-        kept = []
+        kept, drops = [], Counter()
         if rows:
             encoded = self.encoder(rows)
             for i, reason in enumerate(encoded["drop_reason"]):
                 if reason:
-                    self.drops[str(reason)] += 1
+                    drops[str(reason)] += 1
                 else:
                     kept.append({k: encoded[k][i] for k in ENCODED_COLUMNS})
         batches = []
         for a in range(self.accum):
             part = kept[a * self.micro : (a + 1) * self.micro]
             batches.append(collate(part, self.pad_id) if part else dict(self._standin))
-        return batches
+        return batches, drops
 
 
 # --- the loop ---------------------------------------------------------------------------
@@ -561,7 +561,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     timings: list[tuple[float, float, float, float]] = []  # seconds, tokens, samples, flops
     model.train()
     tick = time.perf_counter()
-    for micro_batches in steps:
+    drops: Counter = Counter()  # rows of the steps trained so far (not of prefetched ones)
+    for micro_batches, step_drops in steps:
+        drops.update(step_drops)
         local = [
             sum(supervised_tokens(b["labels"]) for b in micro_batches),
             sum(float(b["attention_mask"].sum()) for b in micro_batches if _real(b)),
@@ -617,7 +619,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             )
         if cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0:
             began = time.perf_counter()
-            state.drops = _gather_drops(batcher.drops, base_drops)
+            state.drops = _gather_drops(drops, base_drops)
             report_checkpoint(metrics, model, optimizer, scheduler, state, rank)
             tick += time.perf_counter() - began  # throughput figures leave checkpoints out
         elif state.step % cfg.report_every == 0 or last:
@@ -626,7 +628,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             os._exit(1)  # fault injection for tests: a worker dies without cleanup
 
     # 5. Export and summary
-    drops = _gather_drops(batcher.drops, base_drops)
+    all_drops = _gather_drops(drops, base_drops)
     export_dir = None
     if cfg.export:
         from raypipe.train.export import export_hf
@@ -644,7 +646,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         "tokens_per_s": sum(t[1] for t in steady) / seconds if steady else None,
         "samples_per_s": sum(t[2] for t in steady) / seconds if steady else None,
         "mfu": sum(t[3] for t in steady) / (seconds * world * peak) if steady and peak else None,
-        "drops": drops,
+        "drops": all_drops,
         "export_dir": export_dir,
         "resumed_from_step": start_step,
     }
