@@ -350,3 +350,22 @@ def test_job_fails_before_starting_ray_on_bad_inputs(tiny_dir, tmp_path):
     out = job("--data", str(data), "--out", str(tmp_path / "o"), "model.llava=/no/such/model")
     assert out.returncode == 2 and "does not resolve" in out.stderr
     assert "Started a local Ray instance" not in out.stderr + out.stdout
+
+
+def test_a_checkpoint_from_other_batch_settings_is_refused_before_workers_start(tmp_path):
+    import json
+
+    from raypipe.train.checkpoint import latest_checkpoint
+    from raypipe.train.loop import _check_resumable
+
+    step = tmp_path / "step_00000004"
+    step.mkdir()
+    state = {"step": 4, "global_batch_size": 8, "steps_per_epoch": 4, "num_workers": 1}
+    (step / "trainer_state.json").write_text(json.dumps(state))
+    assert latest_checkpoint(tmp_path) is None  # no shards yet: not a complete checkpoint
+    for name in (".metadata", "trainer_state_rank0.pt"):
+        (step / name).write_bytes(b"")
+    assert latest_checkpoint(tmp_path) == step
+    _check_resumable(step, 8, 4)  # same settings: fine
+    with pytest.raises(ConfigError, match="global_batch_size=8, this run has 16"):
+        _check_resumable(step, 16, 2)

@@ -29,6 +29,7 @@ of a row decodes and tokenises it.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import queue
@@ -47,6 +48,7 @@ import torch.nn.functional as F
 
 from raypipe.errors import ConfigError
 from raypipe.train.checkpoint import (
+    STATE_JSON,
     TrainerState,
     latest_checkpoint,
     load_checkpoint,
@@ -191,6 +193,7 @@ def setup(cfg: TrainConfig, sources, out_dir: str | Path, resume: bool = True):
             "point --data at a folder or file with samples"
         )
     steps_per_epoch, total = _plan_steps(cfg, num_rows)
+    _check_resumable(latest_checkpoint(run_dir), cfg.global_batch_size, steps_per_epoch)
     plan = RunPlan(
         train=cfg.model_dump(mode="json"),
         run_dir=str(run_dir),
@@ -200,6 +203,20 @@ def setup(cfg: TrainConfig, sources, out_dir: str | Path, resume: bool = True):
         total_steps=total,
     )
     return plan, dataset
+
+
+def _check_resumable(checkpoint: Path | None, global_batch: int, steps_per_epoch: int) -> None:
+    """Refuse, before workers start, a checkpoint this run could not continue exactly."""
+    if checkpoint is None:
+        return
+    saved = json.loads((checkpoint / STATE_JSON).read_text())
+    for key, value in (("global_batch_size", global_batch), ("steps_per_epoch", steps_per_epoch)):
+        if saved.get(key) != value:
+            raise ConfigError(
+                f"{checkpoint} was written with {key}={saved.get(key)}, this run has {value} "
+                "(other data or batch settings): resume with the same settings, or write to a "
+                "new --out folder (or name) to start over"
+            )
 
 
 def main(plan: RunPlan, dataset) -> TrainResult:
