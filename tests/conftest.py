@@ -23,8 +23,12 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """A local Ray shared by the whole session (start-up costs seconds)."""
+def ray_local(tiny_dir):
+    """A local Ray shared by the whole session (start-up costs seconds).
+
+    Depends on ``tiny_dir`` so its workers inherit RAYPIPE_TINY_DIR and load the tiny
+    models the test process built, instead of building their own.
+    """
     import ray
 
     if not ray.is_initialized():
