@@ -100,12 +100,33 @@ def keyword_for(bank: list[str], run_seed: int, ability: str, index: int) -> str
     return bank[perm[pos]]
 
 
+class LLMStage:
+    """Base of the LLM writing stages: the backend and catalog, built once per actor.
+
+    ``api_key`` carries the driver's key to actors on nodes where ``llm.api_key_env`` is
+    not set (it prints as ***).
+    """
+
+    def __init__(
+        self,
+        llm: dict,
+        cache_dir: str | None,
+        catalog_dirs: list[str],
+        run_seed: int,
+        api_key: Secret | None = None,
+    ):
+        self.cfg = LLMConfig.model_validate(llm)
+        self.catalog = load_catalog(catalog_dirs or None)
+        self.backend = make_backend(self.cfg, cache_dir, self.catalog, api_key)
+        self.run_seed = run_seed
+
+
 # ------------------------------------------------------------------------------------
 # 2. SD prompt writing (an actor pool of LLM clients, k prompts per request)
 # ------------------------------------------------------------------------------------
 
 
-class PromptWriter:
+class PromptWriter(LLMStage):
     """Writes one SD prompt per planned row, k rows per LLM request.
 
     Input: one item per request chunk: ``ability``, ``chunk``, ``indices`` (the rows of the
@@ -129,19 +150,8 @@ class PromptWriter:
         "meta",
     )
 
-    def __init__(
-        self,
-        llm: dict,
-        cache_dir: str | None,
-        catalog_dirs: list[str],
-        run_seed: int,
-        negative_prompt: str,
-        api_key: Secret | None = None,
-    ):
-        self.cfg = LLMConfig.model_validate(llm)
-        self.catalog = load_catalog(catalog_dirs or None)
-        self.backend = make_backend(self.cfg, cache_dir, self.catalog, api_key)
-        self.run_seed = run_seed
+    def __init__(self, *, negative_prompt: str, **llm_stage_kwargs: Any):
+        super().__init__(**llm_stage_kwargs)
         self.negative_prompt = negative_prompt
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -192,7 +202,7 @@ class PromptWriter:
 # ------------------------------------------------------------------------------------
 
 
-class DialogueWriter:
+class DialogueWriter(LLMStage):
     """Writes the answer to a question drawn from the ability's question pool.
 
     Input: work rows with id, ability, prompt, keywords, seed. Output: conversations
@@ -202,19 +212,6 @@ class DialogueWriter:
 
     INPUT_COLUMNS = ("id", "ability", "prompt", "keywords", "seed")
     OUTPUT_COLUMNS = ("conversations", "question_type", "answer_keywords", "meta")
-
-    def __init__(
-        self,
-        llm: dict,
-        cache_dir: str | None,
-        catalog_dirs: list[str],
-        run_seed: int,
-        api_key: Secret | None = None,
-    ):
-        self.cfg = LLMConfig.model_validate(llm)
-        self.catalog = load_catalog(catalog_dirs or None)
-        self.backend = make_backend(self.cfg, cache_dir, self.catalog, api_key)
-        self.run_seed = run_seed
 
     def question_for(self, ability: Ability, sample_id: str) -> str:
         pool = ability.questions
