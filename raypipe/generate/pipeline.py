@@ -276,7 +276,7 @@ def generate(cfg: GenerateConfig, out: str) -> dict[str, Any]:
     rendered = 0
     for round_ in range(cfg.max_rounds):
         # 3. Plan what is missing.
-        done, accepted, _ = store.done_ids()
+        done, accepted = store.done_ids()
         chunks = plan_chunks(cfg, banks, quota, done, accepted)
         if not chunks:
             break

@@ -88,8 +88,8 @@ class OutputStore:
             return pa.table({c: pa.array([], type=schema.field(c).type) for c in columns})
         return pa.concat_tables(tables)
 
-    def done_ids(self) -> tuple[set[str], dict[str, int], set[str]]:
-        """(ids in data or rejects, accepted rows per ability, accepted prompts' ids)."""
+    def done_ids(self) -> tuple[set[str], dict[str, int]]:
+        """(ids in data or rejects, accepted rows per ability)."""
         data = self.read_columns("data", ["id", "ability"])
         rej = self.read_columns("rejects", ["id", "ability", "stage"])
         sample_rejects = [
@@ -101,7 +101,7 @@ class OutputStore:
         per_ability: dict[str, int] = {}
         for ab in data.column("ability").to_pylist():
             per_ability[ab] = per_ability.get(ab, 0) + 1
-        return done, per_ability, set(data.column("id").to_pylist())
+        return done, per_ability
 
     # -- json ------------------------------------------------------------------------
     def write_json(self, rel: str, obj: Any) -> None:
