@@ -313,4 +313,5 @@ def test_driver_memory_stays_flat_with_10x_rows(tiny_dir, tmp_path):
         peaks[n] = int(re.search(rb"MAXRSS_KB (\d+)", res.stdout).group(1))
         assert len(read_data(tmp_path / str(n))) == n
     growth_mb = (peaks[260] - peaks[26]) / 1024
+    print(f"driver peak RSS (KiB) by rows: {peaks}; growth {growth_mb:.1f} MB")
     assert growth_mb < 120, f"driver peak grew by {growth_mb:.0f} MB for 10x rows: {peaks}"
