@@ -187,7 +187,6 @@ def build_tiny_clip(path: str | Path, seed: int = 0, image_size: int = 32) -> Pa
         CLIPImageProcessor,
         CLIPModel,
         CLIPProcessor,
-        CLIPVisionConfig,
     )
 
     path = Path(path)
@@ -195,18 +194,9 @@ def build_tiny_clip(path: str | Path, seed: int = 0, image_size: int = 32) -> Pa
         return path
     tokenizer = build_clip_tokenizer(path / "_tokenizer_build")
     torch.manual_seed(seed)
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        image_size=image_size,
-        patch_size=8,
-        projection_dim=32,
-    )
     config = CLIPConfig(
         text_config=tiny_clip_text_config(len(tokenizer)).to_dict(),
-        vision_config=vision.to_dict(),
+        vision_config=tiny_clip_vision_config(image_size).to_dict(),
         projection_dim=32,
     )
     model = CLIPModel(config)
