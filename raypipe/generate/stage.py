@@ -1,0 +1,85 @@
+"""The one small base of the generation stages, and the one place their actor pools are built.
+
+A stage is a class that loads its model once in ``__init__`` and is a pure
+``__call__(batch: pyarrow.Table) -> pyarrow.Table``. It declares the columns it reads
+(``INPUT_COLUMNS``); the first batch it sees is checked against them, so a stage wired
+after the wrong one fails at once with the missing column's name (as ``ray.data.llm``
+stages do) instead of with a ``KeyError`` deep inside.
+
+Every stage is appended with :func:`add_stage`, which passes ``batch_size=None``: each
+block is handed to the stage as it arrives. Stages that want fixed-size model calls
+(render, CLIP) split blocks themselves. A Ray Data batch size would make a stage wait
+until it has that many rows, and the generation stream feeds replacements for rejected
+rows back into its own source: rows held back for a batch that never fills would stall
+the run (the source ends only when every planned row has been written).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import pyarrow as pa
+
+from raypipe.errors import ConfigError
+
+
+class Stage:
+    """Base of the generation stages: declared input columns, checked on the first batch."""
+
+    #: Columns the stage reads; the first batch must carry every one.
+    INPUT_COLUMNS: tuple[str, ...] = ()
+    #: Columns the stage fills (documentation, and what tests check).
+    OUTPUT_COLUMNS: tuple[str, ...] = ()
+
+    _columns_checked = False
+
+    def check_columns(self, batch: pa.Table) -> None:
+        """Raise once, on the first batch, if a declared input column is missing."""
+        if self._columns_checked:
+            return
+        missing = [c for c in self.INPUT_COLUMNS if c not in batch.column_names]
+        if missing:
+            raise ConfigError(
+                f"{type(self).__name__}: required input columns {missing} not found in its "
+                f"batch (it has {batch.column_names}). The stage before it must produce them."
+            )
+        self._columns_checked = True
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        self.check_columns(batch)
+        return self.process(batch)
+
+    def process(self, batch: pa.Table) -> pa.Table:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def add_stage(
+    ds,
+    stage: type,
+    kwargs: dict[str, Any],
+    *,
+    min_actors: int = 1,
+    max_actors: int = 1,
+    num_cpus: float = 1.0,
+    num_gpus: float | None = None,
+    **remote_args: Any,
+):
+    """Append ``stage`` to ``ds`` as an autoscaling actor pool, one block per call."""
+    import ray
+
+    if num_gpus:
+        remote_args["num_gpus"] = num_gpus
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for actor restarts and retries yet, and warns
+        # that extra remote args are deprecated; they are still applied.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(
+            stage,
+            fn_constructor_kwargs=kwargs,
+            batch_size=None,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
+            num_cpus=num_cpus,
+            **remote_args,
+        )
