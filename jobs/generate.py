@@ -3,6 +3,8 @@
 Locally (embedded Ray):
     python jobs/generate.py --config jobs/configs/demo.yaml --out out/demo
     python jobs/generate.py --config jobs/configs/sd15-openai.yaml --out out/sd15 \
+        --num-samples 10000 --dry-run     # the plan and its cost; calls nothing, writes nothing
+    python jobs/generate.py --config jobs/configs/sd15-openai.yaml --out out/sd15 \
         --num-samples 10000 --abilities color,animal render.batch_size=16
 
 On a Ray cluster (OUT must be shared storage, e.g. s3://bucket/run1):
@@ -10,7 +12,9 @@ On a Ray cluster (OUT must be shared storage, e.g. s3://bucket/run1):
         python jobs/generate.py --config jobs/configs/sd15-openai.yaml --out s3://bucket/run1
 
 Running the same command again on the same OUT resumes: rows already written are
-skipped by id and answered LLM requests come from OUT/cache.
+skipped by id and answered LLM requests come from OUT/cache. Exit status: 0 when every
+ability has its quota, 1 when the run ended short (it says why and how to continue),
+2 for a user error (bad config, unreachable endpoint, ...).
 Any config field can be overridden as dotted.path=value (values parsed as YAML).
 """
 
@@ -35,6 +39,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output folder or URI (s3://...)")
     p.add_argument("--num-samples", type=int, help="accepted rows wanted")
     p.add_argument("--abilities", help="comma-separated abilities (default: all)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the rows, LLM requests, tokens, GPU-hours and USD this run would need, "
+        "then exit: no LLM call, no Ray, no model, nothing written",
+    )
+    p.add_argument(
+        "--gpu-s-per-image",
+        type=float,
+        help="with --dry-run: measured GPU-seconds per image (default: a FLOP model)",
+    )
+    p.add_argument(
+        "--gpu-tflops",
+        type=float,
+        help="with --dry-run: sustained TFLOP/s of the render GPU (default: 40%% of an H100)",
+    )
     p.add_argument("overrides", nargs="*", help="dotted.field=value overrides")
     return p.parse_args(argv)
 
@@ -51,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     try:
         cfg = load_config(GenerateConfig, args.config, overrides)
+        if args.dry_run:
+            return dry_run(cfg, args)
         from raypipe.generate.pipeline import generate, summary_table
 
         manifest = generate(cfg, args.out)
@@ -61,14 +83,79 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"wrote {manifest['counts']['accepted']} rows to {args.out}/data (manifest: {args.out}/manifest.json)"
     )
-    if manifest["counts"]["accepted"] < cfg.num_samples:
-        print(
-            f"raypipe: only {manifest['counts']['accepted']} of {cfg.num_samples} rows were accepted after "
-            f"{cfg.max_rounds} rounds; see {args.out}/rejects for the reasons (or raise max_rounds).",
-            file=sys.stderr,
-        )
+    problem = shortfall(cfg, manifest, args.out)
+    if problem:
+        print(problem, file=sys.stderr)
         return 1
     return 0
+
+
+def dry_run(cfg: GenerateConfig, args: argparse.Namespace) -> int:
+    """Print the plan and its cost; reads OUT (when it exists) but creates nothing."""
+    from collections import Counter
+
+    from raypipe.abilities import load_catalog
+    from raypipe.generate.budget import estimate, format_estimate
+    from raypipe.generate.store import OutputStore
+
+    catalog = load_catalog(cfg.catalog_dirs or None, names=cfg.abilities)
+    store = OutputStore(args.out)
+    accepted = Counter(store.read_columns("data", ["ability"]).column("ability").to_pylist())
+    saved = [
+        name
+        for name in catalog
+        if (store.read_json(f"keywords/{name}.json") or {}).get("extra")
+        == cfg.extra_keywords_per_ability
+    ]
+    est = estimate(
+        cfg,
+        catalog,
+        dict(accepted),
+        banks_saved=saved,
+        gpu_tflops=args.gpu_tflops,
+        gpu_s_per_image=args.gpu_s_per_image,
+    )
+    print(f"dry run for {args.out} (nothing was called or written):")
+    print(format_estimate(est))
+    return 0
+
+
+def shortfall(cfg: GenerateConfig, manifest: dict, out: str) -> str | None:
+    """What to tell the user when the run ended short of its quota (None: it did not)."""
+    counts = manifest["counts"]
+    accepted, wanted = counts["accepted"], cfg.num_samples
+    stopped = manifest.get("stopped")
+    lines = []
+    if stopped == "max_usd":
+        lines.append(
+            f"raypipe: stopped planning rows once this run's LLM spend reached max_usd="
+            f"{cfg.max_usd:g} USD: {accepted} of {wanted} rows accepted. Run the same command "
+            "again to continue (each run may spend up to max_usd; answered requests come "
+            "from OUT/cache at no cost), or raise max_usd."
+        )
+    elif stopped == "replace_budget":
+        lines.append(
+            f"raypipe: the replacement budget is used up (replace_budget="
+            f"{cfg.replace_budget:g}): {accepted} of {wanted} rows accepted, "
+            f"{counts['rejected']} rejected. See why in {out}/rejects (stage and reason per "
+            "row; counts by stage:reason above), then raise replace_budget or run the same "
+            "command again to continue."
+        )
+    elif stopped or accepted < wanted:
+        lines.append(
+            f"raypipe: only {accepted} of {wanted} rows were accepted"
+            + (f" (stopped: {stopped})" if stopped else "")
+            + f"; see {out}/rejects for the reasons. Run the same command again to continue."
+        )
+    missing = counts.get("missing_ids") or []
+    if missing or counts.get("balanced") is False:
+        n = missing if isinstance(missing, int) else len(missing)
+        lines.append(
+            f"raypipe: counts do not balance: planned rows in neither {out}/data nor "
+            f"{out}/rejects: {n} (ids in the manifest's counts.missing_ids); running the same "
+            "command again plans them again."
+        )
+    return "\n".join(lines) or None
 
 
 if __name__ == "__main__":
