@@ -11,7 +11,6 @@ from raypipe.abilities import ABILITIES, QUESTION_TYPES, load_catalog
 from raypipe.llm.base import LLMRequest
 from raypipe.llm.offline import OfflineBackend
 from raypipe.llm.parsing import (
-    emphasized_keywords,
     parse_benchmark,
     parse_dialogue,
     parse_keywords,
@@ -23,6 +22,7 @@ from raypipe.llm.templates import (
     keyword_request,
     prompt_request,
 )
+from raypipe.matching import emphasized_keywords
 
 
 @pytest.fixture(scope="module")

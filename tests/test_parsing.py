@@ -12,15 +12,13 @@ from raypipe.abilities import load_catalog
 from raypipe.llm.parsing import (
     check_prompt,
     detect_refusal,
-    emphasized_keywords,
     extract_fields,
-    mentions_keyword,
     parse_benchmark,
     parse_dialogue,
     parse_keywords,
     parse_prompts,
-    strip_emphasis,
 )
+from raypipe.matching import emphasized_keywords, mentions_keyword, strip_emphasis
 
 
 @pytest.fixture(scope="module")
@@ -381,7 +379,9 @@ def test_detect_refusal_negative(text):
 def test_emphasis_helpers():
     prompt = "((crimson)) car, ((( city street ))), (sunny:1.2), ((gold:1.3)) trim"
     assert emphasized_keywords(prompt) == ["crimson", "city street", "gold"]
-    assert strip_emphasis(prompt) == "crimson car, city street, (sunny:1.2), gold trim"
+    # Descriptions are prose: a single bracket there is a parenthesis, not emphasis.
+    assert strip_emphasis(prompt, prose=True) == "crimson car, city street, (sunny:1.2), gold trim"
+    assert strip_emphasis(prompt) == "crimson car, city street, sunny, gold trim"
     assert emphasized_keywords("no emphasis here") == []
 
 

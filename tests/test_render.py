@@ -11,14 +11,9 @@ from PIL import Image
 
 from raypipe.config import RenderConfig
 from raypipe.errors import ConfigError, ModelError
-from raypipe.generate.emphasis import (
-    CHUNK_TOKENS,
-    encode_chunks,
-    parse_emphasis,
-    strip_emphasis,
-    tokenize_chunks,
-)
+from raypipe.generate.emphasis import CHUNK_TOKENS, encode_chunks, tokenize_chunks
 from raypipe.generate.render import Renderer, check_render_model, encode_image
+from raypipe.matching import parse_emphasis, strip_emphasis
 from raypipe.schema import WORK_SCHEMA, reject, row_seed, rows_to_table
 
 LONG = ", ".join(

@@ -2,10 +2,11 @@
 
 StableLLaVA prompts put the ability keyword first and double-bracketed, ``((crimson))
 vintage car``, a syntax that stock diffusers passes to the tokenizer as literal brackets.
-Here the brackets become weights (A1111 rules): ``(x)`` multiplies the weight of x's
-tokens by 1.1, ``((x))`` by 1.1**2, ``[x]`` divides by 1.1, ``(x:1.4)`` sets a factor
-of 1.4, and ``\\(`` is a literal bracket. Token embeddings are multiplied by their
-weight and then rescaled so the prompt's mean embedding is what it was unweighted.
+Here the brackets become weights (A1111 rules, parsed by
+:func:`raypipe.matching.parse_emphasis`): ``(x)`` multiplies the weight of x's tokens by
+1.1, ``((x))`` by 1.1**2, ``[x]`` divides by 1.1, ``(x:1.4)`` sets a factor of 1.4, and
+``\\(`` is a literal bracket. Token embeddings are multiplied by their weight and then
+rescaled so the prompt's mean embedding is what it was unweighted.
 
 Prompts longer than the encoder's window (77 tokens = BOS + 75 + EOS) are split into
 75-token chunks, each encoded on its own and concatenated along the sequence axis,
@@ -16,86 +17,14 @@ embeddings never depend on which other prompts share its batch.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import Any
 
-#: Multiplier for one level of ``( )`` (and divisor for ``[ ]``).
-BRACKET_WEIGHT = 1.1
+from raypipe.matching import parse_emphasis
+
 #: Tokens per chunk between BOS and EOS (CLIP's 77-token window).
 CHUNK_TOKENS = 75
 #: A chunk breaks after a comma found within this many tokens of its end.
 COMMA_LOOKBACK = 20
-
-_ATTENTION = re.compile(
-    r"""
-    \\[()\[\]\\]          # escaped bracket or backslash: literal
-    | \(                  # open round: x 1.1
-    | \[                  # open square: / 1.1
-    | :\s*([+-]?[.\d]+)\s*\)   # explicit weight closing a round bracket
-    | \)
-    | \]
-    | [^\\()\[\]:]+       # plain text
-    | :                   # a colon that is not a weight
-    | \\                  # lone backslash
-    """,
-    re.X,
-)
-
-
-def parse_emphasis(text: str) -> list[tuple[str, float]]:
-    """Split a prompt into ``(fragment, weight)`` pairs (A1111 emphasis rules).
-
-    >>> parse_emphasis("((red)) car, [blurry]")
-    [('red', 1.2100000000000002), (' car, ', 1.0), ('blurry', 0.9090909090909091)]
-
-    Unclosed brackets apply to the rest of the prompt; consecutive fragments with the
-    same weight are merged.
-    """
-    parts: list[list[Any]] = []
-    round_open: list[int] = []
-    square_open: list[int] = []
-
-    def scale(start: int, factor: float) -> None:
-        for part in parts[start:]:
-            part[1] *= factor
-
-    for m in _ATTENTION.finditer(text):
-        tok, weight = m.group(0), m.group(1)
-        if tok.startswith("\\") and len(tok) == 2:
-            parts.append([tok[1], 1.0])
-        elif tok == "(":
-            round_open.append(len(parts))
-        elif tok == "[":
-            square_open.append(len(parts))
-        elif weight is not None and round_open:
-            try:
-                scale(round_open.pop(), float(weight))
-            except ValueError:  # e.g. "(x:1.2.3)": keep the text
-                parts.append([tok, 1.0])
-        elif tok == ")" and round_open:
-            scale(round_open.pop(), BRACKET_WEIGHT)
-        elif tok == "]" and square_open:
-            scale(square_open.pop(), 1 / BRACKET_WEIGHT)
-        else:
-            parts.append([tok, 1.0])
-    for start in round_open:
-        scale(start, BRACKET_WEIGHT)
-    for start in square_open:
-        scale(start, 1 / BRACKET_WEIGHT)
-
-    merged: list[list[Any]] = []
-    for frag, w in parts:
-        if merged and merged[-1][1] == w:
-            merged[-1][0] += frag
-        else:
-            merged.append([frag, w])
-    return [(f, w) for f, w in merged if f] or [("", 1.0)]
-
-
-def strip_emphasis(text: str) -> str:
-    """The prompt's plain text, brackets and explicit weights removed."""
-    return re.sub(r"\s+", " ", "".join(frag for frag, _ in parse_emphasis(text))).strip()
 
 
 @dataclass

@@ -6,8 +6,9 @@ Checks, in order, each a reject reason (stage ``quality``):
 - ``nan_image``: the decoded pixels hold NaN/inf (float images);
 - ``black_image``: mean pixel value <= ``max_mean_dark``;
 - ``blank_image``: pixel standard deviation < ``min_std`` (a flat colour);
-- ``dialogue_missing_keyword``: no assistant turn mentions any of the row's keywords
-  (case-insensitive; ``sunflowers``/``sunflower``, ``t-shirt``/``t shirt`` match);
+- ``dialogue_missing_keyword``: no assistant turn names any of the row's keywords
+  (:func:`raypipe.matching.mentions_keyword`: ``sunflowers``/``sunflower``,
+  ``t-shirt``/``t shirt`` match);
 - ``low_clip_score``: CLIP cosine similarity of image and prompt (emphasis removed)
   below ``clip_min_score``, when ``clip_model`` is set.
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import io
 import logging
-import re
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from raypipe.config import QualityConfig
 from raypipe.errors import ModelError
-from raypipe.generate.emphasis import strip_emphasis
+from raypipe.matching import mentions_any, strip_emphasis
 from raypipe.schema import is_rejected, reject, rows_to_table, update_meta
 
 log = logging.getLogger(__name__)
@@ -79,42 +79,6 @@ def image_stats(img) -> dict[str, float]:
     """Mean and standard deviation of the RGB pixels on a 0-255 scale."""
     rgb = np.asarray(img.convert("RGB"), dtype=np.float32)
     return {"mean": float(rgb.mean()), "std": float(rgb.std())}
-
-
-def _singular(word: str) -> str:
-    if len(word) > 4 and word.endswith("ies"):
-        return word[:-3] + "y"
-    if len(word) > 3 and re.search(r"(s|x|z|ch|sh)es$", word):
-        return word[:-2]
-    if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
-        return word[:-1]
-    return word
-
-
-def keyword_pattern(keyword: str) -> re.Pattern | None:
-    """A regex matching ``keyword`` in lower-cased text, tolerant of plural forms and of
-    hyphens, underscores or spaces between its words (or none: ``t-shirt``/``tshirt``)."""
-    words = re.findall(r"[^\W_]+", strip_emphasis(keyword).lower())
-    if not words:
-        return None
-    stem = _singular(words[-1])
-    forms = {words[-1], stem, stem + "s", stem + "es"}
-    if stem.endswith("y"):
-        forms.add(stem[:-1] + "ies")
-    sep = r"[\s\-_]*"
-    head = "".join(re.escape(w) + sep for w in words[:-1])
-    tail = "|".join(sorted(map(re.escape, forms), key=len, reverse=True))
-    return re.compile(rf"(?<![^\W_]){head}(?:{tail})(?![^\W_])")
-
-
-def mentions_keyword(text: str, keywords: list[str]) -> bool:
-    """Whether ``text`` mentions any of ``keywords`` (see :func:`keyword_pattern`)."""
-    text = text.lower()
-    for kw in keywords:
-        pattern = keyword_pattern(kw)
-        if pattern is not None and pattern.search(text):
-            return True
-    return False
 
 
 def assistant_text(conversations: list[dict[str, str]]) -> str:
@@ -175,7 +139,7 @@ class QualityCheck:
         keywords = [k for k in (row.get("keywords") or []) if k and k.strip()]
         if self.cfg.check_dialogue_keyword and conversations is not None and keywords:
             answer = assistant_text(conversations)
-            if not mentions_keyword(answer, keywords):
+            if not mentions_any(answer, keywords):
                 reject(
                     row,
                     STAGE,

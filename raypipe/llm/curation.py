@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from raypipe.llm.parsing import check_prompt, emphasized_keywords, parse_prompts, strip_emphasis
+from raypipe.llm.parsing import check_prompt, parse_prompts
 from raypipe.llm.templates import prompt_request
+from raypipe.matching import emphasized_keywords, strip_emphasis
 
 if TYPE_CHECKING:
     from raypipe.abilities import Ability
@@ -70,7 +71,7 @@ class _Features:
     __slots__ = ("chars", "words", "keyword")
 
     def __init__(self, prompt: str):
-        text = " ".join(strip_emphasis(prompt).lower().replace(",", " ").split())
+        text = " ".join(strip_emphasis(prompt, prose=True).lower().replace(",", " ").split())
         padded = f" {text} "
         self.chars = frozenset(padded[i : i + 3] for i in range(len(padded) - 2))
         tokens = text.split()

@@ -39,7 +39,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from raypipe.llm.base import LLMRequest, LLMResult
-from raypipe.llm.parsing import emphasized_keywords, strip_emphasis
+from raypipe.matching import emphasized_keywords, find_phrase, phrase_key, strip_emphasis
 
 if TYPE_CHECKING:
     from raypipe.abilities import Ability
@@ -105,18 +105,13 @@ def _article(phrase: str) -> str:
     return ("an " if first[:1] in "aeiou" else "a ") + phrase
 
 
-def _key(text: str) -> str:
-    return " ".join(text.lower().replace("-", " ").split())
-
-
 def _find_first(options: tuple[str, ...], text: str) -> str | None:
     """The option that occurs earliest in ``text`` (longest first on ties)."""
-    low = text.lower()
     best: tuple[int, int, str] | None = None
     for opt in options:
-        m = re.search(rf"(?<![a-z0-9]){re.escape(opt.lower())}(?![a-z0-9])", low)
-        if m and (best is None or (m.start(), -len(opt)) < best[:2]):
-            best = (m.start(), -len(opt), opt)
+        at = find_phrase(text, opt)
+        if at is not None and (best is None or (at, -len(opt)) < best[:2]):
+            best = (at, -len(opt), opt)
     return best[2] if best else None
 
 
@@ -124,7 +119,7 @@ class _PromptFacts:
     """Subject, natural phrase, scene, style and lighting read back from an SD prompt."""
 
     def __init__(self, ability: Ability, prompt: str, keyword: str):
-        plain = strip_emphasis(prompt)
+        plain = strip_emphasis(prompt, prose=True)
         segments = [s.strip() for s in plain.split(",") if s.strip()]
         head = segments[0] if segments else ""
         rest = re.sub(rf"(?i)(?<![a-z0-9]){re.escape(keyword)}(?![a-z0-9])", "", head, count=1)
@@ -253,8 +248,8 @@ class OfflineBackend:
         )
 
     def _keywords(self, ability: Ability, params: dict, rng: random.Random) -> str:
-        known = {_key(k) for k in params.get("existing", ())}
-        pool = [k for k in ability.keywords if _key(k) not in known]
+        known = {phrase_key(k) for k in params.get("existing", ())}
+        pool = [k for k in ability.keywords if phrase_key(k) not in known]
         rng.shuffle(pool)
         chosen = pool[: int(params["n"])]
         if not chosen:
@@ -318,7 +313,7 @@ class OfflineBackend:
         if not templates:
             raise ValueError(f"ability {ability.name!r} has no {question_type} template")
         facts = _PromptFacts(ability, prompt, keyword)
-        others = [k for k in ability.keywords if _key(k) != _key(keyword)]
+        others = [k for k in ability.keywords if phrase_key(k) != phrase_key(keyword)]
         item = rng.choice(templates).render(
             keyword=keyword, subject=facts.subject or "main subject", other=rng.choice(others)
         )

@@ -38,11 +38,21 @@ Reject reasons:
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
+
+from raypipe.matching import (
+    emphasized_keywords,
+    find_phrase,
+    mentions_any,
+    mentions_keyword,
+    phrase_key,
+    stem,
+    strip_emphasis,
+    words,
+)
 
 if TYPE_CHECKING:
     from raypipe.abilities import Ability
@@ -56,15 +66,12 @@ __all__ = [
     "check_prompt",
     "clean_text",
     "detect_refusal",
-    "emphasized_keywords",
     "extract_fields",
-    "mentions_keyword",
     "normalize_prompt",
     "parse_benchmark",
     "parse_dialogue",
     "parse_keywords",
     "parse_prompts",
-    "strip_emphasis",
 ]
 
 # Hard bounds (the templates ask for less; these catch only clear failures).
@@ -107,12 +114,6 @@ _LABEL_RE = re.compile(
     re.IGNORECASE,
 )
 _EMPHASIS_RE = re.compile(r"\(\((?!\()\s*([^()]*?)\s*\)\)")
-_STRIP_EMPHASIS_RE = re.compile(r"\({2,}\s*([^()]*?)(?:\s*:\s*[\d.]+)?\s*\){2,}")
-_WEIGHT_RE = re.compile(r"\s*:\s*[\d.]+$")
-_WORD_RE = re.compile(r"[a-z0-9]+")
-_STOPWORDS = frozenset(
-    "a an the of in on at to with and or by for from into onto its his her their is are".split()
-)
 
 
 def _normalize_chars(text: str) -> str:
@@ -166,66 +167,12 @@ def _strip_line(line: str) -> tuple[str, bool, bool]:
     return s.strip(), is_item, is_heading
 
 
-def _key(text: str) -> str:
-    """Comparison key: lowercase, hyphens as spaces, single spaces."""
-    return " ".join(text.lower().replace("-", " ").split())
-
-
-def _stem(word: str) -> str:
-    """A crude English stem: enough to match plurals and -ing/-ed forms of one word."""
-    if word.endswith("ies") and len(word) > 4:
-        return word[:-3] + "y"
-    if word.endswith("es") and word[:-2].endswith(("s", "x", "z", "ch", "sh")) and len(word) > 4:
-        return word[:-2]
-    if word.endswith("s") and not word.endswith("ss") and len(word) > 3:
-        return word[:-1]
-    if word.endswith("ing") and len(word) > 5:
-        return word[:-3]
-    if word.endswith("ed") and len(word) > 4:
-        return word[:-2]
-    return word
-
-
-def _words(text: str) -> list[str]:
-    return _WORD_RE.findall(text.lower())
-
-
 def detect_refusal(text: str | None) -> bool:
     """True when the opening of ``text`` declines the task ("I'm sorry, I can't ...")."""
     if not text:
         return False
     head = _normalize_chars(text)[:_REFUSAL_WINDOW]
     return any(r.search(head) for r in _REFUSAL_RES)
-
-
-def emphasized_keywords(prompt: str) -> list[str]:
-    """The ``((...))`` terms of a prompt, in order (weights such as ``:1.2`` dropped)."""
-    out = []
-    for m in _EMPHASIS_RE.finditer(prompt):
-        term = " ".join(_WEIGHT_RE.sub("", m.group(1)).split())
-        if term:
-            out.append(term)
-    return out
-
-
-def strip_emphasis(prompt: str) -> str:
-    """The prompt with ``((term))`` replaced by ``term`` and whitespace collapsed."""
-    return " ".join(_STRIP_EMPHASIS_RE.sub(r"\1", prompt).split())
-
-
-def mentions_keyword(text: str, keyword: str) -> bool:
-    """Whether ``text`` names ``keyword`` (tolerating plurals and paraphrase of long ones).
-
-    A one-word keyword must occur (as a word or word stem); of a longer keyword, at least
-    half its content words must occur ("giraffe in a narrow corridor" is named by "a
-    giraffe squeezes down a narrow hallway").
-    """
-    wanted = [_stem(w) for w in _words(keyword) if w not in _STOPWORDS]
-    if not wanted:
-        return True
-    have = {_stem(w) for w in _words(text)}
-    hits = sum(1 for w in wanted if w in have)
-    return hits >= math.ceil(len(wanted) / 2)
 
 
 def normalize_prompt(prompt: str) -> str:
@@ -253,13 +200,13 @@ def check_prompt(prompt: str, keyword: str | None = None) -> tuple[str | None, s
     if p.count("(") != p.count(")"):
         return None, "bad_format"
     terms = emphasized_keywords(p)
-    plain = _key(strip_emphasis(p))
+    plain = strip_emphasis(p, prose=True)
     if keyword is not None:
-        want = _key(keyword)
-        if not terms or _key(terms[0]) != want or not p.startswith("(("):
-            if any(_key(t) == want for t in terms):
+        want = phrase_key(keyword)
+        if not terms or phrase_key(terms[0]) != want or not p.startswith("(("):
+            if any(phrase_key(t) == want for t in terms):
                 return None, "keyword_not_first"
-            if re.search(rf"(?<![a-z0-9]){re.escape(want)}(?![a-z0-9])", plain):
+            if find_phrase(plain, want) is not None:
                 return None, "keyword_not_emphasized"
             if p.startswith("((") and terms:
                 return None, "wrong_keyword"
@@ -269,7 +216,7 @@ def check_prompt(prompt: str, keyword: str | None = None) -> tuple[str | None, s
         return None, "keyword_missing"
     elif not p.startswith("(("):
         return None, "keyword_not_first"
-    n_words = len(strip_emphasis(p).split())
+    n_words = len(plain.split())
     if n_words < MIN_PROMPT_WORDS:
         return None, "too_short"
     if n_words > MAX_PROMPT_WORDS or len(p) > MAX_PROMPT_CHARS:
@@ -318,7 +265,7 @@ def parse_keywords(text: str | None, ability: Ability, existing: Iterable[str] =
         chosen = [s for s, _ in lines if not s.endswith(":")]
 
     seen = {_kw_key(k) for k in existing}
-    own_names = {_key(ability.name.replace("_", " ")), _key(ability.display_name)}
+    own_names = {phrase_key(ability.name.replace("_", " ")), phrase_key(ability.display_name)}
     items: list[str] = []
     rejects: list[ItemReject] = []
     for line in chosen:
@@ -326,12 +273,13 @@ def parse_keywords(text: str | None, ability: Ability, existing: Iterable[str] =
         line = _KEYWORD_TAIL_RE.split(line, maxsplit=1)[0]
         for piece in re.split(r"[,;]", line):
             raw = piece.strip()
-            kw = " ".join(strip_emphasis(_strip_quotes(raw)).strip(" ()[]").lower().split())
+            kw = strip_emphasis(_strip_quotes(raw), prose=True).strip(" ()[]").lower()
+            kw = " ".join(kw.split())
             kw = kw.rstrip(".!?").strip()
             if not kw:
                 continue
             reason = _keyword_problem(kw)
-            if reason is None and _key(kw) in own_names:
+            if reason is None and phrase_key(kw) in own_names:
                 reason = "not_a_keyword"
             if reason is None and _kw_key(kw) in seen:
                 reason = "duplicate"
@@ -346,7 +294,7 @@ def parse_keywords(text: str | None, ability: Ability, existing: Iterable[str] =
 
 
 def _kw_key(keyword: str) -> str:
-    return " ".join(_stem(w) for w in _key(keyword).split())
+    return " ".join(stem(w) for w in words(keyword))
 
 
 def _keyword_problem(kw: str) -> str | None:
@@ -409,7 +357,7 @@ def parse_prompts(text: str | None, keywords: Sequence[str]) -> list[PromptParse
         return [PromptParse(i, kw, None, "refusal") for i, kw in enumerate(keywords)]
 
     cands = _prompt_candidates(text)
-    firsts = [_key(t[0]) if (t := emphasized_keywords(c)) else "" for c in cands]
+    firsts = [phrase_key(t[0]) if (t := emphasized_keywords(c)) else "" for c in cands]
     used: set[int] = set()
     chosen: dict[int, int] = {}
 
@@ -417,7 +365,7 @@ def parse_prompts(text: str | None, keywords: Sequence[str]) -> list[PromptParse
         chosen[i] = j
         used.add(j)
 
-    wants = [_key(kw) for kw in keywords]
+    wants = [phrase_key(kw) for kw in keywords]
     # 1. In place and right. 2. Right but moved. 3. Related (rejected below with a reason).
     for i, want in enumerate(wants):
         if i < len(cands) and firsts[i] == want:
@@ -429,9 +377,12 @@ def parse_prompts(text: str | None, keywords: Sequence[str]) -> list[PromptParse
                 take(i, j)
     for i, want in enumerate(wants):
         if i not in chosen:
-            pattern = re.compile(rf"(?<![a-z0-9]){re.escape(want)}(?![a-z0-9])")
             j = next(
-                (j for j in range(len(cands)) if j not in used and pattern.search(_key(cands[j]))),
+                (
+                    j
+                    for j in range(len(cands))
+                    if j not in used and find_phrase(cands[j], want) is not None
+                ),
                 None,
             )
             if j is not None:
@@ -449,10 +400,10 @@ def parse_prompts(text: str | None, keywords: Sequence[str]) -> list[PromptParse
             continue
         raw = cands[chosen[i]]
         prompt, reason = check_prompt(raw, kw)
-        if prompt is not None and _key(prompt) in seen:
+        if prompt is not None and phrase_key(prompt) in seen:
             prompt, reason = None, "duplicate"
         if prompt is not None:
-            seen.add(_key(prompt))
+            seen.add(phrase_key(prompt))
         out.append(PromptParse(i, kw, prompt, reason, raw))
     return out
 
@@ -549,7 +500,7 @@ def parse_dialogue(text: str | None, prompt: str, keyword: str | None = None) ->
     name = next((f for f in ("description", "response") if f in fields), None)
     if name is None:
         return DialogueParse(None, "missing_field:description")
-    desc = strip_emphasis(fields[name])
+    desc = strip_emphasis(fields[name], prose=True)
     if not desc:
         return DialogueParse(None, "empty_field:description")
     if detect_refusal(desc):
@@ -594,14 +545,14 @@ _WH = frozenset("what which who whom whose where when why how".split())
 
 
 def _question_type_problem(question: str, answer: str, question_type: str) -> str | None:
-    words = _words(question)
+    q_words = words(question)
     if question_type == "yes_no":
-        if not words or words[0] not in _AUX or " or " in f" {question.lower()} ":
+        if not q_words or q_words[0] not in _AUX or " or " in f" {question.lower()} ":
             return "wrong_question_type"
-        if (_words(answer) or [""])[0] not in ("yes", "no"):
+        if (words(answer) or [""])[0] not in ("yes", "no"):
             return "answer_not_yes_no"
     elif question_type == "wh":
-        if not any(w in _WH for w in words[:3]):
+        if not any(w in _WH for w in q_words[:3]):
             return "wrong_question_type"
     elif question_type == "either_or":
         if " or " not in f" {question.lower()} ":
@@ -625,8 +576,8 @@ def parse_benchmark(text: str | None, question_type: str) -> BenchmarkParse:
 
     The question must be of ``question_type`` (``yes_no``: opens with a verb such as "Is"
     and the response opens with yes or no; ``wh``: a wh-word among its first words;
-    ``either_or``: offers options joined by "or"), and at least one answer keyword must
-    occur in the response.
+    ``either_or``: offers options joined by "or"), and the response must name at least
+    one answer keyword (:func:`raypipe.matching.mentions_keyword`, as scoring does).
     """
 
     def reject(reason: str, q: str | None = None, a: str | None = None) -> BenchmarkParse:
@@ -642,8 +593,8 @@ def parse_benchmark(text: str | None, question_type: str) -> BenchmarkParse:
             return reject(f"missing_field:{name}")
         if not fields[name]:
             return reject(f"empty_field:{name}")
-    question = strip_emphasis(fields["question"])
-    answer = strip_emphasis(fields["response"])
+    question = strip_emphasis(fields["question"], prose=True)
+    answer = strip_emphasis(fields["response"], prose=True)
     if not question.endswith("?"):
         question = question.rstrip(".") + "?"
     if len(question.split()) > MAX_QUESTION_WORDS or len(answer.split()) > MAX_ANSWER_WORDS:
@@ -654,9 +605,6 @@ def parse_benchmark(text: str | None, question_type: str) -> BenchmarkParse:
     keywords = _split_keywords(fields["keywords"])
     if not keywords:
         return reject("empty_field:keywords", question, answer)
-    answer_key = _key(answer)
-    if not any(
-        re.search(rf"(?<![a-z0-9]){re.escape(_key(kw))}(?![a-z0-9])", answer_key) for kw in keywords
-    ):
+    if not mentions_any(answer, keywords):
         return reject("keywords_not_in_answer", question, answer)
     return BenchmarkParse(question, answer, keywords, question_type, None)

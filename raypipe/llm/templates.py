@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from raypipe.llm.base import LLMRequest
-from raypipe.llm.parsing import emphasized_keywords
+from raypipe.matching import emphasized_keywords
 
 if TYPE_CHECKING:
     from raypipe.abilities import Ability
