@@ -56,6 +56,27 @@ def test_shipped_ability_loads_and_validates(name):
         assert keyword.lower() in filled.answer.lower()
 
 
+def test_ability_specific_text_lives_in_the_files():
+    catalog = load_catalog()
+    abnormal = catalog["abnormal"]
+    assert abnormal.question_type == "unusual"
+    assert "unusual" in abnormal.dialogue_focus and "why" in abnormal.dialogue_focus
+    assert "{a_keyword}" in abnormal.explanation_sentence
+    assert catalog["scene"].keyword_is_setting
+    # The rest use the defaults unless their file says otherwise.
+    assert catalog["animal"].question_type == "caption"
+    assert (catalog["animal"].dialogue_focus, catalog["animal"].focus_sentences) == ("", ())
+    assert not catalog["animal"].keyword_is_setting
+    for name in ("color", "action", "profession", "scene", "art_style", "abnormal"):
+        assert all("{keyword}" in s for s in catalog[name].focus_sentences), name
+        assert catalog[name].focus_sentences, name
+    # Dialogue question types are sample question types (raypipe.schema).
+    from raypipe.abilities import DIALOGUE_QUESTION_TYPES
+    from raypipe.schema import QUESTION_TYPES as SAMPLE_QUESTION_TYPES
+
+    assert set(DIALOGUE_QUESTION_TYPES) <= set(SAMPLE_QUESTION_TYPES)
+
+
 def test_catalog_holds_the_papers_abilities_in_order():
     assert list(load_catalog()) == list(ABILITIES)
 
@@ -159,6 +180,30 @@ BROKEN = {
     "phrase without keyword": (_set("phrase", "{subject}"), "field 'phrase': must contain"),
     "unknown field": (_set("keyword", ["crimson"]), "field 'keyword': unknown field"),
     "name mismatch": (_set("name", "colour"), "field 'name': 'colour' must equal the file"),
+    "unknown dialogue question_type": (
+        _set("question_type", "yes_no"),
+        "field 'question_type': 'yes_no' is not one of caption, unusual",
+    ),
+    "focus sentence without keyword": (
+        _set("focus_sentences", ["A very vivid colour."]),
+        "field 'focus_sentences[0]': must contain the placeholder {keyword}",
+    ),
+    "focus sentences not a list": (
+        _set("focus_sentences", "Its {keyword} colour is vivid."),
+        "field 'focus_sentences': expected a list of strings",
+    ),
+    "explanation placeholder": (
+        _set("explanation_sentence", "It is {an_keyword}."),
+        "field 'explanation_sentence': unknown placeholder {an_keyword}",
+    ),
+    "dialogue focus placeholder": (
+        _set("dialogue_focus", "Name the {colour}."),
+        "field 'dialogue_focus': unknown placeholder {colour}",
+    ),
+    "setting flag as text": (
+        _set("keyword_is_setting", "yes please"),
+        "field 'keyword_is_setting': expected true or false",
+    ),
 }
 
 

@@ -84,6 +84,24 @@ def test_every_task_parses_cleanly(catalog, backend, name):
     assert set(listed.items) <= set(ability.keywords) - set(existing)
 
 
+def test_ability_file_text_reaches_the_offline_dialogue(catalog):
+    # A user ability's own focus and explanation sentences, with no code change.
+    import dataclasses
+
+    color = catalog["color"]
+    custom = dataclasses.replace(
+        color,
+        name="shade",
+        focus_sentences=("Look closely at the {keyword} paint.",),
+        explanation_sentence="Few objects are ever painted {a_keyword} shade.",
+    )
+    backend = OfflineBackend(catalog={"shade": custom})
+    prompt = "((ochre)) ceramic vase, white marble table, realistic photo, natural light, 8k"
+    text = _ask(backend, dialogue_request(custom, prompt, color.questions[0], key="d", seed=0))
+    assert "Look closely at the ochre paint. Few objects are ever painted an ochre shade." in text
+    assert parse_dialogue(text, prompt).ok
+
+
 def test_benchmark_uses_the_catalog_templates(catalog, backend):
     color = catalog["color"]
     prompt = "((teal)) umbrella, rainy park, realistic photo, soft light, 8k"

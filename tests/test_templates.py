@@ -9,7 +9,6 @@ import pytest
 
 from raypipe.abilities import ABILITIES, QUESTION_TYPES, load_catalog
 from raypipe.llm.templates import (
-    DIALOGUE_FOCUS,
     QUESTION_TYPE_HINTS,
     benchmark_request,
     dialogue_request,
@@ -82,8 +81,11 @@ def test_dialogue_request(catalog, name):
     assert text.rstrip().endswith("Description: <your answer>")
     for ex in ability.dialogue_examples:
         assert f"Prompt: {ex.prompt}\nDescription: " in text
-    for ability_name, focus in DIALOGUE_FOCUS.items():
-        assert (focus in text) == (ability_name == name)
+    # The ability's own extra requirement, and no other ability's.
+    assert (f"5. {ability.dialogue_focus}" in text) == bool(ability.dialogue_focus)
+    for other in catalog.values():
+        if other.dialogue_focus and other.name != name:
+            assert other.dialogue_focus not in text
 
 
 def test_abnormal_dialogue_asks_what_is_unusual(catalog):
@@ -91,6 +93,17 @@ def test_abnormal_dialogue_asks_what_is_unusual(catalog):
         dialogue_request(catalog["abnormal"], catalog["abnormal"].sd_examples[0], "?", "k")
     )
     assert "unusual" in text and "why" in text
+
+
+def test_dialogue_focus_comes_from_the_ability_file(catalog):
+    # A user's ability gets a focus requirement from its file alone, keyword filled in.
+    color = dataclasses.replace(
+        catalog["color"], dialogue_focus="Name the exact shade of (({keyword})) twice."
+    )
+    text = _user(dialogue_request(color, "((teal)) umbrella, rainy park, 8k", "?", "k"))
+    assert "5. Name the exact shade of ((teal)) twice.\n" in text
+    plain = _user(dialogue_request(catalog["color"], "((teal)) umbrella, rainy park", "?", "k"))
+    assert "5. " not in plain.split("Examples:")[0]
 
 
 @pytest.mark.parametrize("name", ABILITIES)

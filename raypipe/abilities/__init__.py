@@ -6,6 +6,25 @@ question pool, dialogue and benchmark examples, and benchmark templates. The pac
 the paper's 13 abilities in ``raypipe/abilities/data/``; a user adds or overrides an ability
 by putting one file in a directory passed to :func:`load_catalog`.
 
+Optional fields carry what is particular to an ability's *text*, so an ability a user adds
+gets it too, with no code change (defaults in brackets):
+
+``question_type`` (``caption``)
+    The ``question_type`` column of the ability's training rows: ``caption`` (a
+    description), or ``unusual`` (the answer says what is odd and why, as for *abnormal*).
+``dialogue_focus`` (none)
+    One more requirement for the dialogue template, appended to its numbered list, e.g.
+    "Say clearly what is unusual in the image and why". May use ``{keyword}``.
+``focus_sentences`` (the offline writer's generic ones)
+    Sentences the offline writer picks from to put the keyword in focus; each uses
+    ``{keyword}``, e.g. "Its {keyword} colour is the most vivid in the picture."
+``explanation_sentence`` (none)
+    A sentence the offline writer adds after the focus sentence, e.g. why the image is
+    unusual. May use ``{keyword}`` and ``{a_keyword}`` (the keyword with "a"/"an").
+``keyword_is_setting`` (false)
+    The keyword names the place itself (*scene*); the offline writer then adds the
+    ability's ``scenes`` (moods, framing) as "with ..." rather than "... as the setting".
+
 An optional sibling ``<name>.curated.yaml`` (written by raypipe's curation, editable by hand)
 replaces the seed in-context examples: :attr:`Ability.icl_examples` prefers it.
 
@@ -28,6 +47,7 @@ from raypipe.errors import CatalogError
 
 __all__ = [
     "ABILITIES",
+    "DIALOGUE_QUESTION_TYPES",
     "QUESTION_TYPES",
     "Ability",
     "BenchmarkExample",
@@ -58,6 +78,8 @@ ABILITIES: tuple[str, ...] = (
 
 #: Benchmark question types (paper Fig. 5). Every ability covers all three.
 QUESTION_TYPES: tuple[str, ...] = ("yes_no", "wh", "either_or")
+#: Question types of training dialogues (the ``question_type`` field of an ability).
+DIALOGUE_QUESTION_TYPES: tuple[str, ...] = ("caption", "unusual")
 
 #: Fewest items each list field may hold (see the catalog format).
 MIN_ITEMS: dict[str, int] = {
@@ -77,6 +99,8 @@ MIN_ITEMS: dict[str, int] = {
 TEMPLATE_PLACEHOLDERS: tuple[str, ...] = ("keyword", "subject", "other")
 #: Placeholders ``phrase`` may use; ``keyword`` is required.
 PHRASE_PLACEHOLDERS: tuple[str, ...] = ("keyword", "subject")
+#: Placeholders of ``explanation_sentence``; ``a_keyword`` is the keyword after "a"/"an".
+EXPLANATION_PLACEHOLDERS: tuple[str, ...] = ("keyword", "a_keyword")
 
 CURATED_SUFFIX = ".curated.yaml"
 _NAME_RE = re.compile(r"^[a-z_]+$")
@@ -98,6 +122,11 @@ _FIELDS = (
     "dialogue_examples",
     "benchmark_examples",
     "benchmark_templates",
+    "question_type",
+    "dialogue_focus",
+    "focus_sentences",
+    "explanation_sentence",
+    "keyword_is_setting",
 )
 
 
@@ -165,6 +194,12 @@ class Ability:
     benchmark_templates: tuple[BenchmarkTemplate, ...]
     curated_examples: tuple[str, ...] | None  # from <name>.curated.yaml, when present
     source: Path  # the file it was loaded from
+    # Optional text particular to the ability (see the module docstring).
+    question_type: str = "caption"  # training rows' question_type: caption or unusual
+    dialogue_focus: str = ""  # extra dialogue-template requirement; may use {keyword}
+    focus_sentences: tuple[str, ...] = ()  # offline writer: keyword-focus sentences
+    explanation_sentence: str = ""  # offline writer: e.g. why it is unusual
+    keyword_is_setting: bool = False  # the keyword is the place shown (scene)
 
     @property
     def icl_examples(self) -> tuple[str, ...]:
@@ -293,6 +328,22 @@ def load_ability(path: str | Path) -> Ability:
         benchmark_templates.append(template)
     check.covers_question_types("benchmark_templates", benchmark_templates)
 
+    # 4. Optional text particular to the ability.
+    question_type = check.optional_text(raw, "question_type") or "caption"
+    if question_type not in DIALOGUE_QUESTION_TYPES:
+        check.fail(
+            "question_type",
+            f"{question_type!r} is not one of {', '.join(DIALOGUE_QUESTION_TYPES)}.",
+        )
+    dialogue_focus = check.optional_text(raw, "dialogue_focus")
+    check.placeholders("dialogue_focus", dialogue_focus, ("keyword",))
+    focus_sentences = check.optional_texts(raw, "focus_sentences")
+    for i, sentence in enumerate(focus_sentences):
+        check.placeholders(f"focus_sentences[{i}]", sentence, ("keyword",), required=("keyword",))
+    explanation_sentence = check.optional_text(raw, "explanation_sentence")
+    check.placeholders("explanation_sentence", explanation_sentence, EXPLANATION_PLACEHOLDERS)
+    keyword_is_setting = check.flag(raw, "keyword_is_setting")
+
     return Ability(
         name=name,
         display_name=display_name,
@@ -310,6 +361,11 @@ def load_ability(path: str | Path) -> Ability:
         benchmark_templates=tuple(benchmark_templates),
         curated_examples=_load_curated(curated_path_for(path), name),
         source=path,
+        question_type=question_type,
+        dialogue_focus=dialogue_focus,
+        focus_sentences=focus_sentences,
+        explanation_sentence=explanation_sentence,
+        keyword_is_setting=keyword_is_setting,
     )
 
 
@@ -420,6 +476,35 @@ class _Checker:
         if not value.strip():
             self.fail(field, "is empty. Write a value.")
         return value.strip()
+
+    def optional_text(self, raw: dict, key: str) -> str:
+        """An optional string field: "" when absent or null."""
+        if raw.get(key) is None:
+            return ""
+        if not isinstance(raw[key], str):
+            self.fail(key, f"expected a string, {_type_hint(raw[key])}.")
+        return " ".join(raw[key].split())
+
+    def optional_texts(self, raw: dict, key: str) -> tuple[str, ...]:
+        """An optional list of non-empty strings: () when absent or null."""
+        value = raw.get(key)
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            self.fail(key, f"expected a list of strings, {_type_hint(value)}.")
+        out = []
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or not item.strip():
+                self.fail(f"{key}[{i}]", f"expected a non-empty string, {_type_hint(item)}.")
+            out.append(" ".join(item.split()))
+        return tuple(out)
+
+    def flag(self, raw: dict, key: str) -> bool:
+        """An optional true/false field: False when absent."""
+        value = raw.get(key, False)
+        if not isinstance(value, bool):
+            self.fail(key, f"expected true or false, got {type(value).__name__} ({value!r}).")
+        return value
 
     def _list(self, raw: dict, key: str) -> list:
         if key not in raw:

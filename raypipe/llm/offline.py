@@ -16,7 +16,8 @@ reject path as a real answer. Per task:
 - ``prompts``: for each ``params["keywords"][i]``, ``((keyword)) subject, scene, style,
   lighting, quality tags`` (keyword and subject joined by the ability's ``phrase``).
 - ``dialogue``: a ``Description:`` of 2-4 sentences naming the keyword, built from the
-  subject, scene, style and lighting found in the prompt; for ``abnormal``, what is unusual.
+  subject, scene, style and lighting found in the prompt, with the ability file's
+  ``focus_sentences`` and ``explanation_sentence`` (for ``abnormal``: what is unusual).
 - ``benchmark``: a ``benchmark_templates`` entry of the requested question type, filled
   with the prompt's keyword and subject (and another keyword as the distractor).
 
@@ -62,22 +63,8 @@ LIGHTING = (
     "natural light",
 )
 QUALITY_TAGS = ("highly detailed", "sharp focus", "8k", "4k", "high detail", "crisp detail")
-#: Abilities whose descriptions say what is unusual and why.
-UNUSUAL_ABILITIES = frozenset({"abnormal"})
-#: Abilities whose keyword is itself the setting; their ``scenes`` hold moods and framing
-#: ("sense of depth"), which descriptions add as "with ..." rather than "... as the setting".
-SETTING_ABILITIES = frozenset({"scene"})
-
-#: The sentence that puts the keyword in focus, per ability (others rotate the default).
-FOCUS_SENTENCES: dict[str, str] = {
-    "color": "Its {keyword} colour is the most vivid in the picture and is easy to name.",
-    "action": "The person is clearly {keyword}, and the pose makes the action easy to recognise.",
-    "profession": "The {keyword} is easy to recognise from the clothing, tools and surroundings.",
-    "scene": "The {keyword} fills the frame and is easy to recognise as the place shown.",
-    "art_style": "The picture is clearly rendered in {keyword} style, recognisable from its "
-    "technique, lines and colours.",
-    "abnormal": "The {keyword} is shown clearly, in the middle of the frame.",
-}
+#: Sentences that put the keyword in focus, for abilities whose file has no
+#: ``focus_sentences`` of its own.
 DEFAULT_FOCUS_SENTENCES = (
     "The {keyword} is the clear focus of the picture, large in the frame and in sharp detail.",
     "The {keyword} stands out clearly from the background and is easy to recognise.",
@@ -286,18 +273,17 @@ class OfflineBackend:
         keyword = params.get("keyword") or (emphasized_keywords(prompt) or [""])[0]
         facts = _PromptFacts(ability, prompt, keyword)
         first = f"The image shows {_article(facts.phrase)}"
-        if facts.scene and ability.name in SETTING_ABILITIES:
+        if facts.scene and ability.keyword_is_setting:
             first += f", with {facts.scene}."
         elif facts.scene:
             first += f", with {_article(facts.scene)} as the setting."
         else:
             first += "."
-        focus = FOCUS_SENTENCES.get(ability.name) or rng.choice(DEFAULT_FOCUS_SENTENCES)
+        focus = rng.choice(ability.focus_sentences or DEFAULT_FOCUS_SENTENCES)
         sentences = [first, focus.format(keyword=keyword)]
-        if ability.name in UNUSUAL_ABILITIES:
+        if ability.explanation_sentence:
             sentences.append(
-                f"What makes the image unusual is that {_article(keyword)} is something that "
-                "could not happen in real life, which makes the scene absurd and funny."
+                ability.explanation_sentence.format(keyword=keyword, a_keyword=_article(keyword))
             )
         if facts.style and len(sentences) < 4:
             look = f"It has the look of {_article(facts.style.split(',')[0])}"

@@ -16,7 +16,8 @@ task           asks for                                       parsed by (raypipe
 =============  =============================================  ==============================
 
 The wording lives in the module-level constants below so a person can read and edit it
-in one place. A request is fully determined by its arguments (no hidden randomness), so
+in one place; what is particular to one ability (cautions, examples, ``dialogue_focus``)
+lives in its ability file. A request is fully determined by its arguments (no hidden randomness), so
 its cache key is stable across runs.
 """
 
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 __all__ = [
     "BENCHMARK_SYSTEM",
     "BENCHMARK_USER",
-    "DIALOGUE_FOCUS",
     "DIALOGUE_SYSTEM",
     "DIALOGUE_USER",
     "KEYWORD_SYSTEM",
@@ -142,14 +142,6 @@ Prompt: {prompt}
 Answer in exactly this format:
 Prompt: <the prompt, copied>
 Description: <your answer>"""
-
-#: Extra dialogue requirements for abilities that need them (keyed by ability name).
-DIALOGUE_FOCUS: dict[str, str] = {
-    "abnormal": (
-        "5. The image shows something that cannot happen in reality. Say clearly what is "
-        "unusual in the image and why it is unusual or funny."
-    ),
-}
 
 # --- (d) benchmark generation (paper Fig. 5) -------------------------------------------
 
@@ -285,16 +277,20 @@ def dialogue_request(
     seed: int | None = None,
     temperature: float = 0.9,
 ) -> LLMRequest:
-    """Ask for a ``Description:`` answering ``question`` about the image of ``prompt``."""
+    """Ask for a ``Description:`` answering ``question`` about the image of ``prompt``.
+
+    An ability's ``dialogue_focus`` becomes requirement 5 (e.g. *abnormal*: say what is
+    unusual and why).
+    """
     keyword = _first_emphasis(prompt)
-    focus = DIALOGUE_FOCUS.get(ability.name, "")
+    focus = ability.dialogue_focus.format(keyword=keyword)
     examples = "\n\n".join(
         f"Prompt: {ex.prompt}\nDescription: {' '.join(ex.description.split())}"
         for ex in ability.dialogue_examples
     )
     user = DIALOGUE_USER.format(
         keyword=keyword,
-        focus=focus + "\n" if focus else "",
+        focus=f"5. {focus}\n" if focus else "",
         examples=examples,
         question=question,
         prompt=prompt,
