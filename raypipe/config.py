@@ -9,8 +9,10 @@ parts of it. Overrides look like ``render.batch_size=8`` (values parsed as YAML)
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -48,12 +50,24 @@ class LLMConfig(Config):
         description="Name of the environment variable that holds the API key. The key "
         "itself is never written to a config, log, manifest or cache.",
     )
-    concurrency: int = Field(32, ge=1, description="Requests in flight at once, per client.")
+    concurrency: int = Field(
+        32,
+        ge=1,
+        description="Requests in flight at once, per client (each LLM actor, and the driver).",
+    )
     requests_per_minute: float | None = Field(
-        None, gt=0, description="Client-side request rate limit, per client; None = unlimited."
+        None,
+        gt=0,
+        description="The job's request rate limit (what the account allows): shared by every "
+        "LLM actor of every stage and the driver, whatever the actor pool sizes; every HTTP "
+        "attempt counts. None = unlimited.",
     )
     tokens_per_minute: float | None = Field(
-        None, gt=0, description="Client-side token rate limit (prompt+completion), per client."
+        None,
+        gt=0,
+        description="The job's token rate limit (prompt + completion), shared like "
+        "requests_per_minute. Reserved from an estimate (prompt length + max_tokens) and "
+        "corrected with the reported usage. None = unlimited.",
     )
     max_attempts: int = Field(
         6, ge=1, description="HTTP attempts per request before it is rejected."
@@ -64,7 +78,20 @@ class LLMConfig(Config):
     )
     backoff_max_s: float = Field(30.0, gt=0, description="Longest wait between retries.")
     temperature: float = Field(0.9, ge=0, le=2, description="Sampling temperature.")
-    max_tokens: int = Field(1024, ge=1, description="Completion token limit per request.")
+    max_tokens: int = Field(
+        1024,
+        ge=1,
+        description="Completion token limit per request (sent as max_tokens, or as "
+        "max_completion_tokens with reasoning on, where the model's reasoning counts too).",
+    )
+    reasoning: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Request parameters for reasoning models. `on`: send max_completion_tokens "
+        "(not max_tokens) and no temperature, as OpenAI's reasoning models require. `off`: "
+        "max_tokens and temperature (vLLM, older servers, non-reasoning models). `auto`: on "
+        "when the model name (after any `provider/` prefix) starts with `o` and a digit "
+        "(o1, o3-mini, o4-mini) or with `gpt-5`; off otherwise.",
+    )
     prices: dict[str, tuple[float, float]] = Field(
         default_factory=lambda: {
             "gpt-4o-mini": (0.15, 0.60),
@@ -83,6 +110,18 @@ class LLMConfig(Config):
         "per request of `httpx`; `httpx` honours HTTP(S)_PROXY. `auto`: aiohttp unless a "
         "proxy variable is set.",
     )
+
+    def reasoning_on(self) -> bool:
+        """Whether requests use the reasoning-model parameters (see ``reasoning``)."""
+        if self.reasoning != "auto":
+            return self.reasoning == "on"
+        return is_reasoning_model(self.model)
+
+
+def is_reasoning_model(model: str) -> bool:
+    """``llm.reasoning=auto``'s rule: OpenAI reasoning model names (o1*, o3*, o4*, gpt-5*)."""
+    name = model.rsplit("/", 1)[-1].lower()
+    return bool(re.match(r"o\d|gpt-5", name))
 
 
 # ---------------------------------------------------------------------------------------
@@ -181,16 +220,16 @@ class RenderConfig(Config):
         description="Times a batch is retried after its actor died (the actor itself is "
         "restarted without limit); bounded so a batch that always kills its actor fails the job.",
     )
-    fail_once_dir: str | None = Field(
-        None,
-        description="TEST-ONLY fault injection. When set, before rendering a batch an actor "
-        "claims (deletes) one marker file from this folder, if any is left, and then exits "
-        "abruptly; so each marker file crashes one actor once. Leave None in real runs.",
-    )
 
 
 class QualityConfig(Config):
-    """Checks that reject bad images and off-topic dialogues, with an optional CLIP filter."""
+    """Checks that reject bad images and off-topic dialogues, with optional model gates.
+
+    Where they run: when render runs on GPUs, inside the render actors, on their GPU
+    (CLIP and the safety checker are small next to the diffusion model, so the checks
+    scale with the render pool and ask for no GPUs of their own); on CPU, in their own
+    pool of ``max_actors`` actors.
+    """
 
     min_std: float = Field(
         2.0,
@@ -206,13 +245,14 @@ class QualityConfig(Config):
     )
     check_dialogue_keyword: bool = Field(
         True,
-        description="Reject rows whose assistant turns never mention any of the row's "
-        "keywords (case-insensitive; plurals and hyphens tolerated).",
+        description="Reject rows whose assistant turns never name any of the row's keywords "
+        "(raypipe.matching: case, plurals and hyphens tolerated).",
     )
     clip_model: str | None = Field(
         None,
-        description="CLIPModel id or folder for the CLIP-score filter (e.g. "
-        "openai/clip-vit-large-patch14; `raypipe-tiny/tiny-clip` in tests). None = no filter.",
+        description="CLIPModel id or folder for the CLIP-score filter and keyword grounding "
+        "(e.g. openai/clip-vit-large-patch14; `raypipe-tiny/tiny-clip` in tests). "
+        "None = neither.",
     )
     clip_min_score: float = Field(
         0.2,
@@ -220,22 +260,46 @@ class QualityConfig(Config):
         "and its prompt (emphasis brackets removed) is below this.",
     )
     clip_batch_size: int = Field(32, ge=1, description="Images per CLIP forward pass.")
-    device: Literal["auto", "cuda", "cpu"] = Field(
-        "cpu", description="Where the CLIP filter runs; `auto` = CUDA when visible."
-    )
-    gpus_per_actor: float = Field(
-        0.0, ge=0, description="GPUs each quality actor reserves (only useful with a CLIP model)."
-    )
-    max_actors: int = Field(1, ge=1, description="Largest size of the quality actor pool.")
-    batch_size: int = Field(
-        16,
+    grounding_top_k: int | None = Field(
+        None,
         ge=1,
-        description="Rows per batch handed to a quality actor. Rows wait until a batch is "
-        "full, so keep it near render.batch_size for steady streaming to Parquet.",
+        description="Keyword grounding (needs clip_model): CLIP ranks the row's keyword "
+        "against every keyword of its ability's bank for the image; outside the top k "
+        "the row is rejected as `keyword_not_grounded`. None = off.",
+    )
+    grounding_prompt: str = Field(
+        "a photo of {keyword}",
+        description="What CLIP reads for each bank keyword when grounding ({keyword} is "
+        "replaced by the keyword).",
+    )
+    safety_checker: str | None = Field(
+        None,
+        description="Stable Diffusion safety checker used as a classifier: flagged images "
+        "are rejected as `nsfw` (never blacked out). A checker id or folder (e.g. "
+        "CompVis/stable-diffusion-safety-checker), or a diffusers pipeline id or folder "
+        "whose safety_checker and feature_extractor subfolders are used (e.g. "
+        "stable-diffusion-v1-5/stable-diffusion-v1-5); `raypipe-tiny/tiny-safety-checker` "
+        "in tests. None = off.",
+    )
+    max_actors: int = Field(
+        1, ge=1, description="Largest size of the quality actor pool (CPU runs only)."
     )
     cpus_per_actor: float = Field(
-        0.5, gt=0, description="CPUs reserved per quality actor (pixel checks are light)."
+        0.5,
+        gt=0,
+        description="CPUs reserved per quality actor (CPU runs only; pixel checks are light).",
     )
+
+    @model_validator(mode="after")
+    def _check_gates(self) -> QualityConfig:
+        if self.grounding_top_k is not None and not self.clip_model:
+            raise ValueError(
+                "quality.grounding_top_k needs quality.clip_model (grounding ranks keywords "
+                "with CLIP): set a CLIP model or grounding_top_k: null"
+            )
+        if "{keyword}" not in self.grounding_prompt:
+            raise ValueError("quality.grounding_prompt must contain {keyword}")
+        return self
 
 
 # ---------------------------------------------------------------------------------------
@@ -286,10 +350,36 @@ class GenerateConfig(Config):
     llm_batch_rows: int = Field(
         32, ge=1, description="Rows per DialogueWriter batch (requests run concurrently)."
     )
-    rows_per_file: int = Field(256, ge=1, description="Rows per Parquet part written.")
-    writer_cpus: float = Field(0.25, gt=0, description="CPUs reserved per Parquet-writing task.")
-    max_rounds: int = Field(
-        4, ge=1, description="Planning rounds: later rounds replace rejected rows."
+    part_max_rows: int = Field(
+        256, ge=1, description="A Parquet part is written once it holds this many rows..."
+    )
+    part_max_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="...or once its oldest row has waited this long, so data shows up early "
+        "in a long run.",
+    )
+    writer_cpus: float = Field(
+        0.1, gt=0, description="CPUs reserved per task that hands blocks to the Parquet writer."
+    )
+    replace_budget: float = Field(
+        1.0,
+        ge=0,
+        description="Rows that may be planned to replace rejected ones, as a fraction of each "
+        "ability's missing rows (at least prompts_per_request). A run that uses it up ends "
+        "short of its quota and says why; running it again continues.",
+    )
+    max_usd: float | None = Field(
+        None,
+        gt=0,
+        description="Stop planning new rows once this run's paid LLM spend reaches this many "
+        "USD (rows in flight finish). The same command resumes the run. None = no cap.",
+    )
+    gpu_hour_usd: float | None = Field(
+        None,
+        ge=0,
+        description="Price of one GPU-hour, for the manifest's USD per 1,000 samples and the "
+        "dry run's estimate. None = GPU cost not counted.",
     )
     ray_address: str | None = Field(
         None, description="Ray cluster address; None = RAY_ADDRESS or a local Ray."
@@ -382,14 +472,76 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] = ()
 
 
 SECRET_MARKERS = ("key", "token", "secret", "password")
+#: Query parameters whose values are credentials (names compared lower-cased, as substrings).
+SECRET_PARAM_MARKERS = (*SECRET_MARKERS, "passwd", "pwd", "sig", "auth", "credential")
+
+
+def _secret_param(name: str) -> bool:
+    return any(m in unquote(name).lower() for m in SECRET_PARAM_MARKERS)
+
+
+def _redact_query(query: str) -> str:
+    parts = []
+    for item in query.split("&"):
+        name, eq, value = item.partition("=")
+        parts.append(f"{name}=***" if eq and value and _secret_param(name) else item)
+    return "&".join(parts)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its credentials replaced by ``***``: the ``user:password@`` part and
+    the values of query parameters named like a key, token, secret, password or
+    signature (``api-key``, ``key``, ``token``, ``sig``, ...). Anything else is kept as
+    written; a string that is not a ``scheme://`` URL comes back unchanged.
+    """
+    if "://" not in url:
+        return url
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    return urlunsplit(
+        parts._replace(
+            netloc=netloc, query=_redact_query(parts.query), fragment=_redact_query(parts.fragment)
+        )
+    )
+
+
+def url_secrets(url: str | None) -> list[str]:
+    """The credential strings inside ``url`` (as written and percent-decoded), longest
+    first: what must be scrubbed from any text that might quote the URL."""
+    if not url or "://" not in url:
+        return []
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return []
+    found = set()
+    if "@" in parts.netloc:
+        userinfo = parts.netloc.rsplit("@", 1)[0]
+        user, colon, password = userinfo.partition(":")
+        found.add(userinfo)
+        found.add(password if colon else user)  # a lone user name is a key (https://KEY@host)
+    for section in (parts.query, parts.fragment):
+        for item in section.split("&"):
+            name, eq, value = item.partition("=")
+            if eq and value and _secret_param(name):
+                found.add(value)
+    found |= {unquote(v) for v in found}
+    return sorted((v for v in found if len(v) >= 4), key=len, reverse=True)
 
 
 def redacted(config: BaseModel | dict) -> dict[str, Any]:
     """Config as a plain dict for manifests, with any secret-looking value replaced.
 
     Keys are never stored in configs (only the *name* of their environment variable),
-    so this is a second line of defence: it also scrubs any value equal to a secret
-    held in an environment variable named like a key or token.
+    so this is a second line of defence: values of fields named like a key or token,
+    credentials inside URLs (``redact_url``: ``user:password@``, ``?api-key=...``), and
+    any value equal to a secret held in an environment variable named like a key or
+    token are replaced with ``***``.
     """
     data = config.model_dump(mode="json") if isinstance(config, BaseModel) else dict(config)
     secrets = {
@@ -408,6 +560,9 @@ def redacted(config: BaseModel | dict) -> dict[str, Any]:
                 return "***"
             if any(m in key.lower() for m in SECRET_MARKERS) and not key.lower().endswith("_env"):
                 return "***"
+            node = redact_url(node)
+            for secret in secrets:
+                node = node.replace(secret, "***")
         return node
 
     return scrub(data)
@@ -423,6 +578,9 @@ __all__ = [
     "build_config",
     "load_config",
     "read_yaml_preset",
+    "is_reasoning_model",
+    "redact_url",
     "redacted",
+    "url_secrets",
     "model_validator",
 ]
