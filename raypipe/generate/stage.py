@@ -68,13 +68,20 @@ def add_stage(
     """Append ``stage`` to ``ds`` as an autoscaling actor pool, one block per call."""
     import ray
 
+    map_batches = ds.map_batches
     if num_gpus:
         remote_args["num_gpus"] = num_gpus
+        # Ray's public map_batches refuses GPUs without a batch size; its internal entry
+        # (as map_groups uses) applies the same op without that check. Older Ray names it
+        # _map_batches_without_batch_size_validation.
+        map_batches = getattr(ds, "map_batches_internal", None)
+        if map_batches is None:
+            map_batches = ds._map_batches_without_batch_size_validation
     with warnings.catch_warnings():
         # Ray 2.60 has no named parameter for actor restarts and retries yet, and warns
         # that extra remote args are deprecated; they are still applied.
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        return ds.map_batches(
+        return map_batches(
             stage,
             fn_constructor_kwargs=kwargs,
             batch_size=None,
