@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import torch
 from PIL import Image
@@ -11,6 +12,27 @@ from raypipe.config import RenderConfig
 from raypipe.generate.render import Renderer, add_render
 from raypipe.schema import row_seed, rows_to_table
 from raypipe.testing import resolve_tiny
+
+
+def crash_once_renderer(markers: str) -> type[Renderer]:
+    """A Renderer that, before a block, claims (deletes) one marker file from ``markers``
+    if any is left and then exits abruptly: each marker crashes one actor once.
+
+    Defined in a function, so Ray ships the class by value to its workers (test modules
+    are not importable there); the real Renderer underneath is imported by name.
+    """
+
+    class CrashOnceRenderer(Renderer):
+        def __call__(self, batch):
+            for name in sorted(os.listdir(markers)):
+                try:
+                    os.remove(os.path.join(markers, name))  # atomic: one actor wins each
+                except OSError:
+                    continue
+                os._exit(1)
+            return super().__call__(batch)
+
+    return CrashOnceRenderer
 
 
 def test_crashed_render_actor_is_replaced(tiny_dir, ray_local, tmp_path):
@@ -26,7 +48,6 @@ def test_crashed_render_actor_is_replaced(tiny_dir, ray_local, tmp_path):
         height=64,
         steps=2,
         batch_size=2,
-        fail_once_dir=str(faults),
     )
     rows = [
         {
@@ -38,7 +59,8 @@ def test_crashed_render_actor_is_replaced(tiny_dir, ray_local, tmp_path):
         }
         for i in range(8)
     ]
-    out = add_render(ray.data.from_items(rows), cfg).take_all()
+    stage = crash_once_renderer(str(faults))
+    out = add_render(ray.data.from_items(rows), cfg, stage=stage).take_all()
 
     assert not any(faults.iterdir())  # the marker was claimed: an actor did exit
     assert sorted(r["id"] for r in out) == [r["id"] for r in rows]
@@ -48,7 +70,7 @@ def test_crashed_render_actor_is_replaced(tiny_dir, ray_local, tmp_path):
 
     # The same rows rendered here, in other batches and another process, match to the byte
     # (with the actor's thread count: Ray gives a 1-CPU actor one OpenMP thread).
-    local = Renderer(cfg.model_copy(update={"fail_once_dir": None, "batch_size": 8}))
+    local = Renderer(cfg.model_copy(update={"batch_size": 8}))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

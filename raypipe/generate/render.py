@@ -332,7 +332,6 @@ class Renderer:
         self.pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        self._maybe_fail_once()
         rows = batch.to_pylist()
         todo = [r for r in rows if not is_rejected(r)]
         for group in self._groups(todo):
@@ -474,19 +473,6 @@ class Renderer:
             return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
         return torch.cat(outs)
 
-    def _maybe_fail_once(self) -> None:
-        """Test-only fault injection (``cfg.fail_once_dir``): claim a marker, then die."""
-        folder = self.cfg.fail_once_dir
-        if not folder or not os.path.isdir(folder):
-            return
-        for name in sorted(os.listdir(folder)):
-            try:
-                os.remove(os.path.join(folder, name))  # atomic: one actor wins each marker
-            except OSError:
-                continue
-            log.error("render: fault injection (%s) - this actor exits now", name)
-            os._exit(1)
-
 
 # ---------------------------------------------------------------------------------------
 # Ray Data
@@ -511,7 +497,7 @@ def add_render(ds, cfg: RenderConfig, stage: type[Renderer] = Renderer):
     for ``gpus_per_actor`` GPUs, so a cluster autoscaler adds GPU nodes while the pool
     wants more actors. A dead actor is restarted and its batch retried
     (``max_task_retries`` times). ``stage`` may be a Renderer subclass (the benchmark's
-    adds timestamps).
+    adds timestamps; a test's crashes on purpose).
     """
     import ray
 
