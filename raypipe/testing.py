@@ -114,12 +114,19 @@ def tiny_clip_text_config(vocab_size: int):
     )
 
 
-def build_tiny_sd(path: str | Path, seed: int = 0, sample_size: int = 32) -> Path:
+def build_tiny_sd(
+    path: str | Path,
+    seed: int = 0,
+    sample_size: int = 32,
+    safety_checker: str | Path | None = None,
+) -> Path:
     """A tiny Stable Diffusion (1.x layout) pipeline saved as a diffusers folder.
 
     UNet and VAE have block_out_channels (16, 32); the text encoder is a 2-layer CLIP.
     ``sample_size`` is the latent size: the default renders 64x64 images (VAE factor 2
-    here, since the tiny VAE has two blocks).
+    here, since the tiny VAE has two blocks). ``safety_checker``: a folder from
+    :func:`build_tiny_safety_checker` to ship as the pipeline's own ``safety_checker``
+    and ``feature_extractor``, as SD 1.x pipelines on the hub do (default: none).
     """
     import torch
     from diffusers import (
@@ -165,15 +172,24 @@ def build_tiny_sd(path: str | Path, seed: int = 0, sample_size: int = 32) -> Pat
         num_train_timesteps=1000,
         steps_offset=1,
     )
+    checker = extractor = None
+    if safety_checker is not None:
+        from diffusers.pipelines.stable_diffusion.safety_checker import (
+            StableDiffusionSafetyChecker,
+        )
+        from transformers import CLIPImageProcessor
+
+        checker = StableDiffusionSafetyChecker.from_pretrained(safety_checker)
+        extractor = CLIPImageProcessor.from_pretrained(safety_checker)
     pipe = StableDiffusionPipeline(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        safety_checker=checker,
+        feature_extractor=extractor,
+        requires_safety_checker=checker is not None,
     )
     pipe.save_pretrained(path, safe_serialization=True)
     return _mark_done(path)
@@ -205,6 +221,44 @@ def build_tiny_clip(path: str | Path, seed: int = 0, image_size: int = 32) -> Pa
     )
     processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
     model.save_pretrained(path, safe_serialization=True)
+    processor.save_pretrained(path)
+    return _mark_done(path)
+
+
+def build_tiny_safety_checker(
+    path: str | Path, seed: int = 0, image_size: int = 32, concept_threshold: float = 1.0
+) -> Path:
+    """A tiny diffusers ``StableDiffusionSafetyChecker`` with its CLIP image processor.
+
+    A 2-layer CLIP vision tower, 17 random concept embeddings and 3 "special care" ones,
+    as the real checker has. Every concept's threshold is ``concept_threshold``: an image
+    is flagged when its cosine similarity to a concept exceeds the threshold, and cosines
+    lie in [-1, 1], so the default 1.0 flags nothing and -2.0 flags every image.
+    """
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    path = Path(path)
+    if _done(path):
+        return path
+    tokenizer = build_clip_tokenizer(path / "_tokenizer_build")
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=tiny_clip_text_config(len(tokenizer)).to_dict(),
+        vision_config=tiny_clip_vision_config(image_size).to_dict(),
+        projection_dim=32,
+    )
+    checker = StableDiffusionSafetyChecker(config)
+    with torch.no_grad():
+        checker.concept_embeds.copy_(torch.randn_like(checker.concept_embeds))
+        checker.special_care_embeds.copy_(torch.randn_like(checker.special_care_embeds))
+        checker.concept_embeds_weights.fill_(concept_threshold)
+        checker.special_care_embeds_weights.fill_(concept_threshold)
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    checker.save_pretrained(path, safe_serialization=True)
     processor.save_pretrained(path)
     return _mark_done(path)
 
@@ -460,6 +514,7 @@ TINY_VERSION = 1
 TINY_IDS = {
     "tiny-sd": build_tiny_sd,
     "tiny-clip": build_tiny_clip,
+    "tiny-safety-checker": build_tiny_safety_checker,
     "tiny-llava": build_tiny_llava,
     "tiny-clip-vision": build_tiny_clip_vision,
     "tiny-llama": build_tiny_llama,
