@@ -225,8 +225,8 @@ def bare_loop(cfg: RenderConfig, model: str, rows: list[dict], out: Path) -> tup
 class TimedRenderer(Renderer):
     """The render stage, stamping each call's end time into the rows' meta."""
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = super().__call__(batch).to_pylist()
+    def process(self, batch: pa.Table) -> pa.Table:
+        rows = super().process(batch).to_pylist()
         end = time.time()
         for r in rows:
             update_meta(r, bench_end=end)

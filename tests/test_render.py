@@ -315,3 +315,21 @@ def test_sdxl_layout_renders_long_and_plain_prompts(renderer, tmp_path):
     ).images[0]
     mine = np.asarray(Image.open(io.BytesIO(out[2]["image"]["bytes"])), dtype=np.int64)
     assert np.array_equal(mine, (ref * 255).round().astype(np.int64))
+
+
+def test_pipeline_safety_checker_never_blacks_out_images(cfg, tmp_path):
+    import numpy as np
+
+    from raypipe.testing import build_tiny_safety_checker, build_tiny_sd
+
+    # A pipeline shipped with a checker that flags every image: had the render stage run
+    # it, every image would come back black.
+    checker = build_tiny_safety_checker(tmp_path / "checker", concept_threshold=-2.0)
+    model = build_tiny_sd(tmp_path / "sd", safety_checker=checker)
+    with_checker = Renderer(cfg.model_copy(update={"model": str(model)}))
+    assert with_checker.pipe.safety_checker is None
+    out = render(with_checker, make_rows(["((red)) car", "a blue cat"]))
+    for row in out:
+        assert row["reject_stage"] is None
+        pixels = np.asarray(Image.open(io.BytesIO(row["image"]["bytes"])))
+        assert pixels.std() > 2 and pixels.mean() > 8

@@ -1,14 +1,18 @@
-"""The render stage on Ray Data: a render actor that dies is replaced and no row is lost."""
+"""The image stages on Ray Data: a render actor that dies is replaced and no row is lost;
+render and quality ask Ray for what their devices need; the CPU path runs end to end."""
 
 from __future__ import annotations
 
 import io
+import json
 import os
 
+import pytest
 import torch
 from PIL import Image
 
-from raypipe.config import RenderConfig
+from raypipe.config import QualityConfig, RenderConfig
+from raypipe.generate.quality import QualityCheck, RenderAndCheck, add_image_stages
 from raypipe.generate.render import Renderer, add_render
 from raypipe.schema import row_seed, rows_to_table
 from raypipe.testing import resolve_tiny
@@ -23,24 +27,36 @@ def crash_once_renderer(markers: str) -> type[Renderer]:
     """
 
     class CrashOnceRenderer(Renderer):
-        def __call__(self, batch):
+        def process(self, batch):
             for name in sorted(os.listdir(markers)):
                 try:
                     os.remove(os.path.join(markers, name))  # atomic: one actor wins each
                 except OSError:
                     continue
                 os._exit(1)
-            return super().__call__(batch)
+            return super().process(batch)
 
     return CrashOnceRenderer
 
 
-def test_crashed_render_actor_is_replaced(tiny_dir, ray_local, tmp_path):
-    ray = ray_local
-    faults = tmp_path / "faults"
-    faults.mkdir()
-    (faults / "crash-once").write_text("")
-    cfg = RenderConfig(
+def animal_rows(n: int) -> list[dict]:
+    return [
+        {
+            "id": f"animal-s0-{i:07d}",
+            "ability": "animal",
+            "keywords": ["fox"],
+            "prompt": f"a ((fox)) number {i} in a forest",
+            "negative_prompt": "",
+            "seed": row_seed(f"animal-s0-{i:07d}"),
+            "conversations": None,
+        }
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def render_cfg(tiny_dir):
+    return RenderConfig(
         # A resolved folder, so actors don't depend on the driver's RAYPIPE_TINY_DIR.
         model=resolve_tiny("raypipe-tiny/tiny-sd"),
         device="cpu",
@@ -49,18 +65,16 @@ def test_crashed_render_actor_is_replaced(tiny_dir, ray_local, tmp_path):
         steps=2,
         batch_size=2,
     )
-    rows = [
-        {
-            "id": f"animal-s0-{i:07d}",
-            "ability": "animal",
-            "prompt": f"a ((fox)) number {i} in a forest",
-            "negative_prompt": "",
-            "seed": row_seed(f"animal-s0-{i:07d}"),
-        }
-        for i in range(8)
-    ]
-    stage = crash_once_renderer(str(faults))
-    out = add_render(ray.data.from_items(rows), cfg, stage=stage).take_all()
+
+
+def test_crashed_render_actor_is_replaced(ray_local, render_cfg, tmp_path):
+    ray = ray_local
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    (faults / "crash-once").write_text("")
+    rows = animal_rows(8)
+    ds = add_render(ray.data.from_items(rows), render_cfg, stage=crash_once_renderer(str(faults)))
+    out = ds.take_all()
 
     assert not any(faults.iterdir())  # the marker was claimed: an actor did exit
     assert sorted(r["id"] for r in out) == [r["id"] for r in rows]
@@ -70,7 +84,7 @@ def test_crashed_render_actor_is_replaced(tiny_dir, ray_local, tmp_path):
 
     # The same rows rendered here, in other batches and another process, match to the byte
     # (with the actor's thread count: Ray gives a 1-CPU actor one OpenMP thread).
-    local = Renderer(cfg.model_copy(update={"batch_size": 8}))
+    local = Renderer(render_cfg.model_copy(update={"batch_size": 8}))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -78,3 +92,69 @@ def test_crashed_render_actor_is_replaced(tiny_dir, ray_local, tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert all(again[r["id"]]["image"]["bytes"] == r["image"]["bytes"] for r in out)
+
+
+def _map_ops(ds) -> list:
+    """The Dataset's MapBatches operators, source first (its logical plan, not run)."""
+    ops, op = [], ds._logical_plan.dag
+    while op is not None:
+        if type(op).__name__ == "MapBatches":
+            ops.append(op)
+        op = op.input_dependencies[0] if op.input_dependencies else None
+    return ops[::-1]
+
+
+QUALITY_ON = QualityConfig(
+    clip_model="raypipe-tiny/tiny-clip",
+    safety_checker="raypipe-tiny/tiny-safety-checker",
+    grounding_top_k=3,
+)
+
+
+def test_gpu_render_runs_the_checks_in_its_own_actors(ray_local):
+    # Nothing runs: this inspects what the builder asks Ray for.
+    render = RenderConfig(model="x", device="cuda", gpus_per_actor=1, min_actors=2, max_actors=8)
+    banks = {"animal": ["fox", "owl"]}
+    (op,) = _map_ops(
+        add_image_stages(ray_local.data.from_items([{"id": "a"}]), render, QUALITY_ON, banks)
+    )
+    assert op.fn is RenderAndCheck
+    assert op.ray_remote_args["num_gpus"] == 1
+    assert op.ray_remote_args["max_restarts"] == -1
+    assert (op.compute.min_size, op.compute.max_size) == (2, 8)
+    kwargs = op.fn_constructor_kwargs
+    assert kwargs["render"].device == "cuda" and kwargs["quality"] == QUALITY_ON
+    assert kwargs["banks"] == banks
+    # Whole blocks, no Ray Data batch size (a stage must never wait to fill a batch).
+    assert op.batch_size is None
+
+
+def test_cpu_render_and_quality_are_two_cpu_pools(ray_local):
+    render = RenderConfig(model="x", device="cpu", max_actors=3)
+    quality = QUALITY_ON.model_copy(update={"max_actors": 2, "cpus_per_actor": 0.5})
+    ops = _map_ops(
+        add_image_stages(ray_local.data.from_items([{"id": "a"}]), render, quality, {"a": ["b"]})
+    )
+    assert [op.fn for op in ops] == [Renderer, QualityCheck]
+    assert all("num_gpus" not in op.ray_remote_args for op in ops)
+    assert all(op.batch_size is None for op in ops)
+    assert ops[1].ray_remote_args["num_cpus"] == 0.5 and ops[1].compute.max_size == 2
+    assert ops[1].fn_constructor_kwargs["banks"] == {"a": ["b"]}
+    # Without grounding the banks stay home.
+    plain = _map_ops(
+        add_image_stages(
+            ray_local.data.from_items([{"id": "a"}]), render, QualityConfig(), {"a": ["b"]}
+        )
+    )
+    assert plain[1].fn_constructor_kwargs["banks"] is None
+
+
+def test_image_stages_on_cpu_end_to_end(ray_local, render_cfg):
+    rows = animal_rows(4)
+    quality = QualityConfig(clip_model=resolve_tiny("raypipe-tiny/tiny-clip"), clip_min_score=-1.0)
+    out = add_image_stages(ray_local.data.from_items(rows), render_cfg, quality, {}).take_all()
+    assert sorted(r["id"] for r in out) == [r["id"] for r in rows]
+    for r in out:
+        assert r["reject_stage"] is None, r["reject_reason"]
+        meta = json.loads(r["meta"])
+        assert {"render_s", "image_std", "clip_score"} <= set(meta)

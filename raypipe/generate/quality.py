@@ -1,4 +1,4 @@
-"""The quality stage: reject bad images and off-topic dialogues, optionally by CLIP score.
+"""The quality stage: reject bad images and off-topic dialogues; optional model gates.
 
 Checks, in order, each a reject reason (stage ``quality``):
 
@@ -9,24 +9,45 @@ Checks, in order, each a reject reason (stage ``quality``):
 - ``dialogue_missing_keyword``: no assistant turn names any of the row's keywords
   (:func:`raypipe.matching.mentions_keyword`: ``sunflowers``/``sunflower``,
   ``t-shirt``/``t shirt`` match);
+- ``nsfw``: the Stable Diffusion safety checker flags the image, when
+  ``safety_checker`` is set (used as a classifier: the image is never altered);
 - ``low_clip_score``: CLIP cosine similarity of image and prompt (emphasis removed)
-  below ``clip_min_score``, when ``clip_model`` is set.
+  below ``clip_min_score``, when ``clip_model`` is set;
+- ``keyword_not_grounded``: CLIP zero-shot over the ability's keyword bank does not put
+  the row's keyword (``keywords[0]``) in the top ``grounding_top_k``, when set.
 
-Image statistics and the CLIP score are written to ``meta``.
+Image statistics and the model scores are written to ``meta``.
+
+:func:`add_image_stages` appends render and quality to a Ray Dataset. When render runs
+on GPUs the checks run *inside the render actors* (:class:`RenderAndCheck`), on the
+same device: CLIP ViT-L and the safety checker cost well under 1% of a diffusion
+model's work per image and fit beside it in GPU memory, so the checks scale with the
+render pool, ask Ray for no GPUs of their own, and no separate CPU pool can cap the
+GPUs' throughput. On CPU they run in their own actor pool, as a separate stage.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from raypipe.config import QualityConfig
-from raypipe.errors import ModelError
-from raypipe.matching import mentions_any, strip_emphasis
+from raypipe.config import QualityConfig, RenderConfig
+from raypipe.errors import ConfigError, ModelError
+from raypipe.generate.render import (
+    Renderer,
+    add_render,
+    render_pool_args,
+    render_uses_gpu,
+    resolve_pretrained,
+)
+from raypipe.generate.stage import Stage, add_stage
+from raypipe.matching import mentions_any, phrase_key, strip_emphasis
 from raypipe.schema import is_rejected, reject, rows_to_table, update_meta
 
 log = logging.getLogger(__name__)
@@ -34,6 +55,8 @@ log = logging.getLogger(__name__)
 STAGE = "quality"
 #: Speaker names of the assistant in LLaVA conversations.
 ASSISTANT = ("gpt", "assistant")
+#: Pipeline subfolders that hold a Stable Diffusion pipeline's own safety checker.
+PIPELINE_CHECKER = ("safety_checker", "feature_extractor")
 
 
 # ---------------------------------------------------------------------------------------
@@ -90,40 +113,69 @@ def assistant_text(conversations: list[dict[str, str]]) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-class QualityCheck:
-    """Reject bad images and dialogues that miss their keyword; optional CLIP-score filter.
+class QualityCheck(Stage):
+    """Reject bad images and dialogues that miss their keyword; optional model gates.
 
     Input columns: ``id``, ``prompt``, ``keywords``, ``image``, ``conversations`` (a row
-    whose ``conversations`` is null skips the dialogue check: no dialogue stage ran).
-    Output columns: ``meta`` (merged: ``image_mean``, ``image_std``, ``clip_score``)
-    and the reject columns (stage ``quality``; reasons in the module docstring).
-    Already-rejected rows pass through untouched.
+    whose ``conversations`` is null skips the dialogue check: no dialogue stage ran), and
+    ``ability`` when grounding is on. Output columns: ``meta`` (merged: ``image_mean``,
+    ``image_std``, ``nsfw_score``, ``clip_score``, ``grounding_rank``) and the reject
+    columns (stage ``quality``; reasons in the module docstring). Already-rejected rows
+    pass through untouched.
+
+    Args:
+        cfg: the checks and their models.
+        banks: ability -> keyword bank, for grounding (required when it is on).
+        device: where the models run (``cuda`` inside a GPU render actor).
     """
 
     INPUT_COLUMNS = ("id", "prompt", "keywords", "image", "conversations")
     OUTPUT_COLUMNS = ("meta",)
 
-    def __init__(self, cfg: QualityConfig):
-        self.cfg = cfg
-        self.clip = None
-        if cfg.clip_model:
-            self.clip, self.processor, self.device = load_clip(cfg)
+    def __init__(
+        self,
+        cfg: QualityConfig,
+        banks: dict[str, list[str]] | None = None,
+        device: str = "cpu",
+    ):
+        import torch
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+        self.cfg = cfg
+        self.device = device
+        self.dtype = torch.float16 if device == "cuda" else torch.float32
+        self.clip = self.safety = None
+        if cfg.clip_model:
+            self.clip, self.processor = load_clip(cfg, device, self.dtype)
+        if cfg.safety_checker:
+            self.safety, self.safety_processor = load_safety_checker(cfg, device, self.dtype)
+        self.banks = dict(banks or {})
+        if cfg.grounding_top_k is not None:
+            self.INPUT_COLUMNS = (*QualityCheck.INPUT_COLUMNS, "ability")
+        # ability -> (bank keys, L2-normalised text embeddings), encoded once per actor.
+        self._bank_embeds: dict[str, tuple[list[str], Any]] = {}
+
+    def process(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        images = {}
-        for i, row in enumerate(rows):
+        passed: list[tuple[dict[str, Any], Any]] = []
+        for row in rows:
             if is_rejected(row):
                 continue
             img = self._check_row(row)
             if img is not None:
-                images[i] = img
-        if self.clip is not None and images:
-            self._clip_filter([rows[i] for i in images], list(images.values()))
+                passed.append((row, img))
+        # Model gates in model-sized calls (the stage gets whole blocks).
+        size = self.cfg.clip_batch_size
+        for start in range(0, len(passed), size):
+            part = passed[start : start + size]
+            if self.safety is not None:
+                self._safety_gate(part)
+                part = [(r, im) for r, im in part if not is_rejected(r)]
+            if self.clip is not None and part:
+                self._clip_gates(part)
         return rows_to_table(rows)
 
     def _check_row(self, row: dict[str, Any]):
-        """Pixel and dialogue checks for one row; its decoded image if it passed."""
+        """Pixel and dialogue checks for one row; its decoded RGB image if it passed."""
         img = decode_image((row.get("image") or {}).get("bytes"))
         if img is None:
             reject(row, STAGE, "bad_image", "image bytes missing or not decodable")
@@ -147,57 +199,260 @@ class QualityCheck:
                     f"keywords {keywords} not in answer: {answer[:2000]}",
                 )
                 return None
-        return img
+        return img.convert("RGB")
 
-    def _clip_filter(self, rows: list[dict[str, Any]], images: list) -> None:
+    # -- model gates ---------------------------------------------------------------------
+
+    def _safety_gate(self, part: list[tuple[dict[str, Any], Any]]) -> None:
+        pixels = self.safety_processor(images=[im for _, im in part], return_tensors="pt")
+        clip_input = pixels["pixel_values"].to(self.device, self.dtype)
+        flagged, scores = nsfw_verdicts(self.safety, clip_input)
+        for (row, _), bad, score in zip(part, flagged.tolist(), scores.tolist()):
+            update_meta(row, nsfw_score=round(score, 4))
+            if bad:
+                reject(
+                    row,
+                    STAGE,
+                    "nsfw",
+                    f"safety checker flagged the image (concept score {score:.4f} > 0) "
+                    f"for prompt {row.get('prompt')!r}",
+                )
+
+    def _clip_gates(self, part: list[tuple[dict[str, Any], Any]]) -> None:
+        """CLIP score against the prompt; then, if on, keyword grounding. One image pass."""
         import torch
 
-        size = self.cfg.clip_batch_size
-        for start in range(0, len(rows), size):
-            part_rows, part_images = rows[start : start + size], images[start : start + size]
-            texts = [strip_emphasis(r["prompt"] or "") for r in part_rows]
-            inputs = self.processor(
-                text=texts,
-                images=[im.convert("RGB") for im in part_images],
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-            ).to(self.device)
-            with torch.inference_mode():
-                out = self.clip(**inputs)
-            img = torch.nn.functional.normalize(out.image_embeds.float(), dim=-1)
-            txt = torch.nn.functional.normalize(out.text_embeds.float(), dim=-1)
-            scores = (img * txt).sum(-1).tolist()
-            for row, score in zip(part_rows, scores):
-                update_meta(row, clip_score=round(score, 4))
-                if score < self.cfg.clip_min_score:
-                    reject(
-                        row,
-                        STAGE,
-                        "low_clip_score",
-                        f"clip_score={score:.4f} < clip_min_score={self.cfg.clip_min_score}",
-                    )
+        rows = [r for r, _ in part]
+        with torch.inference_mode():
+            pixels = self.processor(images=[im for _, im in part], return_tensors="pt")
+            image = _features(
+                self.clip.get_image_features(
+                    pixel_values=pixels["pixel_values"].to(self.device, self.dtype)
+                )
+            )
+            image = torch.nn.functional.normalize(image.float(), dim=-1)
+            text = self._encode_texts([strip_emphasis(r["prompt"] or "") for r in rows])
+        scores = (image * text).sum(-1).tolist()
+        for row, score in zip(rows, scores):
+            update_meta(row, clip_score=round(score, 4))
+            if score < self.cfg.clip_min_score:
+                reject(
+                    row,
+                    STAGE,
+                    "low_clip_score",
+                    f"clip_score={score:.4f} < clip_min_score={self.cfg.clip_min_score}",
+                )
+        if self.cfg.grounding_top_k is not None:
+            for row, emb in zip(rows, image):
+                if not is_rejected(row):
+                    self._ground(row, emb)
+
+    def _ground(self, row: dict[str, Any], image) -> None:
+        """Rank the row's keyword among its ability's bank for this image (zero-shot)."""
+        keywords = [k for k in (row.get("keywords") or []) if k and k.strip()]
+        if not keywords:
+            return
+        keyword, k = keywords[0], self.cfg.grounding_top_k
+        bank, embeds = self._bank(row.get("ability"))
+        key = phrase_key(keyword)
+        sims = embeds @ image
+        if key in bank:
+            own = sims[bank.index(key)]
+            others = [i for i in range(len(bank)) if bank[i] != key]
+        else:  # a keyword the bank lacks still competes against all of it
+            own = self._encode_texts([self.cfg.grounding_prompt.format(keyword=keyword)])[0] @ image
+            others = list(range(len(bank)))
+        rank = 1 + int((sims[others] > own).sum())
+        update_meta(row, grounding_rank=rank)
+        if rank > k:
+            order = sorted(range(len(bank)), key=lambda i: -float(sims[i]))
+            top = [self.banks[row["ability"]][i] for i in order[:k]]
+            reject(
+                row,
+                STAGE,
+                "keyword_not_grounded",
+                f"{keyword!r} ranks {rank} of {len(others) + 1} {row['ability']} keywords for "
+                f"its image (grounding_top_k={k}); top {k}: {', '.join(top)}",
+            )
+
+    def _bank(self, ability: str | None) -> tuple[list[str], Any]:
+        if ability not in self._bank_embeds:
+            if ability not in self.banks:
+                raise ConfigError(
+                    f"quality.grounding_top_k is set but there is no keyword bank for ability "
+                    f"{ability!r} (banks: {sorted(self.banks)}). Pass every ability's bank to "
+                    "add_image_stages, or turn grounding off."
+                )
+            bank = self.banks[ability]
+            texts = [self.cfg.grounding_prompt.format(keyword=kw) for kw in bank]
+            size = self.cfg.clip_batch_size
+            parts = [self._encode_texts(texts[i : i + size]) for i in range(0, len(texts), size)]
+            import torch
+
+            self._bank_embeds[ability] = ([phrase_key(kw) for kw in bank], torch.cat(parts))
+        return self._bank_embeds[ability]
+
+    def _encode_texts(self, texts: list[str]):
+        """L2-normalised CLIP text embeddings (float32, on the device)."""
+        import torch
+
+        tokens = self.processor.tokenizer(
+            texts, padding=True, truncation=True, return_tensors="pt"
+        ).to(self.device)
+        with torch.inference_mode():
+            out = _features(self.clip.get_text_features(**tokens))
+        return torch.nn.functional.normalize(out.float(), dim=-1)
 
 
-def check_quality_models(cfg: QualityConfig) -> str | None:
-    """Resolve ``cfg.clip_model`` without loading it (None when the filter is off)."""
-    from raypipe.generate.render import resolve_pretrained
+def _features(out):
+    """``get_*_features`` output -> the projected embeddings (a tensor in older
+    transformers, ``pooler_output`` of a model output in newer ones)."""
+    return out if hasattr(out, "shape") else out.pooler_output
 
-    if not cfg.clip_model:
+
+def nsfw_verdicts(checker, clip_input):
+    """``(flagged, score)`` per image from a diffusers ``StableDiffusionSafetyChecker``.
+
+    The checker's own rule (its ``forward``), without blacking anything out: an image is
+    flagged when its CLIP embedding's cosine to any concept exceeds that concept's
+    threshold (thresholds drop by 0.01 once a "special care" concept is hit). ``score``
+    is the largest cosine minus threshold: > 0 means flagged.
+    """
+    import torch
+
+    with torch.inference_mode():
+        pooled = checker.vision_model(clip_input)[1]
+        embeds = torch.nn.functional.normalize(checker.visual_projection(pooled).float(), dim=-1)
+
+        def cosine(concepts):
+            return embeds @ torch.nn.functional.normalize(concepts.float(), dim=-1).T
+
+        special = cosine(checker.special_care_embeds) - checker.special_care_embeds_weights.float()
+        adjust = (special > 0).any(dim=1).float() * 0.01
+        concept = cosine(checker.concept_embeds) - checker.concept_embeds_weights.float()
+        score = (concept + adjust[:, None]).max(dim=1).values
+    return (score > 0).cpu(), score.cpu()
+
+
+class RenderAndCheck(Stage):
+    """Render, then check, in one actor on one device: the GPU path of the image stages.
+
+    Input columns: the renderer's and the quality check's (less what rendering makes);
+    output columns: both stages' (see :class:`~raypipe.generate.render.Renderer` and
+    :class:`QualityCheck`). Rows rejected by the renderer pass through the checks.
+    """
+
+    OUTPUT_COLUMNS = Renderer.OUTPUT_COLUMNS
+
+    def __init__(
+        self,
+        render: RenderConfig,
+        quality: QualityConfig,
+        banks: dict[str, list[str]] | None = None,
+        renderer: type[Renderer] = Renderer,
+    ):
+        self.renderer = renderer(render)
+        self.quality = QualityCheck(quality, banks, device=self.renderer.device)
+        made = set(self.renderer.OUTPUT_COLUMNS)
+        needed = self.renderer.INPUT_COLUMNS + tuple(
+            c for c in self.quality.INPUT_COLUMNS if c not in made
+        )
+        self.INPUT_COLUMNS = tuple(dict.fromkeys(needed))
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        return self.quality(self.renderer(batch))
+
+
+# ---------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------
+
+
+def check_quality_models(cfg: QualityConfig) -> dict[str, str]:
+    """Resolve and check the quality models without loading weights: ``{field: path}``.
+
+    Each model must be found (a folder, or a hub id in the local HF cache when offline)
+    and be the right kind (its config.json names a CLIPModel / StableDiffusionSafetyChecker),
+    so a wrong id fails in the job's first seconds with a ModelError that says what to do.
+    Empty when no model gate is on.
+    """
+    out: dict[str, str] = {}
+    if cfg.clip_model:
+        out["clip_model"] = _checked_clip(cfg.clip_model)
+    if cfg.safety_checker:
+        out["safety_checker"] = _checked_safety_checker(cfg.safety_checker)[0]
+    return out
+
+
+def _checked_clip(model: str) -> str:
+    path = resolve_pretrained(model, "config.json", "quality.clip_model")
+    _check_architecture(path, "config.json", "CLIPModel", "quality.clip_model", model)
+    return path
+
+
+def _checked_safety_checker(model: str) -> tuple[str, str]:
+    """``(path, subfolder)`` of a safety checker: a checker's own folder or hub id
+    (subfolder ``""``), or a diffusers pipeline whose ``safety_checker`` subfolder holds
+    one (as SD 1.x pipelines on the hub do)."""
+    field = "quality.safety_checker"
+    try:
+        path, subfolder = resolve_pretrained(model, "config.json", field), ""
+    except ModelError as standalone:
+        try:
+            path = resolve_pretrained(model, f"{PIPELINE_CHECKER[0]}/config.json", field)
+            subfolder = PIPELINE_CHECKER[0]
+        except ModelError:
+            if Path(model).expanduser().is_dir():
+                raise ModelError(
+                    f"{field}={model!r}: the folder holds neither a safety checker "
+                    "(config.json) nor a pipeline with one (safety_checker/config.json). "
+                    "Point it at CompVis/stable-diffusion-safety-checker (or a local copy), "
+                    "or at an SD 1.x pipeline saved with its safety checker."
+                ) from None
+            raise standalone from None
+    marker = f"{subfolder}/config.json" if subfolder else "config.json"
+    _check_architecture(path, marker, "StableDiffusionSafetyChecker", field, model)
+    return path, subfolder
+
+
+def _check_architecture(path: str, marker: str, wanted: str, field: str, given: str) -> None:
+    config = _read_json(path, marker)
+    if config is None:
+        return  # resolve_pretrained found the marker; unreadable here (rare): load decides
+    kinds = config.get("architectures") or []
+    if config.get("model_type") != "clip" or (kinds and wanted not in kinds):
+        raise ModelError(
+            f"{field}={given!r} is a {', '.join(kinds) or config.get('model_type')!s}, not a "
+            f"{wanted}. "
+            + (
+                "Use a CLIP checkpoint such as openai/clip-vit-large-patch14."
+                if wanted == "CLIPModel"
+                else "Use CompVis/stable-diffusion-safety-checker or an SD 1.x pipeline "
+                "with a safety_checker subfolder."
+            )
+        )
+
+
+def _read_json(path: str, marker: str) -> dict[str, Any] | None:
+    local = Path(path) / marker
+    if not local.is_file():
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(path, marker)
+        local = Path(hit) if isinstance(hit, str) else None
+    try:
+        return json.loads(local.read_text()) if local else None
+    except (OSError, ValueError):
         return None
-    return resolve_pretrained(cfg.clip_model, "config.json", "quality.clip_model")
 
 
-def load_clip(cfg: QualityConfig):
-    """CLIPModel + processor for the CLIP-score filter -> (model, processor, device)."""
+def load_clip(cfg: QualityConfig, device: str = "cpu", dtype=None):
+    """CLIPModel + processor for the CLIP gates -> (model, processor)."""
     from transformers import CLIPModel, CLIPProcessor
 
-    from raypipe.generate.render import resolve_device
-
-    path = check_quality_models(cfg)
-    device = resolve_device(cfg.device, "quality.device")
+    path = _checked_clip(cfg.clip_model)
     try:
-        model = CLIPModel.from_pretrained(path, use_safetensors=True).to(device).eval()
+        model = CLIPModel.from_pretrained(path, use_safetensors=True, dtype=dtype)
         processor = CLIPProcessor.from_pretrained(path)
     except Exception as e:
         raise ModelError(
@@ -206,7 +461,30 @@ def load_clip(cfg: QualityConfig):
             "openai/clip-vit-large-patch14 (in the local HF cache when HF_HUB_OFFLINE=1) "
             "or a folder saved with save_pretrained."
         ) from e
-    return model, processor, device
+    return model.to(device).eval(), processor
+
+
+def load_safety_checker(cfg: QualityConfig, device: str = "cpu", dtype=None):
+    """diffusers StableDiffusionSafetyChecker + its CLIP image processor -> (model, processor)."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPImageProcessor
+
+    path, subfolder = _checked_safety_checker(cfg.safety_checker)
+    processor_folder = PIPELINE_CHECKER[1] if subfolder else ""
+    try:
+        model = StableDiffusionSafetyChecker.from_pretrained(
+            path, subfolder=subfolder, use_safetensors=True, dtype=dtype
+        )
+        processor = CLIPImageProcessor.from_pretrained(path, subfolder=processor_folder)
+    except Exception as e:
+        raise ModelError(
+            f"could not load quality.safety_checker={cfg.safety_checker!r} ({path}"
+            f"{'/' + subfolder if subfolder else ''}) as a StableDiffusionSafetyChecker with "
+            f"its image processor: {type(e).__name__}: {e}. Use "
+            "CompVis/stable-diffusion-safety-checker (safetensors weights; in the local HF "
+            "cache when HF_HUB_OFFLINE=1) or an SD 1.x pipeline saved with its checker."
+        ) from e
+    return model.to(device).eval(), processor
 
 
 # ---------------------------------------------------------------------------------------
@@ -214,21 +492,46 @@ def load_clip(cfg: QualityConfig):
 # ---------------------------------------------------------------------------------------
 
 
-def add_quality(ds, cfg: QualityConfig):
-    """Append the quality stage to a Ray Dataset (an actor pool: the CLIP model loads once)."""
-    import ray
-
-    use_gpu = bool(cfg.clip_model) and cfg.gpus_per_actor > 0
-    return ds.map_batches(
+def add_quality(ds, cfg: QualityConfig, banks: dict[str, list[str]] | None = None):
+    """Append the quality stage as its own CPU actor pool (models load once per actor)."""
+    return add_stage(
+        ds,
         QualityCheck,
-        fn_constructor_kwargs={"cfg": cfg},
-        batch_size=cfg.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.max_actors),
+        {"cfg": cfg, "banks": banks if cfg.grounding_top_k is not None else None},
+        min_actors=1,
+        max_actors=cfg.max_actors,
         num_cpus=cfg.cpus_per_actor,
-        num_gpus=cfg.gpus_per_actor if use_gpu else None,
     )
 
 
-#: The stage's ``build_*`` name (DESIGN.md: one plain function appends a stage).
+def add_image_stages(
+    ds,
+    render: RenderConfig,
+    quality: QualityConfig,
+    banks: dict[str, list[str]],
+):
+    """Append rendering and the quality checks to a Ray Dataset; returns the new Dataset.
+
+    ``banks`` maps each ability to its keyword bank (used when grounding is on). On GPUs
+    one pool of :class:`RenderAndCheck` actors does both, on each actor's GPU; on CPU a
+    render pool is followed by a quality pool. See the module docstring for why.
+    """
+    if quality.grounding_top_k is not None and not banks:
+        raise ConfigError(
+            "quality.grounding_top_k is set but no keyword banks were given: pass "
+            "ability -> keywords for every ability, or set quality.grounding_top_k: null"
+        )
+    use_gpu = render_uses_gpu(render)
+    if not use_gpu:
+        return add_quality(add_render(ds, render), quality, banks)
+    kwargs = {
+        "render": render.model_copy(update={"device": "cuda"}),
+        "quality": quality,
+        "banks": banks if quality.grounding_top_k is not None else None,
+    }
+    return add_stage(ds, RenderAndCheck, kwargs, **render_pool_args(render, use_gpu))
+
+
+#: The stages' ``build_*`` name (DESIGN.md: one plain function appends stages).
+build_image_stages = add_image_stages
 build_quality = add_quality

@@ -12,8 +12,12 @@ whichever rows share its pipeline call (on the same kind of machine with the sam
 number of torch threads: thread count changes reduction order too; Ray gives an actor
 ``floor(cpus_per_actor)`` threads). On CUDA the default batches whole calls for speed.
 
-:func:`add_render` appends the stage to a Ray Dataset as an autoscaling actor pool;
-:func:`check_render_model` validates the model id in a second, before any rendering.
+:func:`add_render` appends the stage to a Ray Dataset as an autoscaling actor pool
+(the generation pipeline appends it with the quality checks, through
+:func:`raypipe.generate.quality.add_image_stages`); :func:`check_render_model` validates
+the model id in a second, before any rendering. The pipeline's own safety checker is
+never run: it would black out images without saying so (the quality stage can run the
+same checker as a classifier that rejects with a reason instead).
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ import json
 import logging
 import os
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ import pyarrow as pa
 from raypipe.config import RenderConfig
 from raypipe.errors import ConfigError, ModelError
 from raypipe.generate.emphasis import TokenChunks, encode_chunks, pad_chunks, tokenize_chunks
+from raypipe.generate.stage import Stage, add_stage
 from raypipe.schema import is_rejected, reject, rows_to_table, update_meta
 
 log = logging.getLogger(__name__)
@@ -180,7 +184,7 @@ def load_pipeline(cfg: RenderConfig, device: str, dtype):
     model = check_render_model(cfg)
 
     # 2. Load safetensors weights; safety checker off (it would black out images
-    #    without telling us, and our quality stage rejects black images itself).
+    #    without telling us; quality.safety_checker rejects them with a reason instead).
     kwargs: dict[str, Any] = {"use_safetensors": True}
     # Newer diffusers name it `dtype` and warn on `torch_dtype`; older ones need the latter.
     new_name = hasattr(diffusers.utils.deprecation_utils, "_resolve_dtype")
@@ -196,6 +200,10 @@ def load_pipeline(cfg: RenderConfig, device: str, dtype):
             f"text-to-image pipeline: {type(e).__name__}: {e}. Check that it is a Stable "
             "Diffusion 1.x/2.x/XL or SD-Turbo pipeline with safetensors weights. " + _OFFLINE_HINT
         ) from e
+    if getattr(pipe, "safety_checker", None) is not None:
+        # The model index was not readable beforehand: drop the checker now, unused.
+        log.warning("render: %s came with a safety checker; it is not used", cfg.model)
+        pipe.safety_checker = None
 
     # 3. Scheduler, attention, memory format, device.
     if cfg.scheduler:
@@ -289,7 +297,7 @@ def rowwise_forward(forward, guided: bool):
 # ---------------------------------------------------------------------------------------
 
 
-class Renderer:
+class Renderer(Stage):
     """Render each row's prompt with its own seed; encode the image.
 
     Input columns: ``id``, ``prompt``, ``negative_prompt`` (empty = ``cfg.negative_prompt``),
@@ -331,7 +339,8 @@ class Renderer:
             self.pipe.unet.forward = rowwise_forward(self.pipe.unet.forward, self.guided)
         self.pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def process(self, batch: pa.Table) -> pa.Table:
+        # A block of any size: rendered in calls of at most cfg.batch_size rows.
         rows = batch.to_pylist()
         todo = [r for r in rows if not is_rejected(r)]
         for group in self._groups(todo):
@@ -490,38 +499,32 @@ def render_uses_gpu(cfg: RenderConfig) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def add_render(ds, cfg: RenderConfig, stage: type[Renderer] = Renderer):
-    """Append the render stage to a Ray Dataset: an actor pool of Renderers.
+def render_pool_args(cfg: RenderConfig, use_gpu: bool) -> dict[str, Any]:
+    """The render pool's size and Ray resource requests (for :func:`add_stage`).
 
-    The pool autoscales between ``min_actors`` and ``max_actors``; on GPU each actor asks
-    for ``gpus_per_actor`` GPUs, so a cluster autoscaler adds GPU nodes while the pool
-    wants more actors. A dead actor is restarted and its batch retried
-    (``max_task_retries`` times). ``stage`` may be a Renderer subclass (the benchmark's
-    adds timestamps; a test's crashes on purpose).
+    On GPU each actor asks for ``gpus_per_actor`` GPUs, so a cluster autoscaler adds GPU
+    nodes while the pool wants more actors. A dead actor is restarted (without limit)
+    and its block retried ``max_task_retries`` times.
     """
-    import ray
-
-    use_gpu = render_uses_gpu(cfg)
-    actor_cfg = cfg.model_copy(update={"device": "cuda" if use_gpu else "cpu"})
-    remote_args: dict[str, Any] = {
+    return {
+        "min_actors": cfg.min_actors,
+        "max_actors": cfg.max_actors,
         "num_cpus": cfg.cpus_per_actor,
+        "num_gpus": cfg.gpus_per_actor if use_gpu else None,
         "max_restarts": -1,
         "max_task_retries": cfg.max_task_retries,
     }
-    if use_gpu:
-        remote_args["num_gpus"] = cfg.gpus_per_actor
-    with warnings.catch_warnings():
-        # Ray 2.60 has no named parameter for actor restarts and retries yet, and warns
-        # that extra remote args are deprecated; they are still applied.
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        return ds.map_batches(
-            stage,
-            fn_constructor_kwargs={"cfg": actor_cfg},
-            batch_size=cfg.batch_size,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
-            **remote_args,
-        )
+
+
+def add_render(ds, cfg: RenderConfig, stage: type[Renderer] = Renderer):
+    """Append the render stage alone to a Ray Dataset: an autoscaling pool of Renderers.
+
+    Pool size and resources: :func:`render_pool_args`. ``stage`` may be a Renderer
+    subclass (the benchmark's adds timestamps; a test's crashes on purpose).
+    """
+    use_gpu = render_uses_gpu(cfg)
+    actor_cfg = cfg.model_copy(update={"device": "cuda" if use_gpu else "cpu"})
+    return add_stage(ds, stage, {"cfg": actor_cfg}, **render_pool_args(cfg, use_gpu))
 
 
 #: The stage's ``build_*`` name (DESIGN.md: one plain function appends a stage).

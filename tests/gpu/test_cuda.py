@@ -80,6 +80,52 @@ def test_render_half_precision_is_finite_and_reproducible(models):
         assert a["image"]["bytes"] == b["image"]["bytes"], "same seeds must give the same image"
 
 
+def test_quality_gates_run_on_the_render_gpu(models, tmp_path):
+    """The GPU path of the image stages: render, then CLIP score, grounding and the safety
+    checker in the same actor, on the same device (fp16 on CUDA)."""
+    import json
+
+    from raypipe.config import QualityConfig, RenderConfig
+    from raypipe.generate.quality import RenderAndCheck
+    from raypipe.testing import build_tiny_clip, build_tiny_safety_checker
+
+    render = RenderConfig(
+        model=str(models["sd"]),
+        device=DEVICE,
+        width=64,
+        height=64,
+        steps=2,
+        guidance_scale=5.0,
+        batch_size=4,
+    )
+    quality = QualityConfig(
+        clip_model=str(build_tiny_clip(tmp_path / "clip")),
+        clip_min_score=-1.0,
+        clip_batch_size=3,
+        grounding_top_k=2,
+        safety_checker=str(build_tiny_safety_checker(tmp_path / "checker")),
+    )
+    banks = {"color": ["crimson", "teal", "ochre", "olive"]}
+    stage = RenderAndCheck(render, quality, banks)
+    assert next(stage.quality.clip.parameters()).device.type == DEVICE
+    assert next(stage.quality.safety.parameters()).device.type == DEVICE
+    out = stage(work_rows(6)).to_pylist()
+    ranks = []
+    for r in out:
+        meta = json.loads(r["meta"])
+        assert np.isfinite(meta["clip_score"]) and meta["nsfw_score"] <= 0, meta
+        ranks.append(meta["grounding_rank"])
+        want = None if meta["grounding_rank"] <= 2 else "keyword_not_grounded"
+        assert r["reject_reason"] == want, (r["reject_reason"], r["reject_raw"])
+    assert all(1 <= k <= 4 for k in ranks)
+
+    flag_all = build_tiny_safety_checker(tmp_path / "flag-all", concept_threshold=-2.0)
+    strict = RenderAndCheck(
+        render, quality.model_copy(update={"safety_checker": str(flag_all)}), banks
+    )
+    assert [r["reject_reason"] for r in strict(work_rows(2)).to_pylist()] == ["nsfw", "nsfw"]
+
+
 def test_fsdp2_bf16_training_lowers_the_loss(models, tmp_path):
     import torch.distributed as dist
 
