@@ -12,6 +12,12 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# Fake AWS credentials for the s3_server fixture, set before any Ray worker starts so
+# workers inherit them; they never reach anything but the loopback S3 server.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 
 @pytest.fixture(scope="session")
@@ -67,3 +73,61 @@ def llm_server():
     yield start
     for server in started:
         server.stop()
+
+
+class S3Endpoint:
+    """A loopback S3 server (moto) for tests: its address, a filesystem and URIs on it."""
+
+    region = "us-east-1"
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint  # "127.0.0.1:PORT"
+
+    def filesystem(self):
+        """A ``pyarrow.fs.S3FileSystem`` on this server (it may create buckets)."""
+        import pyarrow.fs as pafs
+
+        return pafs.S3FileSystem(
+            endpoint_override=self.endpoint,
+            scheme="http",
+            access_key="test",
+            secret_key="test",
+            region=self.region,
+            allow_bucket_creation=True,
+        )
+
+    def make_bucket(self, name: str) -> str:
+        """Create bucket ``name`` (no error if it exists); returns the name."""
+        self.filesystem().create_dir(name)
+        return name
+
+    def uri(self, bucket: str, path: str = "") -> str:
+        """``s3://bucket/path?endpoint_override=...``: what ``FileSystem.from_uri`` opens.
+
+        The keys come from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (set above, and
+        inherited by Ray workers); pyarrow's S3 URIs take no keys in the query.
+        """
+        where = f"{bucket}/{path.strip('/')}".rstrip("/")
+        return f"s3://{where}?endpoint_override={self.endpoint}&scheme=http&region={self.region}"
+
+    def __repr__(self) -> str:
+        return f"S3Endpoint({self.endpoint!r})"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible HTTP endpoint on 127.0.0.1 (moto), shared by the session.
+
+    Creates no bucket: call ``s3_server.make_bucket(name)`` (use names unique to your
+    test). See :class:`S3Endpoint` for ``.endpoint``, ``.filesystem()`` and ``.uri()``.
+    """
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per S3 call otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield S3Endpoint(f"{host}:{port}")
+    server.stop()
