@@ -5,7 +5,10 @@
 It serves ``POST /v1/chat/completions``, ``GET /v1/models`` and ``GET /stats`` on
 127.0.0.1 only, for a bounded time, and can inject the faults a real endpoint
 shows: 429 with Retry-After, 500, a hang past the client's timeout, a malformed
-JSON body, malformed or empty content. Which fault a request gets is a pure
+JSON body, malformed or empty content. It can also be picky as real servers are:
+refuse ``max_tokens`` and ``temperature`` for reasoning models with OpenAI's own 400
+answers (``reasoning_models``), or answer ``GET /v1/models`` with another status
+(``models_status``: 405, 501, ...). Which fault a request gets is a pure
 function of (seed, request hash, attempt number), so a run is reproducible and a
 test can force a fault for, say, the first attempt of one request
 (``fault_fn``). ``responder`` maps the request's messages to the answer text, so
@@ -76,7 +79,9 @@ class _Event:
     time: float
     hash: str
     attempt: int  # 0 for the first time this request hash arrived
-    fault: str | None
+    fault: str | None  # "unsupported_param" for a refused reasoning-model parameter
+    query: str = ""  # the request URL's query string (e.g. "api-key=...")
+    authorization: str = ""  # the Authorization header sent
 
 
 class LLMServer:
@@ -95,6 +100,12 @@ class LLMServer:
         responder: ``messages -> content text`` for successful answers.
         api_key: the bearer token clients must send; None accepts any.
         models: ids listed by ``GET /v1/models``; empty: the route answers 404.
+        models_status: when set, ``GET /v1/models`` answers this HTTP status instead
+            (405 and 501 are what servers without the route send).
+        reasoning_models: model names that behave like OpenAI's reasoning models: a
+            request with ``max_tokens``, or a ``temperature`` other than 1, gets
+            OpenAI's 400 answer (``max_completion_tokens`` is accepted).
+        refuse: which of ``max_tokens`` and ``temperature`` those models refuse.
         lifetime_s: the server shuts itself down after this many seconds.
         seed: seeds fault selection.
     """
@@ -111,6 +122,9 @@ class LLMServer:
         responder: Callable[[list[dict[str, Any]]], str] | None = None,
         api_key: str | None = None,
         models: tuple[str, ...] = ("test-model",),
+        models_status: int | None = None,
+        reasoning_models: tuple[str, ...] = (),
+        refuse: tuple[str, ...] = ("max_tokens", "temperature"),
         lifetime_s: float = 120.0,
         seed: int = 0,
     ) -> None:
@@ -129,6 +143,9 @@ class LLMServer:
         self.responder = responder or default_responder
         self.api_key = api_key
         self.models = models
+        self.models_status = models_status
+        self.reasoning_models = tuple(reasoning_models)
+        self.refuse = tuple(refuse)
         self.lifetime_s = lifetime_s
         self.seed = seed
 
@@ -227,6 +244,29 @@ class LLMServer:
                 return name
         return None
 
+    def refused_param(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """OpenAI's 400 error object for a parameter a reasoning model refuses, or None."""
+        if body.get("model") not in self.reasoning_models:
+            return None
+        if "max_tokens" in body and "max_tokens" in self.refuse:
+            return {
+                "message": "Unsupported parameter: 'max_tokens' is not supported with this "
+                "model. Use 'max_completion_tokens' instead.",
+                "type": "invalid_request_error",
+                "param": "max_tokens",
+                "code": "unsupported_parameter",
+            }
+        temperature = body.get("temperature", 1)
+        if temperature != 1 and "temperature" in self.refuse:
+            return {
+                "message": f"Unsupported value: 'temperature' does not support {temperature} "
+                "with this model. Only the default (1) value is supported.",
+                "type": "invalid_request_error",
+                "param": "temperature",
+                "code": "unsupported_value",
+            }
+        return None
+
     def record(self, digest: str) -> tuple[int, float]:
         with self._lock:
             attempt = self.attempts_by_hash[digest]
@@ -286,6 +326,9 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0].rstrip("/")
         if path == "/stats":
             self._send(200, json.dumps(self.llm.stats()).encode())
+        elif path == "/v1/models" and self.llm.models_status is not None:
+            status = self.llm.models_status
+            self._error(status, f"GET {path} answers HTTP {status} here", "invalid_request_error")
         elif path == "/v1/models" and self.llm.models:
             if not self._authorized():
                 return
@@ -327,11 +370,17 @@ class _Handler(BaseHTTPRequestHandler):
         llm = self.llm
         digest = request_hash(body)
         attempt, now = llm.record(digest)
-        fault = llm.choose_fault(digest, attempt, body)
+        refused = llm.refused_param(body)
+        fault = "unsupported_param" if refused else llm.choose_fault(digest, attempt, body)
+        query = self.path.split("?", 1)[1] if "?" in self.path else ""
         with llm._lock:
-            llm.events.append(_Event(now, digest, attempt, fault))
+            auth = self.headers.get("Authorization", "")
+            llm.events.append(_Event(now, digest, attempt, fault, query, auth))
             if fault:
                 llm.fault_counts[fault] += 1
+        if refused:  # answered at once, as a real server validates before queueing
+            self._send(400, json.dumps({"error": refused}).encode())
+            return
         llm.wait(llm.latency_s)
 
         if fault == "429":

@@ -1,8 +1,10 @@
-"""The openai backend against the loopback server: faults, retries, cache, limits, cost, secrets."""
+"""The openai backend against the loopback server: faults, retries, cache, limits, cost,
+secrets, reasoning-model parameters."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import pickle
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 from llm_server import BAD_CONTENTS, STANDARD_FAULTS, http_date
 
-from raypipe.config import LLMConfig
+from raypipe.config import LLMConfig, is_reasoning_model, redact_url, redacted
 from raypipe.errors import EndpointError
 from raypipe.llm import make_backend
 from raypipe.llm.base import LLMRequest
@@ -243,6 +245,64 @@ def test_api_key_is_sent_but_never_leaks(llm_server, tmp_path, caplog, capsys, m
         assert not any(secret in t for t in texts), secret
 
 
+def test_credentials_in_base_url_are_sent_but_never_written(llm_server, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)  # the HTTP library logs every request's URL at INFO
+    server = llm_server(fault_fn=lambda h, a, body: "400" if "doomed" in user_text(body) else None)
+    password, query_key, token = "pw-SECRET-91c2e4", "qk-SECRET-55aa0f", "tk-SECRET-77bb3d"
+    host_path = server.url.split("://", 1)[1]
+    url = f"http://alice:{password}@{host_path}?api-key={query_key}&token={token}&api-version=7"
+    cfg = make_cfg(server, base_url=url)
+    texts: list[str] = []
+    with OpenAIBackend(cfg, tmp_path / "cache") as llm:
+        texts += [repr(llm), str(llm.check()), llm.base_url]
+        results = llm.complete_batch(requests_(5) + requests_(1, tag="doomed"))
+        texts += [r.error or "" for r in results]
+    assert sum(r.ok for r in results) == 5 and results[-1].error.startswith("http_400")
+    # The query parameters reach the server with every request; user:password as Basic auth.
+    basic = "Basic " + base64.b64encode(f"alice:{password}".encode()).decode()
+    assert all(e.query == f"api-key={query_key}&token={token}&api-version=7" for e in server.events)
+    assert all(e.authorization == basic for e in server.events)
+
+    server.stop()  # an error message that quotes the (redacted) URL
+    with OpenAIBackend(cfg, None) as llm:
+        with pytest.raises(EndpointError) as info:
+            llm.check(timeout_s=2)
+    manifest = json.dumps(redacted({"llm": cfg.model_dump(mode="json")}))
+    texts += [str(info.value), manifest, caplog.text]
+    texts += [p.read_text() for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert "http://***@127.0.0.1" in str(info.value) and "api-key=***" in manifest
+    assert "api-key=***&token=***&api-version=7" in caplog.text  # scrubbed, not silenced
+    for secret in (password, query_key, token):
+        assert not any(secret in t for t in texts), secret
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://user:pass%40word@host/v1", "https://***@host/v1"),
+        ("https://sk-abc123@host:8443/v1", "https://***@host:8443/v1"),
+        ("https://h/v1?api-key=abc&api-version=1", "https://h/v1?api-key=***&api-version=1"),
+        (
+            "https://h/v1?key=a&token=b&access_token=c&sig=d&model=m",
+            "https://h/v1?key=***&token=***&access_token=***&sig=***&model=m",
+        ),
+        ("http://127.0.0.1:8000/v1", "http://127.0.0.1:8000/v1"),
+        ("s3://bucket/cache?endpoint_override=127.0.0.1:9000&scheme=http", None),
+        ("not a url", None),
+    ],
+)
+def test_redact_url(url, shown):
+    assert redact_url(url) == (shown or url)
+
+
+def test_manifest_redacts_urls_and_key_values(monkeypatch):
+    monkeypatch.setenv("SOME_API_TOKEN", "env-secret-value-123")
+    cfg = LLMConfig(backend="openai", base_url="https://u:p4ss@h/v1?api-key=zzz9", api_key_env="X")
+    out = redacted({"llm": cfg.model_dump(mode="json"), "note": "uses env-secret-value-123"})
+    assert out["llm"]["base_url"] == "https://***@h/v1?api-key=***"
+    assert out["llm"]["api_key_env"] == "X" and out["note"] == "uses ***"
+
+
 def test_missing_key_variable_names_it(monkeypatch, llm_server):
     server = llm_server()
     monkeypatch.delenv(KEY_ENV)
@@ -300,8 +360,9 @@ def test_requests_per_minute_limit_bounds_the_rate(llm_server):
         results = llm.complete_batch(requests_(50))
     assert all(r.ok for r in results)
     times = sorted(e.time for e in server.events)
-    # After the first second's burst (20), the other 30 arrive at <= 20/s.
-    assert times[-1] - times[19] >= 30 / 20 * 0.9
+    # After the first second's burst (20), the other 30 arrive at <= 20/s: 1.5 s after the
+    # first, less the time the first waited for its new connection (up to ~0.2 s here).
+    assert times[-1] - times[0] >= 30 / 20 - 0.25
     for i in range(len(times)):  # no one-second window holds more than burst + rate
         assert sum(1 for t in times[i:] if t - times[i] < 1.0) <= 41
 
@@ -464,12 +525,74 @@ def test_check_reports_what_to_fix(llm_server):
     assert url in str(info.value) and "vllm serve" in str(info.value)
 
 
+# ---------------------------------------------------------------------------------------
+# Reasoning models and picky servers
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "reasoning"),
+    [("o1", True), ("o3-mini", True), ("o4-mini-2025-04-16", True), ("gpt-5", True),
+     ("gpt-5.1-mini", True), ("openai/o3", True), ("gpt-4o", False), ("gpt-4.1-mini", False),
+     ("omni-moderation", False), ("Qwen/Qwen2.5-7B-Instruct", False)],
+)  # fmt: skip
+def test_reasoning_auto_rule(model, reasoning):
+    assert is_reasoning_model(model) is reasoning
+    assert LLMConfig(model=model).reasoning_on() is reasoning
+    assert LLMConfig(model=model, reasoning="on").reasoning_on()
+    assert not LLMConfig(model=model, reasoning="off").reasoning_on()
+
+
+def test_reasoning_model_gets_max_completion_tokens_and_no_temperature(llm_server):
+    bodies: list[dict] = []
+    server = llm_server(
+        models=("o3-mini",),
+        reasoning_models=("o3-mini",),
+        fault_fn=lambda h, a, body: bodies.append(body),  # None: no fault
+    )
+    with OpenAIBackend(make_cfg(server, model="o3-mini"), None) as llm:  # reasoning=auto
+        assert llm.check()["model"] == "o3-mini"
+        results = llm.complete_batch(requests_(8, max_tokens=300))
+    assert all(r.ok for r in results) and not server.stats()["faults"]
+    assert len(bodies) == 9  # the check's probe, then the work
+    for body in bodies[1:]:
+        assert body["max_completion_tokens"] == 300
+        assert "max_tokens" not in body and "temperature" not in body
+
+
+@pytest.mark.parametrize(
+    ("refuse", "param"),
+    [(("max_tokens", "temperature"), "max_tokens"), (("temperature",), "temperature")],
+)
+def test_reasoning_off_against_a_reasoning_model_fails_the_check_fast(llm_server, refuse, param):
+    server = llm_server(models=("o3-mini",), reasoning_models=("o3-mini",), refuse=refuse)
+    cfg = make_cfg(server, model="o3-mini", reasoning="off")
+    with OpenAIBackend(cfg, None) as llm:
+        start = time.monotonic()
+        with pytest.raises(EndpointError, match="set llm.reasoning=on") as info:
+            llm.check()
+        assert time.monotonic() - start < 3
+        assert server.total_requests == 1  # before any work
+        (result,) = llm.complete_batch(requests_(1))  # a run that skipped the check
+    assert f"'{param}'" in str(info.value) and "o3-mini" in str(info.value)
+    assert result.error.startswith("http_400") and "llm.reasoning=on" in result.error
+    assert result.attempts == 1  # a 400 is not retried
+
+
+@pytest.mark.parametrize("status", [404, 405, 501])
+def test_models_route_refused_falls_back_to_a_probe(llm_server, status):
+    server = llm_server(models_status=status)
+    with OpenAIBackend(make_cfg(server), None) as llm:
+        assert llm.check()["models"] == 0
+    assert server.total_requests == 1
+
+
 def test_make_backend_picks_the_named_backend(llm_server, tmp_path):
     server = llm_server()
     llm = make_backend(make_cfg(server), tmp_path)
     try:
         assert isinstance(llm, OpenAIBackend) and llm.cache is not None
-        assert Path(llm.cache.root) == tmp_path
+        assert Path(llm.cache.root) == tmp_path and llm.limiter is None
     finally:
         llm.close()
     no_cache = make_backend(make_cfg(server, cache=False), tmp_path)

@@ -11,6 +11,7 @@ from raypipe.llm.base import LLMBackend, Secret
 
 if TYPE_CHECKING:
     from raypipe.abilities import Ability
+    from raypipe.llm.limits import LimiterHandle
 
 
 def make_backend(
@@ -18,17 +19,22 @@ def make_backend(
     cache_dir: str | Path | None = None,
     catalog: Mapping[str, Ability] | None = None,
     api_key: Secret | None = None,
+    limiter: LimiterHandle | None = None,
 ) -> LLMBackend:
-    """The backend ``cfg.backend`` names: ``openai`` (cached in ``cache_dir``) or ``offline``.
+    """The backend ``cfg.backend`` names: ``openai`` or ``offline``.
 
-    ``catalog`` is the run's ability catalog (user abilities included); the offline
-    writer answers from it. ``api_key`` is used when ``cfg.api_key_env`` is not set in
-    this process (a driver passes its key to Ray actors this way).
+    ``cache_dir`` is where ``openai`` caches answers: a local folder or a pyarrow
+    filesystem URI (``s3://bucket/run/cache?endpoint_override=...``). ``catalog`` is the
+    run's ability catalog (user abilities included); the offline writer answers from it.
+    ``api_key`` is used when ``cfg.api_key_env`` is not set in this process (a driver
+    passes its key to Ray actors this way). ``limiter`` is the job's rate limiter from
+    :func:`raypipe.llm.limits.start_limiter`: every backend given it shares the job's
+    ``requests_per_minute``/``tokens_per_minute``; without it they apply per backend.
     """
     if cfg.backend == "openai":
         from raypipe.llm.client import OpenAIBackend
 
-        return OpenAIBackend(cfg, cache_dir, api_key)
+        return OpenAIBackend(cfg, cache_dir, api_key, limiter)
     if cfg.backend == "offline":
         from raypipe.llm.offline import OfflineBackend
 

@@ -54,15 +54,24 @@ class LLMRequest:
 
 @dataclass
 class LLMResult:
-    """The outcome of one request, success or failure."""
+    """The outcome of one request, success or failure.
+
+    Usage comes in two kinds that never overlap: ``prompt_tokens``, ``completion_tokens``
+    and ``cost_usd`` are what this request paid for (HTTP answers); ``cached_*`` is the
+    usage of a stored answer served instead (``cached=True``: no HTTP call, nothing
+    paid, so ``cost_usd`` is 0).
+    """
 
     key: str
     text: str | None  # the completion text; None when the request failed
     error: str | None = None  # why it failed (after retries), e.g. "http_429: ...", "timeout"
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float = 0.0
-    cached: bool = False  # answered from the on-disk cache (no HTTP call, no cost)
+    prompt_tokens: int = 0  # paid: prompt tokens the endpoint reported for this request
+    completion_tokens: int = 0  # paid: completion tokens reported for this request
+    cost_usd: float = 0.0  # paid: USD for this request (llm.prices); 0 when cached
+    cached: bool = False  # answered from the cache, or by an identical request in flight
+    cached_prompt_tokens: int = 0  # served: prompt tokens of the stored answer
+    cached_completion_tokens: int = 0  # served: completion tokens of the stored answer
+    cached_cost_usd: float = 0.0  # served: what the stored answer cost when it was paid for
     attempts: int = 0  # HTTP attempts made (0 for cache hits and offline)
     latency_s: float = 0.0
 
@@ -81,7 +90,9 @@ class LLMBackend(Protocol):
         ...
 
     def stats(self) -> dict[str, Any]:
-        """Counters: requests, cache_hits, http_calls, retries, failures, tokens, cost_usd."""
+        """Counters: requests, cache_hits, http_calls, retries, failures; paid
+        prompt_tokens, completion_tokens, cost_usd; and (openai) the usage served from
+        the cache: cached_prompt_tokens, cached_completion_tokens, cached_cost_usd."""
         ...
 
     def close(self) -> None: ...

@@ -9,10 +9,13 @@ must stay on the loop that made it); work is handed to it with
 
 Per request, in order:
 
-1. the on-disk cache (a hit costs nothing and makes no HTTP call);
-2. a concurrency slot (``llm.concurrency``), then the request- and token-per-minute
-   buckets (tokens estimated from the message length plus ``max_tokens``, corrected
-   with the reported usage afterwards);
+1. the response cache (a local folder or a URI; a hit costs nothing, makes no HTTP
+   call and reports the tokens it served as ``cached_*``);
+2. a concurrency slot (``llm.concurrency``, per client), then permits from the
+   request- and token-per-minute limits: the job's limiter actor when one is given
+   (:mod:`raypipe.llm.limits`; the limits are then job-wide), else in-process buckets
+   (tokens estimated from the message length plus ``max_tokens``, corrected with the
+   reported usage afterwards);
 3. one HTTP attempt with a per-attempt timeout; tenacity retries 429, 5xx, timeouts,
    connection errors and malformed bodies with jittered exponential backoff, or
    after the server's ``Retry-After``/``retry-after-ms`` when it sends one, up to
@@ -20,15 +23,23 @@ Per request, in order:
 4. the answer's text, token usage and cost (``llm.prices``) into an
    :class:`~raypipe.llm.base.LLMResult`; successful answers go to the cache.
 
+Reasoning models (``llm.reasoning``) get ``max_completion_tokens`` and no
+``temperature``; :meth:`OpenAIBackend.check` sends one request shaped like the real
+ones, so a server that refuses those parameters fails the run before any work.
+
 A request that still fails comes back as ``LLMResult(text=None, error="<kind>: <detail>")``;
 nothing is raised for one request. The API key is read from the environment
-variable ``llm.api_key_env``, handed to the HTTP client and scrubbed from every
-message raypipe writes.
+variable ``llm.api_key_env`` and sent as a Bearer token; query parameters of
+``llm.base_url`` (``?api-key=...``) are sent with every request, and a
+``user:password@`` part as HTTP Basic auth instead of the Bearer token. The key and any
+credentials inside ``llm.base_url`` are scrubbed from every message raypipe writes,
+and from the HTTP library's own log lines (which quote request URLs).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import email.utils
 import json
@@ -38,19 +49,21 @@ import random
 import sys
 import threading
 import time
+import uuid
 from collections import Counter, deque
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import openai
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
-from raypipe.config import LLMConfig
+from raypipe.config import LLMConfig, redact_url, url_secrets
 from raypipe.errors import EndpointError
 from raypipe.llm.base import LLMRequest, LLMResult, Secret
 from raypipe.llm.cache import ResponseCache, request_key
+from raypipe.llm.limits import Leases, LimiterHandle, TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -180,54 +193,110 @@ class Slots:
         self.free += 1
 
 
-class TokenBucket:
-    """A per-minute limit as a bucket refilled continuously, holding one second's worth.
-
-    ``acquire(n)`` waits until the bucket holds ``n`` (or is full, for requests bigger
-    than a second's worth) and takes ``n``; it may go negative, which delays the next
-    callers, so the long-run rate stays at the limit. Waiters are served in order, and
-    a give-back (``adjust`` with a negative amount) wakes the one waiting.
-    """
-
-    def __init__(self, per_minute: float) -> None:
-        self.rate = per_minute / 60.0
-        self.capacity = max(1.0, self.rate)
-        self.tokens = self.capacity
-        self.stamp = time.monotonic()
-        self._lock = asyncio.Lock()
-        self._given_back = asyncio.Event()
-
-    def _refill(self) -> None:
-        now = time.monotonic()
-        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-
-    async def acquire(self, n: float) -> None:
-        async with self._lock:
-            need = min(n, self.capacity)
-            self._refill()
-            while self.tokens < need:
-                self._given_back.clear()
-                try:
-                    await asyncio.wait_for(
-                        self._given_back.wait(), (need - self.tokens) / self.rate
-                    )
-                except asyncio.TimeoutError:
-                    pass
-                self._refill()
-            self.tokens -= n
-
-    def adjust(self, extra: float) -> None:
-        """Take ``extra`` more (or give back, if negative) once the real cost is known."""
-        self._refill()
-        self.tokens = min(self.capacity, self.tokens - extra)
-        if extra < 0:
-            self._given_back.set()
-
-
 def estimate_prompt_tokens(messages: tuple[dict[str, str], ...] | list[dict[str, str]]) -> int:
     """About 4 characters per token plus a few per message, as OpenAI's guidance has it."""
     return 3 + sum(4 + len(str(m.get("content") or "")) // 4 for m in messages)
+
+
+class LocalLimits:
+    """``llm.requests_per_minute``/``tokens_per_minute`` applied in this process only:
+    what a backend uses when no job limiter was handed to it."""
+
+    def __init__(self, cfg: LLMConfig) -> None:
+        self._rpm = TokenBucket(cfg.requests_per_minute) if cfg.requests_per_minute else None
+        self._tpm = TokenBucket(cfg.tokens_per_minute) if cfg.tokens_per_minute else None
+
+    async def acquire(self, tokens: float) -> None:
+        if self._rpm is not None:
+            await self._rpm.acquire(1)
+        if self._tpm is not None:
+            await self._tpm.acquire(tokens)
+
+    def correct(self, extra_tokens: float) -> None:
+        if self._tpm is not None:
+            self._tpm.adjust(extra_tokens)
+
+    async def close(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------
+# Reasoning models and parameters a server refuses
+# ---------------------------------------------------------------------------------------
+
+#: Request parameters that differ between reasoning and classic chat models.
+SHAPE_PARAMS = ("max_tokens", "max_completion_tokens", "temperature")
+#: Words with which servers refuse a parameter (OpenAI, vLLM's and pydantic's validators).
+REFUSAL_WORDS = ("unsupported", "not supported", "unrecognized", "unknown", "extra", "permitted")
+
+
+def refused_parameter(exc: BaseException) -> str | None:
+    """The request parameter a 400/422 answer refuses (max_tokens, temperature, ...), if any."""
+    if not isinstance(exc, openai.APIStatusError) or exc.status_code not in (400, 422):
+        return None
+    body = exc.body if isinstance(exc.body, dict) else {}
+    inner = body.get("error") if isinstance(body.get("error"), dict) else body
+    if inner.get("param") in SHAPE_PARAMS:
+        return inner["param"]
+    text = f"{inner.get('message') or exc.message} {inner.get('code') or ''}".lower()
+    if not any(word in text for word in REFUSAL_WORDS):
+        return None
+    quoted = [p for p in SHAPE_PARAMS if f"'{p}'" in text or f"`{p}`" in text]
+    named = quoted or [p for p in SHAPE_PARAMS if p in text]
+    return named[0] if named else None
+
+
+def parameter_hint(param: str, reasoning_on: bool) -> str:
+    """What to set when the server refused ``param`` (see ``llm.reasoning``)."""
+    if reasoning_on:
+        return (
+            f"the server refuses {param!r}, which llm.reasoning=on sends "
+            "(max_completion_tokens, no temperature): set llm.reasoning=off for servers and "
+            "models that take max_tokens and temperature."
+        )
+    return (
+        f"the server refuses {param!r}, as OpenAI's reasoning models (o1, o3, o4-mini, gpt-5, "
+        "...) do: set llm.reasoning=on (max_completion_tokens, no temperature)."
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Secrets in log lines the HTTP library writes (it quotes request URLs)
+# ---------------------------------------------------------------------------------------
+
+
+class _ScrubLogFilter(logging.Filter):
+    """Replaces registered secrets in the records of the loggers it is attached to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._counts: Counter[str] = Counter()  # secret -> backends using it
+        self._secrets: tuple[str, ...] = ()  # longest first; replaced whole, never mutated
+        self._lock = threading.Lock()
+
+    def register(self, secrets: list[str], add: bool) -> None:
+        with self._lock:
+            for value in secrets:
+                self._counts[value] += 1 if add else -1
+            self._counts = +self._counts  # drop counts at zero
+            self._secrets = tuple(sorted(self._counts, key=len, reverse=True))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        secrets = self._secrets
+        if secrets:
+            message = clean = record.getMessage()
+            for value in secrets:
+                clean = clean.replace(value, "***")
+            if clean != message:
+                record.msg, record.args = clean, None
+        return True
+
+
+#: The HTTP libraries' loggers whose lines can quote a request URL.
+URL_LOGGERS = ("httpx", "httpx2", "httpcore", "openai", "openai._base_client")
+_log_scrub = _ScrubLogFilter()
+for _name in URL_LOGGERS:
+    logging.getLogger(_name).addFilter(_log_scrub)
 
 
 # ---------------------------------------------------------------------------------------
@@ -235,16 +304,26 @@ def estimate_prompt_tokens(messages: tuple[dict[str, str], ...] | list[dict[str,
 # ---------------------------------------------------------------------------------------
 
 
-def _safe_url(url: str | None) -> str:
-    """The base URL without any user:password part (for messages and repr)."""
-    if not url:
-        return "https://api.openai.com/v1"
+def split_base_url(url: str | None) -> tuple[str | None, dict[str, str], dict[str, str]]:
+    """``(url, query parameters, headers)`` for the openai SDK from ``llm.base_url``.
+
+    The SDK appends request paths to the base URL's text, so query parameters
+    (``?api-key=...``) go as its default query. A ``user:password@`` part is sent as
+    HTTP Basic auth, in place of the Bearer key, on every transport (as curl does;
+    left in the URL, httpx would do the same silently and aiohttp would refuse it).
+    """
+    if not url or ("?" not in url and "@" not in url):
+        return url, {}, {}
     parts = urlsplit(url)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        netloc = f"{host}:{parts.port}" if parts.port else host
-        parts = parts._replace(netloc=netloc)
-    return urlunsplit(parts)
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    headers = {}
+    if "@" in parts.netloc:
+        userinfo, host = parts.netloc.rsplit("@", 1)
+        user, _, password = userinfo.partition(":")
+        pair = f"{unquote(user)}:{unquote(password)}".encode()
+        headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+        parts = parts._replace(netloc=host)
+    return urlunsplit(parts._replace(query="")), query, headers
 
 
 def _price(prices: dict[str, tuple[float, float]], model: str) -> tuple[float, float] | None:
@@ -255,6 +334,8 @@ def _price(prices: dict[str, tuple[float, float]], model: str) -> tuple[float, f
     return prices[max(matches, key=len)] if matches else None
 
 
+#: Counters of ``stats()``. ``prompt_tokens``/``completion_tokens`` are paid usage (HTTP
+#: answers); ``cached_*`` is usage served from the cache (and in-flight duplicates).
 STAT_KEYS = (
     "requests",
     "cache_hits",
@@ -263,6 +344,8 @@ STAT_KEYS = (
     "failures",
     "prompt_tokens",
     "completion_tokens",
+    "cached_prompt_tokens",
+    "cached_completion_tokens",
 )
 
 
@@ -271,17 +354,25 @@ class OpenAIBackend:
 
     Args:
         cfg: the client's settings (endpoint, key variable, limits, retries, prices).
-        cache_dir: folder of the response cache (``OUT/cache``); None, or
-            ``cfg.cache=False``, turns caching off.
+        cache_dir: where the response cache lives: a local folder (``OUT/cache``) or a
+            pyarrow filesystem URI (``s3://bucket/run/cache?endpoint_override=...``);
+            None, or ``cfg.cache=False``, turns caching off.
         api_key: the key as a :class:`~raypipe.llm.base.Secret`, used when the
             environment variable ``cfg.api_key_env`` is not set in this process.
+        limiter: the job's limiter (:func:`raypipe.llm.limits.start_limiter`); None =
+            apply ``cfg``'s rate limits in this process only.
 
     Raises:
         EndpointError: the environment variable ``cfg.api_key_env`` is not set.
+        ConfigError: the cache location cannot be opened.
     """
 
     def __init__(
-        self, cfg: LLMConfig, cache_dir: str | Path | None = None, api_key: Secret | None = None
+        self,
+        cfg: LLMConfig,
+        cache_dir: str | Path | None = None,
+        api_key: Secret | None = None,
+        limiter: LimiterHandle | None = None,
     ) -> None:
         # The environment wins; ``api_key`` is how a driver hands its key to Ray actors
         # on machines where the variable is not set.
@@ -294,8 +385,18 @@ class OpenAIBackend:
             )
         self.cfg = cfg
         self.model = cfg.model
-        self.base_url = _safe_url(cfg.base_url)
+        self.reasoning = cfg.reasoning_on()
+        self.base_url = redact_url(cfg.base_url or "https://api.openai.com/v1")
+        self._url_secrets = url_secrets(cfg.base_url)
         self.cache = ResponseCache(cache_dir) if (cache_dir is not None and cfg.cache) else None
+        self.limiter = limiter
+        if limiter is None and (cfg.requests_per_minute or cfg.tokens_per_minute):
+            if _in_ray_actor():
+                log.warning(
+                    "llm.requests_per_minute/tokens_per_minute apply to this actor alone: no "
+                    "job limiter was passed. Start one with raypipe.llm.limits.start_limiter"
+                    "(cfg) and pass it to make_backend(..., limiter=) to share the limits."
+                )
         price = _price(cfg.prices, cfg.model)
         if price is None:
             log.warning(
@@ -308,6 +409,7 @@ class OpenAIBackend:
         self._counts: Counter[str] = Counter({k: 0 for k in STAT_KEYS})
         self._errors: Counter[str] = Counter()
         self._cost = 0.0
+        self._cached_cost = 0.0
         self._stats_lock = threading.Lock()
         self._closed = False
 
@@ -317,23 +419,31 @@ class OpenAIBackend:
             target=self._loop.run_forever, name="raypipe-llm-loop", daemon=True
         )
         self._thread.start()
+        _log_scrub.register(self._url_secrets, add=True)
         try:
             self._run(self._setup(api_key))
         except BaseException:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
             self._closed = True
+            _log_scrub.register(self._url_secrets, add=False)
             raise
 
     async def _setup(self, api_key: str) -> None:
         cfg = self.cfg
         self._secret = _Secret(api_key)  # for scrubbing messages; prints as ***
         self._slots = Slots(cfg.concurrency)
-        self._rpm = TokenBucket(cfg.requests_per_minute) if cfg.requests_per_minute else None
-        self._tpm = TokenBucket(cfg.tokens_per_minute) if cfg.tokens_per_minute else None
+        self._limits: Leases | LocalLimits | None = None
+        if self.limiter is not None:
+            self._limits = Leases(self.limiter)
+        elif cfg.requests_per_minute or cfg.tokens_per_minute:
+            self._limits = LocalLimits(cfg)
         self._inflight: dict[str, asyncio.Future[LLMResult]] = {}
+        base_url, query, headers = split_base_url(cfg.base_url)
         self._client = openai.AsyncOpenAI(
-            base_url=cfg.base_url,
+            base_url=base_url,
+            default_query=query or None,
+            default_headers=headers or None,
             api_key=api_key,
             max_retries=0,  # tenacity owns retries
             timeout=cfg.timeout_s,
@@ -416,11 +526,15 @@ class OpenAIBackend:
     ping = check
 
     def stats(self) -> dict[str, Any]:
-        """Counters so far: requests, cache_hits, http_calls, retries, failures,
-        prompt_tokens, completion_tokens, cost_usd, and failures by kind (``errors``)."""
+        """Counters so far: requests, cache_hits, http_calls, retries, failures, and
+        failures by kind (``errors``); paid usage: prompt_tokens, completion_tokens,
+        cost_usd; usage served from the cache (no HTTP call, not paid again):
+        cached_prompt_tokens, cached_completion_tokens, cached_cost_usd (what those
+        answers cost when they were paid for)."""
         with self._stats_lock:
             out: dict[str, Any] = dict(self._counts)
             out["cost_usd"] = round(self._cost, 8)
+            out["cached_cost_usd"] = round(self._cached_cost, 8)
             out["errors"] = dict(self._errors)
         return out
 
@@ -440,6 +554,7 @@ class OpenAIBackend:
         self._thread.join(timeout=10)
         if not self._thread.is_alive():
             self._loop.close()
+        _log_scrub.register(self._url_secrets, add=False)
 
     async def _shutdown(self) -> None:
         # Calls still running (from other threads) end as cancelled instead of hanging.
@@ -447,6 +562,11 @@ class OpenAIBackend:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._limits is not None:
+            try:  # hand back what was over-reserved, for the job's other clients
+                await asyncio.wait_for(self._limits.close(), 5)
+            except Exception as e:
+                log.debug("returning token corrections failed: %s", type(e).__name__)
         await self._client.close()
 
     def __enter__(self) -> OpenAIBackend:
@@ -462,7 +582,7 @@ class OpenAIBackend:
             pass
 
     def __repr__(self) -> str:
-        cache = str(self.cache.root) if self.cache else None
+        cache = str(self.cache) if self.cache else None
         return (
             f"OpenAIBackend(model={self.model!r}, base_url={self.base_url!r}, "
             f"api_key_env={self.cfg.api_key_env!r}, concurrency={self.cfg.concurrency}, "
@@ -478,8 +598,13 @@ class OpenAIBackend:
     # -- one request --------------------------------------------------------------------
 
     def _scrub(self, text: str) -> str:
+        """``text`` without the API key or any credential inside ``llm.base_url``."""
         secret = getattr(self, "_secret", None)
-        return text.replace(secret.value, "***") if secret and secret.value else text
+        if secret and secret.value:
+            text = text.replace(secret.value, "***")
+        for value in getattr(self, "_url_secrets", ()):
+            text = text.replace(value, "***")
+        return text
 
     def _count(self, **deltas: float) -> None:
         with self._stats_lock:
@@ -490,15 +615,32 @@ class OpenAIBackend:
                     self._counts[k] += int(v)
 
     def _body(self, req: LLMRequest) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "model": self.model,
-            "messages": [dict(m) for m in req.messages],
-            "temperature": req.temperature,
-            "max_tokens": req.max_tokens,
-        }
+        body: dict[str, Any] = {"model": self.model, "messages": [dict(m) for m in req.messages]}
+        if self.reasoning:  # reasoning models refuse max_tokens and any non-default temperature
+            body["max_completion_tokens"] = req.max_tokens
+        else:
+            body["temperature"] = req.temperature
+            body["max_tokens"] = req.max_tokens
         if req.seed is not None:
             body["seed"] = req.seed
         return body
+
+    def _served(self, req: LLMRequest, prompt: int, completion: int, cost: float) -> LLMResult:
+        """A result answered without an HTTP call: nothing paid, the served usage reported."""
+        self._count(cache_hits=1, cached_prompt_tokens=prompt, cached_completion_tokens=completion)
+        with self._stats_lock:
+            self._cached_cost += cost
+        return LLMResult(
+            key=req.key,
+            text=None,
+            cached=True,
+            cached_prompt_tokens=prompt,
+            cached_completion_tokens=completion,
+            cached_cost_usd=cost,
+        )
+
+    def _cost_of(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self._price[0] + completion_tokens * self._price[1]) / 1e6
 
     async def _complete_many(self, requests: list[LLMRequest]) -> list[LLMResult]:
         return list(await asyncio.gather(*(self._complete(r) for r in requests)))
@@ -511,16 +653,19 @@ class OpenAIBackend:
 
         # 1. Cache, and identical requests already in flight, answer for free.
         key = request_key(body)
-        entry = self.cache.get(key)
+        if self.cache.is_local:
+            entry = self.cache.get(key)
+        else:  # an object store: a round trip, kept off the event loop
+            entry = await asyncio.to_thread(self.cache.get, key)
         if entry is not None:
-            self._count(cache_hits=1)
-            return LLMResult(
-                key=req.key,
-                text=entry["text"],
-                prompt_tokens=int(entry.get("prompt_tokens", 0)),
-                completion_tokens=int(entry.get("completion_tokens", 0)),
-                cached=True,
-            )
+            prompt = _int(entry.get("prompt_tokens"))
+            completion = _int(entry.get("completion_tokens"))
+            cost = entry.get("cost_usd")
+            if not isinstance(cost, (int, float)):  # entries of format 1 hold no cost
+                cost = self._cost_of(prompt, completion)
+            result = self._served(req, prompt, completion, float(cost))
+            result.text = entry["text"]
+            return result
         pending = self._inflight.get(key)
         if pending is not None:
             try:
@@ -530,14 +675,11 @@ class OpenAIBackend:
                     raise  # this request itself was cancelled
                 first = None
             if first is not None and first.ok:
-                self._count(cache_hits=1)
-                return LLMResult(
-                    key=req.key,
-                    text=first.text,
-                    prompt_tokens=first.prompt_tokens,
-                    completion_tokens=first.completion_tokens,
-                    cached=True,
+                result = self._served(
+                    req, first.prompt_tokens, first.completion_tokens, first.cost_usd
                 )
+                result.text = first.text
+                return result
             return await self._call(req, body, key)  # the first failed: try on our own
         future: asyncio.Future[LLMResult] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
@@ -571,11 +713,15 @@ class OpenAIBackend:
                         self._count(retries=1)
                     text, usage, finish = await self._attempt(body, estimate, attempts > 1)
         except Exception as e:
-            return self._failed(req, self._scrub(describe(e)), attempts, start)
+            error = describe(e)
+            param = refused_parameter(e)
+            if param is not None:
+                error += f" ({parameter_hint(param, self.reasoning)})"
+            return self._failed(req, self._scrub(error), attempts, start)
 
-        prompt_tokens = int(usage.get("prompt_tokens") or 0)
-        completion_tokens = int(usage.get("completion_tokens") or 0)
-        cost = (prompt_tokens * self._price[0] + completion_tokens * self._price[1]) / 1e6
+        prompt_tokens = _int(usage.get("prompt_tokens"))
+        completion_tokens = _int(usage.get("completion_tokens"))
+        cost = self._cost_of(prompt_tokens, completion_tokens)
         self._count(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost_usd=cost)
         common = dict(
             key=req.key,
@@ -587,6 +733,8 @@ class OpenAIBackend:
         )
         if not text:  # paid for, but nothing to parse: the stage rejects it
             error = f"empty_completion: the model returned no text (finish_reason={finish})"
+            if finish == "length" and self.reasoning:
+                error += "; a reasoning model's thinking counts against llm.max_tokens: raise it"
             self._count(failures=1)
             with self._stats_lock:
                 self._errors["empty_completion"] += 1
@@ -598,9 +746,13 @@ class OpenAIBackend:
                 "text": text,
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,
+                "cost_usd": cost,
                 "finish_reason": finish,
             }
-            self.cache.put(key, entry)
+            if self.cache.is_local:
+                self.cache.put(key, entry)
+            else:
+                await asyncio.to_thread(self.cache.put, key, entry)
         return LLMResult(text=text, **common)
 
     async def _attempt(
@@ -609,10 +761,8 @@ class OpenAIBackend:
         """One HTTP call: (content, usage, finish_reason); raises on any failure."""
         await self._slots.acquire(retry)
         try:
-            if self._rpm is not None:
-                await self._rpm.acquire(1)
-            if self._tpm is not None:
-                await self._tpm.acquire(estimate)
+            if self._limits is not None:
+                await self._limits.acquire(estimate)
             self._count(http_calls=1)
             # post() with a plain body: the same request chat.completions.create sends,
             # without its per-call type transform (a large share of the CPU per call).
@@ -633,9 +783,9 @@ class OpenAIBackend:
             raise MalformedResponse(
                 f"HTTP {response.status_code} body is not a chat completion ({type(e).__name__})"
             ) from None
-        if self._tpm is not None and usage:
-            used = int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
-            self._tpm.adjust(used - estimate)
+        if self._limits is not None and usage:
+            used = _int(usage.get("prompt_tokens")) + _int(usage.get("completion_tokens"))
+            self._limits.correct(used - estimate)
         return content, usage, choice.get("finish_reason")
 
     def _wait(self, state: RetryCallState) -> float:
@@ -683,35 +833,64 @@ class OpenAIBackend:
         models: list[str] = []
         problem = None
         try:
+            # 1. The served models, where the server lists them.
             try:
-                page = await asyncio.wait_for(client.models.list(), timeout_s)
+                page = await self._check_call(client.models.list, start + timeout_s)
                 models = [m.id for m in page.data]
-            except openai.NotFoundError:  # some servers have no /models: ask for one token
-                probe = {
-                    "model": self.model,
-                    "messages": [{"role": "user", "content": "ping"}],
-                    "max_tokens": 1,
-                }
-                await asyncio.wait_for(
-                    client.post("/chat/completions", body=probe, cast_to=httpx.Response),
-                    timeout_s,
+            except openai.APIStatusError as e:
+                if e.status_code not in (404, 405, 501):  # no /models route: probe below
+                    raise
+            if models and self.model not in models:
+                shown = ", ".join(models[:20]) + (" ..." if len(models) > 20 else "")
+                problem = (
+                    f"{self.base_url} does not list model {self.model!r}; it serves: {shown}. "
+                    "Set llm.model to one of them."
+                )
+            else:
+                # 2. One token, asked with the parameters real requests use: a server that
+                # refuses them (max_tokens vs max_completion_tokens) fails here, not later.
+                probe = self._body(
+                    LLMRequest(
+                        key="check",
+                        task="check",
+                        ability="",
+                        # A fresh question each time: never a repeat of an answered request.
+                        messages=({"role": "user", "content": f"ping {uuid.uuid4().hex[:8]}"},),
+                        temperature=self.cfg.temperature,
+                        max_tokens=1,
+                    )
+                )
+                await self._check_call(
+                    lambda: client.post("/chat/completions", body=probe, cast_to=httpx.Response),
+                    start + timeout_s,
                 )
         except Exception as e:
             problem = self._endpoint_problem(e)
         if problem:  # raised out here so the SDK's exception (and its text) is not chained
             raise EndpointError(problem)
-        if models and self.model not in models:
-            shown = ", ".join(models[:20]) + (" ..." if len(models) > 20 else "")
-            raise EndpointError(
-                f"{self.base_url} does not list model {self.model!r}; it serves: {shown}. "
-                "Set llm.model to one of them."
-            )
         return {
             "base_url": self.base_url,
             "model": self.model,
             "models": len(models),
             "latency_s": round(time.monotonic() - start, 3),
         }
+
+    async def _check_call(self, call: Callable[[], Awaitable[T]], deadline: float) -> T:
+        """``call()`` until it succeeds, fails for good, or ``deadline`` passes: a 429 or
+        5xx at start-up is retried (after Retry-After when it fits), not fatal."""
+        attempt = 0
+        while True:
+            attempt += 1
+            left = deadline - time.monotonic()
+            try:
+                return await asyncio.wait_for(call(), max(0.01, left))
+            except openai.APIStatusError as e:  # unreachable or refused: fail at once
+                if not is_retryable(e):
+                    raise
+                wait = retry_after_s(e.response.headers) or min(2.0, 0.1 * 2**attempt)
+                if time.monotonic() + wait >= deadline:
+                    raise
+                await asyncio.sleep(wait)
 
     def _endpoint_problem(self, exc: Exception) -> str:
         """What went wrong reaching the endpoint, and what to do, for an EndpointError."""
@@ -725,6 +904,12 @@ class OpenAIBackend:
             return (
                 f"{url} does not serve model {self.model!r} (HTTP 404): check llm.model and "
                 "llm.base_url (it usually ends in /v1)."
+            )
+        param = refused_parameter(exc)
+        if param is not None:
+            return self._scrub(
+                f"{url} refused a request for model {self.model!r} ({describe(exc)}): "
+                + parameter_hint(param, self.reasoning)
             )
         if isinstance(exc, openai.APIStatusError):
             return self._scrub(f"{url} answered {describe(exc)}: check the server's log.")
@@ -740,3 +925,18 @@ class OpenAIBackend:
 
 def is_timeout(exc: BaseException) -> bool:
     return isinstance(exc, (openai.APITimeoutError, asyncio.TimeoutError, TimeoutError))
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _in_ray_actor() -> bool:
+    ray = sys.modules.get("ray")
+    try:
+        return bool(ray and ray.is_initialized() and ray.get_runtime_context().get_actor_id())
+    except Exception:
+        return False

@@ -1,0 +1,318 @@
+"""Job-wide LLM rate limits: one Ray actor holds the account's request and token buckets.
+
+``llm.requests_per_minute`` and ``llm.tokens_per_minute`` are what the account allows,
+so every client of a job (each LLM actor of every stage, and the driver's keyword-bank
+client) draws on the same two buckets, however many actors there are. The pipeline
+calls :func:`start_limiter` once after ``ray.init`` and hands the returned
+:class:`LimiterHandle` (picklable) to every ``make_backend(..., limiter=handle)``.
+
+The limiter is not on every request's path: a client takes permits in small leases
+(:class:`Leases`), sized by the requests it has waiting, at most a quarter second of
+the job's rate each, and hands them straight to those requests. So at any moment the
+permits granted but not yet used are a few per client, and no window of time sees
+more requests than the bucket allows (one second's worth of burst plus the rate).
+Tokens are reserved from an estimate (prompt length plus ``max_tokens``); each client
+sends the differences to the reported usage back within ``FLUSH_S`` (one call for all
+answers of that time), so over-reservations are returned to the whole job, and
+under-reservations are taken from it.
+
+Without a limiter (a single process, e.g. ``jobs/curate.py``) the backend applies the
+same buckets in-process: then the limits hold for that one client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from raypipe.config import LLMConfig
+
+log = logging.getLogger(__name__)
+
+#: Longest a lease may last at the job's rate (seconds' worth of permits per lease).
+LEASE_S = 0.25
+#: How long a client may sit on unsent token corrections (reported usage - estimate).
+FLUSH_S = 0.1
+#: Most requests one lease serves when only a token limit is set.
+MAX_LEASE_REQUESTS = 64
+
+
+class TokenBucket:
+    """A per-minute limit as a bucket refilled continuously, holding one second's worth.
+
+    ``acquire(n)`` waits until the bucket holds ``n`` (or is full, for requests bigger
+    than a second's worth) and takes ``n``; it may go negative, which delays the next
+    callers, so the long-run rate stays at the limit. Waiters are served in order, and
+    a give-back (``adjust`` with a negative amount) wakes the one waiting.
+    """
+
+    def __init__(self, per_minute: float) -> None:
+        self.rate = per_minute / 60.0
+        self.capacity = max(1.0, self.rate)
+        self.tokens = self.capacity
+        self.stamp = time.monotonic()
+        self._lock = asyncio.Lock()
+        self._given_back = asyncio.Event()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    async def acquire(self, n: float) -> None:
+        async with self._lock:
+            need = min(n, self.capacity)
+            self._refill()
+            while self.tokens < need:
+                self._given_back.clear()
+                try:
+                    await asyncio.wait_for(
+                        self._given_back.wait(), (need - self.tokens) / self.rate
+                    )
+                except asyncio.TimeoutError:
+                    pass
+                self._refill()
+            self.tokens -= n
+
+    def adjust(self, extra: float) -> None:
+        """Take ``extra`` more (or give back, if negative) once the real cost is known."""
+        self._refill()
+        self.tokens = min(self.capacity, self.tokens - extra)
+        if extra < 0:
+            self._given_back.set()
+
+
+class JobLimiter:
+    """The job's request and token buckets (runs as one async Ray actor, ``num_cpus=0``).
+
+    Leases are granted in arrival order: a lease waits until both buckets hold it.
+    """
+
+    def __init__(self, requests_per_minute: float | None, tokens_per_minute: float | None):
+        self._requests = TokenBucket(requests_per_minute) if requests_per_minute else None
+        self._tokens = TokenBucket(tokens_per_minute) if tokens_per_minute else None
+        self._lock = asyncio.Lock()
+        self._granted = [0, 0.0, 0.0]  # requests, tokens, token corrections (for stats)
+
+    async def lease(self, requests: int, tokens: float, correction: float = 0.0) -> None:
+        """Wait until ``requests`` and ``tokens`` are granted; first book ``correction``
+        (reported usage minus estimate, summed over the client's answers since its last call).
+        """
+        if correction and self._tokens is not None:
+            self._tokens.adjust(correction)
+            self._granted[2] += correction
+        if requests <= 0 and tokens <= 0:
+            return
+        async with self._lock:  # one lease at a time: first come, first served
+            if self._requests is not None and requests > 0:
+                await self._requests.acquire(requests)
+            if self._tokens is not None and tokens > 0:
+                await self._tokens.acquire(tokens)
+        self._granted[0] += requests
+        self._granted[1] += tokens
+
+    def stats(self) -> dict[str, float]:
+        """Permits granted so far: requests, tokens, and the sum of token corrections."""
+        return dict(zip(("requests", "tokens", "token_corrections"), self._granted))
+
+
+@dataclass(frozen=True)
+class LimiterHandle:
+    """What clients receive: the limiter actor and the limits it enforces (picklable)."""
+
+    actor: Any  # ray.actor.ActorHandle of a JobLimiter
+    requests_per_minute: float | None
+    tokens_per_minute: float | None
+
+    @property
+    def lease_requests(self) -> int:
+        """Most requests one lease covers: a quarter second of the job's request rate."""
+        if not self.requests_per_minute:
+            return MAX_LEASE_REQUESTS
+        return max(1, int(self.requests_per_minute / 60 * LEASE_S))
+
+    @property
+    def lease_tokens(self) -> float:
+        """Tokens one lease asks for at most (a single request may need more)."""
+        if not self.tokens_per_minute:
+            return float("inf")
+        return max(1.0, self.tokens_per_minute / 60 * LEASE_S)
+
+    def stats(self, timeout_s: float = 30.0) -> dict[str, float]:
+        import ray
+
+        return ray.get(self.actor.stats.remote(), timeout=timeout_s)
+
+
+def start_limiter(cfg: LLMConfig) -> LimiterHandle | None:
+    """Start the job's limiter actor (call after ``ray.init``); None when nothing to limit.
+
+    None when ``cfg.backend`` is not ``openai`` or neither ``requests_per_minute`` nor
+    ``tokens_per_minute`` is set. Keep the handle alive for the whole job: the actor
+    lives as long as the caller holds it. If the actor dies, Ray restarts it (with full
+    buckets) and retries the leases in flight.
+    """
+    if cfg.backend != "openai" or not (cfg.requests_per_minute or cfg.tokens_per_minute):
+        return None
+    import ray
+
+    actor_cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(JobLimiter)
+    actor = actor_cls.remote(cfg.requests_per_minute, cfg.tokens_per_minute)
+    return LimiterHandle(actor, cfg.requests_per_minute, cfg.tokens_per_minute)
+
+
+class Leases:
+    """A client's side of the job limiter: permits leased in small batches, used at once.
+
+    Runs on the backend's event loop. ``acquire(tokens)`` returns once this request
+    holds one request permit and ``tokens`` token permits. Waiting requests are served
+    in order; one lease call is in flight at a time and asks for what the requests
+    waiting at that moment need (at most ``handle.lease_requests`` of them).
+    """
+
+    def __init__(self, handle: LimiterHandle) -> None:
+        self.handle = handle
+        self._limit_requests = bool(handle.requests_per_minute)
+        self._limit_tokens = bool(handle.tokens_per_minute)
+        self._requests = 0  # request permits held, not yet handed out
+        self._tokens = 0.0  # token permits held
+        self._correction = 0.0  # reported - estimated tokens, not yet sent
+        self._waiters: deque[tuple[asyncio.Future[None], float]] = deque()
+        self._pump: asyncio.Task[None] | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self.lease_calls = 0  # calls to the limiter that asked for permits
+
+    async def acquire(self, tokens: float) -> None:
+        if not self._waiters and self._has(tokens):
+            self._take(tokens)
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append((waiter, tokens))
+        self._kick()
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._give(tokens)  # handed permits just as we were cancelled: pass them on
+                self._serve()
+            else:
+                self._waiters = deque(w for w in self._waiters if w[0] is not waiter)
+            raise
+
+    def correct(self, extra_tokens: float) -> None:
+        """Book the difference between the reported usage and the estimate, job-wide.
+
+        Sent on its own call, not with the next lease: that lease may be the one
+        waiting for the tokens this correction gives back.
+        """
+        if self._limit_tokens and extra_tokens:
+            self._correction += extra_tokens
+            if self._flusher is None:
+                self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
+
+    async def close(self) -> None:
+        """Send the corrections still held (a client that stops gives back what it over-reserved)."""
+        for task in (self._pump, self._flusher):
+            if task is not None:
+                task.cancel()
+        await self._flush()
+
+    # -- internals ------------------------------------------------------------------
+
+    def _has(self, tokens: float) -> bool:
+        return (not self._limit_requests or self._requests >= 1) and (
+            not self._limit_tokens or self._tokens >= tokens
+        )
+
+    def _take(self, tokens: float) -> None:
+        if self._limit_requests:
+            self._requests -= 1
+        if self._limit_tokens:
+            self._tokens -= tokens
+
+    def _give(self, tokens: float) -> None:
+        if self._limit_requests:
+            self._requests += 1
+        if self._limit_tokens:
+            self._tokens += tokens
+
+    def _kick(self) -> None:
+        if self._pump is None or self._pump.done():
+            self._pump = asyncio.get_running_loop().create_task(self._run_pump())
+
+    def _serve(self) -> None:
+        while self._waiters:
+            waiter, tokens = self._waiters[0]
+            if waiter.done():  # cancelled
+                self._waiters.popleft()
+                continue
+            if not self._has(tokens):
+                return
+            self._waiters.popleft()
+            self._take(tokens)
+            waiter.set_result(None)
+
+    def _demand(self) -> tuple[int, float]:
+        """Permits to ask for: enough for the first waiters, within one lease's size."""
+        count, tokens = 0, 0.0
+        for waiter, need in self._waiters:
+            if waiter.done():
+                continue
+            if count >= self.handle.lease_requests:
+                break
+            if count and tokens + need > self.handle.lease_tokens:
+                break
+            count += 1
+            tokens += need
+        want_requests = max(0, count - self._requests) if self._limit_requests else 0
+        want_tokens = max(0.0, tokens - self._tokens) if self._limit_tokens else 0.0
+        return want_requests, want_tokens
+
+    async def _run_pump(self) -> None:
+        try:
+            while True:
+                self._serve()
+                want_requests, want_tokens = self._demand()
+                if not (want_requests or want_tokens):
+                    return
+                self.lease_calls += 1
+                try:
+                    await self.handle.actor.lease.remote(want_requests, want_tokens)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # the limiter is gone for good: fail the waiters
+                    for waiter, _ in self._waiters:
+                        if not waiter.done():
+                            waiter.set_exception(
+                                LimiterError(f"the job's LLM rate limiter failed: {e!r}")
+                            )
+                    self._waiters.clear()
+                    return
+                self._requests += want_requests
+                self._tokens += want_tokens
+        finally:
+            self._pump = None
+
+    async def _flush_soon(self) -> None:
+        try:
+            await asyncio.sleep(FLUSH_S)  # gather the corrections of many answers
+            await self._flush()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the limiter restarts with full buckets: nothing to undo
+            log.warning("could not send token usage to the job's LLM rate limiter: %r", e)
+        finally:
+            self._flusher = None
+
+    async def _flush(self) -> None:
+        while self._correction:
+            correction, self._correction = self._correction, 0.0
+            await self.handle.actor.lease.remote(0, 0.0, correction)
+
+
+class LimiterError(RuntimeError):
+    """The job-wide limiter actor could not be reached (a request then fails with it)."""

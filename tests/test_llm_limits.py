@@ -1,0 +1,198 @@
+"""Job-wide LLM rate limits: one limiter actor shared by every client, whatever their number."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from raypipe.config import LLMConfig
+from raypipe.llm import make_backend
+from raypipe.llm.base import LLMRequest
+from raypipe.llm.limits import JobLimiter, LimiterHandle, start_limiter
+
+KEY_ENV = "RAYPIPE_TEST_LLM_KEY"
+KEY = "sk-limits-test"
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    monkeypatch.setenv(KEY_ENV, KEY)
+
+
+def make_cfg(server, **over) -> LLMConfig:
+    fields = dict(
+        backend="openai",
+        model="test-model",
+        base_url=server.url,
+        api_key_env=KEY_ENV,
+        concurrency=32,
+        timeout_s=10.0,
+        backoff_initial_s=0.05,
+        cache=False,
+        prices={"test-model": (1.0, 2.0)},
+    )
+    return LLMConfig(**{**fields, **over})
+
+
+def requests_(n: int, tag: str, **over) -> list[LLMRequest]:
+    return [
+        LLMRequest(
+            key=f"{tag}/{i:05d}",
+            task="prompts",
+            ability="color",
+            messages=({"role": "user", "content": f"{tag} request {i}"},),
+            seed=i,
+            **over,
+        )
+        for i in range(n)
+    ]
+
+
+def client_actor(ray, cpus: float = 0.25):
+    """An LLM client actor like a writing stage's (defined here so it travels by value)."""
+
+    @ray.remote(num_cpus=cpus)
+    class Client:
+        def __init__(self, cfg: LLMConfig, limiter: LimiterHandle | None) -> None:
+            self.llm = make_backend(cfg, limiter=limiter)
+
+        def run(self, batch: list[LLMRequest]) -> dict:
+            results = self.llm.complete_batch(batch)
+            stats = self.llm.stats()
+            stats["ok"] = sum(r.ok for r in results)
+            stats["lease_calls"] = self.llm._limits.lease_calls if self.llm.limiter else 0
+            return stats
+
+    return Client.options(runtime_env={"env_vars": {KEY_ENV: KEY}})
+
+
+def most_in_window(times: list[float], window_s: float) -> int:
+    times = sorted(times)
+    best, j = 0, 0
+    for i, t in enumerate(times):
+        while times[j] <= t - window_s:
+            j += 1
+        best = max(best, i - j + 1)
+    return best
+
+
+def test_no_limiter_without_limits_or_for_offline():
+    assert start_limiter(LLMConfig(backend="openai")) is None
+    assert start_limiter(LLMConfig(backend="offline", requests_per_minute=60)) is None
+
+
+def test_lease_sizes_stay_a_fraction_of_a_second():
+    handle = LimiterHandle(None, requests_per_minute=600, tokens_per_minute=60_000)
+    assert handle.lease_requests == 2 and handle.lease_tokens == 250
+    assert LimiterHandle(None, 30, None).lease_requests == 1  # never below one
+    assert LimiterHandle(None, None, 6000).lease_requests > 1
+
+
+def test_limiter_grants_in_order_at_the_rate():
+    import asyncio
+
+    async def run() -> list[float]:
+        limiter = JobLimiter(requests_per_minute=600, tokens_per_minute=None)  # 10/s, burst 10
+        start = time.monotonic()
+        stamps: list[float] = []
+
+        async def one() -> None:
+            await limiter.lease(2, 0.0)
+            stamps.append(time.monotonic() - start)
+
+        await asyncio.gather(*(one() for _ in range(10)))  # 20 requests: 10 now, 10 over 1 s
+        return stamps
+
+    stamps = asyncio.run(run())
+    assert stamps == sorted(stamps)
+    assert stamps[4] < 0.2 and 0.9 <= stamps[-1] < 1.4
+
+
+def test_two_actors_share_one_request_limit(ray_local, llm_server):
+    server = llm_server()
+    cfg = make_cfg(server, requests_per_minute=2400)  # 40/s job-wide, leases of 10
+    limiter = start_limiter(cfg)
+    actors = [client_actor(ray_local).remote(cfg, limiter) for _ in range(2)]
+    ray_local.get([a.__ray_ready__.remote() for a in actors], timeout=60)
+    start = time.monotonic()
+    stats = ray_local.get(
+        [a.run.remote(requests_(120, tag=f"a{i}")) for i, a in enumerate(actors)], timeout=120
+    )
+    elapsed = time.monotonic() - start
+    for a in actors:
+        ray_local.kill(a)
+    assert [s["ok"] for s in stats] == [120, 120]
+    times = [e.time for e in server.events]
+    # 240 requests at 40/s after one second's burst: ~5 s, not the ~2.5 s of 40/s each.
+    assert elapsed >= (240 - 40) / 40 * 0.9
+    assert most_in_window(times, 1.0) <= 40 + 40 + 10  # burst + rate + one lease each
+    # Permits come in leases: far fewer limiter calls than requests.
+    assert all(s["lease_calls"] < 120 / 2 for s in stats)
+    assert limiter.stats()["requests"] >= 240
+
+
+def test_token_limit_is_job_wide_and_corrected_by_reported_usage(ray_local, llm_server):
+    """Two backends, one limiter: max_tokens reservations are refunded job-wide."""
+    server = llm_server()  # short answers: ~10 tokens, against 900 reserved
+    cfg = make_cfg(server, tokens_per_minute=60_000)  # 1,000 tokens/s, burst 1,000
+    limiter = start_limiter(cfg)
+    backends = [make_backend(cfg, limiter=limiter) for _ in range(2)]
+    try:
+        start = time.monotonic()
+        import concurrent.futures as cf
+
+        with cf.ThreadPoolExecutor(2) as pool:
+            runs = list(
+                pool.map(
+                    lambda ib: ib[1].complete_batch(requests_(6, f"t{ib[0]}", max_tokens=900)),
+                    enumerate(backends),
+                )
+            )
+        elapsed = time.monotonic() - start
+        used = sum(b.stats()["prompt_tokens"] + b.stats()["completion_tokens"] for b in backends)
+    finally:
+        for b in backends:
+            b.close()
+    assert all(r.ok for rs in runs for r in rs)
+    # 12 x ~910 reserved would take ~10 s at 1,000/s; refunds make it a few seconds.
+    assert elapsed < 6.0, elapsed
+    granted = limiter.stats()
+    assert granted["tokens"] >= 12 * 900
+    assert granted["tokens"] + granted["token_corrections"] == pytest.approx(used, abs=1)
+
+
+def test_without_a_limiter_each_backend_applies_the_limits_alone(llm_server):
+    server = llm_server()
+    cfg = make_cfg(server, requests_per_minute=1200)  # 20/s
+    with make_backend(cfg) as a, make_backend(cfg) as b:
+        assert a.limiter is None
+        start = time.monotonic()
+        a.complete_batch(requests_(20, "a"))
+        b.complete_batch(requests_(20, "b"))
+    assert time.monotonic() - start < 1.0  # each had its own one-second burst
+
+
+@pytest.mark.slow
+def test_four_actors_hold_the_job_rate_for_90_s(ray_local, llm_server):
+    """The acceptance test: 4 client actors, each offered far more than the job's
+    600 requests/minute, for 90 s: the server sees 0.9-1.05 x the limit, and no 10 s
+    window above a quarter of the minute's limit."""
+    server = llm_server(latency_s=0.05, lifetime_s=400)
+    cfg = make_cfg(server, requests_per_minute=600, concurrency=32)
+    limiter = start_limiter(cfg)
+    actors = [client_actor(ray_local).remote(cfg, limiter) for _ in range(4)]
+    ray_local.get([a.__ray_ready__.remote() for a in actors], timeout=120)
+    runs = [a.run.remote(requests_(1500, tag=f"a{i}")) for i, a in enumerate(actors)]
+    time.sleep(96)  # 6,000 requests offered: they would take 10 minutes
+    for a in actors:
+        ray_local.kill(a)
+    del runs
+    times = sorted(e.time for e in server.events)
+    t0 = times[0]
+    in_90 = sum(1 for t in times if t < t0 + 90)
+    ratio = in_90 / 90 / (600 / 60)
+    worst = most_in_window(times, 10.0)
+    print(f"job-wide rate over 90 s: {ratio:.3f} x limit; worst 10 s window: {worst} requests")
+    assert 0.9 <= ratio <= 1.05
+    assert worst <= 150
