@@ -285,7 +285,7 @@ class QualityConfig(Config):
         1, ge=1, description="Largest size of the quality actor pool (CPU runs only)."
     )
     cpus_per_actor: float = Field(
-        0.5,
+        0.25,
         gt=0,
         description="CPUs reserved per quality actor (CPU runs only; pixel checks are light).",
     )
@@ -346,9 +346,13 @@ class GenerateConfig(Config):
     llm_actor_cpus: float = Field(
         0.25, gt=0, description="CPUs reserved per LLM actor (they mostly wait on I/O)."
     )
-    llm_batch_chunks: int = Field(8, ge=1, description="Prompt requests per PromptWriter batch.")
-    llm_batch_rows: int = Field(
-        32, ge=1, description="Rows per DialogueWriter batch (requests run concurrently)."
+    llm_batch_chunks: int = Field(
+        8,
+        ge=1,
+        description="Prompt requests (of prompts_per_request rows each) per block of the "
+        "stream: what one pull from the planner hands out, and so the rows a prompt or "
+        "dialogue actor works on at once (its requests run concurrently). Smaller blocks "
+        "reach the GPUs sooner; larger ones cost less per row.",
     )
     part_max_rows: int = Field(
         256, ge=1, description="A Parquet part is written once it holds this many rows..."

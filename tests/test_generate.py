@@ -156,7 +156,6 @@ def test_malformed_llm_output_is_rejected_and_replaced(ray_local, tiny_dir, tmp_
             "llm.model=test-model",
             "abilities=[color]",
             "num_samples=12",
-            "max_rounds=6",
         )
         manifest = generate(cfg, str(tmp_path))
     rows, rejects = read_data(tmp_path), read_rejects(tmp_path)
@@ -170,17 +169,19 @@ def test_malformed_llm_output_is_rejected_and_replaced(ray_local, tiny_dir, tmp_
 
 
 def test_black_images_are_rejected_with_reason(ray_local, tiny_dir, tmp_path):
-    # A darkness threshold at the top of the 0-255 scale marks every image black.
+    # A darkness threshold at the top of the 0-255 scale marks every image black; with no
+    # replacement budget beyond the minimum (k rows), the run plans 3 + 5 rows and stops.
     cfg = demo_config(
-        "abilities=[animal]", "num_samples=3", "max_rounds=1", "quality.max_mean_dark=255"
+        "abilities=[animal]", "num_samples=3", "replace_budget=0", "quality.max_mean_dark=255"
     )
     manifest = generate(cfg, str(tmp_path))
     assert read_data(tmp_path) == []
     rejects = read_rejects(tmp_path)
-    assert len(rejects) == 3 and {(r["stage"], r["reason"]) for r in rejects} == {
+    assert len(rejects) == 3 + 5 and {(r["stage"], r["reason"]) for r in rejects} == {
         ("quality", "black_image")
     }
-    assert manifest["counts"]["stages"]["quality"] == {"in": 3, "accepted": 0, "rejected": 3}
+    assert manifest["counts"]["stages"]["quality"] == {"in": 8, "accepted": 0, "rejected": 8}
+    assert manifest["stopped"] == "replace_budget" and manifest["counts"]["balanced"]
 
 
 def test_bad_inputs_fail_before_rendering(tmp_path):
@@ -235,8 +236,10 @@ def _job_env(tiny_dir: Path) -> dict[str, str]:
     return env
 
 
-def test_killed_job_resumes_without_loss_duplicates_or_repaid_requests(tiny_dir, tmp_path):
-    """A real SIGKILL of the job's whole process group after some rows are written."""
+@pytest.mark.parametrize("when", ["after_parts", "prompt_phase"])
+def test_killed_job_resumes_without_loss_duplicates_or_repaid_requests(tiny_dir, tmp_path, when):
+    """A real SIGKILL of the job's whole process group: after some rows are written, or
+    while the first prompts are being answered (nothing written yet)."""
     out = tmp_path / "out"
     env = _job_env(tiny_dir)
     env["RAYPIPE_TEST_KEY"] = "sk-test"
@@ -251,10 +254,9 @@ def test_killed_job_resumes_without_loss_duplicates_or_repaid_requests(tiny_dir,
             "llm.api_key_env=RAYPIPE_TEST_KEY",
             "llm.model=test-model",
             "llm.concurrency=1",
-            "llm_batch_rows=2",
-            "rows_per_file=4",
+            "llm_batch_chunks=1",
+            "part_max_rows=4",
             "render.batch_size=4",
-            "quality.batch_size=4",
             "log_to_driver=false",
         ]
         proc = subprocess.Popen(
@@ -266,16 +268,18 @@ def test_killed_job_resumes_without_loss_duplicates_or_repaid_requests(tiny_dir,
         )
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:
+            if when == "prompt_phase" and len(server.answered_by_hash) >= 2:
+                break
             if len(list((out / "data").glob("part-*.parquet"))) >= 2:
                 break
-            time.sleep(0.2)
+            time.sleep(0.05 if when == "prompt_phase" else 0.2)
         assert proc.poll() is None, (
             "job finished before it could be killed: " + proc.stderr.read().decode()[-2000:]
         )
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         written = len(read_data(out))
-        assert 0 < written < 40
+        assert written < 40 and (written > 0 or when == "prompt_phase")
         answered_before = Counter(server.answered_by_hash)
 
         done = subprocess.run(_job_cmd(out, *overrides), env=env, capture_output=True, timeout=300)

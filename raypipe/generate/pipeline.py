@@ -1,15 +1,19 @@
-"""Compose the generation stages on Ray Data and write OUT (DESIGN.md section 3).
+"""Compose the generation stages into one streaming Ray Data execution writing OUT.
 
     generate(cfg, out)  # what jobs/generate.py calls
 
 1. Check inputs: abilities, LLM endpoint, render model, OUT; fail before any rendering.
-2. Keyword banks, once per ability (saved in OUT/keywords, reused on re-runs).
-3. Plan: per ability, the rows still missing (ids already in OUT/data or OUT/rejects are
-   skipped, so a re-run continues where a killed run stopped).
-4. SD prompts on an actor pool of LLM clients, k rows per request; prompt dedup.
-5. Dialogues -> render (GPU actor pool) -> quality checks -> Parquet parts, streamed.
-6. Repeat 3-5 while rejects left an ability short of its quota (bounded rounds).
-7. Manifest and summary.
+2. Ray, the job-wide LLM rate limiter, keyword banks (saved in OUT/keywords, reused;
+   a bank left short is retried by the next run, a bounded number of times).
+3. The planner actor reads OUT and plans the rows still missing (raypipe.generate.planner).
+4. One stream: planner pulls -> SD prompts (an actor pool of LLM clients, k rows per
+   request) -> prompt dedup (by index) -> dialogues -> render (GPU actor pool) ->
+   quality -> the writer actor (Parquet parts by size or age). A rejected row's
+   replacement is planned as soon as it is rejected and flows through the same actor
+   pools; no stage waits for all rows of the stage before it, and the driver holds
+   per-row counters only.
+5. The writer writes what it still holds; the manifest, the dataset card and the
+   preview sheet are written.
 """
 
 from __future__ import annotations
@@ -21,46 +25,32 @@ import time
 from collections import Counter, defaultdict
 from typing import Any
 
-import pyarrow as pa
-
 from raypipe.abilities import load_catalog
 from raypipe.config import GenerateConfig, redacted
 from raypipe.errors import ConfigError
-from raypipe.generate.dedup import NearDuplicateIndex
 from raypipe.generate.store import OutputStore
-from raypipe.generate.text import DialogueWriter, PromptWriter, expand_keyword_bank, keyword_for
-from raypipe.llm.base import Secret
-from raypipe.schema import (
-    REJECT_SCHEMA,
-    is_rejected,
-    reject,
-    rows_to_table,
-    sample_id,
-    split_accepted,
+from raypipe.generate.text import (
+    DialogueWriter,
+    PromptWriter,
+    expand_keyword_bank,
+    seed_bank,
 )
+from raypipe.llm.base import Secret
 
 log = logging.getLogger("raypipe.generate")
 
 #: Stages in the order rows meet them; a row is rejected by at most one.
 SAMPLE_STAGES = ("prompts", "dedup", "dialogue", "render", "quality")
+#: Runs that may retry a keyword bank that came out short.
+MAX_BANK_ATTEMPTS = 3
+#: Executions of the stream per run: a run whose tail needed more pulls than one
+#: execution had read tasks for continues in another (the planner keeps its state).
+MAX_EXECUTIONS = 4
 
 
 # ------------------------------------------------------------------------------------
 # Stage composition
 # ------------------------------------------------------------------------------------
-
-
-def write_parts(batch: pa.Table, uri: str) -> pa.Table:
-    """Last stage: accepted rows -> OUT/data, rejected rows -> OUT/rejects (one part each).
-
-    Returns a small summary per row (no image bytes) for the driver's counters.
-    """
-    store = OutputStore(uri)
-    data, rejects = split_accepted(batch)
-    store.write_table("data", data)
-    store.write_table("rejects", rejects)
-    rows = batch.select(["id", "ability", "reject_stage", "reject_reason", "meta"])
-    return rows
 
 
 def driver_key(cfg: GenerateConfig) -> Secret | None:
@@ -69,61 +59,54 @@ def driver_key(cfg: GenerateConfig) -> Secret | None:
     return Secret(value) if value else None
 
 
-def build_prompt_dataset(cfg: GenerateConfig, chunks: list[dict[str, Any]], cache_dir: str):
-    """Planned request chunks -> work rows with SD prompts (an actor pool of LLM clients)."""
-    import ray
+def add_llm_stage(ds, stage: type, cfg: GenerateConfig, **kwargs: Any):
+    """An LLM writing stage as an actor pool of LLM clients (the one place they're built)."""
+    from raypipe.generate.stage import add_stage
 
-    ds = ray.data.from_items(
-        chunks, override_num_blocks=max(1, len(chunks) // cfg.llm_batch_chunks)
-    )
-    return ds.map_batches(
-        PromptWriter,
-        fn_constructor_kwargs=dict(
-            llm=cfg.llm.model_dump(),
-            cache_dir=cache_dir,
-            catalog_dirs=cfg.catalog_dirs,
-            run_seed=cfg.seed,
-            negative_prompt=cfg.render.negative_prompt,
-            api_key=driver_key(cfg),
-        ),
-        batch_size=cfg.llm_batch_chunks,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.llm_actors),
+    return add_stage(
+        ds,
+        stage,
+        kwargs,
+        max_actors=cfg.llm_actors,
         num_cpus=cfg.llm_actor_cpus,
     )
 
 
-def build_generation(cfg: GenerateConfig, rows: pa.Table, store: OutputStore, cache_dir: str):
-    """Prompted work rows -> dialogues -> render -> quality -> Parquet parts (streamed)."""
+def build_stream(cfg: GenerateConfig, run: dict[str, Any], tickets: int):
+    """The whole run as one Ray Dataset: planner pulls -> ... -> the writer actor."""
     import ray
 
-    from raypipe.generate.quality import add_quality
-    from raypipe.generate.render import add_render
+    from raypipe.generate.dedup import DedupStage
+    from raypipe.generate.planner import plan_source
+    from raypipe.generate.quality import add_image_stages
+    from raypipe.generate.stage import add_stage
+    from raypipe.generate.writer import write_block
 
-    # Many small blocks, not one: Ray Data streams block by block, so a single block
-    # would hold every row back until the last dialogue is written.
-    step = cfg.llm_batch_rows
-    ds = ray.data.from_arrow([rows.slice(i, step) for i in range(0, rows.num_rows, step)])
-    ds = ds.map_batches(
-        DialogueWriter,
-        fn_constructor_kwargs=dict(
-            llm=cfg.llm.model_dump(),
-            cache_dir=cache_dir,
-            catalog_dirs=cfg.catalog_dirs,
-            run_seed=cfg.seed,
-            api_key=driver_key(cfg),
-        ),
-        batch_size=cfg.llm_batch_rows,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.llm_actors),
-        num_cpus=cfg.llm_actor_cpus,
+    planner = run["planner"]
+    ds = ray.data.read_datasource(
+        plan_source(planner, tickets),
+        override_num_blocks=tickets,
+        concurrency=1,
+        ray_remote_args={"num_cpus": 0},
     )
-    ds = add_render(ds, cfg.render)
-    ds = add_quality(ds, cfg.quality)
+    llm = dict(
+        llm=cfg.llm.model_dump(),
+        cache_dir=run["cache"],
+        catalog_dirs=cfg.catalog_dirs,
+        run_seed=cfg.seed,
+        api_key=driver_key(cfg),
+        limiter=run["limiter"],
+        planner=planner,
+    )
+    ds = add_llm_stage(ds, PromptWriter, cfg, negative_prompt=cfg.render.negative_prompt, **llm)
+    # Exactly one dedup actor: the rows it holds are released by later blocks.
+    ds = add_stage(ds, DedupStage, {"planner": planner}, num_cpus=0.05)
+    ds = add_llm_stage(ds, DialogueWriter, cfg, **llm)
+    ds = add_image_stages(ds, cfg.render, cfg.quality, run["banks"])
     return ds.map_batches(
-        write_parts,
-        fn_kwargs={"uri": store.uri},
-        batch_size=cfg.rows_per_file,
+        write_block,
+        fn_kwargs={"writer": run["writer"]},
+        batch_size=None,
         batch_format="pyarrow",
         num_cpus=cfg.writer_cpus,
     )
@@ -141,9 +124,10 @@ def check_inputs(cfg: GenerateConfig, store: OutputStore) -> dict[str, Any]:
     from raypipe.llm import make_backend
 
     catalog = load_catalog(cfg.catalog_dirs or None, names=cfg.abilities)
-    backend = make_backend(cfg.llm, store.local_cache_dir() if cfg.llm.cache else None, catalog)
+    backend = make_backend(cfg.llm, None, catalog)
     if hasattr(backend, "check"):
         backend.check()
+    backend.close()
     check_render_model(cfg.render)
     check_quality_models(cfg.quality)
     try:
@@ -152,32 +136,65 @@ def check_inputs(cfg: GenerateConfig, store: OutputStore) -> dict[str, Any]:
         raise ConfigError(
             f"cannot create output folders under {store.uri}: {e}. Choose a writable --out."
         ) from None
-    return {"catalog": catalog, "backend": backend}
+    return {"catalog": catalog}
 
 
 def keyword_banks(
     cfg: GenerateConfig, store: OutputStore, catalog, backend
-) -> dict[str, list[str]]:
-    """Step 2: load saved banks, expand missing ones, save them."""
+) -> tuple[dict[str, list[str]], dict[str, dict[str, Any]]]:
+    """Step 2: load saved banks, expand missing or short ones, save them.
+
+    Returns (banks, report per ability: keywords, wanted, complete, attempts). A bank
+    that came out short of ``extra_keywords_per_ability`` is retried by later runs,
+    ``MAX_BANK_ATTEMPTS`` times in all, with new request keys (its cached answers fell
+    short, so serving them again could not help).
+    """
+    import pyarrow as pa
+
+    from raypipe.schema import REJECT_SCHEMA
+
     banks: dict[str, list[str]] = {}
+    report: dict[str, dict[str, Any]] = {}
     rejects: list[dict[str, Any]] = []
     for name, ability in catalog.items():
+        wanted = len(seed_bank(ability)) + cfg.extra_keywords_per_ability
         saved = store.read_json(f"keywords/{name}.json")
-        if saved and saved.get("extra") == cfg.extra_keywords_per_ability:
-            banks[name] = saved["keywords"]
-            continue
-        bank, rej = expand_keyword_bank(
-            ability, backend, cfg.extra_keywords_per_ability, cfg.seed, cfg.llm.temperature
-        )
+        same = bool(saved) and saved.get("extra") == cfg.extra_keywords_per_ability
+        attempts = int(saved.get("attempts", 1)) if same else 0
+        if same and (len(saved["keywords"]) >= wanted or attempts >= MAX_BANK_ATTEMPTS):
+            bank = saved["keywords"]
+        else:
+            bank, rej = expand_keyword_bank(
+                ability,
+                backend,
+                cfg.extra_keywords_per_ability,
+                cfg.seed,
+                cfg.llm.temperature,
+                start=saved["keywords"] if same else None,
+                attempt=attempts,
+            )
+            attempts += 1
+            rejects.extend(rej)
+            store.write_json(
+                f"keywords/{name}.json",
+                {
+                    "ability": name,
+                    "extra": cfg.extra_keywords_per_ability,
+                    "keywords": bank,
+                    "attempts": attempts,
+                },
+            )
         banks[name] = bank
-        rejects.extend(rej)
-        store.write_json(
-            f"keywords/{name}.json",
-            {"ability": name, "extra": cfg.extra_keywords_per_ability, "keywords": bank},
-        )
+        report[name] = {
+            "keywords": len(bank),
+            "wanted": wanted,
+            "complete": len(bank) >= wanted,
+            "attempts": attempts,
+            "retried_next_run": len(bank) < wanted and attempts < MAX_BANK_ATTEMPTS,
+        }
     if rejects:
         store.write_table("rejects", pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA))
-    return banks
+    return banks, report
 
 
 def quotas(cfg: GenerateConfig, names: list[str]) -> dict[str, int]:
@@ -185,61 +202,93 @@ def quotas(cfg: GenerateConfig, names: list[str]) -> dict[str, int]:
     return {name: base + (1 if i < extra else 0) for i, name in enumerate(names)}
 
 
-def plan_chunks(
-    cfg: GenerateConfig,
-    banks: dict[str, list[str]],
-    quota: dict[str, int],
-    done: set[str],
-    accepted: dict[str, int],
-) -> list[dict[str, Any]]:
-    """Step 3: the smallest unused indices per ability, grouped by request chunk."""
-    k = cfg.prompts_per_request
-    chunks: dict[tuple[str, int], dict[str, Any]] = {}
-    for name, want in quota.items():
-        need, index = want - accepted.get(name, 0), 0
-        while need > 0:
-            sid = sample_id(cfg.seed, name, index)
-            if sid not in done:
-                chunk = index // k
-                item = chunks.setdefault(
-                    (name, chunk),
-                    {
-                        "ability": name,
-                        "chunk": chunk,
-                        "indices": [],
-                        "ids": [],
-                        "chunk_keywords": [
-                            keyword_for(banks[name], cfg.seed, name, i)
-                            for i in range(chunk * k, chunk * k + k)
-                        ],
-                    },
-                )
-                item["indices"].append(index)
-                item["ids"].append(sid)
-                need -= 1
-            index += 1
-    return list(chunks.values())
+def start_actors(cfg: GenerateConfig, store: OutputStore, banks, quota, spent_usd: float):
+    """The run's planner and writer, pinned to the driver's node (GPU workers come and go)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from raypipe.generate.planner import Planner
+    from raypipe.generate.writer import PartWriter
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    planner = (
+        ray.remote(Planner)
+        .options(num_cpus=0, max_concurrency=64, scheduling_strategy=here)
+        .remote(
+            store.uri,
+            cfg.seed,
+            banks,
+            quota,
+            cfg.prompts_per_request,
+            cfg.llm_batch_chunks,
+            cfg.replace_budget,
+            cfg.near_duplicate_threshold,
+            cfg.max_usd,
+            spent_usd,
+        )
+    )
+    writer = (
+        ray.remote(PartWriter)
+        .options(num_cpus=0, max_concurrency=8, scheduling_strategy=here)
+        .remote(store.uri, planner, cfg.part_max_rows, cfg.part_max_seconds)
+    )
+    return planner, writer
 
 
-def dedup_prompts(
-    cfg: GenerateConfig, rows: list[dict[str, Any]], index: NearDuplicateIndex
-) -> None:
-    """Step 4b: reject exact and near-duplicate prompts, lowest index first (deterministic)."""
-    for row in sorted(rows, key=lambda r: (r["ability"], r["index"])):
-        if is_rejected(row):
-            continue
-        hit = index.check_and_add(row["id"], row["prompt"])
-        if hit:
-            reason, other = hit
-            reject(row, "dedup", reason, json.dumps({"prompt": row["prompt"], "repeats": other}))
+def stream(cfg: GenerateConfig, run: dict[str, Any], tally: Tally) -> dict[str, Any]:
+    """Step 4: run the stream until the planner has nothing more; returns its status."""
+    import ray
+
+    from raypipe.generate.planner import tickets_for
+
+    planner = run["planner"]
+    status = ray.get(planner.status.remote())
+    pull_rows = cfg.llm_batch_chunks * cfg.prompts_per_request
+    for execution in range(MAX_EXECUTIONS):
+        if status["finished"]:
+            break
+        if execution:
+            log.info("the stream ran out of read tasks; continuing in a new execution")
+            ray.get(planner.restart.remote())
+        ds = build_stream(cfg, run, tickets_for(status, pull_rows))
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            tally.add(batch)
+        status = ray.get(planner.status.remote())
+    return status
 
 
-def seed_dedup_index(cfg: GenerateConfig, store: OutputStore) -> NearDuplicateIndex:
-    index = NearDuplicateIndex(cfg.near_duplicate_threshold, seed=cfg.seed)
-    data = store.read_columns("data", ["id", "prompt"])
-    for sid, prompt in zip(data.column("id").to_pylist(), data.column("prompt").to_pylist()):
-        index.add(sid, prompt)
-    return index
+class Tally:
+    """The driver's per-run counters, fed the stream's per-row summaries (no rows kept)."""
+
+    def __init__(self) -> None:
+        self.outcomes: Counter = Counter()  # (ability, stage, reason) -> rows
+        self.llm: Counter = Counter()  # paid_* / cached_* tokens, cost_usd
+        self.rendered = 0
+        self.render_s = 0.0
+
+    def add(self, batch) -> None:
+        for ability, stage, reason, meta in zip(
+            batch.column("ability").to_pylist(),
+            batch.column("reject_stage").to_pylist(),
+            batch.column("reject_reason").to_pylist(),
+            batch.column("meta").to_pylist(),
+        ):
+            self.outcomes[(ability, stage or "", reason or "")] += 1
+            m = json.loads(meta or "{}")
+            if "render_s" in m:
+                self.rendered += 1
+                self.render_s += m["render_s"]
+            count_usage(m, self.llm)
+
+
+def count_usage(meta: dict[str, Any], into: Counter) -> None:
+    """Add a row's LLM usage to ``into``, paid and served from cache apart."""
+    for usage in meta.get("llm", {}).values():
+        into["paid_prompt_tokens"] += usage.get("prompt_tokens", 0)
+        into["paid_completion_tokens"] += usage.get("completion_tokens", 0)
+        into["cached_prompt_tokens"] += usage.get("cached_prompt_tokens", 0)
+        into["cached_completion_tokens"] += usage.get("cached_completion_tokens", 0)
+        into["cost_usd"] += usage.get("cost_usd", 0.0)
 
 
 # ------------------------------------------------------------------------------------
@@ -251,82 +300,57 @@ def generate(cfg: GenerateConfig, out: str) -> dict[str, Any]:
     """Run (or resume) generation into ``out``; returns the manifest."""
     import ray
 
+    from raypipe.llm import make_backend
+    from raypipe.llm.limits import start_limiter
+
     t_start = time.time()
     store = OutputStore(out)
     # 1. Check inputs.
-    checked = check_inputs(cfg, store)
-    catalog, backend = checked["catalog"], checked["backend"]
-    names = list(catalog)
-    cache_dir = store.local_cache_dir() if cfg.llm.cache else None
+    catalog = check_inputs(cfg, store)["catalog"]
+    cache = store.cache_location() if cfg.llm.cache else None
     timings: dict[str, float] = {}
 
-    # 2. Keyword banks.
-    t = time.time()
-    banks = keyword_banks(cfg, store, catalog, backend)
-    timings["keywords_s"] = time.time() - t
-
+    # 2. Ray, the job-wide rate limiter, keyword banks.
     if not ray.is_initialized():
         ray.init(address=cfg.ray_address, log_to_driver=cfg.log_to_driver)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = cfg.progress
+    ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
+    limiter = start_limiter(cfg.llm)
+    t = time.time()
+    backend = make_backend(cfg.llm, cache, catalog, limiter=limiter)
+    banks, bank_report = keyword_banks(cfg, store, catalog, backend)
+    timings["keywords_s"] = time.time() - t
+    kw_stats = backend.stats()
+    backend.close()
 
-    quota = quotas(cfg, names)
-    run = Counter()
-    per_stage_seconds: Counter = Counter()
-    rendered = 0
-    for round_ in range(cfg.max_rounds):
-        # 3. Plan what is missing.
-        done, accepted = store.done_ids()
-        chunks = plan_chunks(cfg, banks, quota, done, accepted)
-        if not chunks:
-            break
-        log.info("round %d: %d rows to make", round_ + 1, sum(len(c["ids"]) for c in chunks))
+    # 3. The planner reads OUT and plans what is missing.
+    quota = quotas(cfg, list(catalog))
+    planner, writer = start_actors(cfg, store, banks, quota, kw_stats.get("cost_usd", 0.0))
+    run = {"planner": planner, "writer": writer, "limiter": limiter, "cache": cache, "banks": banks}
 
-        # 4. Prompts, then dedup against everything accepted so far.
-        t = time.time()
-        rows: list[dict[str, Any]] = []
-        for batch in build_prompt_dataset(cfg, chunks, cache_dir).iter_batches(
-            batch_format="pyarrow", batch_size=None
-        ):
-            rows.extend(batch.to_pylist())
-        dedup_prompts(cfg, rows, seed_dedup_index(cfg, store))
-        timings["prompts_s"] = timings.get("prompts_s", 0.0) + time.time() - t
-        early = [r for r in rows if is_rejected(r)]
-        keep = [r for r in rows if not is_rejected(r)]
-        _, early_rejects = split_accepted(rows_to_table(early))
-        store.write_table("rejects", early_rejects)
-        for r in early:
-            run[(r["ability"], r["reject_stage"], r["reject_reason"])] += 1
-        _count_llm(early, run)
-
-        # 5. Dialogues -> render -> quality -> Parquet, streamed.
-        t = time.time()
-        if keep:
-            ds = build_generation(cfg, rows_to_table(keep), store, cache_dir)
-            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                for r in batch.to_pylist():
-                    run[(r["ability"], r["reject_stage"] or "", r["reject_reason"] or "")] += 1
-                    meta = json.loads(r["meta"] or "{}")
-                    if "render_s" in meta:
-                        rendered += 1
-                        per_stage_seconds["render"] += meta["render_s"]
-                    _count_llm([r], run, meta)
-        timings["render_phase_s"] = timings.get("render_phase_s", 0.0) + time.time() - t
-
-    # 7. Manifest and summary.
+    # 4. One stream.
+    t = time.time()
+    tally = Tally()
+    status = stream(cfg, run, tally)
+    # 5. What the writer still holds; then the manifest, card and preview.
+    written = ray.get(writer.close.remote())
+    timings["stream_s"] = time.time() - t
     timings["total_s"] = time.time() - t_start
-    manifest = build_manifest(cfg, store, banks, backend, run, timings, rendered, quota)
+    manifest = build_manifest(
+        cfg, store, banks, bank_report, backend, kw_stats, tally, timings, quota, status, written
+    )
     store.write_json("manifest.json", manifest)
+    write_card_and_preview(store, manifest)
+    for actor in (planner, writer):
+        ray.kill(actor)
     return manifest
 
 
-def _count_llm(rows: list[dict[str, Any]], run: Counter, meta: dict | None = None) -> None:
-    for r in rows:
-        m = meta if meta is not None else json.loads(r.get("meta") or "{}")
-        for usage in m.get("llm", {}).values():
-            run["llm_prompt_tokens"] += usage.get("prompt_tokens", 0)
-            run["llm_completion_tokens"] += usage.get("completion_tokens", 0)
-            run["llm_cost_usd"] += usage.get("cost_usd", 0.0)
+def write_card_and_preview(store: OutputStore, manifest: dict[str, Any]) -> None:
+    try:
+        from raypipe.generate.card import write_card
+    except ImportError:  # pragma: no cover - the card module ships with raypipe
+        return
+    write_card(store, manifest)
 
 
 def package_versions() -> dict[str, str]:
@@ -350,84 +374,150 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def build_manifest(
-    cfg, store, banks, backend, run: Counter, timings, rendered: int, quota
-) -> dict[str, Any]:
-    """Counts come from OUT itself (all runs), so they balance across resumes."""
+def count_ids(store: OutputStore) -> dict[str, Any]:
+    """Counts from ids, over every run into OUT: planned = accepted + rejected, or not.
+
+    Planned ids come from OUT/plan (logged as rows are handed out), accepted ones from
+    OUT/data, rejected ones from OUT/rejects. Ids planned but in neither (a lost or
+    deleted part, or rows in flight when a run was killed and not yet made again) are
+    listed as ``missing_ids`` and make ``balanced`` false; so do ids written twice.
+    """
     data = store.read_columns("data", ["id", "ability"])
     rej = store.read_columns("rejects", ["id", "ability", "stage", "reason"])
-    rej_rows = rej.to_pylist()
-    sample_rej = [r for r in rej_rows if r["stage"] != "keywords"]
-    accepted_by_ability = Counter(data.column("ability").to_pylist())
-    rejected_by = Counter((r["ability"], r["stage"], r["reason"]) for r in sample_rej)
+    plan = store.read_columns("plan", ["id", "state"])
+    data_ids = data.column("id").to_pylist()
+    rej_rows = [r for r in rej.to_pylist() if r["stage"] != "keywords"]
+    accepted, rejected = set(data_ids), {r["id"] for r in rej_rows}
+    logged = (i for i, st in zip(*(plan.column(c).to_pylist() for c in ("id", "state"))) if st == "planned")
+    planned = set(logged) | accepted | rejected
+    missing = sorted(planned - accepted - rejected)
+    duplicates = sorted(
+        {i for i, n in Counter(data_ids).items() if n > 1} | (accepted & rejected)
+    )
+    return {
+        "planned": len(planned),
+        "accepted": len(accepted),
+        "rejected": len(rejected),
+        "balanced": not missing and not duplicates,
+        "missing_ids": missing,
+        "duplicate_ids": duplicates,
+        "data_abilities": Counter(data.column("ability").to_pylist()),
+        "reject_rows": rej_rows,
+        "keyword_rejects": sum(1 for r in rej.to_pylist() if r["stage"] == "keywords"),
+    }
 
+
+def build_manifest(
+    cfg, store, banks, bank_report, backend, kw_stats, tally: Tally, timings, quota, status, parts
+) -> dict[str, Any]:
+    """Counts come from OUT itself (all runs), so they balance across resumes."""
+    ids = count_ids(store)
+    sample_rej = ids["reject_rows"]
+    rejected_by = Counter((r["ability"], r["stage"], r["reason"]) for r in sample_rej)
     stages: dict[str, dict[str, int]] = {}
-    remaining = data.num_rows + len(sample_rej)
+    remaining = ids["planned"] - len(ids["missing_ids"])
     for stage in SAMPLE_STAGES:
         n_rej = sum(1 for r in sample_rej if r["stage"] == stage)
         stages[stage] = {"in": remaining, "accepted": remaining - n_rej, "rejected": n_rej}
         remaining -= n_rej
-    kw_rej = [r for r in rej_rows if r["stage"] == "keywords"]
+    n_keywords = sum(len(b) for b in banks.values())
     stages["keywords"] = {
-        "in": sum(len(b) for b in banks.values()) + len(kw_rej),
-        "accepted": sum(len(b) for b in banks.values()),
-        "rejected": len(kw_rej),
+        "in": n_keywords + ids["keyword_rejects"],
+        "accepted": n_keywords,
+        "rejected": ids["keyword_rejects"],
     }
     abilities = {
         name: {
             "quota": quota[name],
-            "accepted": accepted_by_ability.get(name, 0),
+            "accepted": ids["data_abilities"].get(name, 0),
             "rejected": sum(v for (a, _, _), v in rejected_by.items() if a == name),
             "keywords": len(banks[name]),
         }
         for name in quota
     }
-    reasons = defaultdict(int)
+    reasons: dict[str, int] = defaultdict(int)
     for (_, stage, reason), v in rejected_by.items():
         reasons[f"{stage}:{reason}"] += v
 
-    previous = store.read_json("manifest.json") or {}
-    kw_stats = backend.stats()
+    # This run: LLM usage paid vs served from cache, GPU time, cost per 1,000 samples.
+    llm = Counter(tally.llm)
+    llm["paid_prompt_tokens"] += kw_stats.get("prompt_tokens", 0)
+    llm["paid_completion_tokens"] += kw_stats.get("completion_tokens", 0)
+    llm["cost_usd"] += kw_stats.get("cost_usd", 0.0)
+    llm["cached_prompt_tokens"] += kw_stats.get("cached_prompt_tokens", 0)
+    llm["cached_completion_tokens"] += kw_stats.get("cached_completion_tokens", 0)
+    accepted_now = sum(v for (_, stage, _), v in tally.outcomes.items() if not stage)
+    gpu = cfg.render.device != "cpu" and _render_on_gpu(cfg)
+    gpu_s = tally.render_s * cfg.render.gpus_per_actor if gpu else 0.0
+    gpu_usd = gpu_s / 3600 * cfg.gpu_hour_usd if cfg.gpu_hour_usd is not None else None
+    per_k = 1000 / accepted_now if accepted_now else None
     this_run = {
         "started": time.strftime(
             "%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() - timings["total_s"])
         ),
         "timings_s": timings,
-        "rows_written": sum(v for k, v in run.items() if isinstance(k, tuple)),
-        "images_rendered": rendered,
-        "images_per_s": rendered / timings["render_phase_s"]
-        if timings.get("render_phase_s")
-        else 0.0,
+        "rows_written": sum(tally.outcomes.values()),
+        "accepted": accepted_now,
+        "parts_written": parts,
+        "stopped": status["stopped"] if not status["finished"] or status["stopped"] else None,
+        "planned": status["planned"],
+        "images_rendered": tally.rendered,
+        "images_per_s": tally.rendered / timings["stream_s"] if timings.get("stream_s") else 0.0,
+        "render_busy_s": tally.render_s,
+        "gpu_s_per_accepted_image": gpu_s / accepted_now if accepted_now and gpu else None,
+        "usd_per_1000_accepted": {
+            "llm": llm["cost_usd"] * per_k if per_k else None,
+            "gpu": gpu_usd * per_k if per_k and gpu_usd is not None else None,
+        },
         "llm": {
-            "prompt_tokens": run["llm_prompt_tokens"] + kw_stats.get("prompt_tokens", 0),
-            "completion_tokens": run["llm_completion_tokens"]
-            + kw_stats.get("completion_tokens", 0),
-            "cost_usd": run["llm_cost_usd"] + kw_stats.get("cost_usd", 0.0),
+            "prompt_tokens": llm["paid_prompt_tokens"],
+            "completion_tokens": llm["paid_completion_tokens"],
+            "cost_usd": llm["cost_usd"],
+            "cached_prompt_tokens": llm["cached_prompt_tokens"],
+            "cached_completion_tokens": llm["cached_completion_tokens"],
         },
     }
+    previous = store.read_json("manifest.json") or {}
     runs = list(previous.get("runs", [])) + [this_run]
+    short = [n for n, a in abilities.items() if a["accepted"] < a["quota"]]
     return {
-        "raypipe_manifest": 1,
+        "raypipe_manifest": 2,
         "out": store.uri,
         "config": redacted(cfg),
         "versions": package_versions(),
         "models": {"sd": cfg.render.model, "llm": backend.model},
         "num_samples": cfg.num_samples,
+        "stopped": this_run["stopped"] or ("replace_budget" if short else None),
         "counts": {
-            "accepted": data.num_rows,
-            "rejected": len(sample_rej),
-            "balanced": stages["prompts"]["in"] == data.num_rows + len(sample_rej),
+            "planned": ids["planned"],
+            "accepted": ids["accepted"],
+            "rejected": ids["rejected"],
+            "balanced": ids["balanced"],
+            "missing_ids": ids["missing_ids"],
+            "duplicate_ids": ids["duplicate_ids"],
             "stages": stages,
             "abilities": abilities,
             "reject_reasons": dict(sorted(reasons.items())),
         },
+        "keyword_banks": bank_report,
         "llm": {
-            "prompt_tokens": sum(r["llm"]["prompt_tokens"] for r in runs),
-            "completion_tokens": sum(r["llm"]["completion_tokens"] for r in runs),
-            "cost_usd": sum(r["llm"]["cost_usd"] for r in runs),
+            key: sum(r["llm"].get(key, 0) for r in runs)
+            for key in (
+                "prompt_tokens",
+                "completion_tokens",
+                "cost_usd",
+                "cached_prompt_tokens",
+                "cached_completion_tokens",
+            )
         },
         "runs": runs,
     }
+
+
+def _render_on_gpu(cfg: GenerateConfig) -> bool:
+    from raypipe.generate.render import render_uses_gpu
+
+    return render_uses_gpu(cfg.render)
 
 
 def summary_table(manifest: dict[str, Any]) -> str:
@@ -447,7 +537,9 @@ def summary_table(manifest: dict[str, Any]) -> str:
     run = manifest["runs"][-1]
     llm = manifest["llm"]
     lines.append(
-        f"LLM tokens: {llm['prompt_tokens']:.0f} in / {llm['completion_tokens']:.0f} out, cost ${llm['cost_usd']:.4f}"
+        f"LLM tokens paid: {llm['prompt_tokens']:.0f} in / {llm['completion_tokens']:.0f} out,"
+        f" cost ${llm['cost_usd']:.4f}; served from cache: {llm['cached_prompt_tokens']:.0f} in /"
+        f" {llm['cached_completion_tokens']:.0f} out"
         f" | images this run: {run['images_rendered']} at {run['images_per_s']:.2f}/s"
         f" | wall {run['timings_s']['total_s']:.1f}s"
     )

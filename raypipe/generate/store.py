@@ -40,16 +40,24 @@ class OutputStore:
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
-    def local_cache_dir(self) -> str:
-        """LLM response cache: OUT/cache on local disks, else a per-user local folder."""
+    def cache_location(self) -> str:
+        """Where the LLM response cache lives: OUT/cache, on OUT's own filesystem.
+
+        For a URI the query (endpoint, region, ...) is kept, so every node of a cluster,
+        and any later re-run, reads and writes the same cache.
+        """
         if self.local:
             return self.path("cache")
-        digest = hashlib.sha256(self.uri.encode()).hexdigest()[:16]
-        return str(Path.home() / ".cache" / "raypipe" / "llm" / digest)
+        base, sep, query = self.uri.partition("?")
+        return f"{base.rstrip('/')}/cache{sep}{query}"
 
     def makedirs(self) -> None:
-        for sub in ("data", "rejects", "keywords"):
+        """Create OUT's folders; on local disks, remove temporary files a killed run left."""
+        for sub in ("data", "rejects", "keywords", "plan"):
             self.fs.create_dir(self.path(sub), recursive=True)
+            if self.local:
+                for leftover in Path(self.path(sub)).glob(".tmp-*"):
+                    leftover.unlink(missing_ok=True)
 
     # -- parquet ---------------------------------------------------------------------
     def write_table(self, sub: str, table: pa.Table, name: str | None = None) -> str | None:
@@ -82,10 +90,12 @@ class OutputStore:
 
     def read_columns(self, sub: str, columns: list[str]) -> pa.Table:
         """Only the named columns of every part (images are never read for bookkeeping)."""
-        schema = SAMPLE_SCHEMA if sub == "data" else REJECT_SCHEMA
+        schema = SAMPLE_SCHEMA if sub == "data" else REJECT_SCHEMA if sub == "rejects" else None
         tables = [pq.read_table(p, columns=columns, filesystem=self.fs) for p in self._parts(sub)]
         if not tables:
-            return pa.table({c: pa.array([], type=schema.field(c).type) for c in columns})
+            return pa.table(
+                {c: pa.array([], type=schema.field(c).type if schema else pa.string()) for c in columns}
+            )
         return pa.concat_tables(tables)
 
     def done_ids(self) -> tuple[set[str], dict[str, int]]:

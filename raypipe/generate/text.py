@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from raypipe.abilities import Ability, load_catalog
 from raypipe.config import LLMConfig
+from raypipe.generate.stage import Stage
 from raypipe.llm import make_backend
 from raypipe.llm.base import LLMResult, Secret
 from raypipe.llm.parsing import emphasized_keywords, parse_dialogue, parse_keywords, parse_prompts
@@ -30,11 +31,18 @@ def stable_seed(*parts: Any) -> int:
 
 
 def usage_meta(result: LLMResult, share: int = 1) -> dict[str, Any]:
-    """A request's tokens and cost, split over the ``share`` rows it served."""
+    """A request's tokens and cost, split over the ``share`` rows it served in this call.
+
+    ``prompt_tokens``, ``completion_tokens`` and ``cost_usd`` are what was paid; an answer
+    served from the cache (or by an identical request in flight) pays nothing and
+    counts what it served as ``cached_*``.
+    """
     return {
         "prompt_tokens": result.prompt_tokens / share,
         "completion_tokens": result.completion_tokens / share,
         "cost_usd": result.cost_usd / share,
+        "cached_prompt_tokens": result.cached_prompt_tokens / share,
+        "cached_completion_tokens": result.cached_completion_tokens / share,
         "cached": result.cached,
         "attempts": result.attempts,
         "latency_s": result.latency_s,
@@ -53,20 +61,34 @@ def add_usage(row: dict[str, Any], stage: str, usage: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------
 
 
+def seed_bank(ability: Ability) -> list[str]:
+    return list(dict.fromkeys(k.strip().lower() for k in ability.keywords))
+
+
 def expand_keyword_bank(
-    ability: Ability, backend, extra: int, seed: int, temperature: float, per_request: int = 50
+    ability: Ability,
+    backend,
+    extra: int,
+    seed: int,
+    temperature: float,
+    per_request: int = 50,
+    start: list[str] | None = None,
+    attempt: int = 0,
 ) -> tuple[list[str], list[dict[str, Any]]]:
     """Seed keywords plus ``extra`` LLM-listed ones (paper section 4.3).
 
     Returns (bank, rejects). Requests continue until ``extra`` new keywords are in the
-    bank or a few rounds in a row add nothing.
+    bank or a few rounds in a row add nothing. ``start`` is a bank an earlier run left
+    short; ``attempt`` (its retry number) goes into the request keys, so a retry sends
+    new requests instead of being served the answers that fell short.
     """
-    bank = list(dict.fromkeys(k.strip().lower() for k in ability.keywords))
+    bank = list(start) if start else seed_bank(ability)
     rejects: list[dict[str, Any]] = []
-    target, stale, round_ = len(bank) + extra, 0, 0
+    target, stale, round_ = len(seed_bank(ability)) + extra, 0, 0
     while len(bank) < target and stale < 3:
         n = min(per_request, target - len(bank))
-        key = f"keywords/{ability.name}/{round_:04d}"
+        retry = f"a{attempt}/" if attempt else ""
+        key = f"keywords/{ability.name}/{retry}{round_:04d}"
         req = keyword_request(
             ability, n, list(bank), key=key, seed=stable_seed(seed, key), temperature=temperature
         )
@@ -100,11 +122,13 @@ def keyword_for(bank: list[str], run_seed: int, ability: str, index: int) -> str
     return bank[perm[pos]]
 
 
-class LLMStage:
+class LLMStage(Stage):
     """Base of the LLM writing stages: the backend and catalog, built once per actor.
 
     ``api_key`` carries the driver's key to actors on nodes where ``llm.api_key_env`` is
-    not set (it prints as ***).
+    not set (it prints as ***). ``limiter`` is the job-wide rate limiter shared by every
+    LLM client of the run; ``planner`` the run's planner, told what each batch paid
+    (for ``max_usd``).
     """
 
     def __init__(
@@ -114,11 +138,24 @@ class LLMStage:
         catalog_dirs: list[str],
         run_seed: int,
         api_key: Secret | None = None,
+        limiter=None,
+        planner=None,
     ):
         self.cfg = LLMConfig.model_validate(llm)
         self.catalog = load_catalog(catalog_dirs or None)
-        self.backend = make_backend(self.cfg, cache_dir, self.catalog, api_key)
+        self.backend = make_backend(self.cfg, cache_dir, self.catalog, api_key, limiter=limiter)
         self.run_seed = run_seed
+        self.planner = planner
+
+    def complete(self, requests: list) -> list[LLMResult]:
+        """Answer ``requests``; tell the planner what they paid."""
+        results = self.backend.complete_batch(requests) if requests else []
+        paid = sum(r.cost_usd for r in results)
+        if self.planner is not None and paid:
+            import ray
+
+            ray.get(self.planner.spend.remote(paid))
+        return results
 
 
 # ------------------------------------------------------------------------------------
@@ -130,11 +167,14 @@ class PromptWriter(LLMStage):
     """Writes one SD prompt per planned row, k rows per LLM request.
 
     Input: one item per request chunk: ``ability``, ``chunk``, ``indices`` (the rows of the
-    chunk still to make), ``chunk_keywords`` (all k keywords of the chunk, so the request
-    is identical whichever of its rows remain: a re-run hits the cache), ``ids``.
+    chunk to make now), ``chunk_keywords`` (all k keywords of the chunk, so the request
+    is identical whichever of its rows are asked for: later rows of the chunk and
+    re-runs hit the cache), ``ids``.
     Output: work rows (raypipe.schema.WORK_SCHEMA) with id, ability, index, seed,
     keywords, prompt, negative_prompt, llm_model and meta filled, or rejected with
-    stage ``prompts``.
+    stage ``prompts``. Positions of the answer that failed are *burned* with the planner,
+    so no replacement row is ever planned onto an answer that already failed. A request
+    counts its whole cost against the rows it served in this call.
     """
 
     INPUT_COLUMNS = ("ability", "chunk", "indices", "ids", "chunk_keywords")
@@ -154,7 +194,7 @@ class PromptWriter(LLMStage):
         super().__init__(**llm_stage_kwargs)
         self.negative_prompt = negative_prompt
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def process(self, batch: pa.Table) -> pa.Table:
         items = batch.to_pylist()
         requests = []
         for it in items:
@@ -168,11 +208,16 @@ class PromptWriter(LLMStage):
                     temperature=self.cfg.temperature,
                 )
             )
-        results = self.backend.complete_batch(requests)
+        results = self.complete(requests)
         rows: list[dict[str, Any]] = []
         for it, res in zip(items, results):
             k = len(it["chunk_keywords"])
             parsed = parse_prompts(res.text, list(it["chunk_keywords"])) if res.ok else None
+            failed = [p for p in range(k) if parsed is None or parsed[p].reason]
+            if failed and self.planner is not None:
+                import ray
+
+                ray.get(self.planner.burn.remote(it["ability"], [it["chunk"] * k + p for p in failed]))
             for index, sid in zip(it["indices"], it["ids"]):
                 pos = index % k
                 row = {
@@ -185,7 +230,7 @@ class PromptWriter(LLMStage):
                     "llm_model": self.backend.model,
                     "meta": "{}",
                 }
-                add_usage(row, "prompts", usage_meta(res, share=k))
+                add_usage(row, "prompts", usage_meta(res, share=len(it["indices"])))
                 if not res.ok:
                     reject(row, "prompts", f"llm_error:{res.error}", res.text or "")
                 elif parsed[pos].reason:
@@ -217,7 +262,7 @@ class DialogueWriter(LLMStage):
         pool = ability.questions
         return pool[stable_seed(self.run_seed, sample_id, "question") % len(pool)]
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def process(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         todo = [r for r in rows if not is_rejected(r)]
         requests, questions = [], []
@@ -235,7 +280,7 @@ class DialogueWriter(LLMStage):
                     temperature=self.cfg.temperature,
                 )
             )
-        results = self.backend.complete_batch(requests) if requests else []
+        results = self.complete(requests)
         for r, question, res in zip(todo, questions, results):
             add_usage(r, "dialogue", usage_meta(res))
             if not res.ok:
@@ -250,7 +295,7 @@ class DialogueWriter(LLMStage):
                 {"from": "human", "value": "<image>\n" + question},
                 {"from": "gpt", "value": parsed.description},
             ]
-            r["question_type"] = "unusual" if r["ability"] == "abnormal" else "caption"
+            r["question_type"] = self.catalog[r["ability"]].question_type
             r["answer_keywords"] = []
             update_meta(r, question=question)
         return rows_to_table(rows)

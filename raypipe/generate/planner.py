@@ -1,0 +1,395 @@
+"""The run's planner: which rows to make, fed to the stream as earlier rows are decided.
+
+One generation run is one streaming Ray Data execution. Its source does not hold a
+fixed list of rows: each read task asks the :class:`Planner` actor for the next rows
+to make (:meth:`Planner.pull`), and the planner answers from what it knows so far:
+
+1. At the start it plans, per ability, the smallest indices whose ids are in neither
+   OUT/data nor OUT/rejects, as many as the ability still needs (``quota - accepted``).
+   A re-run after a kill therefore plans exactly the rows that are missing.
+2. When a row is rejected (at any stage), the planner plans one replacement: the next
+   index of that ability that was never planned. Rows beyond an ability's quota are
+   never planned, so they can never be written as data. Which indices are planned
+   depends only on which rows are rejected, and rejection depends only on a row's own
+   content, so a re-run makes the same decisions.
+3. A prompt request answers k rows at once (a *chunk*: indices ``c*k .. c*k+k-1``).
+   When some of its prompts do not parse, the prompt writer *burns* those positions
+   (:meth:`burn`): they are never planned as replacements, so no row is ever served
+   an answer that already failed; the chunk's good prompts stay usable.
+4. Prompt dedup is decided here (:meth:`dedup`), by index, not arrival order: a row's
+   prompt is compared only once every planned row of its ability with a lower index
+   has arrived, so among repeats the lowest index wins whatever order the prompt
+   writers finish in. Exact and near duplicates (``near_duplicate_threshold``) count,
+   within an ability, against every earlier row that passed dedup (this run and, from
+   OUT/data, earlier runs).
+5. A run stops planning when every ability has its quota, when an ability used up its
+   replacement budget (``replace_budget``), or when the run's paid LLM spend reached
+   ``max_usd`` (rows already in flight finish). Then :meth:`pull` returns nothing more
+   and the source ends.
+
+Planned ids are logged to OUT/plan (every few seconds and at the end), so the manifest
+can say which planned ids are neither accepted nor rejected (``balanced: false``).
+Burned positions are logged there too (at once), so a re-run never plans a row onto an
+answer that failed in an earlier run either: it sends a request with a new key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import pyarrow as pa
+
+from raypipe.generate.dedup import NearDuplicateIndex
+from raypipe.generate.store import OutputStore
+from raypipe.generate.text import keyword_for
+from raypipe.schema import sample_id
+
+#: What a pull hands the prompt writer: one item per request chunk.
+CHUNK_SCHEMA = pa.schema(
+    [
+        ("ability", pa.string()),
+        ("chunk", pa.int64()),
+        ("indices", pa.list_(pa.int64())),
+        ("ids", pa.list_(pa.string())),
+        ("chunk_keywords", pa.list_(pa.string())),
+    ]
+)
+#: OUT/plan rows: ids handed to the stream (``planned``), and chunk positions whose
+#: answer failed (``burned``: never to be planned, in this run or a later one).
+PLAN_SCHEMA = pa.schema([("id", pa.string()), ("ability", pa.string()), ("state", pa.string())])
+
+#: How long a pull that has fewer rows than it may take waits for more, while rows are
+#: in flight (their rejects may add replacements): fewer, fuller pulls in a run's tail.
+TAIL_WAIT_S = 0.5
+#: How often the plan log is written to OUT/plan.
+PLAN_LOG_S = 5.0
+
+
+class _Ability:
+    """What the planner tracks for one ability."""
+
+    def __init__(self, name: str, need: int, max_planned: int, done: set[int]):
+        self.name = name
+        self.need = need  # accepted rows still wanted
+        self.max_planned = max_planned  # most rows this run may plan
+        self.planned = 0
+        self.done = done  # indices already in OUT (data or rejects)
+        self.burned: set[int] = set()
+        self.next_index = 0
+        self.pending: deque[int] = deque()  # planned, not yet pulled
+        self.in_flight: set[int] = set()  # pulled, not yet decided
+        self.dedup_queue: deque[int] = deque()  # planned, not yet through dedup
+        self.arrived: dict[int, tuple[str, str | None]] = {}  # index -> (id, prompt)
+
+    def open(self) -> int:
+        return len(self.pending) + len(self.in_flight)
+
+    @property
+    def exhausted(self) -> bool:
+        return self.need > self.open() and self.planned >= self.max_planned
+
+    def next_free(self) -> int:
+        i = self.next_index
+        while i in self.done or i in self.burned:
+            i += 1
+        self.next_index = i + 1
+        return i
+
+
+class Planner:
+    """Plans rows, decides prompt dedup by index, plans replacements (see module doc).
+
+    Runs as one threaded Ray actor per run (``max_concurrency`` > 1: a pull waits while
+    reports arrive). Reads OUT itself, so the driver never holds the ids of a big run.
+    """
+
+    def __init__(
+        self,
+        out: str,
+        run_seed: int,
+        banks: dict[str, list[str]],
+        quota: dict[str, int],
+        prompts_per_request: int,
+        pull_chunks: int,
+        replace_budget: float,
+        near_duplicate_threshold: float,
+        max_usd: float | None = None,
+        spent_usd: float = 0.0,
+    ):
+        self.store = OutputStore(out)
+        self.seed = run_seed
+        self.banks = banks
+        self.k = prompts_per_request
+        self.pull_chunks = pull_chunks
+        self.max_usd = max_usd
+        self.spent_usd = spent_usd
+        self.stopped: str | None = None
+        self._cond = threading.Condition()
+        self._plan_log: list[dict[str, str]] = []
+        self._plan_logged_at = time.monotonic()
+
+        # 1. What OUT already holds.
+        done_ids, accepted = self.store.done_ids()
+        plan = self.store.read_columns("plan", ["id", "state"])
+        logged = list(zip(plan.column("id").to_pylist(), plan.column("state").to_pylist()))
+        # A row planned before whose position burned, but that never reached OUT (the run
+        # was killed): plan it again; its failed answer rejects it, with the reason.
+        unfinished = {i for i, st in logged if st == "planned"} - done_ids
+        burned_ids = {i for i, st in logged if st == "burned"} - unfinished
+        self.index = {name: NearDuplicateIndex(near_duplicate_threshold, seed=run_seed) for name in quota}
+        data = self.store.read_columns("data", ["id", "ability", "prompt"])
+        for sid, ab, prompt in zip(*(data.column(c).to_pylist() for c in ("id", "ability", "prompt"))):
+            if ab in self.index and prompt:
+                self.index[ab].add(sid, prompt)
+        self.abilities: dict[str, _Ability] = {}
+        for name, want in quota.items():
+            prefix = sample_id(run_seed, name, 0)[:-7]
+            done = {int(s[len(prefix) :]) for s in done_ids if s.startswith(prefix)}
+            need = max(0, want - accepted.get(name, 0))
+            extra = max(self.k, math.ceil(need * replace_budget)) if need else 0
+            self.abilities[name] = _Ability(name, need, need + extra, done)
+            self.abilities[name].burned = {
+                int(s[len(prefix) :]) for s in burned_ids if s.startswith(prefix)
+            }
+
+        # 2. The first plan: as many rows as each ability needs.
+        with self._cond:
+            for ab in self.abilities.values():
+                self._top_up(ab)
+        self.planned_at_start = sum(ab.planned for ab in self.abilities.values())
+
+    # -- planning ------------------------------------------------------------------------
+
+    def _top_up(self, ab: _Ability) -> None:
+        while not self.stopped and ab.need > ab.open() and ab.planned < ab.max_planned:
+            i = ab.next_free()
+            ab.pending.append(i)
+            ab.dedup_queue.append(i)
+            ab.planned += 1
+        self._cond.notify_all()
+
+    def _finish(self, ab: _Ability, index: int, accepted: bool) -> None:
+        if index not in ab.in_flight:
+            return  # decided already (a dedup reject reported again by the writer)
+        ab.in_flight.discard(index)
+        if accepted:
+            ab.need -= 1
+        self._top_up(ab)
+
+    def finished(self) -> bool:
+        return all(ab.open() == 0 for ab in self.abilities.values())
+
+    def pull(self) -> pa.Table:
+        """The next rows to make, as request chunks (empty when the run has no more)."""
+        limit = self.pull_chunks * self.k
+        with self._cond:
+            deadline = None
+            while True:
+                pending = sum(len(ab.pending) for ab in self.abilities.values())
+                if pending >= limit or (pending and not self._any_in_flight()):
+                    break
+                if pending and deadline is None:
+                    deadline = time.monotonic() + TAIL_WAIT_S
+                if pending and time.monotonic() >= deadline:
+                    break
+                if not pending and self.finished():
+                    self._flush_plan_log(force=True)
+                    return CHUNK_SCHEMA.empty_table()
+                self._cond.wait(timeout=0.1 if pending else 1.0)
+            items = self._take(limit)
+            self._flush_plan_log()
+        return pa.Table.from_pylist(items, schema=CHUNK_SCHEMA)
+
+    def _any_in_flight(self) -> bool:
+        return any(ab.in_flight for ab in self.abilities.values())
+
+    def _take(self, limit: int) -> list[dict[str, Any]]:
+        chunks: dict[tuple[str, int], dict[str, Any]] = {}
+        taken = 0
+        for ab in self.abilities.values():
+            while ab.pending and taken < limit:
+                i = ab.pending.popleft()
+                ab.in_flight.add(i)
+                taken += 1
+                sid = sample_id(self.seed, ab.name, i)
+                self._plan_log.append({"id": sid, "ability": ab.name, "state": "planned"})
+                c = i // self.k
+                item = chunks.get((ab.name, c))
+                if item is None:
+                    item = chunks[(ab.name, c)] = {
+                        "ability": ab.name,
+                        "chunk": c,
+                        "indices": [],
+                        "ids": [],
+                        "chunk_keywords": [
+                            keyword_for(self.banks[ab.name], self.seed, ab.name, j)
+                            for j in range(c * self.k, c * self.k + self.k)
+                        ],
+                    }
+                item["indices"].append(i)
+                item["ids"].append(sid)
+        return list(chunks.values())
+
+    def _flush_plan_log(self, force: bool = False) -> None:
+        due = time.monotonic() - self._plan_logged_at >= PLAN_LOG_S
+        if self._plan_log and (force or due):
+            entries = "\n".join(sorted(f"{e['state']} {e['id']}" for e in self._plan_log))
+            name = f"part-{hashlib.sha256(entries.encode()).hexdigest()[:20]}.parquet"
+            table = pa.Table.from_pylist(self._plan_log, schema=PLAN_SCHEMA)
+            self.store.write_table("plan", table, name=name)
+            self._plan_log = []
+            self._plan_logged_at = time.monotonic()
+
+    # -- what the stages tell the planner ------------------------------------------------
+
+    def burn(self, ability: str, indices: list[int]) -> None:
+        """Chunk positions whose prompt failed: never plan them as replacements."""
+        with self._cond:
+            ab = self.abilities.get(ability)
+            if ab is None:
+                return
+            new = [i for i in indices if i not in ab.burned]
+            ab.burned.update(new)
+            self._plan_log.extend(
+                {"id": sample_id(self.seed, ability, i), "ability": ability, "state": "burned"}
+                for i in new
+            )
+            self._flush_plan_log(force=bool(new))
+            unplanned = [i for i in ab.pending if i in ab.burned]
+            for i in unplanned:  # planned but not handed out yet: plan another row instead
+                ab.pending.remove(i)
+                ab.dedup_queue.remove(i)
+                ab.planned -= 1
+            if unplanned:
+                self._top_up(ab)
+
+    def dedup(self, rows: list[tuple[str, str, int, str | None]]) -> list[tuple[str, str | None, str | None]]:
+        """Rows that reached dedup: ``(id, ability, index, prompt or None if rejected)``.
+
+        Returns ``(id, reason, repeats)`` for every row that can be decided now (reason
+        None = passed), in index order per ability; the rest wait for lower indices.
+        """
+        out: list[tuple[str, str | None, str | None]] = []
+        with self._cond:
+            touched = set()
+            for sid, ability, index, prompt in rows:
+                ab = self.abilities[ability]
+                ab.arrived[index] = (sid, prompt)
+                touched.add(ability)
+            for name in touched:
+                ab = self.abilities[name]
+                while ab.dedup_queue and ab.dedup_queue[0] in ab.arrived:
+                    i = ab.dedup_queue.popleft()
+                    sid, prompt = ab.arrived.pop(i)
+                    if prompt is None:  # rejected before dedup: decided
+                        out.append((sid, None, None))
+                        self._finish(ab, i, accepted=False)
+                        continue
+                    hit = self.index[name].check_and_add(sid, prompt)
+                    out.append((sid, hit[0], hit[1]) if hit else (sid, None, None))
+                    if hit:
+                        self._finish(ab, i, accepted=False)
+        return out
+
+    def report(self, outcomes: list[tuple[str, int, bool]]) -> None:
+        """Final decisions from the writer: ``(ability, index, accepted)`` per row."""
+        with self._cond:
+            for ability, index, accepted in outcomes:
+                self._finish(self.abilities[ability], index, accepted)
+
+    def spend(self, usd: float) -> None:
+        """Paid LLM spend of a batch; at ``max_usd`` the run stops planning new rows."""
+        with self._cond:
+            self.spent_usd += usd
+            if self.max_usd is not None and self.spent_usd >= self.max_usd and not self.stopped:
+                self.stopped = "max_usd"
+                for ab in self.abilities.values():
+                    for i in ab.pending:
+                        ab.dedup_queue.remove(i)
+                    ab.planned -= len(ab.pending)
+                    ab.pending.clear()
+                self._cond.notify_all()
+
+    def restart(self) -> None:
+        """After an execution ended early: rows pulled but not decided are planned again."""
+        with self._cond:
+            for ab in self.abilities.values():
+                again = sorted(ab.in_flight | set(ab.pending))
+                ab.in_flight.clear()
+                ab.pending = deque(again)
+                ab.dedup_queue = deque(sorted(set(ab.dedup_queue) | set(again)))
+                ab.arrived.clear()
+
+    def status(self) -> dict[str, Any]:
+        with self._cond:
+            self._flush_plan_log(force=True)
+            stopped = self.stopped
+            if not stopped and any(ab.exhausted or (ab.need and not ab.open()) for ab in self.abilities.values()):
+                stopped = "replace_budget"
+            return {
+                "finished": self.finished(),
+                "stopped": stopped,
+                "spent_usd": self.spent_usd,
+                "planned": sum(ab.planned for ab in self.abilities.values()),
+                "planned_at_start": self.planned_at_start,
+                "abilities": {
+                    ab.name: {
+                        "need": ab.need,
+                        "open": ab.open(),
+                        "planned": ab.planned,
+                        "max_planned": ab.max_planned,
+                        "burned": len(ab.burned),
+                    }
+                    for ab in self.abilities.values()
+                },
+            }
+
+
+# ---------------------------------------------------------------------------------------
+# The stream's source
+# ---------------------------------------------------------------------------------------
+
+
+def plan_source(planner, tickets: int):
+    """A Ray Datasource of ``tickets`` read tasks, each one pull from ``planner``.
+
+    One pull per read task, so each answer becomes its own block at once (Ray Data
+    coalesces what a single read task yields until 128 MiB or the task ends). Pulls
+    after the run is finished return empty blocks; :func:`tickets_for` sizes the count.
+    """
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    def read_fn():
+        import ray
+
+        yield ray.get(planner.pull.remote())
+
+    class PlanSource(Datasource):
+        def estimate_inmemory_data_size(self):
+            return None
+
+        def get_read_tasks(self, parallelism, per_task_row_limit=None, **kwargs):
+            meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
+            return [ReadTask(read_fn, meta, schema=CHUNK_SCHEMA) for _ in range(tickets)]
+
+        @property
+        def supports_distributed_reads(self) -> bool:
+            return True
+
+    return PlanSource()
+
+
+def tickets_for(status: dict[str, Any], pull_rows: int) -> int:
+    """Read tasks for one execution: enough for every row that may still be planned in
+    full pulls, plus room for a tail of small ones. A run that needs more continues in
+    a new execution (the planner keeps its state)."""
+    most = sum(
+        a["max_planned"] - a["planned"] + a["open"] for a in status["abilities"].values()
+    )
+    return max(8, math.ceil(most / pull_rows) * 2 + 64)

@@ -1,0 +1,177 @@
+"""The planner's decisions, in-process (no Ray): plan, dedup by index, replace, burn, stop."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from raypipe.generate.planner import Planner
+from raypipe.generate.store import OutputStore
+from raypipe.schema import REJECT_SCHEMA, sample_id
+
+BANKS = {"color": [f"c{i}" for i in range(20)], "animal": [f"a{i}" for i in range(20)]}
+
+
+def planner(tmp_path, quota, **kw) -> Planner:
+    args = dict(
+        out=str(tmp_path),
+        run_seed=0,
+        banks=BANKS,
+        quota=quota,
+        prompts_per_request=5,
+        pull_chunks=8,
+        replace_budget=1.0,
+        near_duplicate_threshold=0.8,
+    )
+    args.update(kw)
+    OutputStore(str(tmp_path)).makedirs()
+    return Planner(**args)
+
+
+def pulled(p: Planner) -> list[tuple[str, int]]:
+    t = p.pull().to_pylist()
+    return [(it["ability"], i) for it in t for i in it["indices"]]
+
+
+def test_first_plan_is_each_abilitys_quota_in_chunks_of_k(tmp_path):
+    p = planner(tmp_path, {"color": 7, "animal": 3})
+    table = p.pull()
+    items = table.to_pylist()
+    rows = [(it["ability"], i) for it in items for i in it["indices"]]
+    assert sorted(rows) == sorted([("color", i) for i in range(7)] + [("animal", i) for i in range(3)])
+    for it in items:
+        assert len(it["chunk_keywords"]) == 5
+        assert all(i // 5 == it["chunk"] for i in it["indices"])
+        assert it["ids"] == [sample_id(0, it["ability"], i) for i in it["indices"]]
+    assert not p.finished()  # rows in flight
+    p.report([(a, i, True) for a, i in rows])
+    assert p.finished() and p.pull().num_rows == 0
+    assert p.status()["stopped"] is None
+
+
+def test_resume_plans_only_missing_ids(tmp_path):
+    store = OutputStore(str(tmp_path))
+    store.makedirs()
+    done = [sample_id(0, "color", i) for i in (0, 1, 3)]
+    store.write_table(
+        "rejects",
+        pa.Table.from_pylist(
+            [{"id": d, "ability": "color", "stage": "quality", "reason": "x", "raw": ""} for d in done],
+            schema=REJECT_SCHEMA,
+        ),
+    )
+    p = planner(tmp_path, {"color": 4})
+    assert [i for _, i in pulled(p)] == [2, 4, 5, 6]
+
+
+def test_reject_plans_one_replacement_and_never_beyond_quota(tmp_path):
+    p = planner(tmp_path, {"color": 3})
+    assert [i for _, i in pulled(p)] == [0, 1, 2]
+    p.report([("color", 0, True), ("color", 1, False), ("color", 2, True)])
+    assert [i for _, i in pulled(p)] == [3]
+    p.report([("color", 3, False)])
+    assert [i for _, i in pulled(p)] == [4]
+    # A repeated report of a decided row changes nothing.
+    p.report([("color", 3, False)])
+    p.report([("color", 4, True)])
+    assert p.finished()
+    st = p.status()
+    assert st["abilities"]["color"]["need"] == 0 and st["planned"] == 5
+
+
+def test_dedup_is_decided_by_index_not_arrival(tmp_path):
+    p = planner(tmp_path, {"color": 3})
+    pulled(p)
+    same = "((red)) car on a street, realistic photo, 8k"
+    # Row 2 arrives first with the same prompt as row 0: it waits.
+    assert p.dedup([(sample_id(0, "color", 2), "color", 2, same)]) == []
+    assert p.dedup([(sample_id(0, "color", 1), "color", 1, "((red)) kite over a lake")]) == []
+    out = p.dedup([(sample_id(0, "color", 0), "color", 0, same)])
+    assert [(sid[-1], reason) for sid, reason, _ in out] == [
+        ("0", None),
+        ("1", None),
+        ("2", "duplicate_prompt"),
+    ]
+    assert out[2][2] == sample_id(0, "color", 0)
+    # The duplicate was replaced at once, by the next index.
+    assert [i for _, i in pulled(p)] == [3]
+
+
+def test_rows_rejected_before_dedup_release_the_rows_after_them(tmp_path):
+    p = planner(tmp_path, {"color": 2})
+    pulled(p)
+    assert p.dedup([(sample_id(0, "color", 1), "color", 1, "((red)) bus")]) == []
+    out = p.dedup([(sample_id(0, "color", 0), "color", 0, None)])
+    assert [r for _, r, _ in out] == [None, None]
+    assert [i for _, i in pulled(p)] == [2]  # row 0's replacement
+
+
+def test_burned_positions_are_never_planned(tmp_path):
+    p = planner(tmp_path, {"color": 2})
+    assert [i for _, i in pulled(p)] == [0, 1]
+    # The chunk's answer failed at positions 1 (a planned row), 2 and 3 (not planned).
+    p.burn("color", [1, 2, 3])
+    p.report([("color", 0, True), ("color", 1, False)])
+    assert [i for _, i in pulled(p)] == [4]
+
+
+def test_replace_budget_bounds_the_rows_a_run_plans(tmp_path):
+    p = planner(tmp_path, {"color": 2}, replace_budget=0.0)  # at least k = 5 replacements
+    planned = [i for _, i in pulled(p)]
+    for _ in range(10):
+        p.report([("color", i, False) for i in planned])
+        planned = [i for _, i in pulled(p)]
+        if not planned:
+            break
+    st = p.status()
+    assert st["abilities"]["color"]["planned"] == 7 and p.finished()
+    assert st["stopped"] == "replace_budget"
+
+
+def test_max_usd_stops_planning_and_rows_in_flight_finish(tmp_path):
+    p = planner(tmp_path, {"color": 4, "animal": 4}, max_usd=1.0, pull_chunks=1)
+    first = pulled(p)  # one chunk of 5 rows
+    assert len(first) == 5
+    p.spend(0.6)
+    assert p.status()["stopped"] is None
+    p.spend(0.5)
+    assert p.status()["stopped"] == "max_usd"
+    assert not p.finished()  # five rows still in flight
+    p.report([(a, i, True) for a, i in first])
+    assert p.finished() and p.pull().num_rows == 0
+
+
+@pytest.mark.parametrize("threshold", [0.8, 1.0])
+def test_dedup_seeds_from_prompts_already_in_out(tmp_path, threshold):
+    from raypipe.testing import write_fixture_parquet
+
+    write_fixture_parquet(tmp_path / "data", 1)
+    data = pa.concat_tables(
+        [pa.parquet.read_table(f) for f in sorted((tmp_path / "data").glob("*.parquet"))]
+    )
+    prompt = data.column("prompt")[0].as_py()
+    p = planner(tmp_path, {"color": 3}, near_duplicate_threshold=threshold)
+    rows = pulled(p)
+    out = p.dedup([(sample_id(0, "color", i), "color", i, prompt if i == rows[0][1] else f"((c)) x{i} y z") for _, i in rows])
+    assert out[0][1] == "duplicate_prompt"
+
+
+def test_burned_positions_stay_burned_for_a_re_run(tmp_path):
+    p = planner(tmp_path, {"color": 2})
+    assert [i for _, i in pulled(p)] == [0, 1]
+    p.burn("color", [1, 2, 3, 4])
+    p.report([("color", 0, True), ("color", 1, False)])
+    assert [i for _, i in pulled(p)] == [5]
+    # Killed here, nothing in OUT: a re-run plans rows 0 and 1 again (row 1 to be rejected
+    # with its reason, from the cached answer), and never the positions burned unplanned.
+    again = planner(tmp_path, {"color": 2})
+    assert [i for _, i in pulled(again)] == [0, 1]
+    again.report([("color", 0, True), ("color", 1, False)])
+    assert [i for _, i in pulled(again)] == [5]
+    from raypipe.generate.pipeline import count_ids
+
+    ids = count_ids(OutputStore(str(tmp_path)))
+    # The first planner logged rows 0 and 1 (its log is written with the burn); none is in
+    # OUT, so both are listed as missing.
+    assert ids["planned"] == 2 and ids["missing_ids"] == [sample_id(0, "color", i) for i in (0, 1)]
+    assert not ids["balanced"]
