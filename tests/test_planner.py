@@ -44,7 +44,7 @@ def test_first_plan_is_each_abilitys_quota_in_chunks_of_k(tmp_path):
         assert all(i // 5 == it["chunk"] for i in it["indices"])
         assert it["ids"] == [sample_id(0, it["ability"], i) for i in it["indices"]]
     assert not p.finished()  # rows in flight
-    p.report([(a, i, True) for a, i in rows])
+    p.report([(a, i, None) for a, i in rows])
     assert p.finished() and p.pull().num_rows == 0
     assert p.status()["stopped"] is None
 
@@ -67,13 +67,13 @@ def test_resume_plans_only_missing_ids(tmp_path):
 def test_reject_plans_one_replacement_and_never_beyond_quota(tmp_path):
     p = planner(tmp_path, {"color": 3})
     assert [i for _, i in pulled(p)] == [0, 1, 2]
-    p.report([("color", 0, True), ("color", 1, False), ("color", 2, True)])
+    p.report([("color", 0, None), ("color", 1, "quality"), ("color", 2, None)])
     assert [i for _, i in pulled(p)] == [3]
-    p.report([("color", 3, False)])
+    p.report([("color", 3, "quality")])
     assert [i for _, i in pulled(p)] == [4]
     # A repeated report of a decided row changes nothing.
-    p.report([("color", 3, False)])
-    p.report([("color", 4, True)])
+    p.report([("color", 3, "quality")])
+    p.report([("color", 4, None)])
     assert p.finished()
     st = p.status()
     assert st["abilities"]["color"]["need"] == 0 and st["planned"] == 5
@@ -111,7 +111,7 @@ def test_burned_positions_are_never_planned(tmp_path):
     assert [i for _, i in pulled(p)] == [0, 1]
     # The chunk's answer failed at positions 1 (a planned row), 2 and 3 (not planned).
     p.burn("color", [1, 2, 3])
-    p.report([("color", 0, True), ("color", 1, False)])
+    p.report([("color", 0, None), ("color", 1, "quality")])
     assert [i for _, i in pulled(p)] == [4]
 
 
@@ -119,7 +119,7 @@ def test_replace_budget_bounds_the_rows_a_run_plans(tmp_path):
     p = planner(tmp_path, {"color": 2}, replace_budget=0.0)  # at least k = 5 replacements
     planned = [i for _, i in pulled(p)]
     for _ in range(10):
-        p.report([("color", i, False) for i in planned])
+        p.report([("color", i, "quality") for i in planned])
         planned = [i for _, i in pulled(p)]
         if not planned:
             break
@@ -128,7 +128,7 @@ def test_replace_budget_bounds_the_rows_a_run_plans(tmp_path):
     assert st["stopped"] == "replace_budget"
 
 
-def test_max_usd_stops_planning_and_rows_in_flight_finish(tmp_path):
+def test_max_usd_stops_planning_and_unmade_rows_are_not_missing(tmp_path):
     p = planner(tmp_path, {"color": 4, "animal": 4}, max_usd=1.0, pull_chunks=1)
     first = pulled(p)  # one chunk of 5 rows
     assert len(first) == 5
@@ -137,8 +137,18 @@ def test_max_usd_stops_planning_and_rows_in_flight_finish(tmp_path):
     p.spend(0.5)
     assert p.status()["stopped"] == "max_usd"
     assert not p.finished()  # five rows still in flight
-    p.report([(a, i, True) for a, i in first])
+    assert p.over_budget()
+    # The LLM stages handed the five rows back unmade.
+    p.report([(a, i, "unmade") for a, i in first])
     assert p.finished() and p.pull().num_rows == 0
+    from raypipe.generate.pipeline import count_ids
+
+    p.status()  # writes the plan log
+    ids = count_ids(OutputStore(str(tmp_path)))
+    assert ids["planned"] == 0 and ids["missing_ids"] == [] and ids["balanced"]
+    # The next run plans the unmade rows again.
+    again = planner(tmp_path, {"color": 4, "animal": 4}, pull_chunks=1)
+    assert len(pulled(again)) == 5
 
 
 @pytest.mark.parametrize("threshold", [0.8, 1.0])
@@ -160,13 +170,13 @@ def test_burned_positions_stay_burned_for_a_re_run(tmp_path):
     p = planner(tmp_path, {"color": 2})
     assert [i for _, i in pulled(p)] == [0, 1]
     p.burn("color", [1, 2, 3, 4])
-    p.report([("color", 0, True), ("color", 1, False)])
+    p.report([("color", 0, None), ("color", 1, "quality")])
     assert [i for _, i in pulled(p)] == [5]
     # Killed here, nothing in OUT: a re-run plans rows 0 and 1 again (row 1 to be rejected
     # with its reason, from the cached answer), and never the positions burned unplanned.
     again = planner(tmp_path, {"color": 2})
     assert [i for _, i in pulled(again)] == [0, 1]
-    again.report([("color", 0, True), ("color", 1, False)])
+    again.report([("color", 0, None), ("color", 1, "quality")])
     assert [i for _, i in pulled(again)] == [5]
     from raypipe.generate.pipeline import count_ids
 

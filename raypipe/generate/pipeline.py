@@ -30,6 +30,7 @@ from raypipe.config import GenerateConfig, redacted
 from raypipe.errors import ConfigError
 from raypipe.generate.store import OutputStore
 from raypipe.generate.text import (
+    UNMADE,
     DialogueWriter,
     PromptWriter,
     expand_keyword_bank,
@@ -388,8 +389,10 @@ def count_ids(store: OutputStore) -> dict[str, Any]:
     data_ids = data.column("id").to_pylist()
     rej_rows = [r for r in rej.to_pylist() if r["stage"] != "keywords"]
     accepted, rejected = set(data_ids), {r["id"] for r in rej_rows}
-    logged = (i for i, st in zip(*(plan.column(c).to_pylist() for c in ("id", "state"))) if st == "planned")
-    planned = set(logged) | accepted | rejected
+    logged = list(zip(*(plan.column(c).to_pylist() for c in ("id", "state"))))
+    # Rows handed back unmade (max_usd) are not missing: the next run plans them again.
+    returned = {i for i, st in logged if st == "returned"}
+    planned = ({i for i, st in logged if st == "planned"} - returned) | accepted | rejected
     missing = sorted(planned - accepted - rejected)
     duplicates = sorted(
         {i for i, n in Counter(data_ids).items() if n > 1} | (accepted & rejected)
@@ -456,7 +459,8 @@ def build_manifest(
             "%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() - timings["total_s"])
         ),
         "timings_s": timings,
-        "rows_written": sum(tally.outcomes.values()),
+        "rows_written": sum(v for (_, st, _), v in tally.outcomes.items() if st != UNMADE),
+        "rows_unmade": sum(v for (_, st, _), v in tally.outcomes.items() if st == UNMADE),
         "accepted": accepted_now,
         "parts_written": parts,
         "stopped": status["stopped"] if not status["finished"] or status["stopped"] else None,

@@ -46,7 +46,7 @@ import pyarrow as pa
 
 from raypipe.generate.dedup import NearDuplicateIndex
 from raypipe.generate.store import OutputStore
-from raypipe.generate.text import keyword_for
+from raypipe.generate.text import UNMADE, keyword_for
 from raypipe.schema import sample_id
 
 #: What a pull hands the prompt writer: one item per request chunk.
@@ -141,9 +141,13 @@ class Planner:
         # was killed): plan it again; its failed answer rejects it, with the reason.
         unfinished = {i for i, st in logged if st == "planned"} - done_ids
         burned_ids = {i for i, st in logged if st == "burned"} - unfinished
-        self.index = {name: NearDuplicateIndex(near_duplicate_threshold, seed=run_seed) for name in quota}
+        self.index = {
+            name: NearDuplicateIndex(near_duplicate_threshold, seed=run_seed) for name in quota
+        }
         data = self.store.read_columns("data", ["id", "ability", "prompt"])
-        for sid, ab, prompt in zip(*(data.column(c).to_pylist() for c in ("id", "ability", "prompt"))):
+        for sid, ab, prompt in zip(
+            *(data.column(c).to_pylist() for c in ("id", "ability", "prompt"))
+        ):
             if ab in self.index and prompt:
                 self.index[ab].add(sid, prompt)
         self.abilities: dict[str, _Ability] = {}
@@ -268,7 +272,9 @@ class Planner:
             if unplanned:
                 self._top_up(ab)
 
-    def dedup(self, rows: list[tuple[str, str, int, str | None]]) -> list[tuple[str, str | None, str | None]]:
+    def dedup(
+        self, rows: list[tuple[str, str, int, str | None]]
+    ) -> list[tuple[str, str | None, str | None]]:
         """Rows that reached dedup: ``(id, ability, index, prompt or None if rejected)``.
 
         Returns ``(id, reason, repeats)`` for every row that can be decided now (reason
@@ -296,11 +302,18 @@ class Planner:
                         self._finish(ab, i, accepted=False)
         return out
 
-    def report(self, outcomes: list[tuple[str, int, bool]]) -> None:
-        """Final decisions from the writer: ``(ability, index, accepted)`` per row."""
+    def report(self, outcomes: list[tuple[str, int, str | None]]) -> None:
+        """Final decisions from the writer: ``(ability, index, reject stage or None)``."""
         with self._cond:
-            for ability, index, accepted in outcomes:
-                self._finish(self.abilities[ability], index, accepted)
+            for ability, index, stage in outcomes:
+                self._finish(self.abilities[ability], index, accepted=not stage)
+                if stage == UNMADE:
+                    sid = sample_id(self.seed, ability, index)
+                    self._plan_log.append({"id": sid, "ability": ability, "state": "returned"})
+
+    def over_budget(self) -> bool:
+        """Whether the run stopped at ``max_usd``: LLM stages then send no more requests."""
+        return self.stopped == "max_usd"
 
     def spend(self, usd: float) -> None:
         """Paid LLM spend of a batch; at ``max_usd`` the run stops planning new rows."""
@@ -329,7 +342,9 @@ class Planner:
         with self._cond:
             self._flush_plan_log(force=True)
             stopped = self.stopped
-            if not stopped and any(ab.exhausted or (ab.need and not ab.open()) for ab in self.abilities.values()):
+            if not stopped and any(
+                ab.exhausted or (ab.need and not ab.open()) for ab in self.abilities.values()
+            ):
                 stopped = "replace_budget"
             return {
                 "finished": self.finished(),
@@ -389,7 +404,5 @@ def tickets_for(status: dict[str, Any], pull_rows: int) -> int:
     """Read tasks for one execution: enough for every row that may still be planned in
     full pulls, plus room for a tail of small ones. A run that needs more continues in
     a new execution (the planner keeps its state)."""
-    most = sum(
-        a["max_planned"] - a["planned"] + a["open"] for a in status["abilities"].values()
-    )
+    most = sum(a["max_planned"] - a["planned"] + a["open"] for a in status["abilities"].values())
     return max(8, math.ceil(most / pull_rows) * 2 + 64)

@@ -24,6 +24,9 @@ from raypipe.llm.parsing import emphasized_keywords, parse_dialogue, parse_keywo
 from raypipe.llm.templates import dialogue_request, keyword_request, prompt_request
 from raypipe.schema import is_rejected, reject, row_seed, rows_to_table, update_meta
 
+#: Stage of rows handed back unmade at ``max_usd`` (see raypipe.generate.planner).
+UNMADE = "unmade"
+
 
 def stable_seed(*parts: Any) -> int:
     """A 31-bit seed from any parts (LLM APIs take small ints)."""
@@ -147,6 +150,14 @@ class LLMStage(Stage):
         self.run_seed = run_seed
         self.planner = planner
 
+    def over_budget(self) -> bool:
+        """Whether the run reached ``max_usd`` (then rows are handed back unmade)."""
+        if self.planner is None:
+            return False
+        import ray
+
+        return ray.get(self.planner.over_budget.remote())
+
     def complete(self, requests: list) -> list[LLMResult]:
         """Answer ``requests``; tell the planner what they paid."""
         results = self.backend.complete_batch(requests) if requests else []
@@ -196,6 +207,8 @@ class PromptWriter(LLMStage):
 
     def process(self, batch: pa.Table) -> pa.Table:
         items = batch.to_pylist()
+        if self.over_budget():
+            return self.unmade(items)
         requests = []
         for it in items:
             key = f"prompts/{it['ability']}/{it['chunk']:06d}"
@@ -242,6 +255,15 @@ class PromptWriter(LLMStage):
         return rows_to_table(rows)
 
 
+    def unmade(self, items: list[dict[str, Any]]) -> pa.Table:
+        rows = []
+        for it in items:
+            for index, sid in zip(it["indices"], it["ids"]):
+                row = {"id": sid, "ability": it["ability"], "index": index, "meta": "{}"}
+                rows.append(reject(row, UNMADE, "max_usd", ""))
+        return rows_to_table(rows)
+
+
 # ------------------------------------------------------------------------------------
 # 3. Dialogue writing (grounded in the same prompt)
 # ------------------------------------------------------------------------------------
@@ -265,6 +287,10 @@ class DialogueWriter(LLMStage):
     def process(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         todo = [r for r in rows if not is_rejected(r)]
+        if todo and self.over_budget():
+            for r in todo:
+                reject(r, UNMADE, "max_usd", "")
+            todo = []
         requests, questions = [], []
         for r in todo:
             ability = self.catalog[r["ability"]]

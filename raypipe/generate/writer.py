@@ -16,7 +16,9 @@ import threading
 import time
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from raypipe.generate.planner import UNMADE
 from raypipe.generate.store import OutputStore
 from raypipe.schema import split_accepted
 
@@ -45,6 +47,8 @@ class PartWriter:
         import ray
 
         data, rejects = split_accepted(batch)
+        if rejects.num_rows:  # rows handed back unmade are written nowhere
+            rejects = rejects.filter(pc.not_equal(rejects["stage"], UNMADE))
         with self._lock:
             for sub, table in (("data", data), ("rejects", rejects)):
                 if table.num_rows:
@@ -52,10 +56,10 @@ class PartWriter:
                     if self._since[sub] is None:
                         self._since[sub] = time.monotonic()
                     if sum(t.num_rows for t in self._buffers[sub]) >= self.max_rows:
-                        self._flush(sub)
+                        self._flush(sub, whole_parts_only=True)
         stages = batch.column("reject_stage").to_pylist()
         outcomes = [
-            (ab, idx, not stage)
+            (ab, idx, stage or None)
             for ab, idx, stage in zip(
                 batch.column("ability").to_pylist(), batch.column("index").to_pylist(), stages
             )
@@ -63,13 +67,23 @@ class PartWriter:
         ray.get(self.planner.report.remote(outcomes))
         return batch.select(SUMMARY_COLUMNS)
 
-    def _flush(self, sub: str) -> None:
-        tables = self._buffers[sub]
-        if tables:
-            self.store.write_table(sub, pa.concat_tables(tables))
+    def _flush(self, sub: str, whole_parts_only: bool = False) -> None:
+        """Write the buffer as parts of at most ``max_rows`` rows; with
+        ``whole_parts_only``, keep a remainder shorter than that buffered."""
+        if not self._buffers[sub]:
+            return
+        table = pa.concat_tables(self._buffers[sub])
+        start = 0
+        while table.num_rows - start >= self.max_rows or (
+            not whole_parts_only and start < table.num_rows
+        ):
+            self.store.write_table(sub, table.slice(start, self.max_rows))
             self.parts_written += 1
-        self._buffers[sub] = []
-        self._since[sub] = None
+            start += self.max_rows
+        rest = table.slice(start)
+        self._buffers[sub] = [rest] if rest.num_rows else []
+        if not rest.num_rows:
+            self._since[sub] = None
 
     def _age_flusher(self) -> None:
         tick = min(1.0, self.max_seconds / 4)

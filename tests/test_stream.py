@@ -1,0 +1,261 @@
+"""The generation stream at work: streaming, replacements, URIs, budgets, reasoning models.
+
+Each test runs the real job (tiny SD on CPU) against the loopback OpenAI-compatible
+server, the shared Ray of the session and, for URIs, a real S3 server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from llm_server import LLMServer  # noqa: E402
+from test_generate import (  # noqa: E402
+    _job_cmd,
+    _job_env,
+    demo_config,
+    read_data,
+    read_rejects,
+    template_responder,
+)
+
+from raypipe.generate.pipeline import count_ids, generate  # noqa: E402
+from raypipe.generate.store import OutputStore  # noqa: E402
+from raypipe.generate.text import keyword_for  # noqa: E402
+from raypipe.schema import sample_id  # noqa: E402
+
+PROMPT_MARK = "Keywords to use, one per prompt:"
+KEY = "RAYPIPE_STREAM_TEST_KEY"
+
+
+def openai_overrides(server: LLMServer, *more: str) -> list[str]:
+    os.environ[KEY] = "sk-stream-test-0123456789"
+    return [
+        "llm.backend=openai",
+        f"llm.base_url={server.url}",
+        f"llm.api_key_env={KEY}",
+        "llm.model=test-model",
+        *more,
+    ]
+
+
+class Recorder:
+    """Wraps a responder: when each prompt request was answered, and which keywords."""
+
+    def __init__(self, respond):
+        self.respond = respond
+        self.prompt_answers: list[float] = []
+        self.prompt_keywords: list[list[str]] = []
+
+    def __call__(self, messages):
+        user = messages[-1]["content"]
+        if PROMPT_MARK in user:
+            block = user.split(PROMPT_MARK)[1].split("\n\n")[0]
+            self.prompt_keywords.append(re.findall(r"^\d+\.\s*(.+)$", block.strip(), flags=re.M))
+            self.prompt_answers.append(time.time())
+        return self.respond(messages)
+
+
+@pytest.mark.slow
+def test_first_part_is_written_while_prompts_are_still_answered(ray_local, tiny_dir, tmp_path):
+    rec = Recorder(template_responder())
+    with LLMServer(responder=rec, latency_s=0.3, lifetime_s=600) as server:
+        cfg = demo_config(
+            *openai_overrides(
+                server,
+                "llm.concurrency=1",
+                "llm_batch_chunks=1",
+                "num_samples=260",
+                "part_max_seconds=5",
+                "render.width=32",
+                "render.height=32",
+            )
+        )
+        start = time.time()
+        manifest = generate(cfg, str(tmp_path))
+    parts = sorted((tmp_path / "data").glob("part-*.parquet"), key=lambda p: p.stat().st_mtime)
+    first_part = parts[0].stat().st_mtime - start
+    last_prompt = max(rec.prompt_answers) - start
+    print(f"first part at {first_part:.1f}s, last prompt answered at {last_prompt:.1f}s")
+    assert first_part < last_prompt, (first_part, last_prompt)
+    assert len(parts) > 1  # flushed by age, then more parts
+    assert len(read_data(tmp_path)) == 260 and manifest["counts"]["balanced"]
+
+
+def _bad_positions_responder(bad: set[str], refuse_after_first: bool = False):
+    """Good answers, except the lines for keywords in ``bad``; optionally every prompt
+    request but the first gets a refusal (as a model that turned unhelpful)."""
+    good = template_responder()
+    seen: list[int] = []
+
+    def respond(messages):
+        text = good(messages)
+        user = messages[-1]["content"]
+        if PROMPT_MARK not in user:
+            return text
+        seen.append(1)
+        if refuse_after_first and len(seen) > 1:
+            return "I'm sorry, I can't help with that."
+        lines = text.splitlines()
+        return "\n".join(
+            f"{ln.split('.')[0]}. a nice picture of something"
+            if any(f"(({kw}))" in ln for kw in bad)
+            else ln
+            for ln in lines
+        )
+
+    return respond
+
+
+def test_partly_malformed_answer_keeps_good_rows_and_replaces_the_rest(
+    ray_local, tiny_dir, tmp_path
+):
+    # One 5-prompt answer with 2 malformed prompts (positions 1 and 3 of chunk 0).
+    bank_path = tmp_path / "probe"
+    generate(demo_config("abilities=[color]", "num_samples=1"), str(bank_path))
+    bank = OutputStore(str(bank_path)).read_json("keywords/color.json")["keywords"]
+    bad = {keyword_for(bank, 0, "color", i) for i in (1, 3)}
+
+    # The same run: 3 good rows kept, the 2 replacements sent as new requests, accepted.
+    rec = Recorder(_bad_positions_responder(bad))
+    out = tmp_path / "same"
+    with LLMServer(responder=rec, lifetime_s=300) as server:
+        generate(demo_config(*openai_overrides(server, "abilities=[color]", "num_samples=5")), str(out))
+        answered = dict(server.answered_by_hash)
+    ids = {r["id"] for r in read_data(out)}
+    assert ids == {sample_id(0, "color", i) for i in (0, 2, 4, 5, 6)}
+    rejected = {(r["id"], r["stage"]) for r in read_rejects(out)}
+    assert rejected == {(sample_id(0, "color", i), "prompts") for i in (1, 3)}
+    assert len(rec.prompt_keywords) == 2  # chunk 0, then chunk 1 for the replacements
+    assert max(answered.values()) == 1
+
+    # A re-run: the first run gets refusals for every replacement and ends short; the
+    # re-run, with the model answering well again, never reuses a failed answer.
+    out = tmp_path / "rerun"
+    rec = Recorder(_bad_positions_responder(bad, refuse_after_first=True))
+    with LLMServer(responder=rec, lifetime_s=300) as server:
+        cfg = demo_config(
+            *openai_overrides(server, "abilities=[color]", "num_samples=5", "replace_budget=0")
+        )
+        first = generate(cfg, str(out))
+        assert first["stopped"] == "replace_budget" and len(read_data(out)) == 3
+        failed_requests = set(server.answered_by_hash)
+        server.responder = _bad_positions_responder(bad)  # answers well from now on
+        server.reset_counts()
+        again = generate(cfg, str(out))
+        new_requests = set(server.answered_by_hash)
+    assert len(read_data(out)) == 5 and again["stopped"] is None
+    assert not new_requests & failed_requests
+    assert again["counts"]["balanced"]
+    assert not {r["id"] for r in read_data(out)} & {r["id"] for r in read_rejects(out)}
+
+
+def test_reasoning_model_gets_max_completion_tokens(ray_local, tiny_dir, tmp_path):
+    with LLMServer(
+        responder=template_responder(), models=("o4-mini",), reasoning_models=("o4-mini",)
+    ) as server:
+        cfg = demo_config(
+            *openai_overrides(server, "llm.model=o4-mini", "abilities=[color]", "num_samples=3")
+        )
+        manifest = generate(cfg, str(tmp_path))
+        refused = server.fault_counts.get("unsupported_param", 0)
+    assert len(read_data(tmp_path)) == 3 and manifest["stopped"] is None
+    assert refused == 0
+
+
+def test_deleted_part_makes_the_manifest_unbalanced(ray_local, tiny_dir, tmp_path):
+    cfg = demo_config("abilities=[color,animal]", "num_samples=8", "part_max_rows=4")
+    generate(cfg, str(tmp_path))
+    parts = sorted((tmp_path / "data").glob("part-*.parquet"))
+    assert len(parts) >= 2
+    lost = pq.read_table(parts[0], columns=["id"]).column("id").to_pylist()
+    parts[0].unlink()
+    ids = count_ids(OutputStore(str(tmp_path)))
+    assert not ids["balanced"] and ids["missing_ids"] == sorted(lost)
+    # The same command makes exactly the lost rows again.
+    manifest = generate(cfg, str(tmp_path))
+    assert manifest["counts"]["balanced"] and len(read_data(tmp_path)) == 8
+
+
+def test_max_usd_stops_the_run_and_the_rerun_completes_it(ray_local, tiny_dir, tmp_path):
+    with LLMServer(responder=template_responder(), lifetime_s=300) as server:
+        # $100 per million tokens: about 6 cents a request.
+        price = "llm.prices={test-model: [100, 100]}"
+        base = openai_overrides(server, price, "abilities=[color,animal]", "num_samples=20")
+        base += ["llm_batch_chunks=1", "llm.concurrency=1"]
+        first = generate(demo_config(*base, "max_usd=0.5"), str(tmp_path))
+        run = first["runs"][-1]
+        assert first["stopped"] == "max_usd"
+        # Requests already sent when the cap was reached still count: at most one batch
+        # of each LLM stage (a prompt request and 5 dialogues) beyond it.
+        assert 0.5 <= run["llm"]["cost_usd"] < 0.5 + 6 * 0.1, run["llm"]
+        assert run["rows_unmade"] > 0
+        made = len(read_data(tmp_path))
+        assert 0 < made < 20 and first["counts"]["balanced"]
+        again = generate(demo_config(*base), str(tmp_path))
+        repeats = [h for h, n in server.answered_by_hash.items() if n > 1]
+    rows = read_data(tmp_path)
+    assert len(rows) == 20 and len({r["id"] for r in rows}) == 20
+    assert again["stopped"] is None and again["counts"]["balanced"]
+    assert repeats == []  # nothing answered in the first run was paid for again
+
+
+@pytest.mark.slow
+def test_s3_run_killed_and_rerun_elsewhere_pays_nothing_twice(s3_server, tiny_dir, tmp_path):
+    """OUT on a real S3-compatible server: kill the job, re-run it from another folder."""
+    bucket = s3_server.make_bucket("raypipe-stream")
+    uri = s3_server.uri(bucket, "run")
+    env = _job_env(tiny_dir)
+    env[KEY] = "sk-stream-test-0123456789"
+    with LLMServer(responder=template_responder(), latency_s=0.3, lifetime_s=600) as server:
+        overrides = [
+            "--num-samples",
+            "24",
+            "--abilities",
+            "color,animal",
+            *openai_overrides(server, "llm.concurrency=1", "llm_batch_chunks=1"),
+            "part_max_rows=4",
+            "part_max_seconds=2",
+        ]
+        cmd = _job_cmd(uri, *overrides)
+        first_dir = tmp_path / "one"
+        first_dir.mkdir()
+        proc = subprocess.Popen(
+            cmd, env=env, cwd=first_dir, start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        fs = s3_server.filesystem()
+        deadline = time.time() + 240
+        from pyarrow.fs import FileSelector
+
+        def parts() -> int:
+            sel = FileSelector(f"{bucket}/run/data", allow_not_found=True)
+            return sum(1 for f in fs.get_file_info(sel) if f.base_name.startswith("part-"))
+
+        while time.time() < deadline and proc.poll() is None and parts() < 2:
+            time.sleep(0.3)
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        answered = dict(server.answered_by_hash)
+
+        other = tmp_path / "two"
+        other.mkdir()
+        done = subprocess.run(cmd, env=env, cwd=other, capture_output=True, timeout=400)
+        assert done.returncode == 0, done.stderr.decode()[-3000:]
+        again = {h: n - answered.get(h, 0) for h, n in server.answered_by_hash.items()}
+    store = OutputStore(uri)
+    data = store.read_columns("data", ["id"]).column("id").to_pylist()
+    assert len(data) == 24 and len(set(data)) == 24
+    assert all(again.get(h, 0) == 0 for h in answered), "an answered request was paid again"
+    assert not (first_dir / "cache").exists() and not (other / "cache").exists()
+    assert count_ids(store)["balanced"]
