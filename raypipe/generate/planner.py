@@ -40,6 +40,7 @@ import math
 import threading
 import time
 from collections import deque
+from itertools import takewhile
 from typing import Any
 
 import pyarrow as pa
@@ -213,31 +214,39 @@ class Planner:
         return any(ab.in_flight for ab in self.abilities.values())
 
     def _take(self, limit: int) -> list[dict[str, Any]]:
-        chunks: dict[tuple[str, int], dict[str, Any]] = {}
+        """Up to ``limit`` pending rows as request chunks, one chunk per ability in turn
+        (so every ability streams from the start, and a chunk is never split across
+        pulls, which would send its request twice)."""
+        items: list[dict[str, Any]] = []
         taken = 0
-        for ab in self.abilities.values():
-            while ab.pending and taken < limit:
-                i = ab.pending.popleft()
-                ab.in_flight.add(i)
-                taken += 1
-                sid = sample_id(self.seed, ab.name, i)
-                self._plan_log.append({"id": sid, "ability": ab.name, "state": "planned"})
-                c = i // self.k
-                item = chunks.get((ab.name, c))
-                if item is None:
-                    item = chunks[(ab.name, c)] = {
-                        "ability": ab.name,
-                        "chunk": c,
-                        "indices": [],
-                        "ids": [],
-                        "chunk_keywords": [
-                            keyword_for(self.banks[ab.name], self.seed, ab.name, j)
-                            for j in range(c * self.k, c * self.k + self.k)
-                        ],
-                    }
-                item["indices"].append(i)
-                item["ids"].append(sid)
-        return list(chunks.values())
+        while taken < limit and any(ab.pending for ab in self.abilities.values()):
+            for ab in self.abilities.values():
+                if not ab.pending or taken >= limit:
+                    continue
+                c = ab.pending[0] // self.k
+                size = sum(1 for _ in takewhile(lambda i: i // self.k == c, ab.pending))
+                if taken and taken + size > limit:
+                    return items
+                item = {
+                    "ability": ab.name,
+                    "chunk": c,
+                    "indices": [],
+                    "ids": [],
+                    "chunk_keywords": [
+                        keyword_for(self.banks[ab.name], self.seed, ab.name, j)
+                        for j in range(c * self.k, c * self.k + self.k)
+                    ],
+                }
+                while ab.pending and ab.pending[0] // self.k == c:
+                    i = ab.pending.popleft()
+                    ab.in_flight.add(i)
+                    sid = sample_id(self.seed, ab.name, i)
+                    self._plan_log.append({"id": sid, "ability": ab.name, "state": "planned"})
+                    item["indices"].append(i)
+                    item["ids"].append(sid)
+                taken += len(item["indices"])
+                items.append(item)
+        return items
 
     def _flush_plan_log(self, force: bool = False) -> None:
         due = time.monotonic() - self._plan_logged_at >= PLAN_LOG_S
