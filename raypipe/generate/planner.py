@@ -224,7 +224,7 @@ class Planner:
                 if not ab.pending or taken >= limit:
                     continue
                 c = ab.pending[0] // self.k
-                size = sum(1 for _ in takewhile(lambda i: i // self.k == c, ab.pending))
+                size = sum(1 for _ in takewhile(lambda i, c=c: i // self.k == c, ab.pending))
                 if taken and taken + size > limit:
                     return items
                 item = {
