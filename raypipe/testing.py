@@ -195,19 +195,15 @@ def build_tiny_sd(
     return _mark_done(path)
 
 
-def build_tiny_clip(path: str | Path, seed: int = 0, image_size: int = 32) -> Path:
-    """A tiny CLIPModel (text + vision) with its processor, e.g. for CLIP-score filters."""
-    import torch
-    from transformers import (
-        CLIPConfig,
-        CLIPImageProcessor,
-        CLIPModel,
-        CLIPProcessor,
-    )
+def _tiny_clip_config(path: Path, image_size: int, seed: int):
+    """The tiny CLIP tokenizer (built under ``path``) and a ``CLIPConfig`` for it.
 
-    path = Path(path)
-    if _done(path):
-        return path
+    Seeds torch with ``seed`` once the tokenizer is built, so the caller's model weights
+    come from that seed.
+    """
+    import torch
+    from transformers import CLIPConfig
+
     tokenizer = build_clip_tokenizer(path / "_tokenizer_build")
     torch.manual_seed(seed)
     config = CLIPConfig(
@@ -215,6 +211,17 @@ def build_tiny_clip(path: str | Path, seed: int = 0, image_size: int = 32) -> Pa
         vision_config=tiny_clip_vision_config(image_size).to_dict(),
         projection_dim=32,
     )
+    return tokenizer, config
+
+
+def build_tiny_clip(path: str | Path, seed: int = 0, image_size: int = 32) -> Path:
+    """A tiny CLIPModel (text + vision) with its processor, e.g. for CLIP-score filters."""
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    path = Path(path)
+    if _done(path):
+        return path
+    tokenizer, config = _tiny_clip_config(path, image_size, seed)
     model = CLIPModel(config)
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
@@ -237,18 +244,12 @@ def build_tiny_safety_checker(
     """
     import torch
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-    from transformers import CLIPConfig, CLIPImageProcessor
+    from transformers import CLIPImageProcessor
 
     path = Path(path)
     if _done(path):
         return path
-    tokenizer = build_clip_tokenizer(path / "_tokenizer_build")
-    torch.manual_seed(seed)
-    config = CLIPConfig(
-        text_config=tiny_clip_text_config(len(tokenizer)).to_dict(),
-        vision_config=tiny_clip_vision_config(image_size).to_dict(),
-        projection_dim=32,
-    )
+    _, config = _tiny_clip_config(path, image_size, seed)
     checker = StableDiffusionSafetyChecker(config)
     with torch.no_grad():
         checker.concept_embeds.copy_(torch.randn_like(checker.concept_embeds))

@@ -35,7 +35,10 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from raypipe.llm.base import LLMRequest
 
 HOST = "127.0.0.1"  # never anything else: the server must not be reachable from outside
 
@@ -436,6 +439,30 @@ class _Handler(BaseHTTPRequestHandler):
 def http_date(seconds_from_now: float) -> str:
     """An HTTP date (for a Retry-After header given as a date)."""
     return email.utils.formatdate(time.time() + seconds_from_now, usegmt=True)
+
+
+def make_requests(n: int, tag: str = "r", **over: Any) -> list[LLMRequest]:
+    """``n`` distinct chat requests keyed ``{tag}/00000``, ``{tag}/00001``, ...
+
+    Request ``i`` has a system message and the user message ``"{tag} request number {i}"``,
+    and seed ``i``; ``over`` sets other ``LLMRequest`` fields (``max_tokens=900``, ...).
+    """
+    from raypipe.llm.base import LLMRequest  # here: the server runs without raypipe
+
+    return [
+        LLMRequest(
+            key=f"{tag}/{i:05d}",
+            task="prompts",
+            ability="color",
+            messages=(
+                {"role": "system", "content": "You write prompts."},
+                {"role": "user", "content": f"{tag} request number {i}"},
+            ),
+            seed=i,
+            **over,
+        )
+        for i in range(n)
+    ]
 
 
 def _parse_faults(text: str) -> dict[str, float]:

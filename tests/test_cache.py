@@ -7,11 +7,11 @@ import logging
 import uuid
 
 import pytest
+from llm_server import make_requests
 
 from raypipe.config import LLMConfig
 from raypipe.errors import ConfigError
 from raypipe.llm import make_backend
-from raypipe.llm.base import LLMRequest
 from raypipe.llm.cache import ENTRY_FORMAT, ResponseCache, request_key
 from raypipe.llm.client import OpenAIBackend
 
@@ -36,24 +36,11 @@ def make_cfg(server, **over) -> LLMConfig:
     return LLMConfig(**{**fields, **over})
 
 
-def requests_(n: int, tag: str = "r") -> list[LLMRequest]:
-    return [
-        LLMRequest(
-            key=f"{tag}/{i:03d}",
-            task="prompts",
-            ability="color",
-            messages=({"role": "user", "content": f"{tag} request {i}"},),
-            seed=i,
-        )
-        for i in range(n)
-    ]
-
-
 def test_hits_report_served_usage_apart_from_paid_usage(llm_server, tmp_path):
     server = llm_server()
     cfg = make_cfg(server)
     with OpenAIBackend(cfg, tmp_path) as llm:
-        paid = llm.complete_batch(requests_(5))
+        paid = llm.complete_batch(make_requests(5))
         first = llm.stats()
     assert all(
         r.ok and not r.cached and r.cost_usd > 0 and r.cached_prompt_tokens == 0 for r in paid
@@ -61,7 +48,7 @@ def test_hits_report_served_usage_apart_from_paid_usage(llm_server, tmp_path):
     assert first["cache_hits"] == 0 and first["cached_prompt_tokens"] == 0
 
     with OpenAIBackend(cfg, tmp_path) as llm:
-        served = llm.complete_batch(requests_(5))
+        served = llm.complete_batch(make_requests(5))
         stats = llm.stats()
     for p, s in zip(paid, served):
         assert s.cached and s.text == p.text and s.attempts == 0
@@ -83,7 +70,7 @@ def test_entries_of_earlier_versions_keep_working(llm_server, tmp_path):
     """An entry as raypipe wrote it before formats (no `format`, no cost) is a hit."""
     server = llm_server()
     cfg = make_cfg(server)
-    (req,) = requests_(1, tag="old")
+    (req,) = make_requests(1, tag="old")
     with OpenAIBackend(cfg, None) as llm:
         key = request_key(llm._body(req))
     old = {"model": "test-model", "text": "an old answer", "prompt_tokens": 12,
@@ -145,7 +132,7 @@ def test_backends_share_an_s3_cache_across_processes(s3_server, llm_server, ray_
     uri = s3_server.uri(bucket, "run/cache")
     server = llm_server()
     cfg = make_cfg(server)
-    reqs = requests_(12, tag="s3")
+    reqs = make_requests(12, tag="s3")
     llm = make_backend(cfg, uri)
     try:
         paid = llm.complete_batch(reqs)

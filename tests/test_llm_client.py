@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from llm_server import BAD_CONTENTS, STANDARD_FAULTS, http_date
+from llm_server import BAD_CONTENTS, STANDARD_FAULTS, http_date, make_requests
 
 from raypipe.config import LLMConfig, is_reasoning_model, redact_url, redacted
 from raypipe.errors import EndpointError
@@ -51,23 +51,6 @@ def make_cfg(server, **over) -> LLMConfig:
     return LLMConfig(**fields)
 
 
-def requests_(n: int, tag: str = "r", **over) -> list[LLMRequest]:
-    return [
-        LLMRequest(
-            key=f"{tag}/{i:05d}",
-            task="prompts",
-            ability="color",
-            messages=(
-                {"role": "system", "content": "You write prompts."},
-                {"role": "user", "content": f"{tag} request number {i}"},
-            ),
-            seed=i,
-            **over,
-        )
-        for i in range(n)
-    ]
-
-
 def user_text(body: dict) -> str:
     return body["messages"][-1]["content"]
 
@@ -90,7 +73,7 @@ def test_fault_mix_500_requests_none_lost_then_rerun_is_free(llm_server, tmp_pat
     # A timeout well above the server's latency: on a loaded machine a tight one fires
     # on answers already on their way, and the server would count them twice.
     cfg = make_cfg(server, timeout_s=1.5)
-    reqs = requests_(500)
+    reqs = make_requests(500)
     with OpenAIBackend(cfg, tmp_path / "cache") as llm:
         results = llm.complete_batch(reqs)
         stats = llm.stats()
@@ -141,7 +124,7 @@ def test_fault_mix_500_requests_none_lost_then_rerun_is_free(llm_server, tmp_pat
 def test_retry_after_seconds_is_honoured(llm_server):
     server = llm_server(fault_fn=lambda h, a, b: "429" if a == 0 else None, retry_after="1")
     with OpenAIBackend(make_cfg(server), None) as llm:
-        (result,) = llm.complete_batch(requests_(1))
+        (result,) = llm.complete_batch(make_requests(1))
     assert result.ok and result.attempts == 2
     first, second = server.events
     assert first.fault == "429" and second.attempt == 1
@@ -153,7 +136,7 @@ def test_retry_after_ms_is_honoured(llm_server):
         fault_fn=lambda h, a, b: "429" if a == 0 else None, retry_after=None, retry_after_ms="400"
     )
     with OpenAIBackend(make_cfg(server), None) as llm:
-        (result,) = llm.complete_batch(requests_(1))
+        (result,) = llm.complete_batch(make_requests(1))
     first, second = server.events
     assert result.ok and 0.4 <= second.time - first.time < 1.5
 
@@ -171,7 +154,7 @@ def test_retry_after_header_forms():
 def test_client_errors_fail_at_once(llm_server, status):
     server = llm_server(fault_fn=lambda h, a, b: status)
     with OpenAIBackend(make_cfg(server), None) as llm:
-        (result,) = llm.complete_batch(requests_(1))
+        (result,) = llm.complete_batch(make_requests(1))
         assert llm.stats()["failures"] == 1
     assert not result.ok and result.error.startswith(f"http_{status}: ")
     assert result.attempts == 1 and server.total_requests == 1
@@ -184,7 +167,7 @@ def test_retryable_faults_end_as_failures_after_max_attempts(llm_server, fault, 
     server = llm_server(fault_fn=lambda h, a, b: fault, hang_s=2.0)
     cfg = make_cfg(server, max_attempts=3, timeout_s=0.3)
     with OpenAIBackend(cfg, None) as llm:
-        (result,) = llm.complete_batch(requests_(1))
+        (result,) = llm.complete_batch(make_requests(1))
     assert not result.ok and result.error.startswith(f"{kind}: "), result.error
     assert result.attempts == 3 and server.total_requests == 3
 
@@ -194,7 +177,7 @@ def test_empty_completion_is_a_failed_result_not_retried_not_cached(llm_server, 
     cfg = make_cfg(server)
     for _ in range(2):
         with OpenAIBackend(cfg, tmp_path) as llm:
-            results = llm.complete_batch(requests_(4))
+            results = llm.complete_batch(make_requests(4))
     assert all(not r.ok and r.error.startswith("empty_completion") for r in results)
     assert all(r.attempts == 1 for r in results)
     assert server.total_requests == 8  # asked twice: nothing was cached
@@ -214,7 +197,7 @@ def test_api_key_is_sent_but_never_leaks(llm_server, tmp_path, caplog, capsys, m
     cfg = make_cfg(server)
     texts: list[str] = []
     with OpenAIBackend(cfg, tmp_path / "cache") as llm:
-        results = llm.complete_batch(requests_(40))
+        results = llm.complete_batch(make_requests(40))
         texts += [repr(llm), json.dumps(llm.stats()), str(llm.check())]
         with pytest.raises(TypeError) as info:
             pickle.dumps(llm)
@@ -225,7 +208,7 @@ def test_api_key_is_sent_but_never_leaks(llm_server, tmp_path, caplog, capsys, m
     wrong = "sk-raypipe-WRONG-0d9e8f7a6b"
     monkeypatch.setenv(KEY_ENV, wrong)
     with OpenAIBackend(cfg, None) as llm:
-        (bad,) = llm.complete_batch(requests_(1, tag="w"))
+        (bad,) = llm.complete_batch(make_requests(1, tag="w"))
         with pytest.raises(EndpointError) as info:
             llm.check()
     assert bad.error.startswith("http_401") and "***" in bad.error
@@ -255,7 +238,7 @@ def test_credentials_in_base_url_are_sent_but_never_written(llm_server, tmp_path
     texts: list[str] = []
     with OpenAIBackend(cfg, tmp_path / "cache") as llm:
         texts += [repr(llm), str(llm.check()), llm.base_url]
-        results = llm.complete_batch(requests_(5) + requests_(1, tag="doomed"))
+        results = llm.complete_batch(make_requests(5) + make_requests(1, tag="doomed"))
         texts += [r.error or "" for r in results]
     assert sum(r.ok for r in results) == 5 and results[-1].error.startswith("http_400")
     # The query parameters reach the server with every request; user:password as Basic auth.
@@ -322,7 +305,7 @@ def test_concurrency_is_bounded(llm_server):
     server = llm_server(latency_s=0.1)
     with OpenAIBackend(make_cfg(server, concurrency=4), None) as llm:
         start = time.monotonic()
-        results = llm.complete_batch(requests_(20))
+        results = llm.complete_batch(make_requests(20))
         elapsed = time.monotonic() - start
     assert all(r.ok for r in results)
     assert server.max_in_flight == 4
@@ -357,7 +340,7 @@ def test_requests_per_minute_limit_bounds_the_rate(llm_server):
     server = llm_server()
     cfg = make_cfg(server, requests_per_minute=1200)  # 20/s, bursts of one second's worth
     with OpenAIBackend(cfg, None) as llm:
-        results = llm.complete_batch(requests_(50))
+        results = llm.complete_batch(make_requests(50))
     assert all(r.ok for r in results)
     times = sorted(e.time for e in server.events)
     # After the first second's burst (20), the other 30 arrive at <= 20/s: 1.5 s after the
@@ -393,7 +376,7 @@ def test_tokens_per_minute_limit_bounds_the_token_rate(llm_server):
     cfg = make_cfg(server, tokens_per_minute=60_000)  # 1000 tokens/s, capacity 1000
     with OpenAIBackend(cfg, None) as llm:
         start = time.monotonic()
-        results = llm.complete_batch(requests_(5, max_tokens=500))
+        results = llm.complete_batch(make_requests(5, max_tokens=500))
         elapsed = time.monotonic() - start
         used = llm.stats()["prompt_tokens"] + llm.stats()["completion_tokens"]
     assert all(r.ok for r in results) and used > 2500
@@ -403,7 +386,7 @@ def test_tokens_per_minute_limit_bounds_the_token_rate(llm_server):
     short = llm_server()
     with OpenAIBackend(make_cfg(short, tokens_per_minute=60_000), None) as llm:
         start = time.monotonic()
-        results = llm.complete_batch(requests_(6, max_tokens=900))  # 6 x ~920 reserved
+        results = llm.complete_batch(make_requests(6, max_tokens=900))  # 6 x ~920 reserved
         elapsed = time.monotonic() - start
     assert all(r.ok for r in results)
     assert elapsed < 2.0  # without the correction: >= 4.5 s
@@ -413,7 +396,7 @@ def test_cost_from_the_price_table(llm_server, caplog):
     server = llm_server()
     cfg = make_cfg(server, prices={"test-model": (1.5, 6.0)})
     with OpenAIBackend(cfg, None) as llm:
-        results = llm.complete_batch(requests_(10))
+        results = llm.complete_batch(make_requests(10))
         stats = llm.stats()
     for r in results:
         assert r.prompt_tokens > 0 and r.completion_tokens > 0
@@ -427,11 +410,11 @@ def test_cost_from_the_price_table(llm_server, caplog):
     # A dated variant prices as its family; an unknown model costs 0 with one warning.
     dated = make_cfg(server, model="test-model-2026-01-01", prices={"test-model": (1.5, 6.0)})
     with OpenAIBackend(dated, None) as llm:
-        assert llm.complete_batch(requests_(1))[0].cost_usd > 0
+        assert llm.complete_batch(make_requests(1))[0].cost_usd > 0
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="raypipe"):
         with OpenAIBackend(make_cfg(server, model="mystery"), None) as llm:
-            results = llm.complete_batch(requests_(5))
+            results = llm.complete_batch(make_requests(5))
             assert llm.stats()["cost_usd"] == 0
     assert all(r.ok and r.cost_usd == 0 for r in results)
     assert sum("no price for model 'mystery'" in m for m in caplog.messages) == 1
@@ -440,7 +423,7 @@ def test_cost_from_the_price_table(llm_server, caplog):
 def test_cache_layout_and_corrupt_entries(llm_server, tmp_path):
     server = llm_server()
     cfg = make_cfg(server)
-    reqs = requests_(3)
+    reqs = make_requests(3)
     with OpenAIBackend(cfg, tmp_path) as llm:
         first = llm.complete_batch(reqs)
     files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
@@ -467,7 +450,7 @@ def test_cache_key_covers_model_messages_and_sampling():
 
 def test_identical_requests_in_flight_are_asked_once(llm_server, tmp_path):
     server = llm_server(latency_s=0.05)
-    a = requests_(1, tag="same")[0]
+    a = make_requests(1, tag="same")[0]
     b = LLMRequest(
         key="other-key", task=a.task, ability=a.ability, messages=a.messages, seed=a.seed
     )
@@ -481,13 +464,13 @@ def test_async_callers_and_threads(llm_server):
     server = llm_server(latency_s=0.01)
     with OpenAIBackend(make_cfg(server), None) as llm:
         # From a foreign event loop: bridged onto the backend's own loop.
-        many = asyncio.run(llm.acomplete_many(requests_(10, tag="a")))
-        one = asyncio.run(llm.acomplete(requests_(1, tag="b")[0]))
+        many = asyncio.run(llm.acomplete_many(make_requests(10, tag="a")))
+        one = asyncio.run(llm.acomplete(make_requests(1, tag="b")[0]))
         # From several threads at once.
         out: dict[int, list] = {}
 
         def work(i: int) -> None:
-            out[i] = llm.complete_batch(requests_(10, tag=f"t{i}"))
+            out[i] = llm.complete_batch(make_requests(10, tag=f"t{i}"))
 
         threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
         for t in threads:
@@ -498,7 +481,7 @@ def test_async_callers_and_threads(llm_server):
     assert [r.key for r in out[2]] == [f"t2/{i:05d}" for i in range(10)]
     assert all(r.ok for rs in out.values() for r in rs)
     with pytest.raises(RuntimeError, match="closed"):
-        llm.complete_batch(requests_(1))
+        llm.complete_batch(make_requests(1))
 
 
 def test_check_reports_what_to_fix(llm_server):
@@ -552,7 +535,7 @@ def test_reasoning_model_gets_max_completion_tokens_and_no_temperature(llm_serve
     )
     with OpenAIBackend(make_cfg(server, model="o3-mini"), None) as llm:  # reasoning=auto
         assert llm.check()["model"] == "o3-mini"
-        results = llm.complete_batch(requests_(8, max_tokens=300))
+        results = llm.complete_batch(make_requests(8, max_tokens=300))
     assert all(r.ok for r in results) and not server.stats()["faults"]
     assert len(bodies) == 9  # the check's probe, then the work
     for body in bodies[1:]:
@@ -573,7 +556,7 @@ def test_reasoning_off_against_a_reasoning_model_fails_the_check_fast(llm_server
             llm.check()
         assert time.monotonic() - start < 3
         assert server.total_requests == 1  # before any work
-        (result,) = llm.complete_batch(requests_(1))  # a run that skipped the check
+        (result,) = llm.complete_batch(make_requests(1))  # a run that skipped the check
     assert f"'{param}'" in str(info.value) and "o3-mini" in str(info.value)
     assert result.error.startswith("http_400") and "llm.reasoning=on" in result.error
     assert result.attempts == 1  # a 400 is not retried
@@ -611,7 +594,7 @@ def test_both_http_transports_handle_faults(llm_server, transport):
     )
     cfg = make_cfg(server, http_transport=transport, timeout_s=0.3, max_attempts=10)
     with OpenAIBackend(cfg, None) as llm:
-        results = llm.complete_batch(requests_(40))
+        results = llm.complete_batch(make_requests(40))
     assert all(r.ok for r in results)
     assert server.stats()["faults"].get("hang", 0) > 0
 
@@ -632,8 +615,8 @@ def test_inside_a_ray_actor(ray_local, llm_server):
 
     # (The actor class travels by value; it must not refer to this test module's names.)
     actor = Writer.options(runtime_env={"env_vars": {KEY_ENV: SENTINEL}}).remote(cfg)
-    oks, stats = ray_local.get(actor.__call__.remote(requests_(20)), timeout=60)
-    again, _ = ray_local.get(actor.__call__.remote(requests_(5, tag="x")), timeout=60)
+    oks, stats = ray_local.get(actor.__call__.remote(make_requests(20)), timeout=60)
+    again, _ = ray_local.get(actor.__call__.remote(make_requests(5, tag="x")), timeout=60)
     ray_local.kill(actor)
     assert all(oks) and len(oks) == 20 and all(again)
     assert stats["http_calls"] == server.total_requests - 5 and server.unauthorized == 0

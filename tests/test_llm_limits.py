@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from llm_server import make_requests
 
 from raypipe.config import LLMConfig
 from raypipe.llm import make_backend
@@ -33,20 +34,6 @@ def make_cfg(server, **over) -> LLMConfig:
         prices={"test-model": (1.0, 2.0)},
     )
     return LLMConfig(**{**fields, **over})
-
-
-def requests_(n: int, tag: str, **over) -> list[LLMRequest]:
-    return [
-        LLMRequest(
-            key=f"{tag}/{i:05d}",
-            task="prompts",
-            ability="color",
-            messages=({"role": "user", "content": f"{tag} request {i}"},),
-            seed=i,
-            **over,
-        )
-        for i in range(n)
-    ]
 
 
 def client_actor(ray, cpus: float = 0.25):
@@ -117,7 +104,7 @@ def test_two_actors_share_one_request_limit(ray_local, llm_server):
     ray_local.get([a.__ray_ready__.remote() for a in actors], timeout=60)
     start = time.monotonic()
     stats = ray_local.get(
-        [a.run.remote(requests_(120, tag=f"a{i}")) for i, a in enumerate(actors)], timeout=120
+        [a.run.remote(make_requests(120, tag=f"a{i}")) for i, a in enumerate(actors)], timeout=120
     )
     elapsed = time.monotonic() - start
     for a in actors:
@@ -145,7 +132,7 @@ def test_token_limit_is_job_wide_and_corrected_by_reported_usage(ray_local, llm_
         with cf.ThreadPoolExecutor(2) as pool:
             runs = list(
                 pool.map(
-                    lambda ib: ib[1].complete_batch(requests_(6, f"t{ib[0]}", max_tokens=900)),
+                    lambda ib: ib[1].complete_batch(make_requests(6, f"t{ib[0]}", max_tokens=900)),
                     enumerate(backends),
                 )
             )
@@ -168,8 +155,8 @@ def test_without_a_limiter_each_backend_applies_the_limits_alone(llm_server):
     with make_backend(cfg) as a, make_backend(cfg) as b:
         assert a.limiter is None
         start = time.monotonic()
-        a.complete_batch(requests_(20, "a"))
-        b.complete_batch(requests_(20, "b"))
+        a.complete_batch(make_requests(20, "a"))
+        b.complete_batch(make_requests(20, "b"))
     assert time.monotonic() - start < 1.0  # each had its own one-second burst
 
 
@@ -183,7 +170,7 @@ def test_four_actors_hold_the_job_rate_for_90_s(ray_local, llm_server):
     limiter = start_limiter(cfg)
     actors = [client_actor(ray_local).remote(cfg, limiter) for _ in range(4)]
     ray_local.get([a.__ray_ready__.remote() for a in actors], timeout=120)
-    runs = [a.run.remote(requests_(1500, tag=f"a{i}")) for i, a in enumerate(actors)]
+    runs = [a.run.remote(make_requests(1500, tag=f"a{i}")) for i, a in enumerate(actors)]
     time.sleep(96)  # 6,000 requests offered: they would take 10 minutes
     for a in actors:
         ray_local.kill(a)
