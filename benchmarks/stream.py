@@ -1,0 +1,199 @@
+"""Streaming of the whole generation job: early parts, a flat driver, a busy renderer.
+
+    .venv/bin/python benchmarks/stream.py               # N=100 and 1,000 planned rows, minutes
+    .venv/bin/python benchmarks/stream.py --smoke-test  # N=20 and 200
+
+The demo preset with the openai backend against the loopback server (tests/llm_server.py,
+in its own process, 0.1 s per request, ``llm.concurrency=1``: the LLM is the slow side,
+as under an API's rate limit), tiny SD at 32 px and 1 step, ``part_max_seconds=5``. N
+and 10N rows run in fresh OUTs, each in a fresh subprocess (``--one N OUT``), so Ray
+and tracemalloc start clean. Imports (torch and diffusers too: the tiny SD is
+resolved) and Ray's start-up come just before the job's start; they are reported as
+``setup_s`` and not counted in the times below.
+
+- first_part_s: earliest mtime of OUT/data/*.parquet, seconds from the job's start
+  (just before ``generate()``), 10N run.
+- last_prompt_answer_s: when the server answered its last prompt request (the last
+  user message holds "Keywords to use, one per prompt:"), same clock, 10N run.
+- stream_ratio = first_part_s / last_prompt_answer_s (streams if well under 1).
+- driver_bytes_per_row: growth of the driver's peak traced memory (tracemalloc,
+  started just before ``generate()``) from N to 10N rows, divided by 9N.
+- render_busy_fraction (10N run) = manifest ``render_busy_s`` (the sum of the render
+  actor's pipeline calls: embed, denoise, decode, encode) / the render window, from the
+  server's first dialogue answer (no row can reach the renderer before it) to the
+  writer's close (job start + ``timings_s.total_s``). The window is at least the
+  render phase, so the fraction is a lower bound.
+
+The last line printed is one JSON object of figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+KEY_ENV = "RAYPIPE_BENCH_KEY"
+PROMPT_MARK = "Keywords to use, one per prompt:"
+
+
+def serve(latency_s: float, times_path: str) -> None:
+    """The loopback server; appends 'prompt|dialogue <time.time()>' per answer."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from llm_server import LLMServer
+    from test_generate import template_responder
+
+    respond, log = template_responder(), open(times_path, "a", buffering=1)
+
+    def timed(messages):
+        text = respond(messages)
+        user = messages[-1]["content"]
+        kind = "prompt" if PROMPT_MARK in user else "dialogue" if "Description:" in user else None
+        if kind:
+            log.write(f"{kind} {time.time()}\n")
+        return text
+
+    with LLMServer(responder=timed, latency_s=latency_s, lifetime_s=3600) as server:
+        print(f"PORT {server.port}", flush=True)
+        sys.stdin.read()  # until the parent closes our stdin
+
+
+def one(n: int, out: str) -> dict:
+    """One job of n rows into out, in this (fresh) process."""
+    import tracemalloc
+
+    t = time.time()
+    # What generate() imports lazily (and resolving the tiny SD imports torch and
+    # diffusers here): a fixed cost, many times slower under tracemalloc than in a job.
+    import ray
+    import ray.data  # noqa: F401
+
+    import raypipe.generate.quality  # noqa: F401
+    import raypipe.llm.client  # noqa: F401
+    import raypipe.llm.limits  # noqa: F401
+    from raypipe.config import GenerateConfig, load_config
+    from raypipe.generate.pipeline import generate
+    from raypipe.generate.render import check_render_model
+
+    times = out + "-answers.txt"
+    server = subprocess.Popen(
+        [sys.executable, __file__, "--serve", "0.1", times],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    port = int(server.stdout.readline().split()[1])
+    cfg = load_config(
+        GenerateConfig,
+        ROOT / "jobs" / "configs" / "demo.yaml",
+        ["log_to_driver=false", "progress=false", f"num_samples={n}", "part_max_seconds=5",
+         "render.width=32", "render.height=32", "render.steps=1",
+         "llm.backend=openai", f"llm.base_url=http://127.0.0.1:{port}/v1",
+         f"llm.api_key_env={KEY_ENV}", "llm.model=test-model", "llm.concurrency=1"],
+    )  # fmt: skip
+    check_render_model(cfg.render)
+    ray_tmp = tempfile.mkdtemp(prefix="rp-bench-", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=ray_tmp)
+    setup_s = time.time() - t
+    try:
+        tracemalloc.start()
+        t0 = time.time()
+        manifest = generate(cfg, out)
+        wall = time.time() - t0
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    finally:
+        server.stdin.close()
+        server.wait(timeout=30)
+        ray.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    answers = [line.split() for line in Path(times).read_text().splitlines()]
+    prompts = [float(t) - t0 for kind, t in answers if kind == "prompt"]
+    dialogues = [float(t) - t0 for kind, t in answers if kind == "dialogue"]
+    parts = glob.glob(os.path.join(out, "data", "*.parquet"))
+    run = manifest["runs"][-1]
+    window = run["timings_s"]["total_s"] - min(dialogues)
+    return {
+        "n": n,
+        "wall_s": round(wall, 2),
+        "setup_s": round(setup_s, 2),
+        "peak_traced_bytes": peak,
+        "first_part_s": round(min(os.path.getmtime(p) for p in parts) - t0, 2),
+        "first_prompt_answer_s": round(min(prompts), 2),
+        "last_prompt_answer_s": round(max(prompts), 2),
+        "first_dialogue_answer_s": round(min(dialogues), 2),
+        "prompt_requests": len(prompts),
+        "dialogue_requests": len(dialogues),
+        "data_parts": len(parts),
+        "accepted": run["accepted"],
+        "rejected": run["rows_written"] - run["accepted"],
+        "stopped": manifest["stopped"],
+        "images_rendered": run["images_rendered"],
+        "images_per_s": round(run["images_per_s"], 2),
+        "render_busy_s": round(run["render_busy_s"], 2),
+        "render_window_s": round(window, 2),
+        "timings_s": {k: round(v, 2) for k, v in run["timings_s"].items()},
+    }
+
+
+def run_one(n: int, out: Path, env: dict) -> dict:
+    cmd = [sys.executable, __file__, "--one", str(n), str(out)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"--one {n} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=100, help="rows of the small run (large: 10N)")
+    ap.add_argument("--smoke-test", action="store_true", help="N=20")
+    ap.add_argument("--one", nargs=2, metavar=("N", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--serve", nargs=2, metavar=("LATENCY", "TIMES"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    for var, value in (("HF_HUB_OFFLINE", "1"), ("RAY_AUTH_MODE", "disabled"),
+                       ("RAY_USAGE_STATS_ENABLED", "0"), (KEY_ENV, "sk-bench-not-a-real-key")):  # fmt: skip
+        os.environ.setdefault(var, value)
+    if args.serve:
+        return serve(float(args.serve[0]), args.serve[1])
+    if args.one:
+        return print(json.dumps(one(int(args.one[0]), args.one[1])))
+
+    from raypipe.config import RenderConfig
+    from raypipe.generate.render import check_render_model
+
+    n = 20 if args.smoke_test else args.n
+    work = Path(tempfile.mkdtemp(prefix="rp-stream-"))
+    env = {**os.environ, "RAYPIPE_TINY_DIR": str(work / "tiny"), "PYTHONUNBUFFERED": "1"}
+    os.environ["RAYPIPE_TINY_DIR"] = env["RAYPIPE_TINY_DIR"]
+    check_render_model(RenderConfig(model="raypipe-tiny/tiny-sd"))  # built once, for both runs
+    try:
+        small = run_one(n, work / "small", env)
+        large = run_one(10 * n, work / "large", env)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    figures = {
+        "n_small": n,
+        "n_large": 10 * n,
+        "first_part_s": large["first_part_s"],
+        "last_prompt_answer_s": large["last_prompt_answer_s"],
+        "stream_ratio": round(large["first_part_s"] / large["last_prompt_answer_s"], 3),
+        "driver_bytes_per_row": round(
+            (large["peak_traced_bytes"] - small["peak_traced_bytes"]) / (9 * n), 1
+        ),
+        "render_busy_fraction": round(large["render_busy_s"] / large["render_window_s"], 3),
+        "small": small,
+        "large": large,
+    }
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
