@@ -25,7 +25,9 @@ def planner(tmp_path, quota, **kw) -> Planner:
     )
     args.update(kw)
     OutputStore(str(tmp_path)).makedirs()
-    return Planner(**args)
+    p = Planner(**args)
+    p._pulls = 64  # past the ramp-up of the first pulls (tested on its own below)
+    return p
 
 
 def pulled(p: Planner) -> list[tuple[str, int]]:
@@ -185,3 +187,10 @@ def test_burned_positions_stay_burned_for_a_re_run(tmp_path):
     # OUT, so both are listed as missing.
     assert ids["planned"] == 2 and ids["missing_ids"] == [sample_id(0, "color", i) for i in (0, 1)]
     assert not ids["balanced"]
+
+
+def test_first_pulls_ramp_up_so_the_first_rows_start_early(tmp_path):
+    p = planner(tmp_path, {"color": 100, "animal": 100})
+    p._pulls = 0
+    sizes = [len(pulled(p)) for _ in range(5)]
+    assert sizes == [5, 10, 20, 40, 40]  # 1, 2, 4, 8, 8 chunks of k=5

@@ -382,31 +382,48 @@ def count_ids(store: OutputStore) -> dict[str, Any]:
     OUT/data, rejected ones from OUT/rejects. Ids planned but in neither (a lost or
     deleted part, or rows in flight when a run was killed and not yet made again) are
     listed as ``missing_ids`` and make ``balanced`` false; so do ids written twice.
+    Ids stay in Arrow arrays (a few dozen bytes each, not Python objects): only the
+    missing and duplicate ids, and counts, come out as Python values.
     """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     data = store.read_columns("data", ["id", "ability"])
     rej = store.read_columns("rejects", ["id", "ability", "stage", "reason"])
     plan = store.read_columns("plan", ["id", "state"])
-    data_ids = data.column("id").to_pylist()
-    rej_rows = [r for r in rej.to_pylist() if r["stage"] != "keywords"]
-    accepted, rejected = set(data_ids), {r["id"] for r in rej_rows}
-    logged = list(zip(*(plan.column(c).to_pylist() for c in ("id", "state"))))
+    is_kw = pc.equal(rej["stage"], "keywords")
+    keyword_rejects = pc.sum(is_kw).as_py() or 0
+    rej = rej.filter(pc.invert(is_kw))
+
+    def unique(arr) -> pa.Array:
+        return pc.unique(arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr)
+
+    accepted, rejected = unique(data["id"]), unique(rej["id"])
     # Rows handed back unmade (max_usd) are not missing: the next run plans them again.
-    returned = {i for i, st in logged if st == "returned"}
-    planned = ({i for i, st in logged if st == "planned"} - returned) | accepted | rejected
-    missing = sorted(planned - accepted - rejected)
-    duplicates = sorted(
-        {i for i, n in Counter(data_ids).items() if n > 1} | (accepted & rejected)
-    )
+    returned = plan.filter(pc.equal(plan["state"], "returned"))["id"]
+    logged = plan.filter(pc.equal(plan["state"], "planned"))["id"]
+    logged = logged.filter(pc.invert(pc.is_in(logged, value_set=unique(returned))))
+    done = unique(pa.chunked_array([accepted, rejected], type=pa.string()))
+    planned = unique(pa.chunked_array([unique(logged), done], type=pa.string()))
+    missing = planned.filter(pc.invert(pc.is_in(planned, value_set=done)))
+    counts = pc.value_counts(data["id"])
+    twice = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    both = accepted.filter(pc.is_in(accepted, value_set=rejected))
+    duplicates = sorted(set(twice.to_pylist()) | set(both.to_pylist()))
+    by = rej.group_by(["ability", "stage", "reason"]).aggregate([("id", "count")]).to_pylist()
+    per_ability = data.group_by("ability").aggregate([("id", "count")]).to_pylist()
     return {
         "planned": len(planned),
         "accepted": len(accepted),
         "rejected": len(rejected),
-        "balanced": not missing and not duplicates,
-        "missing_ids": missing,
+        "balanced": len(missing) == 0 and not duplicates,
+        "missing_ids": sorted(missing.to_pylist()),
         "duplicate_ids": duplicates,
-        "data_abilities": Counter(data.column("ability").to_pylist()),
-        "reject_rows": rej_rows,
-        "keyword_rejects": sum(1 for r in rej.to_pylist() if r["stage"] == "keywords"),
+        "data_abilities": Counter({r["ability"]: r["id_count"] for r in per_ability}),
+        "rejected_by": Counter(
+            {(r["ability"], r["stage"], r["reason"]): r["id_count"] for r in by}
+        ),
+        "keyword_rejects": keyword_rejects,
     }
 
 
@@ -415,12 +432,11 @@ def build_manifest(
 ) -> dict[str, Any]:
     """Counts come from OUT itself (all runs), so they balance across resumes."""
     ids = count_ids(store)
-    sample_rej = ids["reject_rows"]
-    rejected_by = Counter((r["ability"], r["stage"], r["reason"]) for r in sample_rej)
+    rejected_by = ids["rejected_by"]
     stages: dict[str, dict[str, int]] = {}
     remaining = ids["planned"] - len(ids["missing_ids"])
     for stage in SAMPLE_STAGES:
-        n_rej = sum(1 for r in sample_rej if r["stage"] == stage)
+        n_rej = sum(v for (_, st, _), v in rejected_by.items() if st == stage)
         stages[stage] = {"in": remaining, "accepted": remaining - n_rej, "rejected": n_rej}
         remaining -= n_rej
     n_keywords = sum(len(b) for b in banks.values())

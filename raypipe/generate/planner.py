@@ -133,6 +133,7 @@ class Planner:
         self._cond = threading.Condition()
         self._plan_log: list[dict[str, str]] = []
         self._plan_logged_at = time.monotonic()
+        self._pulls = 0
 
         # 1. What OUT already holds.
         done_ids, accepted = self.store.done_ids()
@@ -190,8 +191,13 @@ class Planner:
         return all(ab.open() == 0 for ab in self.abilities.values())
 
     def pull(self) -> pa.Table:
-        """The next rows to make, as request chunks (empty when the run has no more)."""
-        limit = self.pull_chunks * self.k
+        """The next rows to make, as request chunks (empty when the run has no more).
+
+        The first pulls are small (1, 2, 4, ... chunks, up to ``pull_chunks``), so the
+        first rows reach the GPUs and OUT/data early; later pulls are full size.
+        """
+        limit = min(self.pull_chunks, 2**self._pulls) * self.k
+        self._pulls += 1
         with self._cond:
             deadline = None
             while True:
