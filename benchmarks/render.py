@@ -11,8 +11,8 @@ The random SD 1.5 is built once into $RAYPIPE_BENCH_DIR (default the temp folder
 Both paths render the same prompts with the same model, per-row seeds, batch size,
 steps, guidance and image encoding, and write the images to Parquet.
 
-(a) pipeline: ``ray.data.from_items(rows)`` -> ``add_render`` (one Renderer actor) ->
-    ``write_parquet``. Ray start-up and the actor's model load are outside the timed
+(a) pipeline: ``ray.data.from_items(rows)`` in blocks of one batch each -> ``add_render``
+    (one Renderer actor) -> ``write_parquet``. Ray start-up and the actor's model load are outside the timed
     window: each render call stamps its end time into the row's meta, the window opens
     when the actor's first call (the warm-up batch) ends and closes when
     ``write_parquet`` returns; the rows of that first call are not counted. So the
@@ -82,7 +82,15 @@ def make_rows(n: int) -> list[dict]:
         sid = f"bench-s0-{i:07d}"
         colour, subject = COLOURS[i % len(COLOURS)], SUBJECTS[i % len(SUBJECTS)]
         prompt = f"(({colour})) {subject}, city street, realistic, dramatic lighting, 8k"
-        rows.append({"id": sid, "ability": "color", "prompt": prompt, "seed": row_seed(sid)})
+        rows.append(
+            {
+                "id": sid,
+                "ability": "color",
+                "prompt": prompt,
+                "seed": row_seed(sid),
+                "negative_prompt": "",
+            }
+        )
     return rows
 
 
@@ -255,7 +263,12 @@ def ray_pipeline(cfg: RenderConfig, rows: list[dict], out: Path, threads: int):
     try:
         from raypipe.generate.render import add_render
 
-        ds = add_render(ray.data.from_items(rows), cfg, stage=TimedRenderer)
+        # One batch per block: the stage renders whole blocks (it has no Ray Data batch
+        # size, see raypipe.generate.stage), cfg.batch_size images per pipeline call.
+        blocks = max(1, len(rows) // cfg.batch_size)
+        ds = add_render(
+            ray.data.from_items(rows, override_num_blocks=blocks), cfg, stage=TimedRenderer
+        )
         ds.write_parquet(str(out / "pipeline"))
         closed = time.time()
     finally:

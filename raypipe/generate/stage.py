@@ -40,8 +40,10 @@ class Stage:
             return
         missing = [c for c in self.INPUT_COLUMNS if c not in batch.column_names]
         if missing:
+            # Ray Data may wrap the class (e.g. _SingleThreadedWrapper): name the stage.
+            name = next(c.__name__ for c in type(self).__mro__ if not c.__name__.startswith("_"))
             raise ConfigError(
-                f"{type(self).__name__}: required input columns {missing} not found in its "
+                f"{name}: required input columns {missing} not found in its "
                 f"batch (it has {batch.column_names}). The stage before it must produce them."
             )
         self._columns_checked = True
