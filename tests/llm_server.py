@@ -169,7 +169,17 @@ class LLMServer:
             self.unauthorized = 0
             self.in_flight = 0
             self.max_in_flight = 0  # most chat requests being handled at once
+            self.in_flight_hashes: Counter[str] = Counter()  # hashes being handled now
+            self.answered_at: dict[str, float] = {}  # hash -> time.monotonic() of last answer
             self.events: list[_Event] = []
+
+    def in_flight_now(self, answered_within_s: float = 0.0) -> set[str]:
+        """Hashes of the chat requests being handled at this moment, plus those answered
+        in the last ``answered_within_s`` seconds (a client may not have stored them yet)."""
+        with self._lock:
+            since = time.monotonic() - answered_within_s
+            recent = {d for d, t in self.answered_at.items() if t >= since}
+            return set(self.in_flight_hashes) | (recent if answered_within_s else set())
 
     @property
     def total_requests(self) -> int:
@@ -360,18 +370,22 @@ class _Handler(BaseHTTPRequestHandler):
                 400, "request body is not a chat-completion request", "invalid_request_error"
             )
             return
+        digest = request_hash(body)
         with self.llm._lock:
             self.llm.in_flight += 1
             self.llm.max_in_flight = max(self.llm.max_in_flight, self.llm.in_flight)
+            self.llm.in_flight_hashes[digest] += 1
         try:
-            self._chat(body, messages)
+            self._chat(body, messages, digest)
         finally:
             with self.llm._lock:
                 self.llm.in_flight -= 1
+                self.llm.in_flight_hashes[digest] -= 1
+                if not self.llm.in_flight_hashes[digest]:
+                    del self.llm.in_flight_hashes[digest]
 
-    def _chat(self, body: dict[str, Any], messages: list[dict[str, Any]]) -> None:
+    def _chat(self, body: dict[str, Any], messages: list[dict[str, Any]], digest: str) -> None:
         llm = self.llm
-        digest = request_hash(body)
         attempt, now = llm.record(digest)
         refused = llm.refused_param(body)
         fault = "unsupported_param" if refused else llm.choose_fault(digest, attempt, body)
@@ -433,6 +447,7 @@ class _Handler(BaseHTTPRequestHandler):
         }
         with llm._lock:
             llm.answered_by_hash[digest] += 1
+            llm.answered_at[digest] = time.monotonic()
         self._send(200, json.dumps(answer).encode())
 
 

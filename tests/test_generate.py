@@ -276,10 +276,15 @@ def test_killed_job_resumes_without_loss_duplicates_or_repaid_requests(tiny_dir,
         assert proc.poll() is None, (
             "job finished before it could be killed: " + proc.stderr.read().decode()[-2000:]
         )
+        in_flight_at_kill = server.in_flight_now(answered_within_s=0.5)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        in_flight_at_kill |= server.in_flight_now(answered_within_s=0.5)
         written = len(read_data(out))
         assert written < 40 and (written > 0 or when == "prompt_phase")
+        deadline = time.time() + 10  # the server finishes what the dead job had asked
+        while server.in_flight_now() and time.time() < deadline:
+            time.sleep(0.05)
         answered_before = Counter(server.answered_by_hash)
 
         done = subprocess.run(_job_cmd(out, *overrides), env=env, capture_output=True, timeout=300)
@@ -290,10 +295,12 @@ def test_killed_job_resumes_without_loss_duplicates_or_repaid_requests(tiny_dir,
     assert len(ids) == 40 and len(set(ids)) == 40
     rejected = {r["id"] for r in read_rejects(out)}
     assert not rejected & set(ids)
-    # No request answered in the first run was paid for again.
-    for digest, n in server.answered_by_hash.items():
-        assert n == 1 or digest not in answered_before, "a cached answer was requested again"
-    assert max(server.answered_by_hash.values()) == 1
+    # No answer the first run received was paid for again; only requests that were in
+    # flight at the kill (answered to a dead job, so never cached) may be asked twice.
+    repeated = {d for d, n in server.answered_by_hash.items() if n > 1}
+    assert repeated <= in_flight_at_kill, "a cached answer was requested again"
+    assert max(server.answered_by_hash.values()) <= 2
+    assert len(answered_before) >= 2
 
 
 def test_driver_memory_stays_flat_with_10x_rows(tiny_dir, tmp_path):
