@@ -194,3 +194,25 @@ def test_first_pulls_ramp_up_so_the_first_rows_start_early(tmp_path):
     p._pulls = 0
     sizes = [len(pulled(p)) for _ in range(5)]
     assert sizes == [5, 10, 20, 40, 40]  # 1, 2, 4, 8, 8 chunks of k=5
+
+
+def test_pulls_wait_while_the_in_flight_window_is_full(tmp_path):
+    import threading
+
+    p = planner(tmp_path, {"color": 100, "animal": 100}, max_rows_in_flight=80)
+    first = pulled(p) + pulled(p)
+    assert len(first) == 80  # two full pulls of 40 fill the window
+    got: list = []
+    t = threading.Thread(target=lambda: got.append(pulled(p)), daemon=True)
+    t.start()
+    t.join(0.5)
+    assert t.is_alive() and not got, "a pull went out past the window"
+    p.report([(a, i, None) for a, i in first[:40]])  # 40 rows decided: room for one pull
+    t.join(5)
+    assert not t.is_alive() and len(got[0]) == 40
+    assert not {r for r in got[0]} & set(first)
+
+
+def test_the_window_always_fits_one_full_pull(tmp_path):
+    p = planner(tmp_path, {"color": 100}, max_rows_in_flight=3)
+    assert p.max_in_flight == 40 and len(pulled(p)) == 40

@@ -226,6 +226,7 @@ def start_actors(cfg: GenerateConfig, store: OutputStore, banks, quota, spent_us
             cfg.near_duplicate_threshold,
             cfg.max_usd,
             spent_usd,
+            cfg.rows_in_flight,
         )
     )
     writer = (

@@ -121,12 +121,19 @@ class Planner:
         near_duplicate_threshold: float,
         max_usd: float | None = None,
         spent_usd: float = 0.0,
+        max_rows_in_flight: int | None = None,
     ):
         self.store = OutputStore(out)
         self.seed = run_seed
         self.banks = banks
         self.k = prompts_per_request
         self.pull_chunks = pull_chunks
+        # None = no window; else at least one full pull fits, so the stream always moves.
+        self.max_in_flight = (
+            math.inf
+            if max_rows_in_flight is None
+            else max(max_rows_in_flight, pull_chunks * prompts_per_request)
+        )
         self.max_usd = max_usd
         self.spent_usd = spent_usd
         self.stopped: str | None = None
@@ -194,7 +201,10 @@ class Planner:
         """The next rows to make, as request chunks (empty when the run has no more).
 
         The first pulls are small (1, 2, 4, ... chunks, up to ``pull_chunks``), so the
-        first rows reach the GPUs and OUT/data early; later pulls are full size.
+        first rows reach the GPUs and OUT/data early; later pulls are full size. A pull
+        waits while ``max_rows_in_flight`` rows are out and undecided: the LLM stages
+        never race far ahead of the GPUs, and what the stream (and the driver's
+        bookkeeping of its blocks) holds is bounded by that window, not by the run's size.
         """
         limit = min(self.pull_chunks, 2**self._pulls) * self.k
         self._pulls += 1
@@ -202,6 +212,10 @@ class Planner:
             deadline = None
             while True:
                 pending = sum(len(ab.pending) for ab in self.abilities.values())
+                out = self._rows_in_flight()
+                if pending and out and out + min(limit, pending) > self.max_in_flight:
+                    self._cond.wait(timeout=1.0)  # a report frees room
+                    continue
                 if pending >= limit or (pending and not self._any_in_flight()):
                     break
                 if pending and deadline is None:
@@ -218,6 +232,9 @@ class Planner:
 
     def _any_in_flight(self) -> bool:
         return any(ab.in_flight for ab in self.abilities.values())
+
+    def _rows_in_flight(self) -> int:
+        return sum(len(ab.in_flight) for ab in self.abilities.values())
 
     def _take(self, limit: int) -> list[dict[str, Any]]:
         """Up to ``limit`` pending rows as request chunks, one chunk per ability in turn
