@@ -14,6 +14,8 @@ import os
 import re
 from pathlib import Path
 
+from raypipe.train.conversation import VICUNA_V1_CHAT_TEMPLATE
+
 #: Text the offline tokenizers are trained on: generic prompt and dialogue English, so
 #: common words become single tokens as with real vocabularies.
 _CORPUS = """
@@ -264,23 +266,9 @@ def build_tiny_safety_checker(
     return _mark_done(path)
 
 
-#: Vicuna-v1.1 style chat template (LLaVA-1.5's conversation format) for the tiny Llama
-#: tokenizer. Jinja drops a literal newline after ``{% endif %}``, so none is used here.
-LLAMA_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% if messages[0]['role'] != 'system' %}"
-    "{{ 'A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user\\'s questions. ' }}"
-    "{% endif %}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] + ' ' }}"
-    "{% elif message['role'] == 'user' %}{{ 'USER: ' + message['content'] + ' ' }}"
-    "{% elif message['role'] == 'assistant' %}"
-    "{{ 'ASSISTANT: ' + message['content'] + eos_token }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
+#: The tiny Llama's chat template: LLaVA-1.5's ``vicuna_v1`` format as raypipe trains it
+#: (string content or lists of image/text parts), the template its exports carry.
+LLAMA_CHAT_TEMPLATE = VICUNA_V1_CHAT_TEMPLATE
 
 #: Extra fixed text for the Llama tokenizer: the fixture dialogues' words become tokens.
 _LLAMA_EXTRA = """
@@ -511,7 +499,7 @@ def default_models_dir() -> Path:
 
 
 #: Bump when a builder changes, so cached folders of older builds are not reused.
-TINY_VERSION = 1
+TINY_VERSION = 2
 TINY_IDS = {
     "tiny-sd": build_tiny_sd,
     "tiny-clip": build_tiny_clip,
@@ -626,6 +614,30 @@ def write_fixture_parquet(
         table = rows_to_table(rows[start : start + rows_per_file], SAMPLE_SCHEMA)
         pq.write_table(table, out_dir / f"part-{part:05d}.parquet")
     return out_dir
+
+
+def write_fixture_run(
+    out: str, n: int, seed: int = 0, image_size: int = 32, rows_per_part: int = 256
+) -> str:
+    """``n`` fixture samples written as a generation run writes them: through
+    :class:`raypipe.generate.store.OutputStore` into ``OUT/data`` (parts of
+    ``rows_per_part`` rows, the store's row groups), plus a ``manifest.json``. ``out`` may
+    be a local folder or a URI. Returns ``out``."""
+    import tempfile
+
+    import pyarrow.parquet as pq
+
+    from raypipe.generate.store import OutputStore
+
+    store = OutputStore(out)
+    store.makedirs()
+    with tempfile.TemporaryDirectory() as tmp:
+        write_fixture_parquet(tmp, n, seed=seed, image_size=image_size, rows_per_file=max(n, 1))
+        table = pq.read_table(Path(tmp) / "part-00000.parquet")
+    for start in range(0, n, rows_per_part):
+        store.write_table("data", table.slice(start, rows_per_part))
+    store.write_json("manifest.json", {"raypipe_manifest": 2, "accepted": n, "fixture": True})
+    return out
 
 
 def _write_fixture_images(folder: Path, rng, n: int, image_size: int):

@@ -77,6 +77,15 @@ def encoder(tiny_dir):
         ("llava.json:images_dir", DataSource("llava.json", image_folder="images_dir")),
         ("x.json:imgs@0.3", DataSource("x.json", image_folder="imgs", weight=0.3)),
         ("out/demo@2", DataSource("out/demo", weight=2.0)),
+        ("s3://b/run/data", DataSource("s3://b/run/data")),
+        (
+            "s3://b/l.json?endpoint_override=h:9000&scheme=http:s3://b/img?endpoint_override=h:9000@2",
+            DataSource(
+                "s3://b/l.json?endpoint_override=h:9000&scheme=http",
+                image_folder="s3://b/img?endpoint_override=h:9000",
+                weight=2.0,
+            ),
+        ),
     ],
 )
 def test_parse_source(spec, expected):

@@ -5,7 +5,7 @@ ordering the data), so three runs, each made once per module, serve every assert
 
 - ``run_1w``: 1 worker, stage 2, memorisable Parquet, no interruption: the reference;
 - ``run_2w``: the same data, order and global batch on 2 workers, checkpoint every 5
-  steps, and one worker process dies after step 7 (the test-only ``fail_at_step`` flag):
+  steps, and one worker process dies after step 7 (:class:`DieAfterStep`, a step hook):
   Ray Train restarts the group, which resumes from the step-5 checkpoint. Its losses
   must match the reference step for step: a wrong LR step, optimiser state, data
   position or loss normalisation would each show far above the float tolerance;
@@ -17,6 +17,8 @@ ordering the data), so three runs, each made once per module, serve every assert
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -26,7 +28,7 @@ import torch
 from raypipe.config import build_config
 from raypipe.testing import (
     write_fixture_llava_json,
-    write_fixture_parquet,
+    write_fixture_run,
     write_fixture_stablellava_json,
 )
 from raypipe.train.config import TrainConfig, load_train_config
@@ -35,6 +37,30 @@ from raypipe.train.loop import fit
 pytestmark = pytest.mark.slow
 
 STEPS = 16  # 32 rows / global batch 8 = 4 steps per epoch, 4 epochs
+
+
+class DieAfterStep:
+    """Fault injection: the last worker kills its own process right after ``step``, once
+    per run (not after a resume), as a preempted node would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def __call__(self, step: int, rank: int, resumed: bool) -> None:
+        import ray.train
+
+        if (
+            step == self.step
+            and not resumed
+            and rank == ray.train.get_context().get_world_size() - 1
+        ):
+            os._exit(1)
+
+
+# Workers cannot import this module: the hook travels by value.
+import ray.cloudpickle  # noqa: E402
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def _stage2_config(**over) -> TrainConfig:
@@ -49,7 +75,10 @@ def _stage2_config(**over) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def parquet(tmp_path_factory, tiny_dir):
-    return write_fixture_parquet(tmp_path_factory.mktemp("parquet"), 32, seed=0)
+    # Written as a generation run writes: 8 parts (row groups) of 4 rows in OUT/data.
+    out = tmp_path_factory.mktemp("parquet")
+    write_fixture_run(str(out), 32, seed=0, rows_per_part=4)
+    return out / "data"
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +93,9 @@ def run_2w(ray_local, parquet, tmp_path_factory):
         num_workers=2,
         checkpoint_every_steps=5,
         keep_checkpoints=2,
-        fail_at_step=7,
         max_failures=1,
     )
-    return fit(cfg, [str(parquet)], tmp_path_factory.mktemp("run2w"))
+    return fit(cfg, [str(parquet)], tmp_path_factory.mktemp("run2w"), on_step=DieAfterStep(7))
 
 
 def test_one_worker_memorises_the_fixture(run_1w):
@@ -91,11 +119,22 @@ def test_two_workers_killed_and_resumed_match_one_worker(run_1w, run_2w):
     )
 
 
+def test_each_of_two_workers_reads_half_the_image_bytes(run_1w, run_2w):
+    # Counted by the readers from the row groups they read (the resumed attempt ran
+    # steps 6-16: epoch 2 from its second step, and epochs 3 and 4 whole).
+    total = run_1w.image_bytes_epoch
+    assert total and run_1w.image_bytes_by_rank[0] == 4 * total  # 4 epochs, one worker
+    assert len(run_2w.image_bytes_by_rank) == 2
+    for worker in run_2w.image_bytes_by_rank:
+        assert worker <= 0.6 * 3 * total, (worker, total)
+
+
 def test_checkpoints_are_sharded_and_describe_the_run(run_2w):
     run_dir = Path(run_2w.run_dir)
     kept = sorted(p.name for p in run_dir.glob("step_*"))
-    assert {"step_00000010", "step_00000015"} <= set(kept)  # keep_checkpoints=2
-    assert run_2w.checkpoint.endswith("step_00000015")
+    # keep_checkpoints=2; the last step (16) always gets one, off the every-5 grid.
+    assert {"step_00000015", "step_00000016"} <= set(kept) and kept[-1] == "step_00000016"
+    assert run_2w.checkpoint.endswith("step_00000016")
     state = json.loads((run_dir / "step_00000015" / "trainer_state.json").read_text())
     assert state["step"] == 15 and state["samples_seen"] == 15 * 8
     assert state["losses"] == run_2w.losses[:15]
@@ -128,7 +167,8 @@ def test_stage2_export_loads_with_plain_transformers_and_keeps_the_tower(run_2w,
     # The export carries the trained weights: lower loss on the training samples.
     rows = [
         {**row, "image": row["image"]["bytes"], "image_error": None, "source": "fixture"}
-        for row in pq.read_table(sorted(Path(parquet).glob("*.parquet"))[0]).to_pylist()[:8]
+        for path in sorted(Path(parquet).glob("*.parquet"))[:2]
+        for row in pq.read_table(path).to_pylist()
     ]
     encoder = SampleEncoder(run_2w.export_dir, "vicuna_v1", 256, True)
     batch = collate(encoder(rows), processor.tokenizer.pad_token_id)
@@ -179,7 +219,7 @@ def run_json(ray_local, tiny_dir, tmp_path_factory):
             "global_batch_size": 4,
             "micro_batch_size": 2,
             "lr": 1e-2,
-            "epochs": 1,
+            "epochs": 2,  # each dropped row is still counted once
         },
     )
     return cfg, fit(cfg, [str(llava), str(stable)], tmp_path_factory.mktemp("run-json"))
@@ -191,7 +231,7 @@ def test_stage1_on_json_sources_trains_only_the_projector(run_json):
     from raypipe.train.model import build_model
 
     cfg, result = run_json
-    assert result.steps == 7  # 14 rows per worker, 2 per worker per step
+    assert result.steps == 14  # 14 rows per worker, 2 per worker per step, 2 epochs
     assert result.drops == {
         "missing image file": 2,
         "no <image> in first human turn": 1,

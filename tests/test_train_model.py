@@ -5,7 +5,6 @@ FSDP2 wrapping with activation checkpointing, per-rank data slices, schedule, fa
 from __future__ import annotations
 
 import io
-import math
 import subprocess
 import sys
 
@@ -16,7 +15,7 @@ import torch
 from raypipe.config import build_config
 from raypipe.errors import ConfigError, ModelError
 from raypipe.train.config import TrainConfig, load_train_config
-from raypipe.train.loop import StepBatcher, build_optimizer, rank_step_rows, token_loss_sum
+from raypipe.train.loop import StepBatcher, build_optimizer, split_step_rows, token_loss_sum
 from raypipe.train.model import apply_freeze_policy, build_model, check_model_source
 
 TINY_LLAVA = {"llava": "raypipe-tiny/tiny-llava"}
@@ -248,7 +247,8 @@ def test_step_batcher_pads_with_inert_standin_batches(tiny_dir):
     batches, drops = batcher([_row(0), bad])  # one good row, one undecodable: 2 micro-batches
     assert len(batches) == cfg.grad_accum_steps == 2
     assert batches[0]["input_ids"].shape[0] == 1
-    assert drops == {"undecodable image": 1}
+    assert [reason for reason, _, _ in drops] == ["undecodable image"]
+    assert drops[0][2] == bad["id"]
     standin = batches[1]
     assert (standin["labels"] == -100).all()
     logits = model(
@@ -265,52 +265,33 @@ def test_step_batcher_pads_with_inert_standin_batches(tiny_dir):
 
 
 class _Stream:
-    """Stands in for a Ray DataIterator over rows {"i": 0..n-1}."""
+    """Stands in for a Ray DataIterator over rows {"i": ...} (no shuffle)."""
 
     def __init__(self, rows: list[int]):
         self.rows = rows
+        self.seeds: list[int] = []
 
-    def iter_batches(self, batch_size, batch_format, prefetch_batches):
+    def iter_batches(self, batch_size, local_shuffle_seed=None, **_):
+        self.seeds.append(local_shuffle_seed)
         for s in range(0, len(self.rows), batch_size):
             yield pa.table({"i": self.rows[s : s + batch_size]})
 
 
-def _steps(world, rank, start=0, total=None, n=21, G=8, deterministic=True, rows=None):
-    per_epoch = math.ceil(n / G)
-    out = rank_step_rows(
-        _Stream(rows if rows is not None else list(range(n))),
-        start_step=start,
-        total_steps=total or per_epoch,
-        steps_per_epoch=per_epoch,
-        global_batch=G,
-        world=world,
-        rank=rank,
-        deterministic=deterministic,
+def test_split_mode_takes_the_next_share_and_reshuffles_each_epoch():
+    # (Deterministic mode: tests/test_train_shards.py.)
+    stream = _Stream([0, 2, 4, 6, 8, 10])
+    steps = split_step_rows(stream, start_step=0, total_steps=6, steps_per_epoch=3, share=4, seed=0)
+    assert [[r["i"] for r in step] for step in steps] == [[0, 2, 4, 6], [8, 10], []] * 2
+    assert len(set(stream.seeds)) == 2  # one local-shuffle seed per epoch
+    resumed = split_step_rows(
+        _Stream([0, 2, 4, 6, 8, 10]),
+        start_step=4,
+        total_steps=6,
+        steps_per_epoch=3,
+        share=4,
+        seed=0,
     )
-    return [[r["i"] for r in step] for step in out]
-
-
-def test_each_step_trains_the_same_rows_for_any_worker_count():
-    one = _steps(1, 0)
-    assert one == [list(range(0, 8)), list(range(8, 16)), list(range(16, 21))]
-    for world in (2, 4):
-        ranks = [_steps(world, r) for r in range(world)]
-        assert all(len(steps) == len(one) for steps in ranks)  # every rank runs every step
-        for s, rows in enumerate(one):
-            assert sorted(sum((ranks[r][s] for r in range(world)), [])) == rows
-    assert _steps(4, 3)[2] == []  # the short last step leaves rank 3 nothing: it still steps
-
-
-def test_resume_starts_at_the_exact_data_position_across_epochs():
-    fresh = _steps(2, 1, total=7)  # 3 steps per epoch: steps 4..7 are the next epochs
-    assert fresh[3:6] == fresh[0:3]  # each epoch replays the same order
-    assert _steps(2, 1, start=4, total=7) == fresh[4:]
-    # Split mode: each rank takes the next G/W rows of its own share.
-    assert _steps(2, 0, deterministic=False, rows=[0, 2, 4, 6, 8, 10]) == [
-        [0, 2, 4, 6],
-        [8, 10],
-        [],
-    ]
+    assert [[r["i"] for r in step] for step in resumed] == [[8, 10], []]
 
 
 def test_cosine_schedule_with_warmup_matches_transformers():
@@ -365,7 +346,7 @@ def test_a_checkpoint_from_other_batch_settings_is_refused_before_workers_start(
     assert latest_checkpoint(tmp_path) is None  # no shards yet: not a complete checkpoint
     for name in (".metadata", "trainer_state_rank0.pt"):
         (step / name).write_bytes(b"")
-    assert latest_checkpoint(tmp_path) == step
+    assert latest_checkpoint(tmp_path) == str(step)
     _check_resumable(step, 8, 4)  # same settings: fine
     with pytest.raises(ConfigError, match="global_batch_size=8, this run has 16"):
         _check_resumable(step, 16, 2)

@@ -9,9 +9,13 @@ A checkpoint folder holds:
 - ``trainer_state.json``: rank 0's loop state, human readable.
 
 Each worker writes its files to a local temporary folder and passes it to
-``ray.train.report``; Ray merges the folders into ``OUT/<name>/step_<N>/`` and keeps the
-latest ``keep_checkpoints``. On a restart (a worker died, or the job ran again with the
-same ``OUT`` and name) ``ray.train.get_checkpoint()`` returns the latest one.
+``ray.train.report``; Ray merges the folders into ``OUT/<name>/step_<N>/`` (a local
+folder or a URI: Ray Train's storage) and keeps the latest ``keep_checkpoints``. On a
+restart (a worker died, or the job ran again with the same ``OUT`` and name) the newest
+complete checkpoint is copied to a local folder and loaded from there.
+
+Loop state loads with ``torch.load(weights_only=True)``: RNG states are saved as
+tensors and lists, so loading a checkpoint from shared storage runs no pickled code.
 """
 
 from __future__ import annotations
@@ -19,15 +23,18 @@ from __future__ import annotations
 import json
 import random
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from raypipe import storage
 from raypipe.errors import ConfigError
 
 STATE_JSON = "trainer_state.json"
@@ -43,7 +50,7 @@ class TrainerState:
     num_workers: int = 0
     steps_per_epoch: int = 0
     losses: list[float] = field(default_factory=list)  #: per-step loss, steps 1..step
-    drops: dict[str, int] = field(default_factory=dict)  #: dropped samples by reason, all ranks
+    drops: dict[str, Any] = field(default_factory=dict)  #: dropped rows by reason, all ranks
     tokens: int = 0  #: valid (non-pad) tokens trained on so far, all ranks
     rng: dict[str, Any] = field(default_factory=dict)  #: this rank's RNG states
 
@@ -54,10 +61,13 @@ class TrainerState:
 
 
 def rng_state() -> dict[str, Any]:
-    """RNG states of python, numpy and torch (CPU and current CUDA device)."""
+    """RNG states of python, numpy and torch (CPU and current CUDA device), as tensors,
+    lists and numbers only (what ``torch.load(weights_only=True)`` accepts)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -68,8 +78,10 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     if not state:
         return
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -101,10 +113,14 @@ def load_checkpoint(
     ``expect`` carries this run's global batch size and epoch length: a checkpoint written
     with different ones would not resume at the same data position, so it is refused.
     """
-    path = Path(path)
+    with local_copy(path) as path:
+        return _load_checkpoint(path, model, optimizer, scheduler, rank, expect)
+
+
+def _load_checkpoint(path: Path, model, optimizer, scheduler, rank: int, expect: TrainerState):
     # 1. Loop state first: refuse before touching the model.
     own = path / f"trainer_state_rank{rank}.pt"
-    saved = torch.load(own if own.exists() else path / "trainer_state_rank0.pt", weights_only=False)
+    saved = torch.load(own if own.exists() else path / "trainer_state_rank0.pt", weights_only=True)
     state = TrainerState(**saved["state"])
     for key in ("global_batch_size", "steps_per_epoch"):
         if getattr(state, key) != getattr(expect, key):
@@ -142,35 +158,72 @@ def report_checkpoint(metrics: dict, model, optimizer, scheduler, state: Trainer
         )
 
 
-def is_complete(path: str | Path) -> bool:
-    """True if every rank's part of the checkpoint at ``path`` is there."""
-    path = Path(path)
+@contextmanager
+def local_copy(location: str | Path):
+    """A local folder holding the checkpoint at ``location`` (copied if it is a URI)."""
+    location = str(location)
+    fs, path = storage.open_location(location)
+    if isinstance(fs, pafs.LocalFileSystem):
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="raypipe-resume-") as tmp:
+        pafs.copy_files(
+            path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+        )
+        yield Path(tmp)
+
+
+def read_state_json(location: str | Path) -> dict[str, Any]:
+    """``trainer_state.json`` of the checkpoint at ``location`` (a folder or a URI)."""
+    fs, path = storage.open_location(str(location))
+    return json.loads(storage.read_bytes(fs, f"{path}/{STATE_JSON}"))
+
+
+def is_complete(location: str | Path) -> bool:
+    """True if every rank's part of the checkpoint at ``location`` is there."""
+    fs, path = storage.open_location(str(location))
     try:
-        state = json.loads((path / STATE_JSON).read_text())
+        state = json.loads(storage.read_bytes(fs, f"{path}/{STATE_JSON}"))
     except (OSError, ValueError):
         return False
-    ranks = range(int(state.get("num_workers", 1)))
-    return (path / ".metadata").exists() and all(
-        (path / f"trainer_state_rank{r}.pt").exists() for r in ranks
+    names = {".metadata"} | {
+        f"trainer_state_rank{r}.pt" for r in range(int(state.get("num_workers", 1)))
+    }
+    infos = fs.get_file_info([f"{path}/{n}" for n in names])
+    return all(info.type == pafs.FileType.File for info in infos)
+
+
+def latest_checkpoint(run_dir: str | Path) -> str | None:
+    """Newest complete checkpoint under ``run_dir`` (a folder or a URI), or None."""
+    run_dir = str(run_dir)
+    fs, path = storage.open_location(run_dir)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    names = sorted(
+        i.base_name
+        for i in infos
+        if i.type == pafs.FileType.Directory and i.base_name.startswith("step_")
     )
+    for name in reversed(names):
+        location = storage.join(run_dir, name)
+        if is_complete(location):
+            return location
+    return None
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """Newest complete checkpoint folder under ``run_dir``, or None."""
-    done = [p for p in sorted(Path(run_dir).glob("step_*")) if is_complete(p)]
-    return done[-1] if done else None
-
-
-def resume_point(run_dir: str | Path, registered: Path | None) -> Path | None:
+def resume_point(run_dir: str | Path, registered) -> str | None:
     """The checkpoint to resume from: the newest complete one, registered or not.
 
     Ray Train registers a checkpoint when its controller collects the report (about every
     2 s); a worker that dies sooner leaves a complete checkpoint on storage that Ray Train
-    does not know about yet. Both are candidates; the later step wins.
+    does not know about yet. Both are candidates; the later step wins. ``registered`` is
+    what ``ray.train.get_checkpoint()`` returned (or None).
     """
     on_disk = latest_checkpoint(run_dir)
-    candidates = [p for p in (registered, on_disk) if p is not None]
-    return max(candidates, key=lambda p: Path(p).name) if candidates else None
+    if registered is not None and (
+        on_disk is None or storage.name(registered.path) > storage.name(on_disk)
+    ):
+        return storage.join(run_dir, storage.name(registered.path))
+    return on_disk
 
 
 __all__ = [
@@ -179,6 +232,8 @@ __all__ = [
     "is_complete",
     "latest_checkpoint",
     "load_checkpoint",
+    "local_copy",
+    "read_state_json",
     "report_checkpoint",
     "resume_point",
     "save_checkpoint",

@@ -85,10 +85,12 @@ class DataSpec(Config):
         "a LLaVA JSON (+ image folder) or a StableLLaVA JSON. WEIGHT sets the mixing ratio "
         "(default 1). `--data` on the command line replaces this list.",
     )
-    template: Literal["vicuna_v1", "chat_template"] = Field(
+    template: Literal["vicuna_v1", "plain", "chat_template"] = Field(
         "vicuna_v1",
-        description="Conversation format: `vicuna_v1` (LLaVA-1.5) or `chat_template` (the "
-        "tokenizer's own chat template).",
+        description="Conversation format: `vicuna_v1` (LLaVA-1.5's conversations), `plain` "
+        "(LLaVA-1.5's stage 1: image tokens, then the first answer as a caption, then EOS; "
+        "no system prompt, no roles, loss on the caption only) or `chat_template` (the "
+        "tokenizer's own chat template). The export's chat template renders the same format.",
     )
     max_length: int = Field(
         2048, ge=16, description="Token limit per sample; text beyond it is cut (never images)."
@@ -101,13 +103,22 @@ class DataSpec(Config):
     )
     deterministic_order: bool = Field(
         True,
-        description="The driver reads, mixes and orders the data once (held in Ray's object "
-        "store, spilled to disk when large); every worker reads that ordered stream and "
-        "decodes only its slice of each global batch: the batches, and so the losses, do "
-        "not depend on the worker count, and resume restarts at the exact sample. False: "
-        "Ray Data streams and splits the data dynamically between workers (each reads only "
-        "its share; resume skips the same number of samples, not the same samples; the "
-        "equal split leaves num_rows % num_workers rows per epoch, counted in the summary).",
+        description="The driver builds a light index (ids and Parquet row groups, no "
+        "images); each epoch's order is a function of (seed, epoch, data), and every worker "
+        "reads only the row groups holding its slice of each global batch "
+        "(raypipe/train/shards.py): the batches, and so the losses, do not depend on the "
+        "worker count, and resume restarts at the exact sample, reading nothing before it. "
+        "False: Ray Data streams and splits the data dynamically between workers (resume "
+        "skips the same number of samples, not the same samples; the equal split leaves "
+        "num_rows % num_workers rows per epoch, counted in the summary).",
+    )
+    shuffle_window_rows: int = Field(
+        2048,
+        ge=1,
+        description="deterministic_order: row groups are shuffled, then rows within "
+        "windows of at least this many rows; every step samples one window evenly. Larger: "
+        "more randomness, more memory (a worker holds its share of the current window's "
+        "images, about shuffle_window_rows / num_workers).",
     )
     prefetch_steps: int = Field(
         1,
@@ -208,13 +219,6 @@ class TrainConfig(Config):
         gt=0,
         description="Peak FLOP/s of one accelerator for MFU; None = known GPUs (H100/H200 "
         "bf16 dense 989e12, A100 312e12), MFU not reported on CPU.",
-    )
-    fail_at_step: int | None = Field(
-        None,
-        ge=1,
-        description="TESTING ONLY (fault injection): the last worker kills its own process "
-        "right after this optimiser step, once per run (not after a resume), to exercise "
-        "restart-from-checkpoint. Leave None.",
     )
 
     @model_validator(mode="after")

@@ -13,11 +13,31 @@ Templates:
 - ``vicuna_v1``: LLaVA-1.5's format, ``<s>SYSTEM USER: <image>\\nQ ASSISTANT: A</s>USER: ...``.
   Each prompt ends at ``ASSISTANT:`` and each answer starts with its space, so the space
   joins the first answer token (as ``▁It``) rather than being lost to the prompt.
+- ``plain``: LLaVA-1.5's stage 1 format (``conv_llava_plain`` / ``preprocess_plain``):
+  ``<s><image>CAPTION</s>``, the image then the first answer, no system prompt and no
+  roles; the question's text is not used, nor are later turns. Loss on the caption and
+  EOS only. LLaVA ends the caption with its separator ``"\\n"``; raypipe ends it with EOS,
+  as every other answer, so the model learns to stop.
 - ``chat_template``: the tokenizer's own Jinja chat template. The prompt of turn k is the
   template rendered with ``add_generation_prompt=True`` over the first k messages; the
   answer piece is what the assistant message adds, up to and including the end-of-turn
   special token. A template that ends assistant turns without a special token gets EOS
   appended, so the model learns to stop.
+
+A row whose answer turn is empty (or only whitespace), in any of its turns, is dropped
+rather than trained on a lone EOS.
+
+``vicuna_v1`` and ``plain`` also exist as Jinja chat templates (:func:`chat_template_for`,
+:data:`VICUNA_V1_CHAT_TEMPLATE`, :data:`PLAIN_CHAT_TEMPLATE`), written into exports so
+``apply_chat_template`` (transformers, vLLM) reproduces the training ids token for token,
+for string content and for lists of ``{"type": "image"}`` / ``{"type": "text"}`` parts.
+
+After a special token (BOS, ``<image>``) sentencepiece tokenizers differ: some mark the
+next word's start (``▁It``) as at the start of a text, others only at the very start of
+the input (``It`` -> ``I``, ``t``; transformers' Llama default). Text that follows a
+special token (the ``plain`` caption, the templates' text after BOS) is written with what
+makes its first word tokenise as at the start of a text (:func:`word_start_after`): ids
+as LLaVA's, which tokenises the caption on its own.
 
 ``<image>`` becomes ``num_image_tokens`` copies of the image token id (what LlavaProcessor
 does to the text), always with label -100. Truncation to ``max_length`` cuts from the end
@@ -28,6 +48,7 @@ supervised token left, is returned as :class:`Dropped` with its reason.
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +57,7 @@ from raypipe.errors import ConfigError, ModelError
 #: Label of tokens that carry no loss (the value torch's cross-entropy ignores).
 IGNORE_INDEX = -100
 
-TEMPLATES = ("vicuna_v1", "chat_template")
+TEMPLATES = ("vicuna_v1", "plain", "chat_template")
 
 #: LLaVA-1.5's system prompt (conv_vicuna_v1).
 VICUNA_V1_SYSTEM = (
@@ -50,10 +71,186 @@ DROP_NO_IMAGE_TOKEN = "no <image> in first human turn"
 DROP_EXTRA_IMAGE_TOKEN = "more than one <image>"
 DROP_IMAGE_TOO_LONG = "image tokens do not fit in max_length"
 DROP_NOTHING_TO_SUPERVISE = "nothing to supervise after truncation"
+DROP_EMPTY_ANSWER = "empty answer turn"
 DROP_TOKEN_BOUNDARY = "tokenizer merges text across a turn boundary"
 DROP_TEMPLATE_PREFIX = "chat template does not render turns as prefixes"
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+# -- Jinja chat templates of the training formats ---------------------------------------
+# One line of Jinja each (no newlines, so trim_blocks and lstrip_blocks change nothing).
+# A message's content is a string or a list of parts; image parts ("image", "image_url")
+# render as the image token, text parts are joined with "\n". Text is stripped, as
+# training strips turns.
+
+_JINJA_TEXT = (
+    "{%- macro text_of(content) -%}"
+    "{%- if content is string -%}{{ content | replace(image_token, '') | trim }}"
+    "{%- else -%}{%- for part in content if part['type'] == 'text' -%}"
+    "{{ part['text'] | replace(image_token, '') | trim }}{%- if not loop.last -%}"
+    "{{ '\\n' }}{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+    "{%- macro images_of(content, after='') -%}"
+    "{%- if content is string -%}{%- set n = content.split(image_token) | length - 1 -%}"
+    "{%- else -%}{%- set n = content | selectattr('type', 'in', ['image', 'image_url'])"
+    " | list | length -%}{%- endif -%}"
+    "{{ (image_token + after) * n }}"
+    "{%- endmacro -%}"
+)
+
+
+def _jinja_str(text: str) -> str:
+    """A Jinja string literal (JSON's escapes are Jinja's)."""
+    return json.dumps(text)
+
+
+def vicuna_v1_chat_template(
+    system: str = VICUNA_V1_SYSTEM, image_token: str = "<image>", after_bos: str = " "
+) -> str:
+    """The ``vicuna_v1`` format as a Jinja chat template.
+
+    ``<s>SYSTEM USER: <image>\\nQ ASSISTANT: A</s>USER: ...``: images go first in a user
+    turn, each as ``image_token + "\\n"`` (LLaVA's ``<image>\\n`` before the question); the
+    generation prompt ends at ``ASSISTANT:``. A first message with role ``system`` replaces
+    ``system`` (an empty one: no system text), as ``ConversationRenderer(system=...)``.
+    ``after_bos`` is written after BOS: " " for tokenizers that mark a word start only at
+    the start of the input (see :func:`word_start_after`), else "".
+    """
+    return (
+        "{%- set image_token = "
+        + _jinja_str(image_token)
+        + " -%}"
+        + _JINJA_TEXT
+        + "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- set system = text_of(messages[0]['content']) -%}"
+        "{%- set turns = messages[1:] -%}"
+        "{%- else -%}{%- set system = " + _jinja_str(system) + " -%}"
+        "{%- set turns = messages -%}{%- endif -%}"
+        "{{ bos_token }}{{ " + _jinja_str(after_bos) + " }}"
+        "{%- if system -%}{{ system + ' ' }}{%- endif -%}"
+        "{%- for message in turns -%}"
+        "{%- if message['role'] == 'user' -%}"
+        "{{ 'USER: ' + (images_of(message['content'], '\\n') + text_of(message['content']))"
+        " | trim + ' ' }}"
+        "{%- elif message['role'] == 'assistant' -%}"
+        "{{ 'ASSISTANT: ' + text_of(message['content']) + eos_token }}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
+    )
+
+
+def plain_chat_template(image_token: str = "<image>", after_image: str = " ") -> str:
+    """The ``plain`` format as a Jinja chat template: ``<s><image> CAPTION</s>``.
+
+    Renders the images of the first user message, then the first assistant message and
+    EOS; system messages, the user's text and later turns are left out, as in training.
+    The generation prompt adds nothing (the caption follows the image). ``after_image``
+    is written before the caption (see :func:`word_start_after`).
+    """
+    return (
+        "{%- set image_token = "
+        + _jinja_str(image_token)
+        + " -%}"
+        + _JINJA_TEXT
+        + "{%- set state = namespace(asked=false, answered=false) -%}"
+        "{{ bos_token }}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'user' and not state.asked -%}"
+        "{{ images_of(message['content']) }}{%- set state.asked = true -%}"
+        "{%- elif message['role'] == 'assistant' and not state.answered -%}"
+        "{{ " + _jinja_str(after_image) + " + text_of(message['content']) + eos_token }}"
+        "{%- set state.answered = true -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+    )
+
+
+#: ``vicuna_v1`` as a Jinja chat template, for tokenizers that mark a word start only at
+#: the start of the input (transformers' Llama default, the tiny test models); exports use
+#: :func:`chat_template_for`, which fits it to their tokenizer.
+VICUNA_V1_CHAT_TEMPLATE = vicuna_v1_chat_template()
+
+#: ``plain`` as a Jinja chat template (same tokenizers as VICUNA_V1_CHAT_TEMPLATE).
+PLAIN_CHAT_TEMPLATE = plain_chat_template()
+
+
+def word_start_after(tokenizer: Any, special_token: str) -> str:
+    """What to write between ``special_token`` and a word so the word tokenises as at the
+    start of a text: "" (the tokenizer marks every word start, Llama's legacy mode,
+    byte-level BPE) or " " (it marks only the input's first word)."""
+    word = "USER: It is"
+    alone = tokenizer(word, add_special_tokens=False)["input_ids"]
+    special = tokenizer(special_token, add_special_tokens=False)["input_ids"]
+    for between in ("", " "):
+        ids = tokenizer(special_token + between + word, add_special_tokens=False)["input_ids"]
+        if ids == special + alone:
+            return between
+    return ""
+
+
+def chat_template_for(
+    template: str, tokenizer: Any, image_token: str = "<image>", system: str | None = None
+) -> str | None:
+    """The Jinja chat template of training format ``template`` for ``tokenizer``.
+
+    None for ``chat_template`` (the tokenizer's own template is the format). For
+    ``vicuna_v1`` and ``plain`` the template is checked on a two-turn conversation:
+    ``tokenizer.apply_chat_template`` must give the training ids (whole conversation and
+    generation prompt) token for token, else ModelError.
+    """
+    if template not in TEMPLATES:
+        raise ConfigError(f"unknown conversation template {template!r}; use one of {TEMPLATES}")
+    if template == "chat_template":
+        return None
+    if template == "vicuna_v1":
+        after_bos = word_start_after(tokenizer, tokenizer.bos_token) if tokenizer.bos_token else ""
+        jinja = vicuna_v1_chat_template(
+            VICUNA_V1_SYSTEM if system is None else system, image_token, after_bos
+        )
+    else:
+        jinja = plain_chat_template(image_token, word_start_after(tokenizer, image_token))
+    _check_chat_template(jinja, tokenizer, template, image_token, system)
+    return jinja
+
+
+def _check_chat_template(
+    jinja: str, tokenizer: Any, template: str, image_token: str, system: str | None
+) -> None:
+    turns = [
+        {"from": "human", "value": f"{image_token}\nWhat is in the picture?"},
+        {"from": "gpt", "value": "It is a red square."},
+        {"from": "human", "value": "Is it red?"},
+        {"from": "gpt", "value": "Yes."},
+    ]
+    renderer = ConversationRenderer(tokenizer, template, image_token=image_token, system=system)
+    rendered = renderer.render(turns, num_image_tokens=1)
+    if isinstance(rendered, Dropped):
+        raise ModelError(f"the {template} check conversation does not render: {rendered.reason}")
+    messages = [{"role": _ROLES[t["from"]], "content": t["value"]} for t in turns]
+
+    def ids(messages: list[dict[str, Any]], add_generation_prompt: bool) -> list[int]:
+        return list(
+            tokenizer.apply_chat_template(
+                messages,
+                chat_template=jinja,
+                tokenize=True,
+                add_generation_prompt=add_generation_prompt,
+                return_dict=False,
+            )
+        )
+
+    prompt_end = next(i for i, label in enumerate(rendered.labels) if label != IGNORE_INDEX)
+    if (
+        ids(messages[:1], True) != rendered.input_ids[:prompt_end]
+        or ids(messages, False) != rendered.input_ids
+    ):
+        raise ModelError(
+            f"the {template} chat template does not reproduce the training ids with this "
+            f"tokenizer ({type(tokenizer).__name__}); serve the export with the training "
+            "format's text, or train with template 'chat_template'"
+        )
 
 
 @dataclass(frozen=True)
@@ -129,10 +326,11 @@ class ConversationRenderer:
 
     Args:
         tokenizer: a fast Hugging Face tokenizer that has ``image_token`` as one token.
-        template: "vicuna_v1" or "chat_template".
+        template: "vicuna_v1", "plain" or "chat_template".
         image_token: the placeholder text in the turns, expanded to image token ids.
         system: system prompt for vicuna_v1 (default: LLaVA-1.5's); for chat_template, a
-            system message passed to the template (default: none, the template decides).
+            system message passed to the template (default: none, the template decides);
+            plain has none.
         chat_template: overrides ``tokenizer.chat_template`` (e.g. a processor's template).
     """
 
@@ -157,6 +355,8 @@ class ConversationRenderer:
                 "the tokenizer has no EOS token; LLaVA training needs one to end turns"
             )
         self.eos_token = tokenizer.eos_token
+        # Written before the plain caption, so it tokenises as LLaVA's (on its own).
+        self._after_image = word_start_after(tokenizer, image_token) if template == "plain" else ""
         self.chat_template = None
         self._parts_content = False
         if template == "chat_template":
@@ -178,13 +378,17 @@ class ConversationRenderer:
         num_image_tokens: int,
         max_length: int | None = None,
     ) -> Rendered | Dropped:
-        # 1. Check the turns: (human, gpt) pairs; an unanswered last human turn is ignored.
+        # 1. Check the turns: (human, gpt) pairs with non-empty answers; an unanswered
+        #    last human turn is ignored.
         pairs = _pairs(turns)
         if isinstance(pairs, Dropped):
             return pairs
         # 2. Text pieces, each supervised or not.
         if self.template == "vicuna_v1":
             pieces = self._vicuna_pieces(pairs)
+            prefix = [] if self.tokenizer.bos_token_id is None else [self.tokenizer.bos_token_id]
+        elif self.template == "plain":
+            pieces = self._plain_pieces(pairs)
             prefix = [] if self.tokenizer.bos_token_id is None else [self.tokenizer.bos_token_id]
         else:
             pieces = self._chat_template_pieces(pairs)
@@ -212,6 +416,16 @@ class ConversationRenderer:
             pieces.append((f" {answer}{self.eos_token}", True))
             head = ""
         return pieces
+
+    def _plain_pieces(self, pairs: list[tuple[str, str]]) -> list[tuple[str, bool]] | Dropped:
+        question, caption = pairs[0]  # LLaVA's plain samples are one (image, caption) pair
+        images = question.count(self.image_token)
+        if not images:
+            return Dropped(DROP_NO_IMAGE_TOKEN, question[:80])
+        return [
+            (self.image_token * images, False),
+            (f"{self._after_image}{caption}{self.eos_token}", True),
+        ]
 
     def _chat_template_pieces(
         self, pairs: list[tuple[str, str]]
@@ -328,6 +542,9 @@ class ConversationRenderer:
 
 
 def _pairs(turns: list[dict[str, str]]) -> list[tuple[str, str]] | Dropped:
+    """(question, answer) pairs, stripped. Dropped: turns that are not human/gpt pairs, or
+    any answer that is empty or only whitespace (the whole row: a conversation with a
+    missing answer is not one to learn from, and its later turns may refer to it)."""
     roles = [_ROLES.get(str(t.get("from", "")).lower()) for t in turns]
     if len(turns) > 1 and len(turns) % 2 == 1 and roles[-1] == "user":
         turns, roles = turns[:-1], roles[:-1]  # a last question without an answer
@@ -337,7 +554,10 @@ def _pairs(turns: list[dict[str, str]]) -> list[tuple[str, str]] | Dropped:
     for k in range(0, len(turns), 2):
         if roles[k] != "user" or roles[k + 1] != "assistant":
             return Dropped(DROP_BAD_TURNS, f"turn {k}: {roles[k]!r} then {roles[k + 1]!r}")
-        pairs.append((str(turns[k]["value"]).strip(), str(turns[k + 1]["value"]).strip()))
+        answer = str(turns[k + 1]["value"] or "").strip()
+        if not answer:
+            return Dropped(DROP_EMPTY_ANSWER, f"turn {k + 1} of {len(turns)}")
+        pairs.append((str(turns[k]["value"]).strip(), answer))
     return pairs
 
 

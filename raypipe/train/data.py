@@ -29,16 +29,16 @@ import io
 import json
 import logging
 import math
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 
+from raypipe import storage
 from raypipe.errors import ConfigError, ModelError
 from raypipe.schema import TURN_TYPE
 from raypipe.train.conversation import (
@@ -98,16 +98,22 @@ class DataSource:
     #: How many times each row is used, in expectation: 1 = once, 0.3 = a random 30%,
     #: 2 = twice. Sets the mixing ratio between sources.
     weight: float = 1.0
+    #: Set by :func:`check_sources`: kind and paths are resolved and checked.
+    checked: bool = False
 
 
 _WEIGHT = re.compile(r"^(?P<rest>.*)@(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)$")
+#: The ":" between a source and its image folder: not a URI's "://", not a port (":9000").
+_FOLDER_SEP = re.compile(r":(?!//)(?!\d+(?:[/&?]|$))")
 
 
 def parse_source(spec: str) -> DataSource:
     """``PATH[:IMAGE_FOLDER][@WEIGHT]`` -> DataSource.
 
     Examples: ``out/demo/data``, ``llava.json:images_dir``, ``x.json:imgs@0.3``,
-    ``out/demo@2``. The kind is detected later (:func:`check_sources`).
+    ``out/demo@2``, ``s3://bucket/run/data``, ``s3://b/llava.json:s3://b/images``. Paths
+    may be URIs of any pyarrow filesystem, with query options
+    (``?endpoint_override=host:9000``). The kind is detected later (:func:`check_sources`).
     """
     spec = spec.strip()
     if not spec:
@@ -116,10 +122,10 @@ def parse_source(spec: str) -> DataSource:
     m = _WEIGHT.match(spec)
     if m:
         spec, weight = m.group("rest"), float(m.group("weight"))
-    path, sep, folder = spec.partition(":")
-    if "://" in spec:
-        raise ConfigError(f"data source {spec!r}: only local (or mounted) paths are supported")
-    return DataSource(path=path, image_folder=folder if sep else None, weight=weight)
+    scheme, sep_uri, rest = spec.partition("://") if "://" in spec else ("", "", spec)
+    found = _FOLDER_SEP.search(rest)
+    path, folder = (rest[: found.start()], rest[found.end() :]) if found else (rest, None)
+    return DataSource(path=f"{scheme}{sep_uri}{path}", image_folder=folder, weight=weight)
 
 
 def check_sources(sources: list[DataSource | str]) -> list[DataSource]:
@@ -133,12 +139,26 @@ def check_sources(sources: list[DataSource | str]) -> list[DataSource]:
             "no training data: give --data PATH (a raypipe run's OUT/data, a LLaVA JSON "
             "with :IMAGE_FOLDER, or a StableLLaVA JSON), or set data.sources in the config"
         )
-    return [_resolve(parse_source(s) if isinstance(s, str) else s) for s in sources]
+    return [
+        s
+        if isinstance(s, DataSource) and s.checked
+        else _resolve(parse_source(s) if isinstance(s, str) else s)
+        for s in sources
+    ]
+
+
+def _open(location: str, what: str):
+    """``(fs, path, FileInfo)`` of a source location; ConfigError if it cannot be opened."""
+    try:
+        fs, path = storage.open_location(location)
+        return fs, path, fs.get_file_info(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{what} {location!r} cannot be opened: {exc}") from None
 
 
 def _resolve(src: DataSource) -> DataSource:
-    path = Path(src.path).expanduser()
-    if not path.exists():
+    fs, path, info = _open(src.path, "data source")
+    if info.type == pafs.FileType.NotFound:
         raise ConfigError(
             f"data source {src.path!r} does not exist; give a raypipe run directory (or its "
             "data/ folder), a LLaVA JSON or a StableLLaVA JSON"
@@ -147,81 +167,92 @@ def _resolve(src: DataSource) -> DataSource:
         raise ConfigError(f"data source {src.path!r}: weight must be > 0, got {src.weight}")
     if src.kind is not None and src.kind not in SOURCE_KINDS:
         raise ConfigError(f"data source {src.path!r}: kind {src.kind!r} not in {SOURCE_KINDS}")
-    if path.is_dir() or path.suffix == ".parquet":
+    location = src.path if storage.is_uri(src.path) else path
+    if info.type == pafs.FileType.Directory or path.endswith(".parquet"):
         if src.kind not in (None, "raypipe"):
             raise ConfigError(f"data source {src.path!r} is Parquet, not {src.kind!r}")
-        files = _parquet_files(path)
-        rows = _check_parquet(src.path, files)
+        fs, files = parquet_files(location)
+        rows = _check_parquet(src.path, fs, files)
         if rows == 0:
             raise ConfigError(
                 f"data source {src.path!r} has no rows: the generation run accepted no "
                 "samples (see its rejects/ and manifest.json) or the files are empty"
             )
-        return replace(src, path=str(path), kind="raypipe")
-    if path.suffix not in (".json", ".jsonl"):
+        return replace(src, path=location, kind="raypipe", checked=True)
+    if not path.endswith((".json", ".jsonl")):
         raise ConfigError(
             f"data source {src.path!r}: unknown format (expected a directory or .parquet "
             "file of raypipe samples, or a .json/.jsonl LLaVA or StableLLaVA file)"
         )
-    first = _peek_json(path)
+    first = _peek_json(fs, path, src.path)
     if first is None:
         raise ConfigError(f"data source {src.path!r} is an empty list: nothing to train on")
     kind = src.kind or _json_kind(src.path, first)
-    folder = Path(src.image_folder).expanduser() if src.image_folder else path.parent
-    if not folder.is_dir():
+    folder = src.image_folder or storage.parent(location)
+    _, folder_path, folder_info = _open(folder, "image folder")
+    if folder_info.type != pafs.FileType.Directory:
         raise ConfigError(
-            f"image folder {str(folder)!r} of data source {src.path!r} does not exist; "
+            f"image folder {folder!r} of data source {src.path!r} does not exist; "
             "write the source as JSON:IMAGE_FOLDER"
         )
-    return replace(src, path=str(path), kind=kind, image_folder=str(folder))
+    folder = folder if storage.is_uri(folder) else folder_path
+    return replace(src, path=location, kind=kind, image_folder=folder, checked=True)
 
 
-def _parquet_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if (path / "data").is_dir() and not any(path.glob("*.parquet")):
-        path = path / "data"  # a generation run's OUT directory
-    files = sorted(path.rglob("*.parquet"))
+def parquet_files(location: str) -> tuple[pafs.FileSystem, list[str]]:
+    """``(fs, Parquet files)`` of a raypipe source: OUT, OUT/data or one file.
+
+    Hidden files (``.tmp-*`` left by a killed writer, ``_SUCCESS``) are skipped.
+    """
+    fs, path = storage.open_location(location)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        return fs, [path]
+    data = f"{path.rstrip('/')}/data"
+    if fs.get_file_info(data).type == pafs.FileType.Directory and not storage.list_files(
+        fs, path, ".parquet", recursive=False
+    ):
+        path = data  # a generation run's OUT directory
+    files = storage.list_files(fs, path, ".parquet")
     if not files:
         raise ConfigError(
-            f"no .parquet files under {str(path)!r}; give a raypipe run directory "
+            f"no .parquet files under {location!r}; give a raypipe run directory "
             "(OUT or OUT/data) or a JSON source"
         )
-    return files
+    return fs, files
 
 
-def _check_parquet(name: str, files: list[Path]) -> int:
+def _check_parquet(name: str, fs: pafs.FileSystem, files: list[str]) -> int:
     import pyarrow.parquet as pq
 
-    schema = pq.read_schema(files[0])
+    schema = pq.read_schema(files[0], filesystem=fs)
     missing = [c for c in _PARQUET_COLUMNS if c not in schema.names]
     if missing:
         raise ConfigError(
             f"data source {name!r} lacks columns {missing}: not raypipe samples "
             f"(DESIGN.md section 3); columns found: {schema.names}"
         )
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    return sum(pq.read_metadata(f, filesystem=fs).num_rows for f in files)
 
 
-def _peek_json(path: Path) -> dict | None:
+def _peek_json(fs: pafs.FileSystem, path: str, name: str) -> dict | None:
     """The first record of a JSON list or JSON-lines file (None if empty) without a full parse."""
     decoder = json.JSONDecoder()
     size = 1 << 16
     while True:
-        with open(path, encoding="utf-8") as f:
-            head = f.read(size)
+        with fs.open_input_stream(path) as f:
+            head = f.read(size).decode("utf-8", errors="replace")
             complete = len(head) < size
         text = head.lstrip()
-        if path.suffix == ".jsonl":
+        if path.endswith(".jsonl"):
             line = next((ln for ln in text.splitlines() if ln.strip()), "")
             if not line:
                 return None
             try:
                 return json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ConfigError(f"{str(path)!r}: first line is not JSON ({exc})") from exc
+                raise ConfigError(f"{name!r}: first line is not JSON ({exc})") from exc
         if not text.startswith("["):
-            raise ConfigError(f"{str(path)!r}: expected a JSON list of records")
+            raise ConfigError(f"{name!r}: expected a JSON list of records")
         body = text[1:].lstrip()
         if body.startswith("]"):
             return None
@@ -230,7 +261,7 @@ def _peek_json(path: Path) -> dict | None:
             return record
         except json.JSONDecodeError as exc:
             if complete:
-                raise ConfigError(f"{str(path)!r} is not valid JSON ({exc})") from exc
+                raise ConfigError(f"{name!r} is not valid JSON ({exc})") from exc
             size *= 4  # the first record is longer than what was read
 
 
@@ -315,7 +346,8 @@ def _sort_boundaries(rows: float) -> list[int]:
 def _parquet_rows(src: DataSource) -> int:
     import pyarrow.parquet as pq
 
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in _parquet_files(Path(src.path)))
+    fs, files = parquet_files(src.path)
+    return sum(pq.read_metadata(f, filesystem=fs).num_rows for f in files)
 
 
 def _rows_dataset(rows: list[dict[str, Any]]):
@@ -332,8 +364,8 @@ def _rows_dataset(rows: list[dict[str, Any]]):
 def _stage_parquet_source(src: DataSource, index: int, seed: int, epoch: int):
     import ray
 
-    files = [str(f) for f in _parquet_files(Path(src.path))]
-    ds = ray.data.read_parquet(files, columns=_PARQUET_COLUMNS)
+    fs, files = parquet_files(src.path)
+    ds = ray.data.read_parquet(files, filesystem=fs).select_columns(_PARQUET_COLUMNS)
     return ds.map_batches(
         _stage_parquet_batch,
         fn_kwargs={
@@ -349,7 +381,7 @@ def _stage_parquet_source(src: DataSource, index: int, seed: int, epoch: int):
 
 
 def _stage_json_source(src: DataSource, index: int, seed: int, epoch: int) -> list[dict]:
-    records = _load_json(Path(src.path))
+    records = load_json(src.path)
     to_turns = _stablellava_turns if src.kind == "stablellava" else _llava_turns
     rows = []
     for position, record in enumerate(records):
@@ -367,7 +399,7 @@ def _stage_json_source(src: DataSource, index: int, seed: int, epoch: int) -> li
             "source": src.path,
             "image": None,
             "image_error": error,
-            "image_path": os.path.join(src.image_folder, image) if image else None,
+            "image_path": storage.join(src.image_folder, image) if image else None,
             "conversations": to_turns(record),
         }
         for copy in _copies(src.weight, seed, index, f"{position}"):
@@ -377,16 +409,18 @@ def _stage_json_source(src: DataSource, index: int, seed: int, epoch: int) -> li
     return rows
 
 
-def _load_json(path: Path) -> list[Any]:
+def load_json(location: str) -> list[Any]:
+    """The records of a JSON list or JSON-lines file (local path or URI)."""
+    fs, path = storage.open_location(location)
     try:
-        with open(path, encoding="utf-8") as f:
-            if path.suffix == ".jsonl":
-                return [json.loads(line) for line in f if line.strip()]
-            data = json.load(f)
+        text = storage.read_bytes(fs, path).decode("utf-8")
+        if path.endswith(".jsonl"):
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        data = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{str(path)!r} is not valid JSON: {exc}") from exc
+        raise ConfigError(f"{location!r} is not valid JSON: {exc}") from exc
     if not isinstance(data, list):
-        raise ConfigError(f"{str(path)!r}: expected a JSON list of records")
+        raise ConfigError(f"{location!r}: expected a JSON list of records")
     return data
 
 
@@ -432,15 +466,21 @@ def _stage_parquet_batch(
     return pa.Table.from_pylist(rows, schema=_STAGED_SCHEMA)
 
 
+def read_image_file(location: str) -> tuple[bytes | None, str | None]:
+    """``(bytes, None)`` of an image file (local path or URI), or ``(None, image_error)``."""
+    try:
+        fs, path = storage.open_location(location)
+        return storage.read_bytes(fs, path), None
+    except (OSError, ValueError) as exc:
+        why = getattr(exc, "strerror", None) or str(exc).splitlines()[0][:120]
+        return None, f"{DROP_MISSING_FILE}: {location} ({why})"
+
+
 def _read_image_files(batch: pa.Table) -> pa.Table:
     rows = batch.to_pylist()
     for row in rows:
         if row["image"] is None and row["image_path"] and not row["image_error"]:
-            try:
-                with open(row["image_path"], "rb") as f:
-                    row["image"] = f.read()
-            except OSError as exc:
-                row["image_error"] = f"{DROP_MISSING_FILE}: {row['image_path']} ({exc.strerror})"
+            row["image"], row["image_error"] = read_image_file(row["image_path"])
     return pa.Table.from_pylist(rows, schema=_STAGED_SCHEMA).select(TRAIN_ROW_SCHEMA.names)
 
 

@@ -20,25 +20,27 @@ Each worker:
    tokens/s, samples/s, MFU on GPUs) and sharded checkpoints through ``ray.train.report``;
 6. at the end gathers the weights and writes a Hugging Face export.
 
-Data order: with ``data.deterministic_order`` every worker reads the same ordered stream
-and keeps rows ``[r*G/W, (r+1)*G/W)`` of each window of ``G`` rows (``G`` = global batch,
-``W`` workers): global step ``s`` always trains on rows ``[s*G, (s+1)*G)`` of the epoch,
-whatever ``W`` is, and resuming at step ``s`` skips exactly ``s*G`` rows. Only the owner
-of a row decodes and tokenises it.
+Data order: with ``data.deterministic_order`` the driver builds a light index of the
+data (:mod:`raypipe.train.shards`) and each worker reads, itself, only the row groups
+holding its slice of each global batch: global step ``s`` of an epoch always trains on
+the same ``G`` rows whatever the worker count ``W``, each epoch has its own order from
+(seed, epoch), each worker reads about 1/W of the image bytes, and resuming at step ``s``
+reads nothing the steps before ``s`` needed alone. Otherwise Ray Data streams the data
+and splits it between workers as they ask.
+
+``OUT`` may be a local folder or a URI (``s3://bucket/train1``): checkpoints go there
+through Ray Train's storage, and the export is written under it.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import queue
 import threading
 import time
 import warnings
-from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +48,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from raypipe import storage
 from raypipe.errors import ConfigError
 from raypipe.train.checkpoint import (
-    STATE_JSON,
     TrainerState,
     latest_checkpoint,
     load_checkpoint,
+    read_state_json,
     report_checkpoint,
     resume_point,
 )
@@ -60,7 +63,7 @@ from raypipe.train.conversation import IGNORE_INDEX
 from raypipe.train.flops import flops_per_sample_parts, peak_flops, step_flops
 
 #: Rows an equal split between workers leaves over (deterministic_order=False only).
-DROP_SPLIT_REMAINDER = "left over by the equal split between workers"
+DROP_SPLIT_REMAINDER = "left over in each epoch by the equal split between workers"
 
 #: What a training step needs from an encoded row.
 ENCODED_COLUMNS = ("input_ids", "labels", "pixel_values")
@@ -76,11 +79,14 @@ class RunPlan:
     """Everything a worker needs, decided on the driver (JSON-serialisable)."""
 
     train: dict[str, Any]  #: TrainConfig as a dict
-    run_dir: str  #: OUT/<name>: checkpoints (Ray Train storage)
+    run_dir: str  #: OUT/<name>: checkpoints (Ray Train storage); a path or a URI
     export_dir: str  #: OUT/export
     num_rows: int  #: rows per epoch in the training stream
     steps_per_epoch: int
     total_steps: int
+    index: Any = None  #: deterministic_order: ObjectRef of the TrainIndex
+    lineage: list = field(default_factory=list)  #: the data sources and their manifests
+    on_step: Any = None  #: callable(step, rank, resumed) after each step (tests: faults)
 
 
 @dataclass
@@ -98,6 +104,10 @@ class TrainResult:
     checkpoint: str | None  #: latest checkpoint folder, if any
     run_dir: str
     resumed_from_step: int  #: 0 for a fresh start
+    #: deterministic_order: compressed image bytes each rank read (this attempt), and
+    #: the image bytes of one epoch of the data
+    image_bytes_by_rank: list[int] = field(default_factory=list)
+    image_bytes_epoch: int | None = None
     ray_result: Any = field(default=None, repr=False)
 
     def summary(self) -> dict[str, Any]:
@@ -162,31 +172,41 @@ def preflight(cfg: TrainConfig, sources) -> tuple[TrainConfig, list]:
     return cfg.model_copy(update={"model": model}), sources
 
 
-def setup(cfg: TrainConfig, sources, out_dir: str | Path, resume: bool = True):
-    """Check inputs on the driver and plan the run: ``(RunPlan, ray.data.Dataset)``.
+def setup(cfg: TrainConfig, sources, out_dir: str | Path, resume: bool = True, on_step=None):
+    """Plan the run on the driver: ``(RunPlan, ray.data.Dataset or None)``.
 
-    Everything a user can get wrong fails here, before any worker starts (see
-    :func:`preflight`; also an existing run when ``resume=False``).
+    ``cfg`` and ``sources`` are what :func:`preflight` returned (checks run once). Fails,
+    before any worker starts, on an existing run when ``resume=False``, an empty dataset,
+    or a checkpoint this run could not continue exactly. ``on_step(step, rank,
+    resumed)``, if given, runs on every worker after each optimiser step.
     """
-    from raypipe.train.data import build_train_dataset
+    import ray
 
-    # 1. Inputs: data sources and model ids (no Ray needed)
-    cfg, sources = preflight(cfg, sources)
-    # 2. Output folders
-    out_dir = Path(out_dir).resolve()
-    run_dir = out_dir / cfg.name
+    from raypipe.train.export import dataset_lineage
+
+    # 1. Output locations (a folder or a URI)
+    out = str(out_dir) if storage.is_uri(str(out_dir)) else str(Path(out_dir).resolve())
+    run_dir = storage.join(out, cfg.name)
     if not resume and latest_checkpoint(run_dir) is not None:
         raise ConfigError(
             f"{run_dir} already holds checkpoints and resume is off: resume it, delete the "
             "folder, or pick another --out or name"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # 3. The data stream and the step plan
-    dataset = build_train_dataset(sources, seed=cfg.seed, num_samples=cfg.data.num_samples)
+    fs, path = storage.open_location(run_dir)
+    fs.create_dir(path, recursive=True)
+    # 2. The data and the step plan
+    dataset, index = None, None
     if cfg.data.deterministic_order:
-        # Read, mix and order once; every worker then replays the same blocks in order.
-        dataset = dataset.materialize()
-    num_rows = dataset.count()
+        from raypipe.train.shards import build_index, rows_per_epoch
+
+        built = build_index(sources)
+        num_rows = rows_per_epoch(built, cfg.seed, cfg.data.num_samples)
+        index = ray.put(built)
+    else:
+        from raypipe.train.data import build_train_dataset
+
+        dataset = build_train_dataset(sources, seed=cfg.seed, num_samples=cfg.data.num_samples)
+        num_rows = dataset.count()
     if num_rows == 0:
         raise ConfigError(
             f"the training data ({', '.join(str(s.path) for s in sources)}) has no rows: "
@@ -196,20 +216,23 @@ def setup(cfg: TrainConfig, sources, out_dir: str | Path, resume: bool = True):
     _check_resumable(latest_checkpoint(run_dir), cfg.global_batch_size, steps_per_epoch)
     plan = RunPlan(
         train=cfg.model_dump(mode="json"),
-        run_dir=str(run_dir),
-        export_dir=str(out_dir / "export"),
+        run_dir=run_dir,
+        export_dir=storage.join(out, "export"),
         num_rows=num_rows,
         steps_per_epoch=steps_per_epoch,
         total_steps=total,
+        index=index,
+        lineage=dataset_lineage([s.path for s in sources]),
+        on_step=on_step,
     )
     return plan, dataset
 
 
-def _check_resumable(checkpoint: Path | None, global_batch: int, steps_per_epoch: int) -> None:
+def _check_resumable(checkpoint: str | None, global_batch: int, steps_per_epoch: int) -> None:
     """Refuse, before workers start, a checkpoint this run could not continue exactly."""
     if checkpoint is None:
         return
-    saved = json.loads((checkpoint / STATE_JSON).read_text())
+    saved = read_state_json(checkpoint)
     for key, value in (("global_batch_size", global_batch), ("steps_per_epoch", steps_per_epoch)):
         if saved.get(key) != value:
             raise ConfigError(
@@ -219,7 +242,7 @@ def _check_resumable(checkpoint: Path | None, global_batch: int, steps_per_epoch
             )
 
 
-def main(plan: RunPlan, dataset) -> TrainResult:
+def main(plan: RunPlan, dataset=None) -> TrainResult:
     """Run the workers (``TorchTrainer.fit``) and collect the result."""
     import ray.train
     from ray.data import ExecutionOptions
@@ -229,26 +252,30 @@ def main(plan: RunPlan, dataset) -> TrainResult:
     resources = {"CPU": cfg.worker_cpus}
     if cfg.use_gpu:
         resources["GPU"] = 1
-    options = ExecutionOptions(preserve_order=cfg.data.deterministic_order)
+    storage_fs, storage_path = storage.open_location(storage.parent(plan.run_dir))
+    data = {}
+    if dataset is not None:  # Ray Data splits the stream between workers as they ask
+        data = dict(
+            datasets={"train": dataset},
+            dataset_config=ray.train.DataConfig(
+                datasets_to_split="all", execution_options=ExecutionOptions()
+            ),
+        )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=asdict(plan),
+        # Not asdict(): the index's ObjectRef and the callback travel as they are.
+        train_loop_config={f.name: getattr(plan, f.name) for f in fields(plan)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
         ),
         run_config=ray.train.RunConfig(
             name=cfg.name,
-            storage_path=str(Path(plan.run_dir).parent),
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
         ),
-        datasets={"train": dataset},
-        dataset_config=ray.train.DataConfig(
-            # Deterministic order: every worker reads the whole ordered stream and keeps
-            # its slice; otherwise Ray Data splits it between workers as they ask.
-            datasets_to_split=[] if cfg.data.deterministic_order else "all",
-            execution_options=options,
-        ),
+        **data,
     )
     result = trainer.fit()
     if result.error is not None:
@@ -256,9 +283,14 @@ def main(plan: RunPlan, dataset) -> TrainResult:
     out = result.return_value or {}
     ckpt = latest_checkpoint(plan.run_dir)
     drops = dict(out.get("drops", {}))
+    image_bytes_epoch = None
+    if plan.index is not None:
+        from raypipe.train.shards import epoch_image_bytes
+
+        image_bytes_epoch = epoch_image_bytes(ray.get(plan.index))
     if not cfg.data.deterministic_order and cfg.max_steps is None:
         # Ray Data's equal split leaves num_rows % num_workers rows of each epoch unread.
-        left = (plan.num_rows % cfg.num_workers) * cfg.epochs
+        left = plan.num_rows % cfg.num_workers
         if left:
             drops[DROP_SPLIT_REMAINDER] = left
     return TrainResult(
@@ -273,17 +305,23 @@ def main(plan: RunPlan, dataset) -> TrainResult:
         checkpoint=str(ckpt) if ckpt else None,
         run_dir=plan.run_dir,
         resumed_from_step=out.get("resumed_from_step", 0),
+        image_bytes_by_rank=out.get("image_bytes_by_rank", []),
+        image_bytes_epoch=image_bytes_epoch,
         ray_result=result,
     )
 
 
-def fit(cfg: TrainConfig, sources, out_dir: str | Path, resume: bool = True) -> TrainResult:
-    """Train ``cfg`` on ``sources`` (paths, specs or DataSource); outputs under ``out_dir``.
+def fit(
+    cfg: TrainConfig, sources, out_dir: str | Path, resume: bool = True, on_step=None
+) -> TrainResult:
+    """Train ``cfg`` on ``sources`` (paths, specs or DataSource); outputs under ``out_dir``
+    (a folder or a URI): ``preflight -> setup -> main``.
 
     With ``resume`` (default) a run whose ``OUT/<name>`` holds checkpoints continues from
     the latest one. Needs Ray initialised (or starts a local instance).
     """
-    plan, dataset = setup(cfg, sources, out_dir, resume)
+    cfg, sources = preflight(cfg, sources)
+    plan, dataset = setup(cfg, sources, out_dir, resume, on_step=on_step)
     return main(plan, dataset)
 
 
@@ -373,40 +411,36 @@ def supervised_tokens(labels: torch.Tensor) -> int:
 # --- data -------------------------------------------------------------------------------
 
 
-def _rows(iterator) -> Iterator[dict]:
-    for batch in iterator.iter_batches(batch_size=64, batch_format="pyarrow", prefetch_batches=1):
-        yield from batch.to_pylist()
-
-
-def rank_step_rows(
-    dataset_iterator,
+def split_step_rows(
+    dataset_shard,
     *,
     start_step: int,
     total_steps: int,
     steps_per_epoch: int,
-    global_batch: int,
-    world: int,
-    rank: int,
-    deterministic: bool,
+    share: int,
+    seed: int,
 ) -> Iterator[list[dict]]:
-    """This rank's rows of each optimiser step from ``start_step`` (one list per step).
+    """``deterministic_order: false``: this rank's rows of each step from its Ray Data
+    split (the next ``share`` rows; a list may be short or empty at an epoch's end).
 
-    Deterministic: the iterator yields the whole ordered stream; the rank keeps rows
-    ``[rank*G/W, (rank+1)*G/W)`` of every window of ``G``. Otherwise the iterator is this
-    rank's own split and each step takes the next ``G/W`` rows. A list may be short or
-    empty at the end of an epoch; the rank still runs the step.
+    Each epoch is a new pass over the stream with a local shuffle seeded by (seed, epoch).
+    Resume skips the same number of rows of the epoch, not the same rows.
     """
-    share = global_batch // world
-    window = global_batch if deterministic else share
     step = start_step
     while step < total_steps:
-        epoch_first = (step // steps_per_epoch) * steps_per_epoch
-        rows = _rows(dataset_iterator)
-        for _ in range((step - epoch_first) * window):  # data position on resume
+        epoch, first = divmod(step, steps_per_epoch)
+        batches = dataset_shard.iter_batches(
+            batch_size=64,
+            batch_format="pyarrow",
+            prefetch_batches=1,
+            local_shuffle_buffer_size=256,
+            local_shuffle_seed=seed * 100_003 + epoch,
+        )
+        rows = (row for batch in batches for row in batch.to_pylist())
+        for _ in range(first * share):  # data position on resume
             next(rows, None)
-        for _ in range(min(total_steps, epoch_first + steps_per_epoch) - step):
-            chunk = [row for _, row in zip(range(window), rows)]
-            yield chunk[rank * share : (rank + 1) * share] if deterministic else chunk
+        for _ in range(min(total_steps - epoch * steps_per_epoch, steps_per_epoch) - first):
+            yield [row for _, row in zip(range(share), rows)]
             step += 1
 
 
@@ -479,16 +513,16 @@ class StepBatcher:
             "pixel_values": torch.zeros(1, 3, vision.image_size, vision.image_size),
         }
 
-    def __call__(self, rows: list[dict]) -> tuple[list[dict[str, torch.Tensor]], Counter]:
-        """``(micro-batches, dropped rows by reason)`` for one step's rows."""
+    def __call__(self, rows: list[dict]) -> tuple[list[dict[str, torch.Tensor]], list]:
+        """``(micro-batches, dropped rows as (reason, source, id))`` for one step's rows."""
         from raypipe.train.data import collate
 
-        kept, drops = [], Counter()
+        kept, drops = [], []
         if rows:
             encoded = self.encoder(rows)
             for i, reason in enumerate(encoded["drop_reason"]):
                 if reason:
-                    drops[str(reason)] += 1
+                    drops.append((str(reason), str(encoded["source"][i]), str(encoded["id"][i])))
                 else:
                     kept.append({k: encoded[k][i] for k in ENCODED_COLUMNS})
         batches = []
@@ -507,17 +541,137 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def _gather_drops(drops: Counter, base: dict[str, int]) -> dict[str, int]:
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, dict(drops))
-    total = Counter(base)
-    for part in gathered:
-        total.update(part)
-    return dict(sorted(total.items()))
+class DropLog:
+    """Rows not trained on, by reason, each row counted once however many epochs (and
+    whichever rank) met it. Saved with checkpoints as ``{reason: [source\x1fid, ...]}``."""
+
+    def __init__(self, saved: dict[str, Any] | None = None):
+        self.rows: dict[str, set[str]] = {}
+        for reason, keys in (saved or {}).items():
+            if isinstance(keys, list):  # counts from before ids were kept cannot merge
+                self.rows.setdefault(reason, set()).update(keys)
+
+    def add(self, drops: list[tuple[str, str, str]]) -> None:
+        for reason, source, row_id in drops:
+            self.rows.setdefault(reason, set()).add(f"{source}\x1f{row_id}")
+
+    def gathered(self) -> DropLog:
+        """The union over all ranks (collective)."""
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, {r: sorted(k) for r, k in self.rows.items()})
+        out = DropLog()
+        for part in parts:
+            for reason, keys in part.items():
+                out.rows.setdefault(reason, set()).update(keys)
+        return out
+
+    def saved(self) -> dict[str, list[str]]:
+        return {r: sorted(k) for r, k in sorted(self.rows.items())}
+
+    def counts(self) -> dict[str, int]:
+        return {r: len(k) for r, k in sorted(self.rows.items())}
+
+
+def forward_backward_step(model, micro_batches: list[dict], scale: float, device) -> torch.Tensor:
+    """Forward and backward over one rank's micro-batches of a step; the summed token
+    loss (detached). Gradients are synchronised on the last micro-batch only."""
+    loss_sum = torch.zeros((), device=device)
+    last = len(micro_batches) - 1
+    for i, batch in enumerate(micro_batches):
+        model.set_requires_gradient_sync(i == last)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        logits = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+        ).logits
+        part = token_loss_sum(logits, batch["labels"])
+        (part * scale).backward()
+        loss_sum += part.detach()
+    return loss_sum
+
+
+@dataclass
+class Trainee:
+    """What one optimiser step works on."""
+
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    trainable: list
+    cfg: TrainConfig
+    device: torch.device
+    world: int
+    flop_parts: Any
+
+
+def train_step(t: Trainee, micro_batches: list[dict]) -> dict[str, Any]:
+    """One optimiser step over the global batch; its metrics (all ranks agree on them).
+
+    The loss is the sum of token losses over the whole global batch divided by its
+    supervised tokens (all ranks, all micro-batches), so any worker count gives the same
+    loss and gradients for the same batch.
+    """
+    began = time.perf_counter()
+    local = [
+        sum(supervised_tokens(b["labels"]) for b in micro_batches),
+        sum(float(b["attention_mask"].sum()) for b in micro_batches if _real(b)),
+        sum(float(b["input_ids"].shape[0]) for b in micro_batches if _real(b)),
+    ]
+    n_supervised, n_tokens, n_samples = _all_reduce_sum(local, t.device)
+    scale = t.world / max(n_supervised, 1.0)  # FSDP averages gradients over ranks
+    loss_sum = forward_backward_step(t.model, micro_batches, scale, t.device)
+    grad_norm = torch.nn.utils.clip_grad_norm_(t.trainable, t.cfg.grad_clip or float("inf"))
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    t.optimizer.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    lr = t.scheduler.get_last_lr()[0]
+    t.scheduler.step()
+    dist.all_reduce(loss_sum)
+    flops = _all_reduce_sum([step_flops(t.flop_parts, micro_batches)], t.device)[0]
+    return {
+        "loss": loss_sum.item() / max(n_supervised, 1.0),
+        "lr": lr,
+        "grad_norm": float(grad_norm),
+        "tokens": n_tokens,
+        "samples": n_samples,
+        "flops": flops,
+        "compute_s": time.perf_counter() - began,
+    }
+
+
+def _step_rows(plan: RunPlan, cfg: TrainConfig, start_step: int, rank: int, world: int):
+    """This rank's rows of every step from ``start_step``, and the reader (or None)."""
+    import ray
+    import ray.train
+
+    if plan.index is not None:
+        from raypipe.train.shards import ShardReader
+
+        reader = ShardReader(
+            ray.get(plan.index),
+            seed=cfg.seed,
+            window_rows=cfg.data.shuffle_window_rows,
+            num_samples=cfg.data.num_samples,
+            global_batch=cfg.global_batch_size,
+            world=world,
+            rank=rank,
+        )
+        return reader.steps(start_step, plan.total_steps, plan.steps_per_epoch), reader
+    rows = split_step_rows(
+        ray.train.get_dataset_shard("train"),
+        start_step=start_step,
+        total_steps=plan.total_steps,
+        steps_per_epoch=plan.steps_per_epoch,
+        share=cfg.global_batch_size // world,
+        seed=cfg.seed,
+    )
+    return rows, None
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """The per-worker function given to ``TorchTrainer`` (config: a :class:`RunPlan` dict)."""
+    """The per-worker function given to ``TorchTrainer`` (config: a :class:`RunPlan`'s
+    fields): build and shard the model, resume, then step, report and checkpoint."""
     import ray.train
     import ray.train.torch
     import transformers
@@ -533,7 +687,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed + rank)
-    G, A = cfg.global_batch_size, cfg.grad_accum_steps
 
     # 1. Model, sharded, weights from rank 0
     began = time.perf_counter()
@@ -543,118 +696,103 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         rank=rank,
     )
     optimizer, scheduler = build_optimizer(model, cfg, plan.total_steps)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainee = Trainee(
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        trainable=[p for p in model.parameters() if p.requires_grad],
+        cfg=cfg,
+        device=device,
+        world=world,
+        flop_parts=flops_per_sample_parts(model),
+    )
 
     # 2. Resume
     state = TrainerState(
-        global_batch_size=G, num_workers=world, steps_per_epoch=plan.steps_per_epoch
+        global_batch_size=cfg.global_batch_size,
+        num_workers=world,
+        steps_per_epoch=plan.steps_per_epoch,
     )
     registered = ray.train.get_checkpoint()
-    checkpoint = resume_point(plan.run_dir, Path(registered.path) if registered else None)
+    checkpoint = resume_point(plan.run_dir, registered)
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, optimizer, scheduler, rank, expect=state)
         state.num_workers = world
         print0(f"resumed from {checkpoint} at step {state.step}", rank=rank)
     start_step = state.step
-    base_drops, state.drops = dict(state.drops), {}
+    drops = DropLog(state.drops)
 
     # 3. This rank's micro-batches, step by step
     batcher = StepBatcher(cfg, processor, model.config)
-    rows = rank_step_rows(
-        ray.train.get_dataset_shard("train"),
-        start_step=start_step,
-        total_steps=plan.total_steps,
-        steps_per_epoch=plan.steps_per_epoch,
-        global_batch=G,
-        world=world,
-        rank=rank,
-        deterministic=cfg.data.deterministic_order,
-    )
+    rows, reader = _step_rows(plan, cfg, start_step, rank, world)
     steps = prefetch((batcher(r) for r in rows), cfg.data.prefetch_steps)
 
-    # 4. Optimiser steps
-    flop_parts = flops_per_sample_parts(model)
+    # 4. Optimiser steps; checkpoints, reports and the step hook around them
     peak = peak_flops(cfg.peak_flops, cfg.use_gpu)
     timings: list[tuple[float, float, float, float]] = []  # seconds, tokens, samples, flops
     model.train()
     tick = time.perf_counter()
-    drops: Counter = Counter()  # rows of the steps trained so far (not of prefetched ones)
+    saved_at = start_step
     for micro_batches, step_drops in steps:
-        drops.update(step_drops)
-        local = [
-            sum(supervised_tokens(b["labels"]) for b in micro_batches),
-            sum(float(b["attention_mask"].sum()) for b in micro_batches if _real(b)),
-            sum(float(b["input_ids"].shape[0]) for b in micro_batches if _real(b)),
-        ]
-        n_supervised, n_tokens, n_samples = _all_reduce_sum(local, device)
-        scale = world / max(n_supervised, 1.0)  # FSDP averages gradients over ranks
-        loss_sum = torch.zeros((), device=device)
-        for i, batch in enumerate(micro_batches):
-            model.set_requires_gradient_sync(i == A - 1)
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            logits = model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                pixel_values=batch["pixel_values"],
-            ).logits
-            part = token_loss_sum(logits, batch["labels"])
-            (part * scale).backward()
-            loss_sum += part.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or float("inf"))
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        dist.all_reduce(loss_sum)
-        loss = loss_sum.item() / max(n_supervised, 1.0)
-        flops = _all_reduce_sum([step_flops(flop_parts, micro_batches)], device)[0]
+        drops.add(step_drops)
+        out = train_step(trainee, micro_batches)
         now = time.perf_counter()
         seconds, tick = now - tick, now
-
         state.step += 1
-        state.samples_seen += G
-        state.losses.append(loss)
-        state.tokens += int(n_tokens)
-        timings.append((seconds, n_tokens, n_samples, flops))
+        state.samples_seen += cfg.global_batch_size
+        state.losses.append(out["loss"])
+        state.tokens += int(out["tokens"])
+        timings.append((seconds, out["tokens"], out["samples"], out["flops"]))
         metrics = {
             "step": state.step,
-            "loss": loss,
-            "lr": lr,
-            "grad_norm": float(grad_norm),
-            "tokens_per_s": n_tokens / seconds,
-            "samples_per_s": n_samples / seconds,
-            "mfu": flops / (seconds * world * peak) if peak else None,
+            "loss": out["loss"],
+            "lr": out["lr"],
+            "grad_norm": out["grad_norm"],
+            "tokens_per_s": out["tokens"] / seconds,
+            "samples_per_s": out["samples"] / seconds,
+            "mfu": out["flops"] / (seconds * world * peak) if peak else None,
             "step_s": seconds,
         }
         last = state.step == plan.total_steps
         if state.step % cfg.log_every == 0 or last:
             print0(
-                f"step {state.step}/{plan.total_steps} loss {loss:.4f} lr {lr:.3g} "
-                f"grad_norm {metrics['grad_norm']:.3g} tokens/s {metrics['tokens_per_s']:.0f}",
+                f"step {state.step}/{plan.total_steps} loss {out['loss']:.4f} "
+                f"lr {out['lr']:.3g} grad_norm {out['grad_norm']:.3g} "
+                f"tokens/s {metrics['tokens_per_s']:.0f}",
                 rank=rank,
             )
-        if cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0:
+        every = cfg.checkpoint_every_steps
+        if (every and state.step % every == 0) or (last and every):
+            # Periodic checkpoints, and always one of the last step.
             began = time.perf_counter()
-            state.drops = _gather_drops(drops, base_drops)
+            state.drops = drops.gathered().saved()
             report_checkpoint(metrics, model, optimizer, scheduler, state, rank)
+            saved_at = state.step
             tick += time.perf_counter() - began  # throughput figures leave checkpoints out
         elif state.step % cfg.report_every == 0 or last:
             ray.train.report(metrics)
-        if cfg.fail_at_step == state.step and checkpoint is None and rank == world - 1:
-            os._exit(1)  # fault injection for tests: a worker dies without cleanup
+        if plan.on_step is not None:
+            plan.on_step(state.step, rank, checkpoint is not None)
 
     # 5. Export and summary
-    all_drops = _gather_drops(drops, base_drops)
+    all_drops = drops.gathered()
     export_dir = None
     if cfg.export:
         from raypipe.train.export import export_hf
 
         began = time.perf_counter()
-        exported = export_hf(model, processor, cfg, plan.export_dir, rank)
+        lineage = {
+            "sources": plan.lineage,
+            "steps": state.step,
+            "last_checkpoint_step": saved_at if cfg.checkpoint_every_steps else None,
+            "train_config": plan.train,
+        }
+        exported = export_hf(model, processor, cfg, plan.export_dir, rank, lineage=lineage)
         export_dir = str(exported) if exported else None
         dist.barrier()
         print0(f"exported to {export_dir} in {time.perf_counter() - began:.1f}s", rank=rank)
+    image_bytes = [None] * world
+    dist.all_gather_object(image_bytes, reader.image_bytes if reader else None)
     steady = timings[1:] or timings
     seconds = sum(t[0] for t in steady)
     return {
@@ -663,9 +801,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         "tokens_per_s": sum(t[1] for t in steady) / seconds if steady else None,
         "samples_per_s": sum(t[2] for t in steady) / seconds if steady else None,
         "mfu": sum(t[3] for t in steady) / (seconds * world * peak) if steady and peak else None,
-        "drops": all_drops,
+        "drops": all_drops.counts(),
         "export_dir": export_dir,
         "resumed_from_step": start_step,
+        "image_bytes_by_rank": image_bytes if reader else [],
     }
 
 
@@ -679,7 +818,9 @@ __all__ = [
     "build_optimizer",
     "fit",
     "main",
-    "rank_step_rows",
+    "split_step_rows",
+    "train_step",
+    "forward_backward_step",
     "preflight",
     "setup",
     "setup_model",
