@@ -248,3 +248,32 @@ def test_stage1_on_json_sources_trains_only_the_projector(run_json):
     # The linear projector's second layer is the identity, exported as such.
     eye = torch.eye(after["model.multi_modal_projector.linear_2.weight"].shape[0])
     assert torch.equal(after["model.multi_modal_projector.linear_2.weight"], eye)
+
+
+def test_trains_from_and_to_s3_and_resumes_from_the_bucket(
+    ray_local, tiny_dir, s3_server, tmp_path
+):
+    import pyarrow.fs as pafs
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    bucket = s3_server.make_bucket("train-uris")
+    data = s3_server.uri(bucket, "run/data")
+    write_fixture_run(s3_server.uri(bucket, "run"), 16, seed=3, rows_per_part=4)
+    out = s3_server.uri(bucket, "train")
+    over = dict(num_workers=1, global_batch_size=4, checkpoint_every_steps=1, report_every=1)
+    first = fit(_stage2_config(max_steps=2, export="false", **over), [data], out)
+    assert first.steps == 2 and first.checkpoint.startswith("s3://")
+    fs = s3_server.filesystem()
+    listed = fs.get_file_info(pafs.FileSelector(f"{bucket}/train/tiny", recursive=False))
+    assert {"step_00000001", "step_00000002"} <= {i.base_name for i in listed}
+
+    again = fit(_stage2_config(max_steps=3, **over), [data], out)
+    assert again.resumed_from_step == 2 and again.steps == 3
+    assert again.losses[:2] == first.losses
+    local = tmp_path / "export"
+    local.mkdir()
+    pafs.copy_files(f"{bucket}/train/export", str(local), source_filesystem=fs)
+    LlavaForConditionalGeneration.from_pretrained(local)
+    processor = AutoProcessor.from_pretrained(local)
+    assert processor.chat_template  # the training format, to serve as a chat model
+    assert json.loads((local / "raypipe_lineage.json").read_text())

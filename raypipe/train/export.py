@@ -98,8 +98,21 @@ def export_hf(
     # 3. The training format's chat template (checked against the training ids).
     image_token = getattr(processor, "image_token", None) or cfg.model.image_token
     chat_template = chat_template_for(cfg.data.template, tokenizer, image_token=image_token)
-    # 4. Write weights (safetensors), config, processor, lineage and model card.
+    # 4. Write weights (safetensors), config, processor, lineage and model card; to a
+    #    local folder first when the destination is a URI, then upload it.
+    if storage.is_uri(str(out_dir)):
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="raypipe-export-") as tmp:
+            _write(plain, processor, tokenizer, chat_template, cfg, lineage, Path(tmp))
+            storage.upload_dir(tmp, str(out_dir))
+        return str(out_dir)
     out_dir = Path(out_dir)
+    _write(plain, processor, tokenizer, chat_template, cfg, lineage, out_dir)
+    return out_dir
+
+
+def _write(plain, processor, tokenizer, chat_template, cfg, lineage, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     plain.save_pretrained(out_dir, safe_serialization=True)
     saved = (tokenizer.chat_template, getattr(processor, "chat_template", None))
@@ -113,7 +126,6 @@ def export_hf(
     record = lineage_record(cfg, lineage)
     (out_dir / LINEAGE_FILE).write_text(json.dumps(record, indent=1, sort_keys=False) + "\n")
     (out_dir / "README.md").write_text(model_card(record))
-    return out_dir
 
 
 # ---------------------------------------------------------------------------------------
