@@ -11,12 +11,13 @@ token losses over supervised tokens), sharded with FSDP2 by
 ``raypipe.train.parallel.parallelize_llava`` (one rank here):
 
 (a) ray: ``raypipe.train.loop.fit`` with one TorchTrainer worker (1 CPU) on fixture
-    Parquet: the worker reads its rows from Ray Data, decodes, pads to square, tokenises
+    Parquet: the worker reads its rows (raypipe.train.shards), decodes, pads to square, tokenises
     and pads them (one step ahead in a thread), and trains. tokens/s is the loop's own:
     non-pad tokens over the wall time from the end of step 1 to the end of the last
     step (checkpoints off, one metrics report at the end). Ray start-up, the worker's
     start and the model build are outside it.
-(b) bare: the same rows encoded up front in this process, then the same steps in a
+(b) bare: the same rows, in the same step order as the Ray path
+    (``raypipe.train.shards``), encoded up front in this process, then the same steps in a
     plain loop over those tensors (no Ray, no data work in the timed window), timed the
     same way; torch gets as many threads as the Ray worker has CPUs (1).
 
@@ -238,23 +239,25 @@ def bare_loop(
 # ---------------------------------------------------------------------------------------
 
 
-def cpu_rows(parquet: Path, n: int) -> list[dict]:
-    """The fixture rows as raypipe.train.data yields them, in Parquet order."""
-    import pyarrow.parquet as pq
+def cpu_step_rows(parquet: Path, cfg) -> list[list[dict]]:
+    """Each step's rows in the order the Ray path trains them (one worker: its reader
+    sees the whole global batch), so both paths train the same batches, padding and all."""
+    import math
 
-    rows = []
-    for f in sorted(parquet.glob("*.parquet")):
-        for r in pq.read_table(f).to_pylist():
-            rows.append(
-                {
-                    "id": r["id"],
-                    "source": str(parquet),
-                    "image": r["image"]["bytes"],
-                    "image_error": None,
-                    "conversations": r["conversations"],
-                }
-            )
-    return rows[:n]
+    from raypipe.train.shards import ShardReader, build_index, rows_per_epoch
+
+    index = build_index([str(parquet)])
+    per_epoch = math.ceil(rows_per_epoch(index, cfg.seed, None) / cfg.global_batch_size)
+    reader = ShardReader(
+        index,
+        seed=cfg.seed,
+        window_rows=cfg.data.shuffle_window_rows,
+        num_samples=None,
+        global_batch=cfg.global_batch_size,
+        world=1,
+        rank=0,
+    )
+    return list(reader.steps(0, cfg.max_steps, per_epoch))
 
 
 def run_cpu(args) -> dict:
@@ -325,10 +328,9 @@ def run_cpu(args) -> dict:
     encoder = SampleEncoder(
         processor=processor, template="vicuna_v1", max_length=256, pad_to_square=True
     )
-    rows = cpu_rows(parquet, steps * micro)
     batches = [
-        collate(encoder(rows[i * micro : (i + 1) * micro]), processor.tokenizer.pad_token_id)
-        for i in range(steps)
+        collate(encoder(rows), processor.tokenizer.pad_token_id)
+        for rows in cpu_step_rows(parquet, cfg)
     ]
     bare = bare_loop(model, batches, steps, cfg.lr, device)
     result.update(
