@@ -264,7 +264,7 @@ def run_cpu(args) -> dict:
     from raypipe.config import build_config
     from raypipe.testing import write_fixture_parquet
     from raypipe.train.config import TrainConfig
-    from raypipe.train.data import SampleEncoder, collate
+    from raypipe.train.encoding import SampleEncoder, collate
 
     steps = args.steps or (4 if args.smoke_test else 30)
     micro = args.micro_batch or (2 if args.smoke_test else 16)

@@ -24,19 +24,15 @@ from raypipe.train.conversation import (
     IGNORE_INDEX,
     render_conversation,
 )
-from raypipe.train.data import (
+from raypipe.train.encoding import SampleEncoder, collate
+from raypipe.train.reading import TRAIN_ROW_SCHEMA, build_train_dataset
+from raypipe.train.sources import (
     DROP_MISSING_FILE,
     DROP_NO_IMAGE,
     DROP_UNDECODABLE,
-    TRAIN_ROW_SCHEMA,
     DataSource,
-    SampleEncoder,
-    build_train_dataset,
     check_sources,
-    collate,
-    encode_dataset,
     parse_source,
-    summarize_drops,
 )
 
 TINY_LLAVA = "raypipe-tiny/tiny-llava"
@@ -175,16 +171,14 @@ def test_encoder_matches_renderer_and_flags_bad_rows(encoder):
         assert out["input_ids"][i].dtype == np.int32
     assert out["pixel_values"].shape == (8, 3, 32, 32)
     assert out["pixel_values"].dtype == np.float32
-    assert summarize_drops(out) == {
-        "rows": 8,
-        "kept": 2,
-        "dropped": {
-            DROP_NOTHING_TO_SUPERVISE: 1,
-            DROP_MISSING_FILE: 1,
-            DROP_NO_IMAGE_TOKEN: 1,
-            DROP_NO_IMAGE: 1,
-            DROP_UNDECODABLE: 2,
-        },
+    reasons = Counter(str(r) for r in out["drop_reason"])
+    assert reasons.pop("") == 2
+    assert reasons == {
+        DROP_NOTHING_TO_SUPERVISE: 1,
+        DROP_MISSING_FILE: 1,
+        DROP_NO_IMAGE_TOKEN: 1,
+        DROP_NO_IMAGE: 1,
+        DROP_UNDECODABLE: 2,
     }
 
 
@@ -255,19 +249,33 @@ def test_all_formats_read_encode_and_count_corrupt_rows(ray_local, tiny_dir, tmp
     parquet = write_fixture_parquet(tmp_path / "run" / "data", 6, seed=1)
     llava = write_fixture_llava_json(tmp_path / "llava", 4, corrupt=True)
     stable = write_fixture_stablellava_json(tmp_path / "stable", 4, corrupt=True)
-    ds = build_train_dataset([str(parquet.parent), str(llava), str(stable)], seed=0)
+    sources = [str(parquet.parent), str(llava), str(stable)]
+    ds = build_train_dataset(sources, seed=0)
     assert ds.schema().names == TRAIN_ROW_SCHEMA.names
-    ds_ok, drops = encode_dataset(ds, TINY_LLAVA, "vicuna_v1", 128, pad_to_square=True)
-    kept = ds_ok.take_all()
-    summary = summarize_drops(drops)
-    assert summary["rows"] == 6 + 4 + 3 + 4 + 2
-    assert summary["dropped"] == {
-        DROP_MISSING_FILE: 2,
-        DROP_NO_IMAGE_TOKEN: 1,
-        DROP_UNDECODABLE: 2,
-    }
-    assert summary["kept"] == len(kept) == 14
-    assert "llava-missing" in " ".join(summary["examples"][DROP_MISSING_FILE])
+    streamed = ds.take_all()
+    # Both readers (Ray Data's stream, and the sharded reader) yield the same rows.
+    from raypipe.train.shards import ShardReader, build_index
+
+    index = build_index(sources)
+    shard = ShardReader(
+        index, seed=0, window_rows=64, num_samples=None, global_batch=1, world=1, rank=0
+    )
+    sharded = [r for step in shard.steps(0, 23, 23) for r in step]
+    key = lambda r: (r["source"], r["id"])  # noqa: E731
+    assert sorted(map(key, sharded)) == sorted(map(key, streamed))
+    for rows in (streamed, sharded):
+        out = SampleEncoder(TINY_LLAVA, "vicuna_v1", 128, pad_to_square=True)(rows)
+        reasons = Counter(str(r) for r in out["drop_reason"])
+        assert len(rows) == 6 + 4 + 3 + 4 + 2
+        assert reasons.pop("") == 14
+        assert reasons == {DROP_MISSING_FILE: 2, DROP_NO_IMAGE_TOKEN: 1, DROP_UNDECODABLE: 2}
+    missing = [r for r, why in zip(out["id"], out["drop_reason"]) if why == DROP_MISSING_FILE]
+    assert "llava-missing" in " ".join(missing)
+    kept = [
+        {k: out[k][i] for k in ("id", "source", "input_ids", "labels", "pixel_values")}
+        for i, why in enumerate(out["drop_reason"])
+        if not why
+    ]
     by_source = Counter(r["source"] for r in kept)
     assert by_source == {str(parquet.parent): 6, str(llava): 4, str(stable): 4}
     ids = {r["id"] for r in kept}

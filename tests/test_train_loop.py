@@ -148,7 +148,7 @@ def test_stage2_export_loads_with_plain_transformers_and_keeps_the_tower(run_2w,
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from raypipe.testing import resolve_tiny
-    from raypipe.train.data import SampleEncoder, collate
+    from raypipe.train.encoding import SampleEncoder, collate
     from raypipe.train.loop import token_loss_sum
 
     start = resolve_tiny("raypipe-tiny/tiny-llava")

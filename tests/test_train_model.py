@@ -146,7 +146,7 @@ def test_lora_trains_adapters_and_projector_and_exports_merged(tiny_dir, tmp_pat
             if "lora_B" in n:
                 p.normal_(0, 0.5)
     rows = [_row(0)]
-    from raypipe.train.data import SampleEncoder, collate
+    from raypipe.train.encoding import SampleEncoder, collate
 
     batch = collate(
         SampleEncoder(processor=processor, max_length=128)(rows), processor.tokenizer.pad_token_id
@@ -209,7 +209,7 @@ def test_fsdp2_with_activation_checkpointing_gives_the_same_gradients(tiny_dir, 
         assert isinstance(model, FSDPModule)
         assert all(isinstance(layer, FSDPModule) for layer in sharded_layers(model))
         assert len(sharded_layers(model)) == 4  # 2 CLIP encoder layers + 2 Llama layers
-        from raypipe.train.data import SampleEncoder, collate
+        from raypipe.train.encoding import SampleEncoder, collate
 
         batch = collate(
             SampleEncoder(processor=processor, max_length=128)(rows),

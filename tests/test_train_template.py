@@ -354,7 +354,7 @@ def test_empty_answer_turn_drops_the_row_with_its_reason(tokenizer, template, an
 
 def test_sample_encoder_reports_empty_answers(tiny_dir):
     from raypipe.testing import resolve_tiny
-    from raypipe.train.data import SampleEncoder
+    from raypipe.train.encoding import SampleEncoder
 
     encoder = SampleEncoder(resolve_tiny("raypipe-tiny/tiny-llava"), "vicuna_v1", 128)
     row = {"conversations": [SINGLE[0], {"from": "gpt", "value": " "}]}

@@ -11,7 +11,7 @@ Each worker:
 2. resumes from the latest checkpoint if Ray Train hands it one (same step, data
    position, optimiser, LR schedule and RNG);
 3. reads its share of every global batch from the Ray Data stream, renders and tokenises
-   it (:class:`raypipe.train.data.SampleEncoder`), pads it (``collate``);
+   it (:class:`raypipe.train.encoding.SampleEncoder`), pads it (``collate``);
 4. per optimiser step runs ``grad_accum_steps`` micro-batches; the loss is the sum of
    token losses divided by the number of supervised tokens in the whole global batch
    (all ranks, all micro-batches), so any worker count gives the same loss and gradients
@@ -118,7 +118,7 @@ class TrainResult:
 
 
 def _as_sources(sources) -> list:
-    from raypipe.train.data import DataSource, parse_source
+    from raypipe.train.sources import DataSource, parse_source
 
     out = []
     for s in sources:
@@ -149,8 +149,8 @@ def preflight(cfg: TrainConfig, sources) -> tuple[TrainConfig, list]:
     missing path, an empty dataset, an unknown format, a model id that does not resolve.
     ``raypipe-tiny/<name>`` ids come back as built local folders, so workers never build.
     """
-    from raypipe.train.data import check_sources
     from raypipe.train.model import check_model_source, resolve_model_id
+    from raypipe.train.sources import check_sources
 
     # 1. Data sources exist, are readable and not empty
     sources = _as_sources(list(sources) or cfg.data.sources)
@@ -203,7 +203,7 @@ def setup(cfg: TrainConfig, sources, out_dir: str | Path, resume: bool = True, o
         num_rows = rows_per_epoch(built, cfg.seed, cfg.data.num_samples)
         index = ray.put(built)
     else:
-        from raypipe.train.data import build_train_dataset
+        from raypipe.train.reading import build_train_dataset
 
         dataset = build_train_dataset(sources, seed=cfg.seed, num_samples=cfg.data.num_samples)
         num_rows = dataset.count()
@@ -479,14 +479,14 @@ class StepBatcher:
     """Turns a rank's rows of one step into ``grad_accum_steps`` padded micro-batches.
 
     Rows are encoded (decode + pad-to-square + image processor, render + tokenise) by
-    :class:`raypipe.train.data.SampleEncoder`; rejected rows are counted by reason. A
+    :class:`raypipe.train.encoding.SampleEncoder`; rejected rows are counted by reason. A
     micro-batch left empty (end of epoch, or all rows rejected) becomes a stand-in batch
     with no supervised token, so every rank runs the same forward/backward calls (FSDP's
     collectives need all ranks) while contributing nothing to loss or gradients.
     """
 
     def __init__(self, cfg: TrainConfig, processor, model_config):
-        from raypipe.train.data import SampleEncoder
+        from raypipe.train.encoding import SampleEncoder
 
         self.encoder = SampleEncoder(
             processor=processor,
@@ -515,7 +515,7 @@ class StepBatcher:
 
     def __call__(self, rows: list[dict]) -> tuple[list[dict[str, torch.Tensor]], list]:
         """``(micro-batches, dropped rows as (reason, source, id))`` for one step's rows."""
-        from raypipe.train.data import collate
+        from raypipe.train.encoding import collate
 
         kept, drops = [], []
         if rows:

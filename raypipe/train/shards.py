@@ -42,18 +42,18 @@ import numpy as np
 import pyarrow as pa
 
 from raypipe import storage
-from raypipe.train.data import (
+from raypipe.train.sources import (
     _PARQUET_COLUMNS,
     DROP_NO_IMAGE,
     DataSource,
-    _copies,
-    _hash01,
-    _llava_turns,
-    _stablellava_turns,
     check_sources,
+    copies,
+    hash01,
+    llava_turns,
     load_json,
     parquet_files,
     read_image_file,
+    stablellava_turns,
 )
 
 #: Rows of the light index (one per source row; weights are applied per epoch).
@@ -134,7 +134,7 @@ def build_index(sources: list[DataSource | str]) -> TrainIndex:
 
 
 def _json_index(s: int, src: DataSource) -> pa.Table:
-    to_turns = _stablellava_turns if src.kind == "stablellava" else _llava_turns
+    to_turns = stablellava_turns if src.kind == "stablellava" else llava_turns
     out = {name: [] for name in INDEX_SCHEMA.names}
     for position, record in enumerate(load_json(src.path)):
         if not isinstance(record, dict):
@@ -182,7 +182,7 @@ def _weighted(index: TrainIndex, seed: int) -> list[tuple[int, int]]:
     weights = [src["weight"] for src in index.sources]
     out = []
     for i, (s, key) in enumerate(zip(source, keys)):
-        for copy in _copies(weights[s], seed, int(s), key):
+        for copy in copies(weights[s], seed, int(s), key):
             out.append((i, copy))
     return out
 
@@ -219,12 +219,12 @@ def epoch_order(
         return (int(source[i]), int(file[i]), int(group[i]) if group[i] >= 0 else -int(row[i]) - 1)
 
     def row_hash(*parts) -> int:
-        return _hash01("row", seed, epoch, *parts)
+        return hash01("row", seed, epoch, *parts)
 
     members: dict[tuple[int, int, int], list[tuple[int, int]]] = {}
     for i, copy in items:
         members.setdefault(group_of(i), []).append((i, copy))
-    groups = sorted(members, key=lambda g: _hash01("group", seed, epoch, *g))
+    groups = sorted(members, key=lambda g: hash01("group", seed, epoch, *g))
     order: list[tuple[int, int]] = []  # (index row, layout position)
     carry: list[tuple[tuple[int, int], int]] = []  # rows left over by the last window
     laid = 0  # layout positions handed out so far

@@ -131,7 +131,7 @@ def test_fsdp2_bf16_training_lowers_the_loss(models, tmp_path):
 
     from raypipe.testing import write_fixture_parquet
     from raypipe.train.config import load_train_config
-    from raypipe.train.data import SampleEncoder, collate
+    from raypipe.train.encoding import SampleEncoder, collate
     from raypipe.train.loop import build_optimizer, setup_model, token_loss_sum
 
     device = torch.device(DEVICE)
