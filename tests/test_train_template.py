@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_conversation import MULTI as _CONVERSATION_MULTI
 
 from raypipe.config import build_config
 from raypipe.errors import ConfigError
@@ -30,16 +31,12 @@ from raypipe.train.conversation import (
     render_conversation,
 )
 
+LATER_TURNS = _CONVERSATION_MULTI[2:]
 SINGLE = [
     {"from": "human", "value": "What colour is the square?\n<image>"},
     {"from": "gpt", "value": "It is a red square."},
 ]
-MULTI = SINGLE + [
-    {"from": "human", "value": "Is the square blue?"},
-    {"from": "gpt", "value": "No."},
-    {"from": "human", "value": "Describe the image in detail."},
-    {"from": "gpt", "value": "The image shows a red square on a white background, é 日本."},
-]
+MULTI = SINGLE + LATER_TURNS  # <image> after the question here, before it there
 CONVERSATIONS = {"single": SINGLE, "multi": MULTI}
 #: What the base had before the export: the export must replace it.
 OTHER_TEMPLATE = "{% for m in messages %}{{ m['role'] }}{% endfor %}"

@@ -15,7 +15,6 @@ from typing import Any
 
 import pyarrow as pa
 
-from raypipe import storage
 from raypipe.schema import TURN_TYPE
 from raypipe.train.sources import (
     _PARQUET_COLUMNS,
@@ -23,12 +22,10 @@ from raypipe.train.sources import (
     DataSource,
     check_sources,
     copies,
-    llava_turns,
-    load_json,
+    json_records,
     order_key,
     parquet_files,
     read_image_file,
-    stablellava_turns,
 )
 
 #: Rows that build_train_dataset yields. ``image`` holds encoded bytes, or is null with
@@ -157,29 +154,19 @@ def _stage_parquet_source(src: DataSource, index: int, seed: int, epoch: int):
 
 
 def _stage_json_source(src: DataSource, index: int, seed: int, epoch: int) -> list[dict]:
-    records = load_json(src.path)
-    to_turns = stablellava_turns if src.kind == "stablellava" else llava_turns
     rows = []
-    for position, record in enumerate(records):
-        if not isinstance(record, dict):
-            record = {"id": f"#{position}", "conversations": []}
-        row_id = str(record.get("id", f"#{position}"))
-        image = record.get("image")
-        error = None
-        if not image:
-            error = DROP_NO_IMAGE
-        elif not isinstance(image, str):  # e.g. a list: one image per sample only
-            error, image = f"{DROP_NO_IMAGE}: image field is a {type(image).__name__}", None
+    for rec in json_records(src):
         base = {
-            "id": row_id,
+            "id": rec.id,
             "source": src.path,
             "image": None,
-            "image_error": error,
-            "image_path": storage.join(src.image_folder, image) if image else None,
-            "conversations": to_turns(record),
+            "image_error": rec.image_error,
+            "image_path": rec.image_path,
+            "conversations": rec.turns,
         }
-        for copy in copies(src.weight, seed, index, f"{position}"):
-            rows.append({**base, "order_key": order_key(seed, epoch, index, f"{position}", copy)})
+        key = f"{rec.position}"
+        for copy in copies(src.weight, seed, index, key):
+            rows.append({**base, "order_key": order_key(seed, epoch, index, key, copy)})
     if not rows:
         logger.warning("data source %s: weight %s kept no rows", src.path, src.weight)
     return rows

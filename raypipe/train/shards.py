@@ -49,11 +49,9 @@ from raypipe.train.sources import (
     check_sources,
     copies,
     hash01,
-    llava_turns,
-    load_json,
+    json_records,
     parquet_files,
     read_image_file,
-    stablellava_turns,
 )
 
 #: Rows of the light index (one per source row; weights are applied per epoch).
@@ -134,27 +132,22 @@ def build_index(sources: list[DataSource | str]) -> TrainIndex:
 
 
 def _json_index(s: int, src: DataSource) -> pa.Table:
-    to_turns = stablellava_turns if src.kind == "stablellava" else llava_turns
-    out = {name: [] for name in INDEX_SCHEMA.names}
-    for position, record in enumerate(load_json(src.path)):
-        if not isinstance(record, dict):
-            record = {"id": f"#{position}", "conversations": []}
-        image = record.get("image")
-        error = None
-        if not image:
-            error = DROP_NO_IMAGE
-        elif not isinstance(image, str):  # e.g. a list: one image per sample only
-            error, image = f"{DROP_NO_IMAGE}: image field is a {type(image).__name__}", None
-        out["source"].append(s)
-        out["file"].append(-1)
-        out["group"].append(-1)
-        out["row"].append(position)
-        out["key"].append(f"{position}")
-        out["id"].append(str(record.get("id", f"#{position}")))
-        out["turns"].append(json.dumps(to_turns(record)))
-        out["image_path"].append(storage.join(src.image_folder, image) if image else None)
-        out["image_error"].append(error)
-    return pa.table(out, schema=INDEX_SCHEMA)
+    records = json_records(src)
+    n = len(records)
+    return pa.table(
+        {
+            "source": [s] * n,
+            "file": [-1] * n,
+            "group": [-1] * n,
+            "row": [r.position for r in records],
+            "key": [f"{r.position}" for r in records],
+            "id": [r.id for r in records],
+            "turns": [json.dumps(r.turns) for r in records],
+            "image_path": [r.image_path for r in records],
+            "image_error": [r.image_error for r in records],
+        },
+        schema=INDEX_SCHEMA,
+    )
 
 
 # ---------------------------------------------------------------------------------------

@@ -296,7 +296,45 @@ def order_key(seed: int, epoch: int, index: int, row_key: str, copy: int) -> int
     return hash01("order", seed, epoch, index, row_key, copy) >> 1  # fits in int64
 
 
+@dataclass
+class JsonRecord:
+    """One record of a JSON source, normalised (what both readers need of it)."""
+
+    position: int
+    id: str
+    turns: list[dict[str, str]]
+    image_path: str | None  #: the image file's location (image folder + record path)
+    image_error: str | None  #: why the record has no usable image
+
+
+def json_records(src: DataSource) -> list[JsonRecord]:
+    """The records of a checked LLaVA / StableLLaVA JSON source."""
+    to_turns = stablellava_turns if src.kind == "stablellava" else llava_turns
+    out = []
+    for position, record in enumerate(load_json(src.path)):
+        if not isinstance(record, dict):
+            record = {"id": f"#{position}", "conversations": []}
+        image = record.get("image")
+        error = None
+        if not image:
+            error = DROP_NO_IMAGE
+        elif not isinstance(image, str):  # e.g. a list: one image per sample only
+            error, image = f"{DROP_NO_IMAGE}: image field is a {type(image).__name__}", None
+        out.append(
+            JsonRecord(
+                position=position,
+                id=str(record.get("id", f"#{position}")),
+                turns=to_turns(record),
+                image_path=storage.join(src.image_folder, image) if image else None,
+                image_error=error,
+            )
+        )
+    return out
+
+
 __all__ = [
+    "JsonRecord",
+    "json_records",
     "DROP_MISSING_FILE",
     "DROP_NO_IMAGE",
     "DROP_UNDECODABLE",
