@@ -20,6 +20,21 @@ Matching, in order:
    every one of them in the text. A longer one, a short scene like ``giraffe in a narrow
    corridor``, may be paraphrased: at least half of its content words must occur.
 
+Negation, for scoring answers (:func:`keyword_polarity`, :func:`affirms_keyword`):
+
+5. :func:`clauses` writes contractions out (``isn't`` -> ``is not``, ``it's`` -> ``it is``,
+   ``cannot`` -> ``can not``) and splits the text into clauses at sentence and clause
+   punctuation (not a decimal point or a thousands comma) and at ``but``, ``however``,
+   ``although``, ``though`` and ``whereas``; ``instead of``, ``rather than`` and
+   ``except (for)`` are read as ``not`` ("blue instead of red" denies red).
+6. Within one clause, an occurrence of a keyword word is negated when one of
+   :data:`NEGATIONS` (``not``, ``no``, ``never``, ``neither``, ``nor``, ``none``,
+   ``without``) stands at most :data:`NEGATION_WINDOW` words before it, with no pronoun or
+   form of "be" in between (``no, it is red`` and ``no it is red`` do not deny red).
+   A keyword is affirmed in a clause when each of its words that the clause names has
+   an occurrence that is not negated: ``the car is not red`` denies red, ``the fish is
+   not riding a bicycle`` denies "fish riding a bicycle".
+
 Emphasis follows the A1111 rules the render stage honours: ``(x)`` weights x by 1.1,
 ``((x))`` by 1.1**2, ``[x]`` by 1/1.1, ``(x:1.4)`` by 1.4, ``\\(`` is a literal bracket
 (:func:`parse_emphasis`). :func:`strip_emphasis` gives the plain text of a prompt; with
@@ -36,11 +51,19 @@ from typing import Any
 
 __all__ = [
     "BRACKET_WEIGHT",
+    "NEGATIONS",
+    "NEGATION_WINDOW",
     "STOPWORDS",
+    "affirms_keyword",
+    "clauses",
     "emphasized_keywords",
+    "expand_contractions",
     "find_phrase",
+    "keyword_polarity",
+    "keyword_positions",
     "mentions_any",
     "mentions_keyword",
+    "negated_at",
     "parse_emphasis",
     "phrase_key",
     "stem",
@@ -148,6 +171,131 @@ def find_phrase(text: str, phrase: str) -> int | None:
         return None
     m = re.search(rf"(?<![^\W_]){re.escape(key)}(?![^\W_])", phrase_key(text))
     return m.start() if m else None
+
+
+# --- clauses and negation ----------------------------------------------------------------
+
+#: Words that deny the keyword words shortly after them ("not red", "no dog").
+NEGATIONS = frozenset("not no never neither nor none without".split())
+#: How many words before a keyword word a negation may stand.
+NEGATION_WINDOW = 3
+# Words that start a new statement between a negation and a keyword ("no, it is red").
+_RESTART = frozenset(
+    "it this that these those there he she they i we you is are was were am".split()
+)
+
+# n't forms, with and without the apostrophe ("isn't", "isnt"); the irregular ones first.
+_NOT_FORMS = {
+    "ca": "can not",
+    "can": "can not",
+    "won": "will not",
+    "wo": "will not",
+    "ain": "is not",
+    "ai": "is not",
+    "shan": "shall not",
+    "sha": "shall not",
+}
+_NT_RE = re.compile(
+    r"\b(is|are|was|were|do|does|did|has|have|had|could|should|would|must|need|might"
+    r"|ca|can|wo|won|ai|ain|sha|shan)(?:n['\u2019]t|nt)\b"
+)
+_SUFFIXES = {"re": "are", "ve": "have", "ll": "will", "m": "am", "d": "would"}
+_SUFFIX_RE = re.compile(r"\b(i|you|we|they|he|she|it|that|there|who|what)['\u2019](re|ve|ll|m|d)\b")
+_IS_RE = re.compile(
+    r"\b(it|that|there|here|what|who|where|when|why|how|he|she|this|let)['\u2019]s\b"
+)
+_CANNOT_RE = re.compile(r"\bcannot\b")
+# Sentence and clause punctuation; a "." or "," between digits is part of a number.
+_CLAUSE_SPLIT_RE = re.compile(
+    r"[.,](?!\d)|(?<!\d)[.,]|[!?;:()\"\u201c\u201d]|\s[-\u2013\u2014]+\s"
+    r"|\b(?:but|however|although|though|whereas)\b"
+)
+# Phrases that deny what follows, read as "not" ("blue instead of red").
+_DENY_RE = re.compile(r"\b(?:instead of|rather than|except(?: for)?)\b")
+
+
+def expand_contractions(text: str) -> str:
+    """Lower-cased ``text`` with contractions written out.
+
+    ``isn't``/``isnt`` -> ``is not``, ``can't``/``cannot`` -> ``can not``, ``won't`` ->
+    ``will not``, ``it's``/``there's``/``what's`` -> ``it is``/..., ``they're`` -> ``they
+    are``, ``I've`` -> ``i have``, ``we'll`` -> ``we will``, ``I'm`` -> ``i am``, ``he'd`` ->
+    ``he would``. Any other ``'s`` (a possessive, "the dog's") is left alone.
+    """
+    t = text.lower()
+    t = _CANNOT_RE.sub("can not", t)
+    t = _NT_RE.sub(lambda m: _NOT_FORMS.get(m.group(1), m.group(1) + " not"), t)
+    t = _IS_RE.sub(lambda m: "let us" if m.group(1) == "let" else m.group(1) + " is", t)
+    return _SUFFIX_RE.sub(lambda m: f"{m.group(1)} {_SUFFIXES[m.group(2)]}", t)
+
+
+def clauses(text: str) -> list[str]:
+    """``text`` as clauses (rule 5 of the module docstring), lower case, none empty."""
+    parts = _CLAUSE_SPLIT_RE.split(_DENY_RE.sub("not", expand_contractions(text)))
+    return [" ".join(p.split()) for p in parts if p and p.strip()]
+
+
+def keyword_positions(text: str, keyword: str) -> list[list[int]]:
+    """Where ``text`` names ``keyword``: for each keyword word it names, the indices in
+    ``words(text)`` where that word occurs. Empty exactly when :func:`mentions_keyword` is
+    False.
+
+    A keyword met in its closed form (``T-shirt`` in "tshirt", or "t shirt" for the
+    keyword ``tshirt``) counts as one word; a pair of text words is placed at its first.
+    """
+    kw = words(strip_emphasis(keyword))
+    if not kw:
+        return []
+    ws = words(text)
+    stems = [stem(w) for w in ws]
+    pairs = [stem(a + b) for a, b in zip(ws, ws[1:])]
+
+    def where(s: str) -> list[int]:
+        return sorted(
+            {i for i, t in enumerate(stems) if t == s} | {i for i, t in enumerate(pairs) if t == s}
+        )
+
+    if len(kw) > 1:
+        joined = where(stem("".join(kw)))
+        if joined:
+            return [joined]
+    content = [w for w in kw if w not in STOPWORDS] or kw
+    found = [where(stem(w)) for w in content]
+    named = [f for f in found if f]
+    need = len(content) if len(content) <= EXACT_MAX_WORDS else math.ceil(len(content) / 2)
+    return named if len(named) >= need else []
+
+
+def negated_at(ws: list[str], index: int, window: int = NEGATION_WINDOW) -> bool:
+    """Whether the word ``ws[index]`` is negated (rule 6): a negation at most ``window``
+    words before it, with no pronoun or form of "be" between them."""
+    for j in range(index - 1, max(-1, index - window - 1), -1):
+        if ws[j] in NEGATIONS:
+            return True
+        if ws[j] in _RESTART:
+            return False
+    return False
+
+
+def keyword_polarity(text: str, keyword: str) -> bool | None:
+    """How one clause names ``keyword``: True affirmed, False only negated, None not named.
+
+    ``text`` is a single clause (see :func:`clauses`); punctuation in it does not split it.
+    """
+    found = keyword_positions(text, keyword)
+    if not found:
+        return None
+    ws = words(text)
+    return all(any(not negated_at(ws, i) for i in where) for where in found)
+
+
+def affirms_keyword(text: str, keyword: str) -> bool:
+    """Whether some clause of ``text`` names ``keyword`` without negating it.
+
+    ``The car is not red, it is blue.`` affirms blue and not red; ``It isn't a dog.``
+    does not affirm dog.
+    """
+    return any(keyword_polarity(c, keyword) for c in clauses(text))
 
 
 # --- emphasis ----------------------------------------------------------------------------

@@ -1,0 +1,138 @@
+"""Evaluate models on per-ability benchmarks (StableLLaVA's Figure 6), or re-score answers.
+
+    python jobs/evaluate.py import --images DIR --items items.jsonl --out BENCH
+    python jobs/evaluate.py score --predictions predictions.parquet --out REPORT
+    python jobs/evaluate.py score --predictions answers.jsonl --out REPORT --sheet
+    python jobs/evaluate.py score --predictions REPORT/predictions.parquet \
+        --review REPORT/review.csv --out REPORT2      # with human marks
+
+``import`` turns a folder of real images and a JSONL of ``{"image", "ability",
+"question", "question_type", "answer_keywords"}`` lines (optional ``options``, ``match``,
+``synonyms``) into a benchmark folder (``BENCH/items/*.parquet``); malformed lines and
+unreadable images are reported with their line numbers and written to
+``BENCH/rejects``, never fatal.
+
+``score`` reads predictions (``predictions.parquet`` or a JSONL with ``id``, ``ability``,
+``question``, ``question_type``, ``answer_keywords``, ``prediction``, and optionally
+``model`` and ``benchmark``) and writes ``scores.json`` (accuracy with Wilson 95%
+intervals per model, benchmark and ability), ``predictions.parquet`` (each row's
+keyword verdict ``correct`` and the ``matched`` keyword), ``report.md`` and
+``abilities.png``. ``--sheet`` adds a human-review sheet (``review.html``,
+``review.csv``); ``--review`` reads a marked sheet back, and the report shows human
+accuracy beside the keyword score.
+
+Exit status: 0 on success, 2 for a user error (missing file, bad arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from raypipe.errors import RaypipeError  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import", help="real images + JSONL -> a benchmark folder")
+    imp.add_argument("--images", required=True, help="folder the JSONL's image paths are in")
+    imp.add_argument("--items", required=True, help="JSONL of benchmark items")
+    imp.add_argument("--out", required=True, help="benchmark folder (or URI) to write")
+    imp.add_argument("--name", default="real", help="benchmark name (default: real)")
+    imp.add_argument(
+        "--catalog-dir",
+        action="append",
+        default=[],
+        help="extra ability folders (as generation's catalog_dirs): abilities must be known",
+    )
+    score = sub.add_parser("score", help="predictions -> scores.json, report.md, charts")
+    score.add_argument("--predictions", required=True, help="predictions.parquet or .jsonl")
+    score.add_argument("--out", required=True, help="report folder")
+    score.add_argument("--review", help="a marked review.csv: adds human accuracy")
+    score.add_argument(
+        "--sheet", action="store_true", help="also write a human-review sheet (html + csv)"
+    )
+    return p.parse_args(argv)
+
+
+def run_import(args) -> int:
+    from raypipe.abilities import load_catalog
+    from raypipe.evaluate.benchmark import import_real
+
+    abilities = load_catalog(args.catalog_dir or None)
+    report = import_real(
+        args.images, args.items, args.out, benchmark=args.name, abilities=abilities
+    )
+    for bad in report.bad_lines:
+        print(
+            f"raypipe: skipped {args.items} line {bad['line']}: {bad['message']}", file=sys.stderr
+        )
+    print(f"imported {report.imported} items, rejected {report.rejected}: {args.out}")
+    print(json.dumps(_jsonable(report)))
+    return 0
+
+
+def run_score(args) -> int:
+    from raypipe.evaluate.report import (
+        apply_review,
+        read_predictions,
+        read_review_sheet,
+        write_report,
+        write_review_sheet,
+    )
+
+    rows, problems = read_predictions(args.predictions)
+    for problem in problems:
+        print(f"raypipe: skipped {args.predictions} {problem}", file=sys.stderr)
+    if not rows:
+        raise_error(f"{args.predictions} holds no usable prediction rows")
+    if args.review:
+        if not Path(args.review).exists():
+            raise_error(f"review sheet {args.review} does not exist")
+        marks, bad = read_review_sheet(args.review)
+        problems += bad
+        apply_review(rows, marks)
+    result = write_report(rows, args.out, problems=problems)
+    if args.sheet:
+        images = {r["id"]: r["image"]["bytes"] for r in rows if isinstance(r.get("image"), dict)}
+        write_review_sheet(rows, args.out, images)
+    for model, entry in result["models"].items():
+        for bench, table in entry["benchmarks"].items():
+            s = table["overall"]
+            print(f"{model} on {bench}: {s['correct']}/{s['n']} = {100 * s['accuracy']:.1f}%")
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def raise_error(message: str):
+    from raypipe.errors import ConfigError
+
+    raise ConfigError(message)
+
+
+def _jsonable(obj):
+    from dataclasses import asdict, is_dataclass
+
+    return asdict(obj) if is_dataclass(obj) else obj
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.command == "import":
+            return run_import(args)
+        return run_score(args)
+    except RaypipeError as e:
+        print(f"raypipe: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Evaluation: benchmarks, predictions, keyword scoring and accuracy reports."""
