@@ -1,10 +1,18 @@
 """Evaluate models on per-ability benchmarks (StableLLaVA's Figure 6), or re-score answers.
 
+    python jobs/evaluate.py build --config jobs/configs/eval-tiny.yaml --out BENCH \
+        --per-ability 4 --train-data out/demo/data
     python jobs/evaluate.py import --images DIR --items items.jsonl --out BENCH
     python jobs/evaluate.py score --predictions predictions.parquet --out REPORT
     python jobs/evaluate.py score --predictions answers.jsonl --out REPORT --sheet
     python jobs/evaluate.py score --predictions REPORT/predictions.parquet \
         --review REPORT/review.csv --out REPORT2      # with human marks
+
+``build`` makes a synthetic benchmark through the generation job (the same prompt,
+render and quality stages; a question of each type in ``benchmark_question_mix`` with
+its reference response and answer keywords per image), drops items that overlap the
+training data given with ``--train-data``, and makes more rows (bounded rounds) so every
+ability gets ``--per-ability`` items, or says how many it got.
 
 ``import`` turns a folder of real images and a JSONL of ``{"image", "ability",
 "question", "question_type", "answer_keywords"}`` lines (optional ``options``, ``match``,
@@ -41,6 +49,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = p.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="a synthetic benchmark through the generation job")
+    build.add_argument("--config", required=True, help="preset, e.g. jobs/configs/eval-tiny.yaml")
+    build.add_argument("--out", required=True, help="benchmark folder (or URI) to write")
+    build.add_argument("--per-ability", type=int, default=50, help="items per ability (50)")
+    build.add_argument("--abilities", help="comma-separated abilities (default: all)")
+    build.add_argument(
+        "--train-data",
+        action="append",
+        default=[],
+        help="training data (raypipe OUT or OUT/data) the items must not overlap; repeat",
+    )
+    build.add_argument("--name", default="synthetic", help="benchmark name (synthetic)")
+    build.add_argument("overrides", nargs="*", help="dotted.field=value config overrides")
     imp = sub.add_parser("import", help="real images + JSONL -> a benchmark folder")
     imp.add_argument("--images", required=True, help="folder the JSONL's image paths are in")
     imp.add_argument("--items", required=True, help="JSONL of benchmark items")
@@ -60,6 +81,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--sheet", action="store_true", help="also write a human-review sheet (html + csv)"
     )
     return p.parse_args(argv)
+
+
+def run_build(args) -> int:
+    from raypipe.config import GenerateConfig, load_config
+    from raypipe.evaluate.build import build_benchmark
+
+    overrides = list(args.overrides)
+    if args.abilities:
+        overrides.append(f"abilities=[{args.abilities}]")
+    cfg = load_config(GenerateConfig, args.config, overrides)
+    report = build_benchmark(cfg, args.out, args.per_ability, args.train_data, benchmark=args.name)
+    for ability, short in report["short_abilities"].items():
+        print(
+            f"raypipe: {ability} got {args.per_ability - short} of {args.per_ability} items "
+            "(run the same command again to make more)",
+            file=sys.stderr,
+        )
+    print(json.dumps(report))
+    return 0
 
 
 def run_import(args) -> int:
@@ -126,6 +166,8 @@ def _jsonable(obj):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        if args.command == "build":
+            return run_build(args)
         if args.command == "import":
             return run_import(args)
         return run_score(args)

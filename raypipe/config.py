@@ -359,6 +359,12 @@ class GenerateConfig(Config):
         "dialogue actor works on at once (its requests run concurrently). Smaller blocks "
         "reach the GPUs sooner; larger ones cost less per row.",
     )
+    benchmark_question_mix: dict[Literal["yes_no", "wh", "either_or"], float] | None = Field(
+        None,
+        description="Write benchmark items instead of training dialogues (jobs/evaluate.py "
+        "build): each row gets a question of one of these types, drawn with these weights, "
+        "its reference response and reference answer keywords. None = training data.",
+    )
     max_rows_in_flight: int | None = Field(
         None,
         ge=1,

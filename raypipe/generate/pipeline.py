@@ -31,6 +31,7 @@ from raypipe.errors import ConfigError
 from raypipe.generate.store import OutputStore
 from raypipe.generate.text import (
     UNMADE,
+    BenchmarkItemWriter,
     DialogueWriter,
     PromptWriter,
     expand_keyword_bank,
@@ -102,7 +103,11 @@ def build_stream(cfg: GenerateConfig, run: dict[str, Any], tickets: int):
     ds = add_llm_stage(ds, PromptWriter, cfg, negative_prompt=cfg.render.negative_prompt, **llm)
     # Exactly one dedup actor: the rows it holds are released by later blocks.
     ds = add_stage(ds, DedupStage, {"planner": planner}, num_cpus=0.05)
-    ds = add_llm_stage(ds, DialogueWriter, cfg, **llm)
+    if cfg.benchmark_question_mix:
+        mix = dict(cfg.benchmark_question_mix)
+        ds = add_llm_stage(ds, BenchmarkItemWriter, cfg, question_mix=mix, **llm)
+    else:
+        ds = add_llm_stage(ds, DialogueWriter, cfg, **llm)
     ds = add_image_stages(ds, cfg.render, cfg.quality, run["banks"])
     return ds.map_batches(
         write_block,

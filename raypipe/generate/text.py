@@ -20,8 +20,19 @@ from raypipe.config import LLMConfig
 from raypipe.generate.stage import Stage
 from raypipe.llm import make_backend
 from raypipe.llm.base import LLMResult, Secret
-from raypipe.llm.parsing import emphasized_keywords, parse_dialogue, parse_keywords, parse_prompts
-from raypipe.llm.templates import dialogue_request, keyword_request, prompt_request
+from raypipe.llm.parsing import (
+    emphasized_keywords,
+    parse_benchmark,
+    parse_dialogue,
+    parse_keywords,
+    parse_prompts,
+)
+from raypipe.llm.templates import (
+    benchmark_request,
+    dialogue_request,
+    keyword_request,
+    prompt_request,
+)
 from raypipe.schema import is_rejected, reject, row_seed, rows_to_table, update_meta
 
 #: Stage of rows handed back unmade at ``max_usd`` (see raypipe.generate.planner).
@@ -325,3 +336,74 @@ class DialogueWriter(LLMStage):
             r["answer_keywords"] = []
             update_meta(r, question=question)
         return rows_to_table(rows)
+
+
+def question_type_for(mix: dict[str, float], run_seed: int, sample_id: str) -> str:
+    """The question type of a benchmark row: drawn from ``mix`` (type -> weight) by a
+    hash of the run seed and the row id, so a re-run asks the same type."""
+    names = sorted(t for t, w in mix.items() if w > 0)
+    total = sum(mix[t] for t in names)
+    x = stable_seed(run_seed, sample_id, "question_type") / 2**31 * total
+    for name in names:
+        x -= mix[name]
+        if x < 0:
+            return name
+    return names[-1]
+
+
+class BenchmarkItemWriter(LLMStage):
+    """Writes a benchmark item per row instead of a training dialogue (paper Fig. 5):
+    a question of the row's type (``question_mix``: yes/no, wh, either-or), the
+    reference response, and reference answer keywords (several where answers vary).
+
+    Input: work rows with id, ability, prompt, keywords. Output: conversations (the
+    question with ``<image>``, the reference response), question_type, answer_keywords
+    and meta; or rejected with stage ``benchmark`` and the parse reason. Already-rejected
+    rows pass through. The offline backend answers with exact reference items.
+    """
+
+    INPUT_COLUMNS = ("id", "ability", "prompt", "keywords", "seed")
+    OUTPUT_COLUMNS = ("conversations", "question_type", "answer_keywords", "meta")
+
+    def __init__(self, *args, question_mix: dict[str, float], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.question_mix = question_mix
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        todo = [r for r in rows if not is_rejected(r)]
+        if todo and self.over_budget():
+            for r in todo:
+                reject(r, UNMADE, "max_usd", "")
+            todo = []
+        types = [question_type_for(self.question_mix, self.run_seed, r["id"]) for r in todo]
+        requests = [
+            benchmark_request(
+                self.catalog[r["ability"]],
+                r["prompt"],
+                qtype,
+                key=f"benchmark/{r['id']}",
+                seed=stable_seed(self.run_seed, r["id"], "benchmark"),
+                temperature=self.cfg.temperature,
+            )
+            for r, qtype in zip(todo, types)
+        ]
+        results = self.complete(requests)
+        for r, qtype, res in zip(todo, types, results):
+            add_usage(r, "benchmark", usage_meta(res))
+            if not res.ok:
+                reject(r, "benchmark", f"llm_error:{res.error}", res.text or "")
+                continue
+            parsed = parse_benchmark(res.text, qtype)
+            if parsed.reason:
+                reject(r, "benchmark", parsed.reason, res.text or "")
+                continue
+            r["conversations"] = [
+                {"from": "human", "value": "<image>\n" + parsed.question},
+                {"from": "gpt", "value": parsed.answer},
+            ]
+            r["question_type"] = qtype
+            r["answer_keywords"] = list(parsed.answer_keywords)
+            update_meta(r, question=parsed.question)
+        return rows_to_table(rows)
+
