@@ -80,6 +80,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     score.add_argument(
         "--sheet", action="store_true", help="also write a human-review sheet (html + csv)"
     )
+    score.add_argument(
+        "--judge",
+        metavar="MODEL@BASE_URL",
+        help="also grade each answer 0/1 with this OpenAI-compatible model (an LLM judge); "
+        "its answers are cached in OUT/cache",
+    )
+    score.add_argument(
+        "--judge-key-env",
+        default="OPENAI_API_KEY",
+        help="environment variable holding the judge's API key (default: OPENAI_API_KEY)",
+    )
     return p.parse_args(argv)
 
 
@@ -139,7 +150,23 @@ def run_score(args) -> int:
         marks, bad = read_review_sheet(args.review)
         problems += bad
         apply_review(rows, marks)
+    summary = None
+    if args.judge:
+        from raypipe.config import LLMConfig
+        from raypipe.evaluate.judge import judge_rows, judge_summary
+
+        model, sep, base_url = args.judge.partition("@")
+        if not model or not sep or not base_url:
+            raise_error(f"--judge {args.judge!r}: write MODEL@BASE_URL, e.g. gpt-4o@https://...")
+        judge = LLMConfig(
+            backend="openai", model=model, base_url=base_url, api_key_env=args.judge_key_env
+        )
+        rows = judge_rows(rows, judge, Path(args.out) / "cache")
+        summary = judge_summary(rows)
     result = write_report(rows, args.out, problems=problems)
+    if summary is not None:
+        result["judge"] = summary
+        (Path(args.out) / "scores.json").write_text(json.dumps(result, indent=1) + "\n")
     if args.sheet:
         images = {r["id"]: r["image"]["bytes"] for r in rows if isinstance(r.get("image"), dict)}
         write_review_sheet(rows, args.out, images)

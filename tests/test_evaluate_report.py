@@ -147,3 +147,32 @@ def test_import_job_reports_bad_lines_and_writes_the_benchmark(tmp_path, capsys)
     assert "line 2" in err and "line 3" in err and "line 4" in err and "line 1:" not in err
     items = read_benchmark(str(out)).to_pylist()
     assert [i["ability"] for i in items] == ["color"] and items[0]["answer_keywords"] == ["red"]
+
+
+def test_score_with_an_llm_judge_reports_it_beside_the_keyword_score(
+    tmp_path, llm_server, monkeypatch
+):
+    def judge(messages):  # grades 1 when the reference keyword is in the answer
+        text = messages[-1]["content"]
+        if "Reference answer:" not in text:  # the endpoint check's probe
+            return "ok"
+        reference = text.split("Reference answer:", 1)[1].splitlines()[0]
+        answer = text.split("Model's answer:", 1)[1].splitlines()[0].lower()
+        words = [w.strip(" .:,") for w in reference.lower().split()]
+        return "1" if any(w and w in answer for w in words[-1:]) else "0"
+
+    server = llm_server(responder=judge)
+    monkeypatch.setenv("RAYPIPE_JUDGE_KEY", "sk-test")
+    out = tmp_path / "report"
+    args = ["score", "--predictions", str(answers(tmp_path / "a.jsonl")), "--out", str(out)]
+    judge_args = ["--judge", f"test-model@{server.url}", "--judge-key-env", "RAYPIPE_JUDGE_KEY"]
+    assert job.main([*args, *judge_args]) == 0
+    scores = json.loads((out / "scores.json").read_text())
+    tuned = scores["models"]["tuned"]["benchmarks"]["synthetic"]["overall"]
+    assert tuned["judge_accuracy"] == pytest.approx(0.75)
+    assert scores["models"]["tuned"]["judge_agreement"] == 1.0
+    assert scores["judge"]["judged"] == 24
+    assert "judge 75%" in (out / "report.md").read_text()
+    sent = server.total_requests
+    assert job.main([*args, *judge_args]) == 0  # answered from OUT/cache
+    assert server.total_requests == sent
