@@ -21,10 +21,10 @@ def _cfg(**over) -> GenerateConfig:
 
 def test_build_writes_typed_items_and_makes_up_for_overlaps(ray_local, tiny_dir, tmp_path):
     first = tmp_path / "first"
-    report = build_benchmark(_cfg(), str(first), per_ability=3)
+    report = build_benchmark(_cfg(), str(first), per_ability=2)
     items = read_benchmark(str(first)).to_pylist()
-    assert report["items_per_ability"] == {"color": 3, "animal": 3}
-    assert len(items) == 6 and not report["short_abilities"]
+    assert report["items_per_ability"] == {"color": 2, "animal": 2}
+    assert len(items) == 4 and not report["short_abilities"]
     for item in items:
         assert item["question"].endswith("?") and "<image>" not in item["question"]
         assert item["question_type"] in ("yes_no", "wh", "either_or")
@@ -36,11 +36,11 @@ def test_build_writes_typed_items_and_makes_up_for_overlaps(ray_local, tiny_dir,
     # first-round item overlaps it and is dropped; a second round makes new rows.
     again = tmp_path / "again"
     report = build_benchmark(
-        _cfg(), str(again), per_ability=3, training=[str(first / "generation" / "data")]
+        _cfg(), str(again), per_ability=2, training=[str(first / "generation" / "data")]
     )
-    assert report["overlap_dropped"] >= 6
-    assert report["attempts"][0]["short"] == {"color": 3, "animal": 3}
-    assert report["items_per_ability"] == {"color": 3, "animal": 3}
+    assert report["overlap_dropped"] >= 4
+    assert report["attempts"][0]["short"] == {"color": 2, "animal": 2}
+    assert report["items_per_ability"] == {"color": 2, "animal": 2}
     new = {i["id"] for i in read_benchmark(str(again)).to_pylist()}
     assert not new & {i["id"] for i in items}
     assert read_benchmark_report(str(again))["overlap_reasons"]
