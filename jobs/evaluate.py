@@ -3,7 +3,9 @@
     python jobs/evaluate.py build --config jobs/configs/eval-tiny.yaml --out BENCH \
         --per-ability 4 --train-data out/demo/data
     python jobs/evaluate.py import --images DIR --items items.jsonl --out BENCH
-    python jobs/evaluate.py score --predictions predictions.parquet --out REPORT
+    python jobs/evaluate.py predict --bench BENCH --model base=LLAVA_DIR \
+        --model tuned=out/train/export --out PRED
+    python jobs/evaluate.py score --predictions PRED/predictions.parquet --out REPORT
     python jobs/evaluate.py score --predictions answers.jsonl --out REPORT --sheet
     python jobs/evaluate.py score --predictions REPORT/predictions.parquet \
         --review REPORT/review.csv --out REPORT2      # with human marks
@@ -19,6 +21,13 @@ ability gets ``--per-ability`` items, or says how many it got.
 ``synonyms``) into a benchmark folder (``BENCH/items/*.parquet``); malformed lines and
 unreadable images are reported with their line numbers and written to
 ``BENCH/rejects``, never fatal.
+
+``predict`` runs each model over each benchmark: local folders (a raypipe export or any
+llava-hf checkpoint) as a Ray Data actor pool with batched greedy decoding through the
+model's chat template (a GPU per actor when there are GPUs), or an OpenAI-compatible
+vision endpoint (images as data URLs, through the LLM client's cache, limits and
+retries). It writes ``predictions.parquet`` (model, prediction, latency, tokens) and
+``models.json`` (each model's path and lineage).
 
 ``score`` reads predictions (``predictions.parquet`` or a JSONL with ``id``, ``ability``,
 ``question``, ``question_type``, ``answer_keywords``, ``prediction``, and optionally
@@ -73,6 +82,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         help="extra ability folders (as generation's catalog_dirs): abilities must be known",
     )
+    pred = sub.add_parser("predict", help="models over a benchmark -> predictions.parquet")
+    pred.add_argument("--bench", required=True, action="append", help="benchmark folder; repeat")
+    pred.add_argument(
+        "--model",
+        required=True,
+        action="append",
+        metavar="[NAME=]PATH | [NAME=]openai:MODEL@BASE_URL",
+        help="a raypipe export or llava-hf folder, or an OpenAI-compatible vision endpoint; "
+        "repeat to compare",
+    )
+    pred.add_argument("--out", required=True, help="folder for predictions.parquet")
+    pred.add_argument("--batch-size", type=int, default=8)
+    pred.add_argument("--max-new-tokens", type=int, default=32)
+    pred.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    pred.add_argument("--num-actors", type=int, default=1, help="model actors (GPUs)")
+    pred.add_argument("--key-env", default="OPENAI_API_KEY", help="endpoint key variable")
     score = sub.add_parser("score", help="predictions -> scores.json, report.md, charts")
     score.add_argument("--predictions", required=True, help="predictions.parquet or .jsonl")
     score.add_argument("--out", required=True, help="report folder")
@@ -110,6 +135,47 @@ def run_build(args) -> int:
             file=sys.stderr,
         )
     print(json.dumps(report))
+    return 0
+
+
+def run_predict(args) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raypipe.evaluate.benchmark import read_benchmark
+    from raypipe.evaluate.inference import check_local_model, parse_model, predict
+
+    models = [parse_model(m, api_key_env=args.key_env) for m in args.model]
+    for m in models:  # a bad folder fails here, before any model loads
+        if m.kind == "local":
+            check_local_model(m.path)
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for bench in args.bench:
+        items = read_benchmark(bench)
+        for m in models:
+            rows += predict(
+                items,
+                m,
+                cache_dir=out / "cache",
+                batch_size=args.batch_size,
+                max_new_tokens=args.max_new_tokens,
+                device=args.device,
+                num_actors=args.num_actors,
+            )
+    failed = [r for r in rows if r.get("error")]
+    for r in failed[:20]:
+        print(f"raypipe: {r['model']} on {r['id']}: {r['error']}", file=sys.stderr)
+    pq.write_table(pa.Table.from_pylist(rows), out / "predictions.parquet")
+    (out / "models.json").write_text(
+        json.dumps({m.name: m.describe() for m in models}, indent=1) + "\n"
+    )
+    print(f"{len(rows)} predictions ({len(failed)} failed): {out / 'predictions.parquet'}")
     return 0
 
 
@@ -163,7 +229,9 @@ def run_score(args) -> int:
         )
         rows = judge_rows(rows, judge, Path(args.out) / "cache")
         summary = judge_summary(rows)
-    result = write_report(rows, args.out, problems=problems)
+    facts = Path(args.predictions).parent / "models.json"  # predict's: path and lineage
+    models = json.loads(facts.read_text()) if facts.exists() else None
+    result = write_report(rows, args.out, models=models, problems=problems)
     if summary is not None:
         result["judge"] = summary
         (Path(args.out) / "scores.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -197,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_build(args)
         if args.command == "import":
             return run_import(args)
+        if args.command == "predict":
+            return run_predict(args)
         return run_score(args)
     except RaypipeError as e:
         print(f"raypipe: error: {e}", file=sys.stderr)
