@@ -161,6 +161,17 @@ class LLMStage(Stage):
         self.run_seed = run_seed
         self.planner = planner
 
+    def rows_to_write(self, batch: pa.Table) -> tuple[list[dict], list[dict]]:
+        """``(all rows, rows to write)``: rejected rows pass through; at ``max_usd`` every
+        row is handed back unmade."""
+        rows = batch.to_pylist()
+        todo = [r for r in rows if not is_rejected(r)]
+        if todo and self.over_budget():
+            for r in todo:
+                reject(r, UNMADE, "max_usd", "")
+            todo = []
+        return rows, todo
+
     def over_budget(self) -> bool:
         """Whether the run reached ``max_usd`` (then rows are handed back unmade)."""
         if self.planner is None:
@@ -296,12 +307,7 @@ class DialogueWriter(LLMStage):
         return pool[stable_seed(self.run_seed, sample_id, "question") % len(pool)]
 
     def process(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        todo = [r for r in rows if not is_rejected(r)]
-        if todo and self.over_budget():
-            for r in todo:
-                reject(r, UNMADE, "max_usd", "")
-            todo = []
+        rows, todo = self.rows_to_write(batch)
         requests, questions = [], []
         for r in todo:
             ability = self.catalog[r["ability"]]
@@ -370,12 +376,7 @@ class BenchmarkItemWriter(LLMStage):
         self.question_mix = question_mix
 
     def process(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        todo = [r for r in rows if not is_rejected(r)]
-        if todo and self.over_budget():
-            for r in todo:
-                reject(r, UNMADE, "max_usd", "")
-            todo = []
+        rows, todo = self.rows_to_write(batch)
         types = [question_type_for(self.question_mix, self.run_seed, r["id"]) for r in todo]
         requests = [
             benchmark_request(
