@@ -75,6 +75,9 @@ def test_first_part_is_written_while_prompts_are_still_answered(ray_local, tiny_
                 "llm.concurrency=1",
                 "llm_batch_chunks=1",
                 "num_samples=260",
+                # A window well under N, as at scale (the default, 256 per render
+                # actor, would hold nearly all 260 rows at once here).
+                "max_rows_in_flight=64",
                 "part_max_seconds=5",
                 "render.width=32",
                 "render.height=32",
