@@ -1,6 +1,7 @@
 """Evaluate models on per-ability benchmarks (StableLLaVA's Figure 6), or re-score answers.
 
-    python jobs/evaluate.py build --config jobs/configs/eval-tiny.yaml --out BENCH \
+    python jobs/evaluate.py run --config jobs/configs/eval-tiny.yaml --out out/eval-tiny
+    python jobs/evaluate.py build --config jobs/configs/eval-tiny-bench.yaml --out BENCH \
         --per-ability 4 --train-data out/demo/data
     python jobs/evaluate.py import --images DIR --items items.jsonl --out BENCH
     python jobs/evaluate.py predict --bench BENCH --model base=LLAVA_DIR \
@@ -9,6 +10,13 @@
     python jobs/evaluate.py score --predictions answers.jsonl --out REPORT --sheet
     python jobs/evaluate.py score --predictions REPORT/predictions.parquet \
         --review REPORT/review.csv --out REPORT2      # with human marks
+
+``run`` does everything an evaluation preset (``raypipe.evaluate.run.EvaluateConfig``)
+says, into one folder: training data and a tuned model when the preset has a
+``training`` recipe, the synthetic benchmark, imported real-image benchmarks,
+predictions of every model on every benchmark, and the report. Running it again
+resumes. Overrides apply to the evaluation preset (``per_ability=10``,
+``training.train_overrides=[epochs=1]``).
 
 ``build`` makes a synthetic benchmark through the generation job (the same prompt,
 render and quality stages; a question of each type in ``benchmark_question_mix`` with
@@ -58,8 +66,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="everything an evaluation preset says, into one folder")
+    run.add_argument("--config", required=True, help="evaluation preset, e.g. eval-tiny.yaml")
+    run.add_argument("--out", required=True, help="folder for every output (resumable)")
+    run.add_argument("overrides", nargs="*", help="dotted.field=value overrides of the preset")
     build = sub.add_parser("build", help="a synthetic benchmark through the generation job")
-    build.add_argument("--config", required=True, help="preset, e.g. jobs/configs/eval-tiny.yaml")
+    build.add_argument(
+        "--config",
+        required=True,
+        help="generation preset (e.g. jobs/configs/eval-tiny-bench.yaml), or an evaluation "
+        "preset (its `benchmark`)",
+    )
     build.add_argument("--out", required=True, help="benchmark folder (or URI) to write")
     build.add_argument("--per-ability", type=int, default=50, help="items per ability (50)")
     build.add_argument("--abilities", help="comma-separated abilities (default: all)")
@@ -122,11 +139,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_build(args) -> int:
     from raypipe.config import GenerateConfig, load_config
     from raypipe.evaluate.build import build_benchmark
+    from raypipe.evaluate.run import benchmark_config, is_evaluation_preset, load_evaluate_config
 
     overrides = list(args.overrides)
     if args.abilities:
         overrides.append(f"abilities=[{args.abilities}]")
-    cfg = load_config(GenerateConfig, args.config, overrides)
+    if is_evaluation_preset(args.config):
+        preset = load_evaluate_config(args.config)
+        cfg = benchmark_config(preset, Path(args.config).parent, overrides)
+    else:
+        cfg = load_config(GenerateConfig, args.config, overrides)
     report = build_benchmark(cfg, args.out, args.per_ability, args.train_data, benchmark=args.name)
     for ability, short in report["short_abilities"].items():
         print(
@@ -139,43 +161,29 @@ def run_build(args) -> int:
 
 
 def run_predict(args) -> int:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from raypipe.evaluate.benchmark import read_benchmark
-    from raypipe.evaluate.inference import check_local_model, parse_model, predict
+    from raypipe.evaluate.inference import check_local_model, parse_model
+    from raypipe.evaluate.run import PredictSettings, predict_all
 
     models = [parse_model(m, api_key_env=args.key_env) for m in args.model]
     for m in models:  # a bad folder fails here, before any model loads
         if m.kind == "local":
             check_local_model(m.path)
+    settings = PredictSettings(
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        device=args.device,
+        num_actors=args.num_actors,
+        key_env=args.key_env,
+    )
     import ray
 
     if not ray.is_initialized():
         ray.init()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for bench in args.bench:
-        items = read_benchmark(bench)
-        for m in models:
-            rows += predict(
-                items,
-                m,
-                cache_dir=out / "cache",
-                batch_size=args.batch_size,
-                max_new_tokens=args.max_new_tokens,
-                device=args.device,
-                num_actors=args.num_actors,
-            )
-    failed = [r for r in rows if r.get("error")]
-    for r in failed[:20]:
-        print(f"raypipe: {r['model']} on {r['id']}: {r['error']}", file=sys.stderr)
-    pq.write_table(pa.Table.from_pylist(rows), out / "predictions.parquet")
-    (out / "models.json").write_text(
-        json.dumps({m.name: m.describe() for m in models}, indent=1) + "\n"
+    done = predict_all(args.bench, models, Path(args.out), settings)
+    print(
+        f"{done['predictions']} predictions ({done['failed']} failed): "
+        f"{Path(args.out) / 'predictions.parquet'}"
     )
-    print(f"{len(rows)} predictions ({len(failed)} failed): {out / 'predictions.parquet'}")
     return 0
 
 
@@ -197,59 +205,46 @@ def run_import(args) -> int:
 
 
 def run_score(args) -> int:
-    from raypipe.evaluate.report import (
-        apply_review,
-        read_predictions,
-        read_review_sheet,
-        write_report,
-        write_review_sheet,
+    from raypipe.evaluate.run import score_all
+
+    result = score_all(
+        args.predictions,
+        args.out,
+        review=args.review,
+        sheet=args.sheet,
+        judge=args.judge,
+        judge_key_env=args.judge_key_env,
     )
-
-    rows, problems = read_predictions(args.predictions)
-    for problem in problems:
-        print(f"raypipe: skipped {args.predictions} {problem}", file=sys.stderr)
-    if not rows:
-        raise_error(f"{args.predictions} holds no usable prediction rows")
-    if args.review:
-        if not Path(args.review).exists():
-            raise_error(f"review sheet {args.review} does not exist")
-        marks, bad = read_review_sheet(args.review)
-        problems += bad
-        apply_review(rows, marks)
-    summary = None
-    if args.judge:
-        from raypipe.config import LLMConfig
-        from raypipe.evaluate.judge import judge_rows, judge_summary
-
-        model, sep, base_url = args.judge.partition("@")
-        if not model or not sep or not base_url:
-            raise_error(f"--judge {args.judge!r}: write MODEL@BASE_URL, e.g. gpt-4o@https://...")
-        judge = LLMConfig(
-            backend="openai", model=model, base_url=base_url, api_key_env=args.judge_key_env
-        )
-        rows = judge_rows(rows, judge, Path(args.out) / "cache")
-        summary = judge_summary(rows)
-    facts = Path(args.predictions).parent / "models.json"  # predict's: path and lineage
-    models = json.loads(facts.read_text()) if facts.exists() else None
-    result = write_report(rows, args.out, models=models, problems=problems)
-    if summary is not None:
-        result["judge"] = summary
-        (Path(args.out) / "scores.json").write_text(json.dumps(result, indent=1) + "\n")
-    if args.sheet:
-        images = {r["id"]: r["image"]["bytes"] for r in rows if isinstance(r.get("image"), dict)}
-        write_review_sheet(rows, args.out, images)
-    for model, entry in result["models"].items():
-        for bench, table in entry["benchmarks"].items():
-            s = table["overall"]
-            print(f"{model} on {bench}: {s['correct']}/{s['n']} = {100 * s['accuracy']:.1f}%")
+    print_scores(result)
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
 
 
-def raise_error(message: str):
-    from raypipe.errors import ConfigError
+def print_scores(result: dict) -> None:
+    for model, entry in result["models"].items():
+        for bench, table in entry["benchmarks"].items():
+            s = table["overall"]
+            print(f"{model} on {bench}: {s['correct']}/{s['n']} = {100 * s['accuracy']:.1f}%")
 
-    raise ConfigError(message)
+
+def run_run(args) -> int:
+    from raypipe.evaluate.run import load_evaluate_config, run_evaluation
+
+    cfg = load_evaluate_config(args.config, args.overrides)
+    summary = run_evaluation(cfg, args.out, preset_dir=Path(args.config).parent)
+    for bench, facts in summary["benchmarks"].items():
+        for ability, short in facts.get("short_abilities", {}).items():
+            print(
+                f"raypipe: {bench}: {ability} got {cfg.per_ability - short} of "
+                f"{cfg.per_ability} items (run the same command again to make more)",
+                file=sys.stderr,
+            )
+    for model, benches in summary["scores"].items():
+        for bench, s in benches.items():
+            print(f"{model} on {bench}: {s['correct']}/{s['n']} = {100 * s['accuracy']:.1f}%")
+    print(f"report: {summary['report']}")
+    print(json.dumps(summary))
+    return 0
 
 
 def _jsonable(obj):
@@ -261,6 +256,8 @@ def _jsonable(obj):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        if args.command == "run":
+            return run_run(args)
         if args.command == "build":
             return run_build(args)
         if args.command == "import":
