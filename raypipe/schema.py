@@ -1,4 +1,7 @@
-"""Parquet schemas: the single source of truth for column names (DESIGN.md section 3)."""
+"""Parquet schemas: the single source of truth for column names.
+
+What each column means: docs/architecture.md, "Data contract".
+"""
 
 from __future__ import annotations
 

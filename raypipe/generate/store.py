@@ -1,4 +1,4 @@
-"""The output directory of a generation run (DESIGN.md section 3), local or a URI.
+"""The output directory of a generation run, local or a URI (docs/architecture.md, "Data contract").
 
 ``OUT`` may be a local path or any URI pyarrow understands (``s3://``, ``gs://``, ...).
 Parquet parts are written whole or not at all (local: temp file + rename; object stores:
