@@ -27,13 +27,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from raypipe.cli import HelpParser, generate_epilog  # noqa: E402
 from raypipe.config import GenerateConfig, load_config  # noqa: E402
 from raypipe.errors import RaypipeError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    # --help also lists the presets, the abilities and every config field.
+    p = HelpParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog_fn=generate_epilog,
     )
     p.add_argument("--config", required=True, help="preset YAML, e.g. jobs/configs/demo.yaml")
     p.add_argument("--out", required=True, help="output folder or URI (s3://...)")
