@@ -494,13 +494,9 @@ def block_rows(items: int, batch_size: int, num_actors: int = 1) -> int:
 
 
 def _uses_gpu(device: str) -> bool:
-    if device == "cuda":
-        return True
-    if device == "cpu":
-        return False
-    import ray
+    from raypipe.placement import uses_gpu
 
-    return ray.cluster_resources().get("GPU", 0) > 0
+    return uses_gpu(device)
 
 
 def predict_local(
@@ -515,6 +511,8 @@ def predict_local(
     num_actors: int = 1,
     num_cpus: float | None = None,
     threads: int | None = None,
+    resources: dict[str, float] | None = None,
+    accelerator_type: str | None = None,
     max_task_retries: int = 3,
     stage: type[LlavaPredictor] | None = None,
 ) -> list[dict[str, Any]]:
@@ -527,12 +525,15 @@ def predict_local(
         name: the predictions' ``model``; default the folder's name.
         batch_size: items per model call (and per Ray Data block, for tables).
         max_new_tokens: longest answer, in tokens.
-        device: ``auto`` (CUDA actors when the Ray cluster has GPUs), ``cuda`` or ``cpu``.
+        device: ``auto`` (CUDA actors when the Ray cluster has or can add GPUs:
+            :func:`raypipe.placement.uses_gpu`), ``cuda`` or ``cpu``.
         dtype: ``auto`` (bf16, else fp16, on CUDA; fp32 on CPU) or a torch dtype name.
         num_actors: actors in the pool (each loads the model; one GPU each on CUDA).
         num_cpus: CPUs each actor reserves (default 1 on CUDA, 0.5 on CPU).
         threads: torch threads of a CPU actor (default: ``num_cpus`` rounded down, at
             least 1).
+        resources: custom Ray resources each actor reserves (``raypipe.placement``).
+        accelerator_type: the GPU model actors must run on (``A100``, ...), GPU only.
         max_task_retries: times a block is retried on a fresh actor after a crash.
         stage: a :class:`LlavaPredictor` subclass to run instead (the benchmark's adds
             timestamps).
@@ -572,14 +573,22 @@ def predict_local(
         table = table.append_column(_ROW, pa.array(range(table.num_rows), type=pa.int64()))
         step = block_rows(table.num_rows, batch_size, num_actors)
         ds = ray.data.from_arrow([table.slice(s, step) for s in range(0, table.num_rows, step)])
+    from raypipe.placement import actor_resources, check_accelerator_type, check_resources
+
+    check_resources(resources, "predict.resources", "predict.num_cpus")
+    check_accelerator_type(accelerator_type, "predict.accelerator_type")
     ds = add_stage(
         ds,
         stage or LlavaPredictor,
         kwargs,
         min_actors=num_actors,
         max_actors=num_actors,
-        num_cpus=num_cpus,
-        num_gpus=1 if use_gpu else None,
+        **actor_resources(
+            num_cpus=num_cpus,
+            num_gpus=1 if use_gpu else None,
+            resources=resources,
+            accelerator_type=accelerator_type,
+        ),
         max_restarts=-1,
         max_task_retries=max_task_retries,
     )

@@ -48,6 +48,7 @@ from raypipe.generate.render import (
 )
 from raypipe.generate.stage import Stage, add_stage
 from raypipe.matching import mentions_any, phrase_key, strip_emphasis
+from raypipe.placement import actor_resources
 from raypipe.schema import is_rejected, reject, rows_to_table, update_meta
 
 log = logging.getLogger(__name__)
@@ -500,7 +501,7 @@ def add_quality(ds, cfg: QualityConfig, banks: dict[str, list[str]] | None = Non
         {"cfg": cfg, "banks": banks if cfg.grounding_top_k is not None else None},
         min_actors=1,
         max_actors=cfg.max_actors,
-        num_cpus=cfg.cpus_per_actor,
+        **actor_resources(num_cpus=cfg.cpus_per_actor, resources=cfg.resources),
     )
 
 
@@ -532,6 +533,7 @@ def add_image_stages(
     return add_stage(ds, RenderAndCheck, kwargs, **render_pool_args(render, use_gpu))
 
 
-#: The stages' ``build_*`` name (DESIGN.md: one plain function appends stages).
+#: The stages' ``build_*`` name (docs/architecture.md, "The generation stream": one plain
+#: function appends stages).
 build_image_stages = add_image_stages
 build_quality = add_quality

@@ -297,6 +297,16 @@ def rowwise_forward(forward, guided: bool):
 # ---------------------------------------------------------------------------------------
 
 
+def _ray_node_id() -> str | None:
+    """The Ray node this process runs on (None outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
 class Renderer(Stage):
     """Render each row's prompt with its own seed; encode the image.
 
@@ -305,7 +315,7 @@ class Renderer(Stage):
     ``missing_seed``). Output columns: ``image`` (``{"bytes", "path": "<id>.<ext>"}``), ``width``,
     ``height``, ``sd_model``, ``negative_prompt`` (what the model got), ``meta`` (merged:
     ``steps``, ``guidance``, ``render_s`` per image, ``scheduler``, ``dtype``,
-    ``prompt_chunks``). Rows whose image comes out with NaN pixels are rejected
+    ``prompt_chunks``, ``render_node``: the Ray node that rendered it). Rows whose image comes out with NaN pixels are rejected
     (``render``/``nan_image``); already-rejected rows pass through untouched.
     """
 
@@ -338,6 +348,7 @@ class Renderer(Stage):
             self.pipe.vae.enable_slicing()
             self.pipe.unet.forward = rowwise_forward(self.pipe.unet.forward, self.guided)
         self.pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
+        self.node = _ray_node_id()
 
     def process(self, batch: pa.Table) -> pa.Table:
         # A block of any size: rendered in calls of at most cfg.batch_size rows.
@@ -425,6 +436,7 @@ class Renderer(Stage):
                 scheduler=self.scheduler_name,
                 dtype=str(self.dtype).removeprefix("torch."),
                 prompt_chunks=chunks,
+                render_node=self.node,
             )
             row["sd_model"] = self.cfg.model
             if is_nan:
@@ -489,28 +501,32 @@ class Renderer(Stage):
 
 
 def render_uses_gpu(cfg: RenderConfig) -> bool:
-    """Whether render actors ask Ray for GPUs: device=cuda, or auto on a cluster with GPUs."""
-    if cfg.device == "cuda":
-        return True
-    if cfg.device == "cpu":
-        return False
-    import ray
+    """Whether render actors ask Ray for GPUs: device=cuda, or auto on a cluster that has
+    GPUs or whose autoscaler can add GPU nodes (:func:`raypipe.placement.uses_gpu`)."""
+    from raypipe.placement import uses_gpu
 
-    return ray.cluster_resources().get("GPU", 0) > 0
+    return uses_gpu(cfg.device)
 
 
 def render_pool_args(cfg: RenderConfig, use_gpu: bool) -> dict[str, Any]:
     """The render pool's size and Ray resource requests (for :func:`add_stage`).
 
-    On GPU each actor asks for ``gpus_per_actor`` GPUs, so a cluster autoscaler adds GPU
-    nodes while the pool wants more actors. A dead actor is restarted (without limit)
-    and its block retried ``max_task_retries`` times.
+    On GPU each actor asks for ``gpus_per_actor`` GPUs (of ``accelerator_type``, if set),
+    plus the custom ``resources``, so a cluster autoscaler adds nodes that have them while
+    the pool wants more actors (:func:`raypipe.placement.actor_resources`). A dead actor
+    is restarted (without limit) and its block retried ``max_task_retries`` times.
     """
+    from raypipe.placement import actor_resources
+
     return {
         "min_actors": cfg.min_actors,
         "max_actors": cfg.max_actors,
-        "num_cpus": cfg.cpus_per_actor,
-        "num_gpus": cfg.gpus_per_actor if use_gpu else None,
+        **actor_resources(
+            num_cpus=cfg.cpus_per_actor,
+            num_gpus=cfg.gpus_per_actor if use_gpu else None,
+            resources=cfg.resources,
+            accelerator_type=cfg.accelerator_type,
+        ),
         "max_restarts": -1,
         "max_task_retries": cfg.max_task_retries,
     }
@@ -527,5 +543,6 @@ def add_render(ds, cfg: RenderConfig, stage: type[Renderer] = Renderer):
     return add_stage(ds, stage, {"cfg": actor_cfg}, **render_pool_args(cfg, use_gpu))
 
 
-#: The stage's ``build_*`` name (DESIGN.md: one plain function appends a stage).
+#: The stage's ``build_*`` name (docs/architecture.md, "The generation stream": one plain
+#: function appends a stage).
 build_render = add_render
