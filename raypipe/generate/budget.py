@@ -148,6 +148,11 @@ def _llm_price(cfg: GenerateConfig) -> tuple[tuple[float, float] | None, str]:
     llm = cfg.llm
     if llm.backend == "offline":
         return None, "offline writer: no LLM is called, cost 0 USD"
+    if llm.backend == "vllm":
+        return None, (
+            "vllm: engines in the run, no token prices (their GPU time is priced by "
+            "gpu_hour_usd in the manifest)"
+        )
     from raypipe.llm.client import _price  # the client's own lookup: exact, then prefix
 
     price = _price(llm.prices, llm.model)
@@ -377,7 +382,7 @@ def format_estimate(est: dict[str, Any]) -> str:
         line("prompt tokens (max)", tok["prompt"]),
         line("completion tokens (max)", tok["completion"]),
         line(
-            f"LLM USD ({est['llm']['model'] if est['llm']['backend'] == 'openai' else 'offline'})",
+            f"LLM USD ({est['llm']['model'] if est['llm']['backend'] == 'openai' else est['llm']['backend']})",
             est["llm"]["usd"],
             _usd,
         ),

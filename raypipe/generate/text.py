@@ -18,8 +18,8 @@ import pyarrow as pa
 from raypipe.abilities import Ability, load_catalog
 from raypipe.config import LLMConfig
 from raypipe.generate.stage import Stage
-from raypipe.llm import make_backend
-from raypipe.llm.base import LLMResult, Secret
+from raypipe.llm import make_backend, structured
+from raypipe.llm.base import LLMRequest, LLMResult, Secret
 from raypipe.llm.parsing import (
     emphasized_keywords,
     parse_benchmark,
@@ -88,13 +88,15 @@ def expand_keyword_bank(
     per_request: int = 50,
     start: list[str] | None = None,
     attempt: int = 0,
+    structured_output: bool = False,
 ) -> tuple[list[str], list[dict[str, Any]]]:
     """Seed keywords plus ``extra`` LLM-listed ones (paper section 4.3).
 
     Returns (bank, rejects). Requests continue until ``extra`` new keywords are in the
     bank or a few rounds in a row add nothing. ``start`` is a bank an earlier run left
     short; ``attempt`` (its retry number) goes into the request keys, so a retry sends
-    new requests instead of being served the answers that fell short.
+    new requests instead of being served the answers that fell short. With
+    ``structured_output`` the requests carry a JSON schema (raypipe.llm.structured).
     """
     bank = list(start) if start else seed_bank(ability)
     rejects: list[dict[str, Any]] = []
@@ -106,13 +108,19 @@ def expand_keyword_bank(
         req = keyword_request(
             ability, n, list(bank), key=key, seed=stable_seed(seed, key), temperature=temperature
         )
+        if structured_output:
+            req = structured.with_schema(req)
         (res,) = backend.complete_batch([req])
         round_ += 1
-        if not res.ok:
-            rejects.append(_keyword_reject(key, ability.name, f"llm_error:{res.error}", ""))
+        if not res.ok or res.finish_reason == "length":
+            reason = f"llm_error:{res.error}" if not res.ok else "max_tokens"
+            rejects.append(_keyword_reject(key, ability.name, reason, res.text or ""))
             stale += 1
             continue
-        parsed = parse_keywords(res.text, ability, existing=bank)
+        if req.response_schema:
+            parsed = structured.parse_keywords_json(res.text, ability, existing=bank)
+        else:
+            parsed = parse_keywords(res.text, ability, existing=bank)
         for reason, raw in parsed.rejects:
             rejects.append(_keyword_reject(key, ability.name, reason, raw))
         new = [k for k in parsed.items if k not in bank]
@@ -161,16 +169,51 @@ class LLMStage(Stage):
         self.run_seed = run_seed
         self.planner = planner
 
-    def rows_to_write(self, batch: pa.Table) -> tuple[list[dict], list[dict]]:
-        """``(all rows, rows to write)``: rejected rows pass through; at ``max_usd`` every
-        row is handed back unmade."""
+    # A writing stage is two halves: ``prepare`` (rows -> one request per row, or None for
+    # a row that needs none) and ``finish`` (rows, requests, results -> output table).
+    # ``process`` joins them through ``self.backend``; the ``vllm`` backend runs them as
+    # two stages with the Ray Data LLM engine between (raypipe.generate.engine).
+
+    def prepare(self, rows: list[dict[str, Any]]) -> list[LLMRequest | None]:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def finish(
+        self,
+        rows: list[dict[str, Any]],
+        requests: list[LLMRequest | None],
+        results: list[LLMResult | None],
+    ) -> pa.Table:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def process(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        todo = [r for r in rows if not is_rejected(r)]
-        if todo and self.over_budget():
-            for r in todo:
-                reject(r, UNMADE, "max_usd", "")
-            todo = []
-        return rows, todo
+        requests = self.prepare(rows)
+        answers = iter(self.complete([r for r in requests if r is not None]))
+        return self.finish(rows, requests, [None if r is None else next(answers) for r in requests])
+
+    def request(self, req: LLMRequest) -> LLMRequest:
+        """``req`` as this run sends it: with its JSON schema under ``llm.structured_output``."""
+        return structured.with_schema(req) if self.cfg.structured_output else req
+
+    @staticmethod
+    def failure(res: LLMResult) -> str | None:
+        """Why ``res`` cannot be used at all (failed, or cut at max_tokens), else None."""
+        if not res.ok:
+            return f"llm_error:{res.error}"
+        if res.finish_reason == "length":
+            return "max_tokens"
+        return None
+
+    def writable(self, rows: list[dict[str, Any]]) -> list[bool]:
+        """Which rows to write: not yet rejected; at ``max_usd`` none (they are handed
+        back unmade, in place)."""
+        todo = [not is_rejected(r) for r in rows]
+        if any(todo) and self.over_budget():
+            for r, t in zip(rows, todo):
+                if t:
+                    reject(r, UNMADE, "max_usd", "")
+            todo = [False] * len(rows)
+        return todo
 
     def over_budget(self) -> bool:
         """Whether the run reached ``max_usd`` (then rows are handed back unmade)."""
@@ -227,32 +270,47 @@ class PromptWriter(LLMStage):
         super().__init__(**llm_stage_kwargs)
         self.negative_prompt = negative_prompt
 
-    def process(self, batch: pa.Table) -> pa.Table:
-        items = batch.to_pylist()
+    def prepare(self, items: list[dict[str, Any]]) -> list[LLMRequest | None]:
         if self.over_budget():
-            return self.unmade(items)
-        requests = []
+            for it in items:
+                it["unmade"] = True
+            return [None] * len(items)
+        requests: list[LLMRequest | None] = []
         for it in items:
             key = f"prompts/{it['ability']}/{it['chunk']:06d}"
             requests.append(
-                prompt_request(
-                    self.catalog[it["ability"]],
-                    list(it["chunk_keywords"]),
-                    key=key,
-                    seed=stable_seed(self.run_seed, key),
-                    temperature=self.cfg.temperature,
+                self.request(
+                    prompt_request(
+                        self.catalog[it["ability"]],
+                        list(it["chunk_keywords"]),
+                        key=key,
+                        seed=stable_seed(self.run_seed, key),
+                        temperature=self.cfg.temperature,
+                    )
                 )
             )
-        results = self.complete(requests)
+        return requests
+
+    def finish(self, items, requests, results) -> pa.Table:
+        if any(it.get("unmade") for it in items):
+            return self.unmade(items)
         rows: list[dict[str, Any]] = []
-        for it, res in zip(items, results):
+        for it, req, res in zip(items, requests, results):
             k = len(it["chunk_keywords"])
-            parsed = parse_prompts(res.text, list(it["chunk_keywords"])) if res.ok else None
+            failure = self.failure(res)
+            if failure is not None:
+                parsed = None
+            elif req.response_schema:
+                parsed = structured.parse_prompts(res.text, list(it["chunk_keywords"]))
+            else:
+                parsed = parse_prompts(res.text, list(it["chunk_keywords"]))
             failed = [p for p in range(k) if parsed is None or parsed[p].reason]
             if failed and self.planner is not None:
                 import ray
 
-                ray.get(self.planner.burn.remote(it["ability"], [it["chunk"] * k + p for p in failed]))
+                ray.get(
+                    self.planner.burn.remote(it["ability"], [it["chunk"] * k + p for p in failed])
+                )
             for index, sid in zip(it["indices"], it["ids"]):
                 pos = index % k
                 row = {
@@ -266,8 +324,8 @@ class PromptWriter(LLMStage):
                     "meta": "{}",
                 }
                 add_usage(row, "prompts", usage_meta(res, share=len(it["indices"])))
-                if not res.ok:
-                    reject(row, "prompts", f"llm_error:{res.error}", res.text or "")
+                if failure is not None:
+                    reject(row, "prompts", failure, res.text or "")
                 elif parsed[pos].reason:
                     reject(row, "prompts", parsed[pos].reason, parsed[pos].raw or res.text)
                 else:
@@ -275,7 +333,6 @@ class PromptWriter(LLMStage):
                     row["keywords"] = emphasized_keywords(parsed[pos].prompt) or row["keywords"]
                 rows.append(row)
         return rows_to_table(rows)
-
 
     def unmade(self, items: list[dict[str, Any]]) -> pa.Table:
         rows = []
@@ -306,31 +363,42 @@ class DialogueWriter(LLMStage):
         pool = ability.questions
         return pool[stable_seed(self.run_seed, sample_id, "question") % len(pool)]
 
-    def process(self, batch: pa.Table) -> pa.Table:
-        rows, todo = self.rows_to_write(batch)
-        requests, questions = [], []
-        for r in todo:
+    def prepare(self, rows: list[dict[str, Any]]) -> list[LLMRequest | None]:
+        requests: list[LLMRequest | None] = []
+        for r, todo in zip(rows, self.writable(rows)):
+            if not todo:
+                requests.append(None)
+                continue
             ability = self.catalog[r["ability"]]
-            question = self.question_for(ability, r["id"])
-            questions.append(question)
             requests.append(
-                dialogue_request(
-                    ability,
-                    r["prompt"],
-                    question,
-                    key=f"dialogue/{r['id']}",
-                    seed=stable_seed(self.run_seed, r["id"], "dialogue"),
-                    temperature=self.cfg.temperature,
+                self.request(
+                    dialogue_request(
+                        ability,
+                        r["prompt"],
+                        self.question_for(ability, r["id"]),
+                        key=f"dialogue/{r['id']}",
+                        seed=stable_seed(self.run_seed, r["id"], "dialogue"),
+                        temperature=self.cfg.temperature,
+                    )
                 )
             )
-        results = self.complete(requests)
-        for r, question, res in zip(todo, questions, results):
+        return requests
+
+    def finish(self, rows, requests, results) -> pa.Table:
+        for r, req, res in zip(rows, requests, results):
+            if req is None:
+                continue
+            question = req.params["question"]
             add_usage(r, "dialogue", usage_meta(res))
-            if not res.ok:
-                reject(r, "dialogue", f"llm_error:{res.error}", res.text or "")
+            failure = self.failure(res)
+            if failure is not None:
+                reject(r, "dialogue", failure, res.text or "")
                 continue
             keyword = (r["keywords"] or [""])[0]
-            parsed = parse_dialogue(res.text, r["prompt"], keyword)
+            if req.response_schema:
+                parsed = structured.parse_dialogue(res.text, r["prompt"], keyword)
+            else:
+                parsed = parse_dialogue(res.text, r["prompt"], keyword)
             if parsed.reason:
                 reject(r, "dialogue", parsed.reason, res.text)
                 continue
@@ -375,27 +443,41 @@ class BenchmarkItemWriter(LLMStage):
         super().__init__(*args, **kwargs)
         self.question_mix = question_mix
 
-    def process(self, batch: pa.Table) -> pa.Table:
-        rows, todo = self.rows_to_write(batch)
-        types = [question_type_for(self.question_mix, self.run_seed, r["id"]) for r in todo]
-        requests = [
-            benchmark_request(
-                self.catalog[r["ability"]],
-                r["prompt"],
-                qtype,
-                key=f"benchmark/{r['id']}",
-                seed=stable_seed(self.run_seed, r["id"], "benchmark"),
-                temperature=self.cfg.temperature,
-            )
-            for r, qtype in zip(todo, types)
-        ]
-        results = self.complete(requests)
-        for r, qtype, res in zip(todo, types, results):
-            add_usage(r, "benchmark", usage_meta(res))
-            if not res.ok:
-                reject(r, "benchmark", f"llm_error:{res.error}", res.text or "")
+    def prepare(self, rows: list[dict[str, Any]]) -> list[LLMRequest | None]:
+        requests: list[LLMRequest | None] = []
+        for r, todo in zip(rows, self.writable(rows)):
+            if not todo:
+                requests.append(None)
                 continue
-            parsed = parse_benchmark(res.text, qtype)
+            qtype = question_type_for(self.question_mix, self.run_seed, r["id"])
+            requests.append(
+                self.request(
+                    benchmark_request(
+                        self.catalog[r["ability"]],
+                        r["prompt"],
+                        qtype,
+                        key=f"benchmark/{r['id']}",
+                        seed=stable_seed(self.run_seed, r["id"], "benchmark"),
+                        temperature=self.cfg.temperature,
+                    )
+                )
+            )
+        return requests
+
+    def finish(self, rows, requests, results) -> pa.Table:
+        for r, req, res in zip(rows, requests, results):
+            if req is None:
+                continue
+            qtype = req.params["question_type"]
+            add_usage(r, "benchmark", usage_meta(res))
+            failure = self.failure(res)
+            if failure is not None:
+                reject(r, "benchmark", failure, res.text or "")
+                continue
+            if req.response_schema:
+                parsed = structured.parse_benchmark(res.text, qtype)
+            else:
+                parsed = parse_benchmark(res.text, qtype)
             if parsed.reason:
                 reject(r, "benchmark", parsed.reason, res.text or "")
                 continue
@@ -407,4 +489,3 @@ class BenchmarkItemWriter(LLMStage):
             r["answer_keywords"] = list(parsed.answer_keywords)
             update_meta(r, question=parsed.question)
         return rows_to_table(rows)
-

@@ -1,4 +1,5 @@
-"""LLM layer: OpenAI-compatible async client, offline writer, templates, parsing, curation."""
+"""LLM layer: OpenAI-compatible async client, offline writer, vLLM through Ray Data LLM,
+templates, parsing, structured output, curation."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def make_backend(
     api_key: Secret | None = None,
     limiter: LimiterHandle | None = None,
 ) -> LLMBackend:
-    """The backend ``cfg.backend`` names: ``openai`` or ``offline``.
+    """The backend ``cfg.backend`` names: ``openai``, ``offline`` or ``vllm``.
 
     ``cache_dir`` is where ``openai`` caches answers: a local folder or a pyarrow
     filesystem URI (``s3://bucket/run/cache?endpoint_override=...``). ``catalog`` is the
@@ -39,4 +40,8 @@ def make_backend(
         from raypipe.llm.offline import OfflineBackend
 
         return OfflineBackend(cfg, catalog)
+    if cfg.backend == "vllm":
+        from raypipe.llm.vllm_backend import VLLMBackend
+
+        return VLLMBackend(cfg, cache_dir)
     raise ValueError(f"unknown llm.backend {cfg.backend!r}")  # the config's Literal forbids it

@@ -50,6 +50,9 @@ class LLMRequest:
     temperature: float = 0.9
     seed: int | None = None
     max_tokens: int = 1024
+    #: JSON schema the answer must follow (``llm.structured_output``; see
+    #: raypipe.llm.structured), or None for the text templates.
+    response_schema: dict[str, Any] | None = None
 
 
 @dataclass
@@ -74,6 +77,9 @@ class LLMResult:
     cached_cost_usd: float = 0.0  # served: what the stored answer cost when it was paid for
     attempts: int = 0  # HTTP attempts made (0 for cache hits and offline)
     latency_s: float = 0.0
+    #: Why generation stopped, when known: "stop", or "length" (cut at max_tokens: the
+    #: stages reject such an answer as ``max_tokens``, whatever it holds).
+    finish_reason: str | None = None
 
     @property
     def ok(self) -> bool:

@@ -665,6 +665,7 @@ class OpenAIBackend:
                 cost = self._cost_of(prompt, completion)
             result = self._served(req, prompt, completion, float(cost))
             result.text = entry["text"]
+            result.finish_reason = entry.get("finish_reason")
             return result
         pending = self._inflight.get(key)
         if pending is not None:
@@ -679,6 +680,7 @@ class OpenAIBackend:
                     req, first.prompt_tokens, first.completion_tokens, first.cost_usd
                 )
                 result.text = first.text
+                result.finish_reason = first.finish_reason
                 return result
             return await self._call(req, body, key)  # the first failed: try on our own
         future: asyncio.Future[LLMResult] = asyncio.get_running_loop().create_future()
@@ -753,7 +755,7 @@ class OpenAIBackend:
                 self.cache.put(key, entry)
             else:
                 await asyncio.to_thread(self.cache.put, key, entry)
-        return LLMResult(text=text, **common)
+        return LLMResult(text=text, finish_reason=finish, **common)
 
     async def _attempt(
         self, body: dict[str, Any], estimate: int, retry: bool

@@ -33,6 +33,10 @@ Reject reasons:
 ``wrong_question_type``     the question is not of the requested type
 ``answer_not_yes_no``       a yes/no question whose response starts with neither
 ``keywords_not_in_answer``  no answer keyword occurs in the response
+``invalid_json``            a structured answer (``llm.structured_output``) that is not
+                            JSON of its schema's shape (raypipe.llm.structured)
+``max_tokens``              the answer was cut at ``max_tokens`` (set by the stages, not
+                            here: an unfinished answer is never used)
 ==========================  ==========================================================
 """
 
@@ -63,6 +67,8 @@ __all__ = [
     "ItemReject",
     "ParsedList",
     "PromptParse",
+    "benchmark_from_fields",
+    "dialogue_from_fields",
     "check_prompt",
     "clean_text",
     "detect_refusal",
@@ -496,7 +502,14 @@ def parse_dialogue(text: str | None, prompt: str, keyword: str | None = None) ->
         return DialogueParse(None, "empty")
     if detect_refusal(text):
         return DialogueParse(None, "refusal")
-    fields = extract_fields(text)
+    return dialogue_from_fields(extract_fields(text), prompt, keyword)
+
+
+def dialogue_from_fields(
+    fields: dict[str, str], prompt: str, keyword: str | None = None
+) -> DialogueParse:
+    """:func:`parse_dialogue`'s checks on fields already found (by label, or as the keys
+    of a structured answer: raypipe.llm.structured)."""
     name = next((f for f in ("description", "response") if f in fields), None)
     if name is None:
         return DialogueParse(None, "missing_field:description")
@@ -587,7 +600,16 @@ def parse_benchmark(text: str | None, question_type: str) -> BenchmarkParse:
         return reject("empty")
     if detect_refusal(text):
         return reject("refusal")
-    fields = extract_fields(text)
+    return benchmark_from_fields(extract_fields(text), question_type)
+
+
+def benchmark_from_fields(fields: dict[str, str], question_type: str) -> BenchmarkParse:
+    """:func:`parse_benchmark`'s checks on fields already found (by label, or as the keys
+    of a structured answer: raypipe.llm.structured)."""
+
+    def reject(reason: str, q: str | None = None, a: str | None = None) -> BenchmarkParse:
+        return BenchmarkParse(q, a, (), question_type, reason)
+
     for name in ("question", "response", "keywords"):
         if name not in fields:
             return reject(f"missing_field:{name}")
