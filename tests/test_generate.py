@@ -259,12 +259,15 @@ def test_killed_job_resumes_without_loss_duplicates_or_repaid_requests(tiny_dir,
             "render.batch_size=4",
             "log_to_driver=false",
         ]
+        # stderr to a file: a pipe nobody reads would block the job once it fills.
+        log_path = tmp_path / "killed-job.log"
+        log = open(log_path, "wb")  # noqa: SIM115 - closed after the kill
         proc = subprocess.Popen(
             _job_cmd(out, *overrides),
             env=env,
             start_new_session=True,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=log,
         )
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:
@@ -274,14 +277,18 @@ def test_killed_job_resumes_without_loss_duplicates_or_repaid_requests(tiny_dir,
                 break
             time.sleep(0.05 if when == "prompt_phase" else 0.2)
         assert proc.poll() is None, (
-            "job finished before it could be killed: " + proc.stderr.read().decode()[-2000:]
+            "job finished before it could be killed: " + log_path.read_text()[-2000:]
         )
         in_flight_at_kill = server.in_flight_now(answered_within_s=0.5)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        log.close()
         in_flight_at_kill |= server.in_flight_now(answered_within_s=0.5)
         written = len(read_data(out))
-        assert written < 40 and (written > 0 or when == "prompt_phase")
+        assert written < 40 and (written > 0 or when == "prompt_phase"), (
+            written,
+            log_path.read_text()[-2000:],
+        )
         deadline = time.time() + 10  # the server finishes what the dead job had asked
         while server.in_flight_now() and time.time() < deadline:
             time.sleep(0.05)

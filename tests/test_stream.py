@@ -232,9 +232,12 @@ def test_s3_run_killed_and_rerun_elsewhere_pays_nothing_twice(s3_server, tiny_di
         cmd = _job_cmd(uri, *overrides)
         first_dir = tmp_path / "one"
         first_dir.mkdir()
+        # stderr to a file: a pipe nobody reads would block the job once it fills.
+        log_path = tmp_path / "killed-job.log"
+        log = open(log_path, "wb")  # noqa: SIM115 - closed after the kill
         proc = subprocess.Popen(
             cmd, env=env, cwd=first_dir, start_new_session=True,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL, stderr=log,
         )  # fmt: skip
         fs = s3_server.filesystem()
         deadline = time.time() + 240
@@ -246,9 +249,10 @@ def test_s3_run_killed_and_rerun_elsewhere_pays_nothing_twice(s3_server, tiny_di
 
         while time.time() < deadline and proc.poll() is None and parts() < 2:
             time.sleep(0.3)
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert proc.poll() is None, log_path.read_text()[-3000:]
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        log.close()
         answered = dict(server.answered_by_hash)
 
         other = tmp_path / "two"
