@@ -279,11 +279,13 @@ def test_killed_job_resumes_without_loss_duplicates_or_repaid_requests(tiny_dir,
         assert proc.poll() is None, (
             "job finished before it could be killed: " + log_path.read_text()[-2000:]
         )
-        in_flight_at_kill = server.in_flight_now(answered_within_s=0.5)
+        # Answered but maybe not yet cached by the job: under load, the client can take
+        # over a second from the server's answer to its cache write.
+        in_flight_at_kill = server.in_flight_now(answered_within_s=2.0)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         log.close()
-        in_flight_at_kill |= server.in_flight_now(answered_within_s=0.5)
+        in_flight_at_kill |= server.in_flight_now(answered_within_s=2.0)
         written = len(read_data(out))
         assert written < 40 and (written > 0 or when == "prompt_phase"), (
             written,
