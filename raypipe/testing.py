@@ -414,8 +414,9 @@ def build_tiny_clip_vision(path: str | Path, seed: int = 0, image_size: int = 32
     return _mark_done(path)
 
 
-def build_tiny_llama(path: str | Path, seed: int = 0) -> Path:
-    """A tiny ``LlamaForCausalLM`` with the tiny Llama tokenizer: an LLM for LLaVA builds."""
+def _build_llama(path: str | Path, seed: int, config_for) -> Path:
+    """A random-weight ``LlamaForCausalLM`` of ``config_for(vocab, tokenizer)`` with the
+    tiny Llama tokenizer, saved to ``path`` (once)."""
     import torch
     from transformers import GenerationConfig, LlamaForCausalLM
 
@@ -424,7 +425,7 @@ def build_tiny_llama(path: str | Path, seed: int = 0) -> Path:
         return path
     tokenizer = build_tiny_llama_tokenizer(path / "_tokenizer_build")
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config(len(tokenizer), tokenizer))
+    model = LlamaForCausalLM(config_for(len(tokenizer), tokenizer))
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -433,6 +434,11 @@ def build_tiny_llama(path: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return _mark_done(path)
+
+
+def build_tiny_llama(path: str | Path, seed: int = 0) -> Path:
+    """A tiny ``LlamaForCausalLM`` with the tiny Llama tokenizer: an LLM for LLaVA builds."""
+    return _build_llama(path, seed, tiny_llama_config)
 
 
 def tiny_chat_llama_config(vocab_size: int, tokenizer=None):
@@ -453,23 +459,7 @@ def build_tiny_chat_llm(path: str | Path, seed: int = 0) -> Path:
     """A tiny random-weight chat ``LlamaForCausalLM`` (Vicuna chat template) that vLLM's
     CPU build serves: the LLM of the ``demo-vllm`` preset and the vLLM tests. Its text is
     noise; what it exercises is the real engine, sampling, structured output and parsing."""
-    import torch
-    from transformers import GenerationConfig, LlamaForCausalLM
-
-    path = Path(path)
-    if _done(path):
-        return path
-    tokenizer = build_tiny_llama_tokenizer(path / "_tokenizer_build")
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_chat_llama_config(len(tokenizer), tokenizer))
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    return _mark_done(path)
+    return _build_llama(path, seed, tiny_chat_llama_config)
 
 
 def build_tiny_llava(
