@@ -1,21 +1,30 @@
 """A real Ray head (``ray start --head``) for tests, stopped whatever happens.
 
+    with ray_head(num_cpus=2) as head:            # or ray_head(autoscaling={...})
+        subprocess.run([...], env=head.env)        # a driver that joins this head
+        head.ray("job", "submit", ...)             # the `ray` command, pointed at it
+
 ``ray stop`` (and Ray's own ``AutoscalingCluster``, which calls ``ray stop --force``)
 kills every Ray process on the machine, including the session's shared Ray. So the head
-here runs ``--block`` in a session of its own, and teardown kills that process and its
-descendants only (gcs, raylets of the head and of any fake autoscaled nodes, workers).
+here runs ``--block`` in a session of its own, with its own temp dir and ports, and
+teardown kills exactly its processes: ``ray start`` and its descendants (gcs, raylets of
+the head and of any fake autoscaled nodes, workers), whatever runs in its session, and
+whatever names or runs in its temp dir (job drivers, which Ray starts in sessions of
+their own with their working dir there).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -63,92 +72,160 @@ def fake_autoscaling_config(port: int, head: dict, worker_types: dict) -> dict:
     }
 
 
-def _kill_tree(proc: subprocess.Popen, marker: str) -> None:
-    """Kill ``proc``, everything under it, and any process naming ``marker`` (the temp dir)."""
-    victims = []
-    try:
-        root = psutil.Process(proc.pid)
-        victims = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        pass
-    for p in psutil.process_iter(["cmdline"]):
+class Head:
+    """A head on 127.0.0.1 (see the module docstring); :func:`ray_head` starts and stops it.
+
+    ``address``: the GCS address; ``dashboard``: the dashboard's URL (the Jobs API);
+    ``env``: the environment a driver or `ray` command joining the head runs with (the
+    venv's bin first on PATH, ``RAY_ADDRESS`` set).
+    """
+
+    def __init__(self, num_cpus: int = 2, autoscaling: dict | None = None,
+                 env: dict | None = None, cwd: Path | None = None) -> None:  # fmt: skip
+        port, dash = free_port(), free_port()
+        # Short: Ray's socket paths must stay under 108 characters.
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="rp-head-", dir="/tmp"))
+        self.address = f"127.0.0.1:{port}"
+        self.dashboard = f"http://127.0.0.1:{dash}"
+        head_env = {
+            k: v for k, v in (os.environ if env is None else env).items()
+            if not k.startswith("RAY_ADDRESS")
+        }  # fmt: skip
+        head_env["PATH"] = f"{VENV_BIN}{os.pathsep}{head_env.get('PATH', '')}"
+        head_env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+        cmd = [
+            str(VENV_BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            f"--num-cpus={num_cpus}",
+            "--num-gpus=0",
+            f"--temp-dir={self.temp_dir}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            # Their defaults collide between two heads on one machine.
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
+            "--disable-usage-stats",
+        ]
+        if autoscaling is not None:
+            config = fake_autoscaling_config(
+                port, {"CPU": num_cpus, **autoscaling.get("head", {})}, autoscaling["workers"]
+            )
+            path = self.temp_dir / "autoscaling.json"
+            path.write_text(json.dumps(config))
+            cmd.append(f"--autoscaling-config={path}")
+            head_env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
+        self.env = {**head_env, "RAY_ADDRESS": self.address}
+        self.log = self.temp_dir / "head.log"
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(
+                cmd, env=head_env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+
+    def __getitem__(self, key: str):  # head["env"], head["address"], ...
+        return getattr(self, key)
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        """Until the dashboard answers its version (the Jobs API is up)."""
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start exited ({self.proc.returncode}):\n{self.tail()}")
+            try:
+                self.api("/api/version")
+                return
+            except OSError:
+                time.sleep(0.5)
+        raise TimeoutError(
+            f"the head's dashboard did not answer in {timeout_s:.0f} s:\n{self.tail()}"
+        )
+
+    def api(self, path: str) -> dict:
+        with urllib.request.urlopen(self.dashboard + path, timeout=5) as r:
+            return json.loads(r.read())
+
+    def wait_job(self, submission_id: str, timeout_s: float = 300.0) -> dict:
+        deadline = time.time() + timeout_s
+        while True:
+            info = self.api(f"/api/jobs/{submission_id}")
+            if info["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
+                return info
+            if time.time() > deadline:
+                raise TimeoutError(
+                    f"job {submission_id} still {info['status']} after {timeout_s:.0f} s"
+                )
+            time.sleep(0.5)
+
+    def ray(self, *args: str, cwd: Path | None = None,
+            timeout_s: float = 300.0) -> subprocess.CompletedProcess:  # fmt: skip
+        """The `ray` command line, pointed at this head's dashboard (the Jobs API)."""
+        return subprocess.run(
+            [str(VENV_BIN / "ray"), *args],
+            env={**self.env, "RAY_ADDRESS": self.dashboard},
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+
+    def packages(self) -> list[Path]:
+        """The working-dir packages the head unpacked for its jobs."""
+        found = self.temp_dir.glob("session_*/runtime_resources/working_dir_files/_ray_pkg_*")
+        return sorted(p for p in found if p.is_dir())
+
+    def tail(self, n: int = 4000) -> str:
+        return self.log.read_text()[-n:] if self.log.exists() else ""
+
+    def stop(self) -> None:
+        """Kill this head's processes and nothing else (see the module docstring)."""
+        marker = str(self.temp_dir)
+        victims = {}
         try:
-            if any(marker in (a or "") for a in p.info["cmdline"] or []):
-                victims.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    for p in victims:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            root = psutil.Process(self.proc.pid)
+            victims = {p.pid: p for p in (root, *root.children(recursive=True))}
+        except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(victims, timeout=10)
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if p.pid == os.getpid() or p.pid in victims:
+                    continue
+                if (
+                    os.getsid(p.pid) == self.proc.pid
+                    or any(marker in (a or "") for a in p.info["cmdline"] or [])
+                    or p.cwd().startswith(marker)
+                ):
+                    victims[p.pid] = p
+            except (psutil.Error, OSError):
+                continue
+        for p in victims.values():
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.Error:
+                pass
+        psutil.wait_procs(list(victims.values()), timeout=10)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 @contextmanager
-def ray_head(num_cpus: int = 2, autoscaling: dict | None = None, env: dict | None = None):
-    """Start a head on 127.0.0.1; yields ``{"address", "dashboard", "temp_dir", "env"}``.
+def ray_head(num_cpus: int = 2, autoscaling: dict | None = None, env: dict | None = None,
+             cwd: Path | None = None):  # fmt: skip
+    """Start a :class:`Head` and wait for it; stop it whatever happens.
 
-    ``autoscaling``: ``{"head": {...}, "workers": {...}}`` for the fake autoscaler. The
-    venv's bin comes first on PATH (``ray start`` runs ``ray`` and Python from there).
+    ``autoscaling``: ``{"head": {...}, "workers": {...}}`` for Ray's fake autoscaler
+    (node types as in an autoscaling config); ``env``: the head's environment (default
+    this process's).
     """
-    port, dash = free_port(), free_port()
-    temp_dir = tempfile.mkdtemp(prefix="rp-head-", dir="/tmp")  # short: socket paths
-    head_env = dict(os.environ if env is None else env)
-    head_env["PATH"] = f"{VENV_BIN}{os.pathsep}{head_env.get('PATH', '')}"
-    head_env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    head_env.pop("RAY_ADDRESS", None)
-    cmd = [
-        str(VENV_BIN / "ray"),
-        "start",
-        "--head",
-        "--block",
-        "--node-ip-address=127.0.0.1",
-        f"--port={port}",
-        f"--num-cpus={num_cpus}",
-        "--num-gpus=0",
-        f"--temp-dir={temp_dir}",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dash}",
-        # Their defaults collide between two heads on one machine.
-        f"--dashboard-agent-listen-port={free_port()}",
-        f"--ray-client-server-port={free_port()}",
-        "--disable-usage-stats",
-    ]
-    if autoscaling is not None:
-        config = fake_autoscaling_config(
-            port, {"CPU": num_cpus, **autoscaling.get("head", {})}, autoscaling["workers"]
-        )
-        path = Path(temp_dir) / "autoscaling.json"
-        path.write_text(json.dumps(config))
-        cmd.append(f"--autoscaling-config={path}")
-        head_env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
-    log = open(Path(temp_dir) / "head.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        cmd, env=head_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    head = Head(num_cpus=num_cpus, autoscaling=autoscaling, env=env, cwd=cwd)
     try:
-        deadline = time.time() + 90
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"ray start exited {proc.returncode}: {(Path(temp_dir) / 'head.log').read_text()}"
-                )
-            try:
-                with socket.create_connection(("127.0.0.1", dash), timeout=1):
-                    break
-            except OSError:
-                if time.time() > deadline:
-                    raise RuntimeError("the Ray head did not start within 90 s") from None
-                time.sleep(0.5)
-        job_env = dict(head_env)
-        job_env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
-        yield {
-            "address": f"127.0.0.1:{port}",
-            "dashboard": f"http://127.0.0.1:{dash}",
-            "temp_dir": temp_dir,
-            "env": job_env,
-        }
+        head.wait_ready()
+        yield head
     finally:
-        _kill_tree(proc, temp_dir)
-        log.close()
+        head.stop()

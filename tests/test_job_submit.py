@@ -15,164 +15,37 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
+sys.path.insert(0, str(Path(__file__).parent))
+from ray_cluster import ray_head  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent  # the venv the tests run in: `python` of the jobs
 N = 13  # one row per ability
 
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Head:
-    """A Ray head started with `ray start --head --block` in its own session."""
-
-    def __init__(self, tiny_dir: Path) -> None:
-        # Short temp dir: Ray's socket paths must stay under 108 characters.
-        self.temp_dir = Path(tempfile.mkdtemp(prefix="rpj-", dir="/tmp"))
-        self.dashboard_port = free_port()
-        self.address = f"http://127.0.0.1:{self.dashboard_port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-        env.update(
-            PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-            RAY_AUTH_MODE="disabled",
-            RAY_USAGE_STATS_ENABLED="0",
-            RAY_DATA_DISABLE_PROGRESS_BARS="1",
-            HF_HUB_OFFLINE="1",
-            TOKENIZERS_PARALLELISM="false",
-            PYTHONUNBUFFERED="1",
-        )
-        env.pop("RAYPIPE_TINY_DIR", None)  # the jobs get it from their runtime env
-        self.env = env
-        self.log = self.temp_dir / "head.log"
-        cmd = [
-            str(BIN / "ray"),
-            "start",
-            "--head",
-            "--block",
-            "--node-ip-address=127.0.0.1",
-            f"--port={free_port()}",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={self.dashboard_port}",
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--ray-client-server-port={free_port()}",
-            "--num-cpus=2",
-            f"--temp-dir={self.temp_dir}",
-            "--disable-usage-stats",
-        ]
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(
-                cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
-
-    def wait_ready(self, timeout_s: float = 120.0) -> None:
-        deadline = time.time() + timeout_s
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ray start exited ({self.proc.returncode}):\n{self.tail()}")
-            try:
-                self.api("/api/version")
-                return
-            except OSError:
-                time.sleep(0.5)
-        raise TimeoutError(
-            f"the head's dashboard did not answer in {timeout_s:.0f} s:\n{self.tail()}"
-        )
-
-    def api(self, path: str) -> dict:
-        with urllib.request.urlopen(self.address + path, timeout=5) as r:
-            return json.loads(r.read())
-
-    def job(self, submission_id: str) -> dict:
-        return self.api(f"/api/jobs/{submission_id}")
-
-    def wait_job(self, submission_id: str, timeout_s: float = 300.0) -> dict:
-        deadline = time.time() + timeout_s
-        while time.time() < deadline:
-            info = self.job(submission_id)
-            if info["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
-                return info
-            time.sleep(0.5)
-        raise TimeoutError(f"job {submission_id} still {info['status']} after {timeout_s:.0f} s")
-
-    def ray(self, *args: str, timeout_s: float = 300.0) -> subprocess.CompletedProcess:
-        """The `ray` command line, pointed at this head."""
-        return subprocess.run(
-            [str(BIN / "ray"), *args],
-            env={**self.env, "RAY_ADDRESS": self.address},
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-        )
-
-    def packages(self) -> list[Path]:
-        """The working-dir packages the head unpacked for its jobs."""
-        found = self.temp_dir.glob("session_*/runtime_resources/working_dir_files/_ray_pkg_*")
-        return sorted(p for p in found if p.is_dir())
-
-    def tail(self, n: int = 4000) -> str:
-        return self.log.read_text()[-n:] if self.log.exists() else ""
-
-    def stop(self) -> None:
-        """Kill every process of this head and nothing else: its session (the daemons and
-        workers that `ray start` spawned) and any job driver (own session, cwd in our
-        temp dir)."""
-        import psutil
-
-        mine = []
-        for p in psutil.process_iter():
-            try:
-                if p.pid == os.getpid():
-                    continue
-                if os.getsid(p.pid) == self.proc.pid or str(p.cwd()).startswith(str(self.temp_dir)):
-                    mine.append(p)
-            except (psutil.Error, OSError):
-                continue
-        for p in mine:
-            try:
-                p.terminate()
-            except psutil.Error:
-                pass
-        _, alive = psutil.wait_procs(mine, timeout=5)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=5)
-        self.proc.wait(timeout=10)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
-def head(tiny_dir):
-    h = Head(tiny_dir)
-    try:
-        h.wait_ready()
+def head():
+    env = {k: v for k, v in os.environ.items() if k != "RAYPIPE_TINY_DIR"}  # runtime env's
+    env.update(
+        RAY_DATA_DISABLE_PROGRESS_BARS="1",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+    )
+    with ray_head(num_cpus=2, env=env, cwd=REPO) as h:
         yield h
-    finally:
-        h.stop()
 
 
-def submit(head: Head, submission_id: str, out: Path, tiny_dir: Path, *extra: str, wait=True):
+def submit(head, submission_id: str, out: Path, tiny_dir: Path, *extra: str, wait=True):
     runtime_env = {"env_vars": {"RAYPIPE_TINY_DIR": str(tiny_dir)}}
     return head.ray(
         "job",
@@ -195,6 +68,7 @@ def submit(head: Head, submission_id: str, out: Path, tiny_dir: Path, *extra: st
         "render.width=32",
         "render.height=32",
         *extra,
+        cwd=REPO,
     )
 
 
