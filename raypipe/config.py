@@ -38,8 +38,10 @@ class VLLMConfig(Config):
 
     Each LLM writing stage (prompts, then dialogues or benchmark items) gets its own pool
     of engines through Ray Data LLM (``ray.data.llm``); ``llm.model`` is what they load.
-    Placement works as for the render pool: each engine reserves ``tensor_parallel_size``
-    bundles of ``gpus_per_worker`` GPUs, ``cpus_per_worker`` CPUs and ``resources``.
+    Placement works as for the render pool (raypipe.placement.actor_resources builds the
+    request of one engine worker from ``cpus_per_worker``, ``gpus_per_worker``,
+    ``resources`` and ``accelerator_type``); each engine reserves ``tensor_parallel_size``
+    such workers.
     """
 
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
@@ -86,8 +88,13 @@ class VLLMConfig(Config):
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per engine worker.")
     resources: dict[str, float] = Field(
         default_factory=dict,
-        description="Custom Ray resources per engine worker (e.g. {accelerator_type:H100: "
-        "0.001}, or a node label resource).",
+        description="Custom Ray resources each engine worker reserves (as render.resources), "
+        "e.g. {llm_slot: 1} to run engines only on node types that declare that resource.",
+    )
+    accelerator_type: str | None = Field(
+        None,
+        description="GPU model the engine workers must run on, as Ray names it (A100, H100, "
+        "L4, ...; as render.accelerator_type); GPU engines only. None = any.",
     )
     engine_restarts: int = Field(
         1,
@@ -95,6 +102,22 @@ class VLLMConfig(Config):
         description="Times a dead engine is started again before the run fails (an engine "
         "that cannot start fails the run instead of restarting forever).",
     )
+
+    @model_validator(mode="after")
+    def _check_placement(self):
+        from raypipe.placement import check_accelerator_type, check_resources
+
+        try:
+            check_resources(
+                self.resources,
+                "llm.vllm.resources",
+                "llm.vllm.cpus_per_worker",
+                "llm.vllm.gpus_per_worker",
+            )
+            check_accelerator_type(self.accelerator_type, "llm.vllm.accelerator_type")
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        return self
 
 
 class LLMConfig(Config):

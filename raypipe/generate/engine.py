@@ -19,6 +19,12 @@ appends three stages where the other backends have one (raypipe.generate.text):
 
 The writer's row travels through the engine stage as one JSON column, so the engine
 stage sees a fixed schema whatever the writer's rows hold.
+
+A writer gets no engine pool when the driver finds, before the stream is built, that
+OUT/cache answers every request of the rows the run plans first (:func:`check_cache`;
+a re-run over the same OUT): it is then one stage, :class:`CacheServed`, served from
+the cache, and a request the cache does not answer (a replacement planned during the
+run) goes to one on-demand engine (``EngineOnDemand``), started only then.
 """
 
 from __future__ import annotations
@@ -144,13 +150,171 @@ class EngineAnswers(_WriterHalf):
         )
 
 
-def add_vllm_writer(ds, writer: type, cfg, **writer_kwargs: Any):
+class CacheServed(_WriterHalf):
+    """A writer whose requests the driver found answered in OUT/cache
+    (:func:`check_cache`), as one stage without an engine pool: the writer's own
+    ``process`` through its VLLMBackend, which serves every answer from the cache and
+    sends a request the cache does not answer to ``engine`` (an EngineOnDemand actor)."""
+
+    def __init__(self, writer: type, writer_kwargs: dict[str, Any], engine):
+        super().__init__(writer, writer_kwargs)
+        self.INPUT_COLUMNS = writer.INPUT_COLUMNS
+        self.backend.attach(engine)
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        return self.writer.process(batch)
+
+
+def add_vllm_writer(ds, writer: type, cfg, engine=None, **writer_kwargs: Any):
     """Append ``writer`` (a raypipe.generate.text LLM stage) on vLLM engines: its request
-    half, a Ray Data LLM processor, its answer half (see the module docstring)."""
+    half, a Ray Data LLM processor, its answer half (see the module docstring). With
+    ``engine`` (an EngineOnDemand actor), the writer is served from OUT/cache alone
+    (:class:`CacheServed`) and no engine pool is added."""
     from raypipe.llm.vllm_backend import build_engine_processor
+    from raypipe.placement import actor_resources
 
     kwargs = {"writer": writer, "writer_kwargs": writer_kwargs}
-    pool = dict(max_actors=cfg.llm_actors, num_cpus=cfg.llm_actor_cpus)
+    pool = dict(
+        max_actors=cfg.llm_actors,
+        **actor_resources(num_cpus=cfg.llm_actor_cpus, resources=cfg.llm_actor_resources),
+    )
+    if engine is not None:
+        return add_stage(ds, CacheServed, {**kwargs, "engine": engine}, **pool)
     ds = add_stage(ds, EngineRequests, kwargs, **pool)
     ds = build_engine_processor(cfg.llm)(ds)
     return add_stage(ds, EngineAnswers, kwargs, **pool)
+
+
+# ---------------------------------------------------------------------------------------
+# Which writers need engines: the driver's check of OUT/cache
+# ---------------------------------------------------------------------------------------
+
+#: Reads of cache entries at once when OUT/cache is on an object store.
+CHECK_THREADS = 32
+#: The stage name of each writer (its rows' reject stage and usage key).
+WRITER_STAGES = {
+    "PromptWriter": "prompts",
+    "DialogueWriter": "dialogue",
+    "BenchmarkItemWriter": "benchmark",
+}
+
+
+def writer_stage(writer: type) -> str:
+    return WRITER_STAGES[writer.__name__]
+
+
+def stored_keys(cache) -> set[str]:
+    """The request keys of every entry in ``cache`` (a ResponseCache), in one listing."""
+    import pyarrow.fs as pafs
+
+    selector = pafs.FileSelector(cache.root, recursive=True, allow_not_found=True)
+    return {
+        info.base_name[: -len(".json")]
+        for info in cache.fs.get_file_info(selector)
+        if info.type == pafs.FileType.File
+        and info.base_name.endswith(".json")
+        and not info.base_name.startswith(".")
+    }
+
+
+def read_entries(cache, keys: list[str]) -> list[dict[str, Any] | None]:
+    """``cache.get`` of each key (the stream's own lookup and validation: an unreadable,
+    malformed or newer-format entry is None), concurrently on an object store."""
+    if cache.is_local:
+        return [cache.get(k) for k in keys]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(CHECK_THREADS) as pool:
+        return list(pool.map(cache.get, keys))
+
+
+def check_cache(
+    cfg, planner_args: tuple, cache_dir: str | None, second: type, second_kwargs: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Which writers of this run have requests OUT/cache does not answer, decided on the
+    driver before the stream is built (a writer with none needs no engine pool).
+
+    Returns ``{stage: {"requests": N, "unanswered": M}}`` for ``prompts`` and the second
+    writer (``dialogue`` or ``benchmark``), over the rows the run plans first: ``N``
+    requests checked, ``M`` of them not answered (0: the writer needs no engine). ``M``
+    is None where it cannot be known: the second writer's requests hold the prompts, so
+    they are known only when every prompt request is answered. For the second writer
+    ``N`` may count rows dedup would drop (dedup is decided only where an answer is
+    missing), and ``M`` stops at the first ability that has an unanswered request.
+
+    Exact for those rows: a planner built here with the planner actor's arguments reads
+    OUT as that actor does and plans the same rows, in the same request chunks; the
+    writers build their requests themselves (same templates, keys, seeds, schema); an
+    answer counts when its key is in one listing of the cache and ``ResponseCache.get``
+    accepts the entry (what the stream's lookup does). For the second writer the answered
+    prompts go through the prompt writer's own ``finish`` and the planner's own dedup
+    (its index holds OUT/data's prompts), so its requests are those of the rows that
+    reach it. Entries are read only when every key is listed (a fresh run reads none).
+
+    Not known here: replacements, which the planner adds during the run for rows
+    rejected at any stage (render and quality rejects depend on the images). A writer
+    served from the cache alone sends a replacement's request that the cache does not
+    answer to one EngineOnDemand engine, started then (counted in the manifest).
+    """
+    from raypipe.generate.planner import Planner
+    from raypipe.generate.text import PromptWriter
+    from raypipe.schema import is_rejected
+
+    name = writer_stage(second)
+    if cache_dir is None:  # llm.cache=false: nothing is answered
+        unknown = {"requests": None, "unanswered": None}
+        return {"prompts": dict(unknown), name: dict(unknown)}
+    planner = Planner(*planner_args)  # reads OUT; writes nothing (its plan log is not flushed)
+    pending = sum(len(ab.pending) for ab in planner.abilities.values())
+    items = planner._take(pending) if pending else []
+    common = dict(
+        llm=cfg.llm.model_dump(),
+        cache_dir=cache_dir,
+        catalog_dirs=cfg.catalog_dirs,
+        run_seed=cfg.seed,
+    )
+    prompts = PromptWriter(negative_prompt=cfg.render.negative_prompt, **common)
+    backend: VLLMBackend = prompts.backend
+    stored = stored_keys(backend.cache)
+    requests = prompts.prepare(items)
+    keys = [backend.key(r) for r in requests]
+    out = {
+        "prompts": {"requests": len(keys), "unanswered": sum(k not in stored for k in keys)},
+        name: {"requests": None, "unanswered": None},
+    }
+    if out["prompts"]["unanswered"]:
+        return out
+    entries = read_entries(backend.cache, keys)
+    out["prompts"]["unanswered"] = sum(e is None for e in entries)
+    if out["prompts"]["unanswered"]:
+        return out
+    results = [backend.served(r, e) for r, e in zip(requests, entries)]
+    rows = prompts.finish(items, requests, results).to_pylist()
+    writer = second(**common, **second_kwargs)
+    todo = [r for r in rows if not is_rejected(r)]
+    keys = [writer.backend.key(r) for r in writer.prepare(todo)]
+    # Rows rejected at dedup send no request. Dedup costs about as much as the rest
+    # together, so it is decided only where it matters: in the abilities of rows whose
+    # answer is not listed (the planner decides it per ability, in index order), one
+    # ability at a time, until one has a request that is not answered.
+    unlisted: dict[str, int] = {}
+    for r, k in zip(todo, keys):
+        if k not in stored:
+            unlisted[r["ability"]] = unlisted.get(r["ability"], 0) + 1
+    missing = 0
+    for ability in sorted(unlisted, key=unlisted.get, reverse=True):
+        light = [
+            (r["id"], r["ability"], r["index"], None if is_rejected(r) else r["prompt"])
+            for r in rows
+            if r["ability"] == ability
+        ]
+        dropped = {sid for sid, reason, _ in planner.dedup(light) if reason}
+        keys = [k for r, k in zip(todo, keys) if r["id"] not in dropped]
+        todo = [r for r in todo if r["id"] not in dropped]
+        missing = sum(k not in stored for r, k in zip(todo, keys) if r["ability"] == ability)
+        if missing:
+            break
+    if not missing:
+        missing = sum(e is None for e in read_entries(writer.backend.cache, keys))
+    out[name] = {"requests": len(keys), "unanswered": missing}
+    return out

@@ -29,7 +29,7 @@ from typing import Any
 
 from raypipe.abilities import load_catalog
 from raypipe.config import GenerateConfig, redacted
-from raypipe.errors import ConfigError, ModelError
+from raypipe.errors import ConfigError
 from raypipe.generate.store import OutputStore
 from raypipe.generate.text import (
     UNMADE,
@@ -63,16 +63,18 @@ def driver_key(cfg: GenerateConfig) -> Secret | None:
     return Secret(value) if value else None
 
 
-def add_llm_stage(ds, stage: type, cfg: GenerateConfig, **kwargs: Any):
+def add_llm_stage(ds, stage: type, cfg: GenerateConfig, engine=None, **kwargs: Any):
     """An LLM writing stage as an actor pool of LLM clients (the one place they're built);
     with ``llm.backend: vllm``, as its request half, a pool of vLLM engines (Ray Data LLM)
-    and its answer half (raypipe.generate.engine)."""
+    and its answer half (raypipe.generate.engine), or, given ``engine`` (the driver found
+    every request of the writer answered in OUT/cache), as one stage served from the
+    cache with that on-demand engine for what it does not answer."""
     from raypipe.generate.stage import add_stage
 
     if cfg.llm.backend == "vllm":
         from raypipe.generate.engine import add_vllm_writer
 
-        return add_vllm_writer(ds, stage, cfg, **kwargs)
+        return add_vllm_writer(ds, stage, cfg, engine=engine, **kwargs)
     from raypipe.placement import actor_resources
 
     return add_stage(
@@ -84,11 +86,19 @@ def add_llm_stage(ds, stage: type, cfg: GenerateConfig, **kwargs: Any):
     )
 
 
+def second_writer(cfg: GenerateConfig) -> tuple[type, dict[str, Any]]:
+    """The writer after prompt dedup, and its own arguments: benchmark items or dialogues."""
+    if cfg.benchmark_question_mix:
+        return BenchmarkItemWriter, {"question_mix": dict(cfg.benchmark_question_mix)}
+    return DialogueWriter, {}
+
+
 def build_stream(cfg: GenerateConfig, run: dict[str, Any], tickets: int):
     """The whole run as one Ray Dataset: planner pulls -> ... -> the writer actor."""
     import ray
 
     from raypipe.generate.dedup import DedupStage
+    from raypipe.generate.engine import writer_stage
     from raypipe.generate.planner import plan_source
     from raypipe.generate.quality import add_image_stages
     from raypipe.generate.stage import add_stage
@@ -110,14 +120,21 @@ def build_stream(cfg: GenerateConfig, run: dict[str, Any], tickets: int):
         limiter=run["limiter"],
         planner=planner,
     )
-    ds = add_llm_stage(ds, PromptWriter, cfg, negative_prompt=cfg.render.negative_prompt, **llm)
+    on_demand = run.get("on_demand", {})  # vllm: writers served from OUT/cache alone
+    ds = add_llm_stage(
+        ds,
+        PromptWriter,
+        cfg,
+        engine=on_demand.get("prompts"),
+        negative_prompt=cfg.render.negative_prompt,
+        **llm,
+    )
     # Exactly one dedup actor: the rows it holds are released by later blocks.
     ds = add_stage(ds, DedupStage, {"planner": planner}, num_cpus=0.05)
-    if cfg.benchmark_question_mix:
-        mix = dict(cfg.benchmark_question_mix)
-        ds = add_llm_stage(ds, BenchmarkItemWriter, cfg, question_mix=mix, **llm)
-    else:
-        ds = add_llm_stage(ds, DialogueWriter, cfg, **llm)
+    second, second_kwargs = second_writer(cfg)
+    ds = add_llm_stage(
+        ds, second, cfg, engine=on_demand.get(writer_stage(second)), **second_kwargs, **llm
+    )
     ds = add_image_stages(ds, cfg.render, cfg.quality, run["banks"])
     return ds.map_batches(
         write_block,
@@ -219,6 +236,23 @@ def quotas(cfg: GenerateConfig, names: list[str]) -> dict[str, int]:
     return {name: base + (1 if i < extra else 0) for i, name in enumerate(names)}
 
 
+def planner_args(cfg: GenerateConfig, store: OutputStore, banks, quota, spent_usd: float):
+    """The run's Planner arguments (the planner actor's, and the driver's cache check's)."""
+    return (
+        store.uri,
+        cfg.seed,
+        banks,
+        quota,
+        cfg.prompts_per_request,
+        cfg.llm_batch_chunks,
+        cfg.replace_budget,
+        cfg.near_duplicate_threshold,
+        cfg.max_usd,
+        spent_usd,
+        cfg.rows_in_flight,
+    )
+
+
 def start_actors(cfg: GenerateConfig, store: OutputStore, banks, quota, spent_usd: float):
     """The run's planner and writer, pinned to the driver's node (GPU workers come and go)."""
     import ray
@@ -231,19 +265,7 @@ def start_actors(cfg: GenerateConfig, store: OutputStore, banks, quota, spent_us
     planner = (
         ray.remote(Planner)
         .options(num_cpus=0, max_concurrency=64, scheduling_strategy=here)
-        .remote(
-            store.uri,
-            cfg.seed,
-            banks,
-            quota,
-            cfg.prompts_per_request,
-            cfg.llm_batch_chunks,
-            cfg.replace_budget,
-            cfg.near_duplicate_threshold,
-            cfg.max_usd,
-            spent_usd,
-            cfg.rows_in_flight,
-        )
+        .remote(*planner_args(cfg, store, banks, quota, spent_usd))
     )
     writer = (
         ray.remote(PartWriter)
@@ -269,29 +291,20 @@ def stream(cfg: GenerateConfig, run: dict[str, Any], tally: Tally) -> dict[str, 
             log.info("the stream ran out of read tasks; continuing in a new execution")
             ray.get(planner.restart.remote())
         ds = build_stream(cfg, run, tickets_for(status, pull_rows))
+        run["executions"] = run.get("executions", 0) + 1
         try:
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 tally.add(batch)
         except Exception as e:
-            if cfg.llm.backend == "vllm" and _engine_died(e):
-                raise ModelError(
-                    f"a vLLM engine for llm.model={cfg.llm.model!r} could not start or died "
-                    f"{cfg.llm.vllm.engine_restarts + 1} times ({type(e).__name__}). The "
-                    "engine's own error is in the worker log above (log_to_driver=true "
-                    "shows it) or under Ray's session logs; usual causes: too little memory "
-                    "for weights + KV cache (llm.vllm.gpu_memory_utilization, "
-                    "max_model_len), a dtype the device lacks, a model vLLM cannot run. "
-                    "Rows already written are kept; the same command resumes."
-                ) from e
+            if cfg.llm.backend == "vllm":
+                from raypipe.llm.vllm_backend import engine_failure
+
+                error = engine_failure(e, cfg.llm)
+                if error is not None:
+                    raise error from e
             raise
         status = ray.get(planner.status.remote())
     return status
-
-
-def _engine_died(exc: BaseException) -> bool:
-    """Whether a failed stream execution was an engine actor of Ray Data LLM dying."""
-    text = f"{type(exc).__name__} {exc}"
-    return "vLLMEngineStageUDF" in text or "ActorDiedError" in text or "ActorUnavailable" in text
 
 
 class Tally:
@@ -369,8 +382,13 @@ def generate(cfg: GenerateConfig, out: str) -> dict[str, Any]:
 
     # 3. The planner reads OUT and plans what is missing.
     quota = quotas(cfg, list(catalog))
-    planner, writer = start_actors(cfg, store, banks, quota, kw_stats.get("cost_usd", 0.0))
+    spent = kw_stats.get("cost_usd", 0.0)
+    planner, writer = start_actors(cfg, store, banks, quota, spent)
     run = {"planner": planner, "writer": writer, "limiter": limiter, "cache": cache, "banks": banks}
+    if cfg.llm.backend == "vllm":
+        t = time.time()
+        run.update(vllm_writers(cfg, planner_args(cfg, store, banks, quota, spent), cache))
+        timings["cache_check_s"] = time.time() - t
 
     # 4. One stream.
     t = time.time()
@@ -380,14 +398,71 @@ def generate(cfg: GenerateConfig, out: str) -> dict[str, Any]:
     written = ray.get(writer.close.remote())
     timings["stream_s"] = time.time() - t
     timings["total_s"] = time.time() - t_start
+    on_demand = {k: ray.get(h.close.remote()) for k, h in run.get("on_demand", {}).items()}
+    for h in run.get("on_demand", {}).values():
+        ray.kill(h)
     manifest = build_manifest(
-        cfg, store, banks, bank_report, backend, kw_stats, tally, timings, quota, status, written
-    )
+        cfg, store, banks, bank_report, backend, kw_stats, tally, timings, quota, status, written,
+        engines=dict(
+            pools=sum(kind == "engines" for kind in run.get("pools", {}).values()),
+            executions=run.get("executions", 0),
+            on_demand=list(on_demand.values()),
+        ),
+        writers=vllm_writer_report(run, on_demand),
+    )  # fmt: skip
     store.write_json("manifest.json", manifest)
     write_card_and_preview(store, manifest)
     for actor in (planner, writer):
         ray.kill(actor)
     return manifest
+
+
+def vllm_writers(cfg: GenerateConfig, args: tuple, cache: str | None) -> dict[str, Any]:
+    """``llm.backend: vllm``: which writers get an engine pool in the stream.
+
+    A writer whose requests (for the rows the run plans first) are all answered in
+    OUT/cache (:func:`raypipe.generate.engine.check_cache`, exact for those rows) gets
+    none: it is served from the cache, with one on-demand engine (EngineOnDemand: it
+    reserves nothing until a request the cache does not answer, such as a replacement
+    row's, arrives). A re-run over the same OUT thus loads no model.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from raypipe.generate.engine import check_cache
+    from raypipe.llm.vllm_backend import EngineOnDemand
+
+    second, second_kwargs = second_writer(cfg)
+    checked = check_cache(cfg, args, cache, second, second_kwargs)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    pools, on_demand = {}, {}
+    for stage, result in checked.items():
+        served = result["unanswered"] == 0
+        pools[stage] = "cache" if served else "engines"
+        if served:
+            on_demand[stage] = (
+                ray.remote(EngineOnDemand)
+                .options(num_cpus=0, scheduling_strategy=here)
+                .remote(cfg.llm.model_dump())
+            )
+    log.info(
+        "vLLM writers: %s (requests not answered in OUT/cache, of the rows planned first: %s)",
+        ", ".join(f"{k} on {v}" for k, v in pools.items()),
+        ", ".join(f"{k} {v['unanswered']}/{v['requests']}" for k, v in checked.items()),
+    )
+    return {"pools": pools, "on_demand": on_demand, "cache_check": checked}
+
+
+def vllm_writer_report(run: dict[str, Any], on_demand: dict[str, dict]) -> dict[str, Any]:
+    """Per writer of a ``vllm`` run: ``on`` (``engines``: an engine pool; ``cache``: served
+    from OUT/cache), the requests of the rows planned first and how many of them the cache
+    did not answer (None: not known), and the engines a cache-served writer started."""
+    report = {}
+    for stage, kind in run.get("pools", {}).items():
+        report[stage] = {"on": kind, **(run.get("cache_check") or {}).get(stage, {})}
+        if stage in on_demand:
+            report[stage]["engines_started"] = on_demand[stage].get("engines_started", 0)
+    return report
 
 
 def write_card_and_preview(store: OutputStore, manifest: dict[str, Any]) -> None:
@@ -476,7 +551,19 @@ def count_ids(store: OutputStore) -> dict[str, Any]:
 
 
 def build_manifest(
-    cfg, store, banks, bank_report, backend, kw_stats, tally: Tally, timings, quota, status, parts
+    cfg,
+    store,
+    banks,
+    bank_report,
+    backend,
+    kw_stats,
+    tally: Tally,
+    timings,
+    quota,
+    status,
+    parts,
+    engines: dict[str, Any] | None = None,
+    writers: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Counts come from OUT itself (all runs), so they balance across resumes."""
     ids = count_ids(store)
@@ -518,7 +605,7 @@ def build_manifest(
     gpu_s = tally.render_s * cfg.render.gpus_per_actor if gpu else 0.0
     gpu_usd = gpu_s / 3600 * cfg.gpu_hour_usd if cfg.gpu_hour_usd is not None else None
     per_k = 1000 / accepted_now if accepted_now else None
-    engines = llm_engine_usage(cfg, timings, kw_stats)
+    engines = llm_engine_usage(cfg, timings, kw_stats, **(engines or {}))
     llm_usd: float | None = llm["cost_usd"]
     if engines is not None and engines["gpu_s"]:
         llm_usd = (
@@ -556,6 +643,8 @@ def build_manifest(
     }
     if engines is not None:
         this_run["llm_engines"] = engines
+    if writers:
+        this_run["llm_writers"] = writers
     previous = store.read_json("manifest.json") or {}
     runs = list(previous.get("runs", [])) + [this_run]
     short = [n for n, a in abilities.items() if a["accepted"] < a["quota"]]
@@ -593,29 +682,48 @@ def build_manifest(
     }
 
 
-#: LLM writing stages of a run, each with its own engine pool (prompts, then dialogues or
-#: benchmark items).
+#: LLM writing stages of a run, each with its own engine pool unless served from OUT/cache
+#: (prompts, then dialogues or benchmark items).
 LLM_STAGES = 2
 
 
 def llm_engine_usage(
-    cfg: GenerateConfig, timings: dict[str, float], kw_stats: dict[str, Any]
+    cfg: GenerateConfig,
+    timings: dict[str, float],
+    kw_stats: dict[str, Any],
+    pools: int = LLM_STAGES,
+    executions: int = 1,
+    on_demand: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any] | None:
-    """``llm.backend: vllm``: engine time this run held, and its GPU-seconds.
+    """``llm.backend: vllm``: the engines this run started, their time and GPU-seconds.
 
-    Each writing stage's pool holds ``max_engines`` engines for the whole stream (an
-    engine keeps its GPUs while it lives, busy or not: that is what a cluster bills), plus
-    the short-lived keyword-bank engine. An upper bound when a pool stayed below its
-    maximum. None for the other backends.
+    ``pools``: writers that ran on an engine pool (the others were served from OUT/cache,
+    see :func:`vllm_writers`). Each pool holds ``max_engines`` engines for a whole stream
+    execution (an engine keeps its GPUs while it lives, busy or not: that is what a
+    cluster bills), started again by each of the ``executions``; plus the engines started
+    on demand: the keyword-bank engine, and those of cache-served writers (``on_demand``:
+    what their EngineOnDemand actors report). ``engines`` counts starts; a pool counts
+    ``max_engines``, an upper bound when it stayed below its maximum. None for the other
+    backends.
     """
     if cfg.llm.backend != "vllm":
         return None
     v = cfg.llm.vllm
-    engines = LLM_STAGES * v.max_engines
-    engine_s = timings.get("stream_s", 0.0) * engines + kw_stats.get("engine_s", 0.0)
+    pool_engines = pools * v.max_engines
+    on_demand = on_demand or []
+    started = (
+        pool_engines * executions
+        + kw_stats.get("engines_started", 0)
+        + sum(s.get("engines_started", 0) for s in on_demand)
+    )
+    engine_s = (
+        timings.get("stream_s", 0.0) * pool_engines
+        + kw_stats.get("engine_s", 0.0)
+        + sum(s.get("engine_s", 0.0) for s in on_demand)
+    )
     gpus = v.gpus_per_worker * v.tensor_parallel_size
     return {
-        "engines": engines,
+        "engines": started,
         "engine_s": engine_s,
         "gpus_per_engine": gpus,
         "gpu_s": engine_s * gpus,

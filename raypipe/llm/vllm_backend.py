@@ -8,7 +8,11 @@ half (parsing, rejects with reasons, cache writes). Same templates, request keys
 parsers and reject reasons as the ``openai`` backend; the cache key of a request is the
 one the ``openai`` backend computes for the same request (the body it would send, plus
 the JSON schema under ``llm.structured_output``), so answers persisted in OUT/cache are
-never generated again.
+never generated again. A writer whose requests are all answered in OUT/cache gets no
+engine pool at all (raypipe.generate.engine.check_cache); a request the cache then
+does not answer goes to :class:`EngineOnDemand`, one engine started on that request.
+An engine that dies or cannot start fails the run with a :class:`ModelError` that says
+what to do (:func:`engine_failure`).
 
 :class:`VLLMBackend` is the same engine outside the stream, for the few requests made
 before it (keyword banks): a short-lived engine in one Ray actor with the pool's
@@ -37,6 +41,7 @@ from raypipe.config import LLMConfig
 from raypipe.errors import ConfigError, ModelError
 from raypipe.llm.base import LLMRequest, LLMResult
 from raypipe.llm.cache import ResponseCache, request_key
+from raypipe.placement import actor_resources
 
 log = logging.getLogger(__name__)
 
@@ -166,13 +171,46 @@ def engine_kwargs(cfg: LLMConfig) -> dict[str, Any]:
     return kwargs
 
 
-def worker_bundle(cfg: LLMConfig) -> dict[str, float]:
-    """Ray resources of one engine worker (one per tensor-parallel rank)."""
+def worker_request(cfg: LLMConfig, workers: int = 1) -> dict[str, Any]:
+    """Ray's request for ``workers`` engine workers (one per tensor-parallel rank) from
+    ``llm.vllm``'s placement fields, through :func:`raypipe.placement.actor_resources`
+    like every other pool's: ``num_cpus``, ``num_gpus``, ``resources`` and, for GPU
+    engines only, ``accelerator_type``."""
     v = cfg.vllm
-    bundle = {"CPU": v.cpus_per_worker, **v.resources}
-    if v.gpus_per_worker:
-        bundle["GPU"] = v.gpus_per_worker
+    return actor_resources(
+        num_cpus=v.cpus_per_worker * workers,
+        num_gpus=v.gpus_per_worker * workers or None,
+        resources={name: amount * workers for name, amount in v.resources.items()},
+        accelerator_type=v.accelerator_type,
+    )
+
+
+def worker_bundle(cfg: LLMConfig) -> dict[str, float]:
+    """:func:`worker_request` as a placement-group bundle: ``CPU``, ``GPU`` and the custom
+    resources. Its ``accelerator_type`` is no bundle key (see :func:`engine_placement`)."""
+    request = worker_request(cfg)
+    bundle = {"CPU": request["num_cpus"], **request.get("resources", {})}
+    if request.get("num_gpus"):
+        bundle["GPU"] = request["num_gpus"]
     return bundle
+
+
+def engine_placement(cfg: LLMConfig) -> dict[str, Any]:
+    """The placement fields of one writer's ``vLLMEngineProcessorConfig``, from
+    :func:`worker_request`: one bundle per tensor-parallel rank (``placement_group_config``)
+    and ``accelerator_type``, which Ray Data LLM applies itself: as the engine actor's
+    ``accelerator_type`` when the engine is one worker (the actor then asks for the
+    bundle's CPUs, GPUs and resources), as an ``accelerator_type:X`` resource in every
+    bundle of the engine's placement group otherwise. Ray Data LLM has no other way to
+    take it: an ``accelerator_type`` key in a bundle is not a Ray resource name."""
+    request = worker_request(cfg)
+    return {
+        "placement_group_config": {
+            "bundles": [worker_bundle(cfg)] * cfg.vllm.tensor_parallel_size,
+            "strategy": "PACK",
+        },
+        "accelerator_type": request.get("accelerator_type"),
+    }
 
 
 def engines_use_gpu(cfg: LLMConfig) -> bool:
@@ -206,6 +244,7 @@ def build_engine_processor(cfg: LLMConfig):
     forever. Each engine still decodes ``llm.vllm.batch_size`` requests together
     (``max_num_seqs``), with as many in flight. A dead engine is restarted
     ``llm.vllm.engine_restarts`` times, then the run fails (not restarted forever).
+    Placement: :func:`engine_placement`.
     """
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
@@ -216,10 +255,7 @@ def build_engine_processor(cfg: LLMConfig):
         concurrency=(v.min_engines, v.max_engines),
         batch_size=1,
         max_concurrent_batches=v.batch_size,
-        placement_group_config={
-            "bundles": [worker_bundle(cfg)] * v.tensor_parallel_size,
-            "strategy": "PACK",
-        },
+        **engine_placement(cfg),
         log_engine_metrics=False,  # else vLLM imports ray.serve
         chat_template_stage=False,
         tokenize_stage=False,
@@ -359,6 +395,59 @@ def check_model(cfg: LLMConfig) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------
+# An engine that died
+# ---------------------------------------------------------------------------------------
+
+#: Classes of the Ray actors that hold a vLLM engine: Ray Data LLM's engine stage (its
+#: pool's actors are named ``MapWorker(MapBatches(vLLMEngineStageUDF))``), and raypipe's
+#: own engine actor and the on-demand one that starts it.
+ENGINE_ACTORS = ("vLLMEngineStageUDF", "EngineActor", "EngineOnDemand")
+
+
+def engine_failure(exc: BaseException, cfg: LLMConfig, engine: bool = False) -> ModelError | None:
+    """The :class:`ModelError` that says what to do when ``exc`` is a vLLM engine that
+    died or could not start, else None (the caller re-raises ``exc``).
+
+    Ray reports an actor that died as a ``RayActorError`` (``ActorDiedError``,
+    ``ActorUnavailableError``) naming the actor's class. Ray Data LLM's engine stage exits
+    its actor when its engine dies (vLLM's ``EngineDeadError``) or fails to load, Ray
+    restarts it ``llm.vllm.engine_restarts`` times, and Ray Data then fails the whole
+    execution with that error. A ``ModelError`` raised in a stage (an on-demand engine of
+    a cache-served writer that died) is found through Ray's wrapping and returned as it
+    is. Any other actor that died (a render actor out of memory) is no engine failure;
+    ``engine=True``: the caller called nothing but an engine, so any actor death counts.
+    """
+    from ray.exceptions import RayActorError, RayError
+
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ModelError) and not isinstance(e, RayError):
+            return e
+        text = str(e)
+        if isinstance(e, RayActorError) and (engine or any(n in text for n in ENGINE_ACTORS)):
+            pool = "vLLMEngineStageUDF" in text
+            times = f"{cfg.vllm.engine_restarts + 1} times" if pool else "once"
+            first = next((line for line in text.splitlines() if line.strip()), type(e).__name__)
+            return ModelError(
+                f"a vLLM engine for llm.model={cfg.model!r} could not start or died ({times}; "
+                f"{type(e).__name__}: {first.strip()}). The engine's own error is in the "
+                "worker log above (log_to_driver=true shows it) or under Ray's session logs "
+                "(/tmp/ray/session_latest/logs). Usual causes: too little memory for weights "
+                "+ KV cache (lower llm.vllm.gpu_memory_utilization or llm.vllm.max_model_len, "
+                "or raise llm.vllm.tensor_parallel_size), a dtype the device lacks "
+                "(llm.vllm.dtype), a model vLLM cannot run. Rows already written are kept: "
+                "fix the setting and run the same command again to resume."
+            )
+        todo.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
+    return None
+
+
+# ---------------------------------------------------------------------------------------
 # The backend object: helpers for the stream's stages, a short-lived engine for the rest
 # ---------------------------------------------------------------------------------------
 
@@ -418,11 +507,12 @@ class VLLMBackend:
         self._eos: set[int] | None = None
         self._max_len: int | None = None
         self._actor = None
+        self._on_demand = None  # an EngineOnDemand handle (attach)
         self.engine_s = 0.0  # seconds the short-lived engine was held
         self._started = 0.0
         self._counts = dict(
             requests=0, cache_hits=0, failures=0, prompt_tokens=0, completion_tokens=0,
-            cached_prompt_tokens=0, cached_completion_tokens=0,
+            cached_prompt_tokens=0, cached_completion_tokens=0, engines_started=0,
         )  # fmt: skip
 
     # --- what the stream's stages use -------------------------------------------------
@@ -529,19 +619,25 @@ class VLLMBackend:
     def check(self) -> dict[str, Any]:
         return check_model(self.cfg)
 
+    def attach(self, engine) -> None:
+        """Send the requests the cache does not answer to ``engine`` (an
+        :class:`EngineOnDemand` actor shared by a writer's actors) instead of an engine
+        of this backend's own; that engine's time and start are counted where it lives."""
+        self._on_demand = engine
+
     def _engine(self):
+        if self._on_demand is not None:
+            return self._on_demand
         if self._actor is None:
             import ray
 
-            v = self.cfg.vllm
-            bundle = worker_bundle(self.cfg)
-            tp = v.tensor_parallel_size
-            options = {"num_cpus": bundle.pop("CPU") * tp, "max_restarts": 0}
-            if "GPU" in bundle:
-                options["num_gpus"] = bundle.pop("GPU") * tp
-            if bundle:
-                options["resources"] = {k: x * tp for k, x in bundle.items()}
+            # One actor for the whole engine: the request of all its workers.
+            options = {
+                **worker_request(self.cfg, self.cfg.vllm.tensor_parallel_size),
+                "max_restarts": 0,
+            }
             self._started = time.monotonic()
+            self._counts["engines_started"] += 1
             self._actor = (
                 ray.remote(EngineActor)
                 .options(**options)
@@ -572,13 +668,11 @@ class VLLMBackend:
                         [ids for _, ids in todo], [sampling_params(requests[i]) for i, _ in todo]
                     )
                 )
-            except ray.exceptions.RayActorError as e:
-                raise ModelError(
-                    f"the vLLM engine for llm.model={self.model!r} did not start or died "
-                    f"({str(e).splitlines()[0]}). Its log (ray logs, or the driver output) "
-                    "names the cause; check llm.vllm settings (gpu_memory_utilization, "
-                    "max_model_len, dtype) and the model."
-                ) from None
+            except Exception as e:  # noqa: BLE001 - sorted by engine_failure
+                error = engine_failure(e, self.cfg, engine=True)
+                if error is None:
+                    raise
+                raise error from None
             for (i, _), out in zip(todo, outs):
                 results[i] = self.generated(
                     requests[i],
@@ -607,3 +701,30 @@ class VLLMBackend:
 
     def __repr__(self) -> str:
         return f"VLLMBackend(model={self.model!r})"
+
+
+class EngineOnDemand:
+    """The engine of a writer served from OUT/cache alone (raypipe.generate.engine): a
+    Ray actor that reserves nothing and starts one engine (:class:`EngineActor`, with the
+    engine pool's placement) on the first request the cache did not answer, for all of
+    that writer's actors. A run that needs none starts none; :meth:`close` stops it and
+    says whether it started (``engines_started``) and for how long (``engine_s``)."""
+
+    def __init__(self, llm: dict[str, Any]):
+        self.backend = VLLMBackend(LLMConfig.model_validate(llm))
+
+    def generate(self, prompts: list[list[int]], params: list[dict[str, Any]]) -> list[dict]:
+        import ray
+
+        return ray.get(self.backend._engine().generate.remote(prompts, params))
+
+    def engine(self):
+        """The engine actor (started here if it was not yet)."""
+        return self.backend._engine()
+
+    def stats(self) -> dict[str, Any]:
+        return self.backend.stats()
+
+    def close(self) -> dict[str, Any]:
+        self.backend.close()
+        return self.backend.stats()

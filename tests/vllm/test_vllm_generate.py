@@ -1,8 +1,10 @@
 """The ``vllm`` backend end to end, on vLLM's CPU build with a tiny random-weight Llama.
 
 Engine starts are what these tests cost (tens of seconds each on 2 CPUs), so they share
-them: one killed run and its resume (the demo-vllm preset, two engine pools each), one
-re-run from the cache, and one short-lived engine for the request-level checks.
+them: one killed run and its resume (the demo-vllm preset, two engine pools each), and
+one short-lived engine for the request-level checks (and, last, for an engine that
+dies): 5 engine starts in all. The re-run from the cache starts none (checked), and the
+checks of the driver's cache check and of a dying engine stage start none either.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 import pytest
+import ray
 
 from raypipe.abilities import load_catalog
 from raypipe.config import GenerateConfig, load_config
@@ -28,8 +31,10 @@ from raypipe.generate.pipeline import count_ids, generate
 from raypipe.generate.store import OutputStore
 from raypipe.generate.text import keyword_for, seed_bank, stable_seed
 from raypipe.llm import structured
+from raypipe.llm.cache import request_key
 from raypipe.llm.parsing import parse_dialogue, parse_prompts
 from raypipe.llm.templates import dialogue_request, prompt_request
+from raypipe.llm.vllm_backend import cache_body, engine_failure
 from raypipe.schema import validate_samples
 
 pytestmark = pytest.mark.vllm
@@ -149,6 +154,8 @@ def test_demo_vllm_writes_every_ability_with_the_same_schema(resumed):
         assert usage["completion_tokens"] + usage["cached_completion_tokens"] > 0, stage
     assert run["llm"]["stages"]["prompts"]["cached_completion_tokens"] > 0
     assert manifest["llm"]["cost_usd"] == 0  # no token prices on vllm
+    # The killed run left rows never asked for: both writers needed their engine pools.
+    assert {w["on"] for w in run["llm_writers"].values()} == {"engines"}, run["llm_writers"]
     assert run["llm_engines"]["engines"] == 2 and run["llm_engines"]["gpu_s"] == 0  # CPU engines
     assert manifest["versions"]["vllm"] != "not installed"
 
@@ -169,11 +176,7 @@ def test_killed_run_resumes_without_loss_duplicates_or_regeneration(resumed):
 
 
 def test_rerun_over_the_same_out_reproduces_every_row_from_the_cache(resumed, tmp_path):
-    again = tmp_path / "again"
-    shutil.copytree(resumed.out, again)
-    for name in ("data", "rejects", "plan", "manifest.json"):
-        target = again / name
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    again = fresh_copy(resumed.out, tmp_path / "again")
     stored = cache_files(again)
     run_job(again, resumed.env)
     before, after = rows_by_id(resumed.out), rows_by_id(again)
@@ -182,8 +185,76 @@ def test_rerun_over_the_same_out_reproduces_every_row_from_the_cache(resumed, tm
         for col in ("prompt", "keywords", "seed", "conversations", "question_type", "image"):
             assert row[col] == before[sid][col], (sid, col)
     assert cache_files(again) == stored  # nothing generated: every answer came from OUT/cache
-    llm = json.loads((again / "manifest.json").read_text())["runs"][-1]["llm"]
+    run = json.loads((again / "manifest.json").read_text())["runs"][-1]
+    llm = run["llm"]
     assert llm["completion_tokens"] == 0 and llm["cached_completion_tokens"] > 0
+    # The driver found every request answered in OUT/cache: no engine pool, no model
+    # loaded, and no on-demand engine either (the replacements were answered too).
+    assert run["llm_engines"]["engines"] == 0, run["llm_engines"]
+    assert run["llm_writers"] == {
+        "prompts": {"on": "cache", "requests": 13, "unanswered": 0, "engines_started": 0},
+        "dialogue": {"on": "cache", "requests": run["llm_writers"]["dialogue"]["requests"],
+                     "unanswered": 0, "engines_started": 0},
+    }  # fmt: skip
+    assert run["llm_writers"]["dialogue"]["requests"] >= N
+
+
+def fresh_copy(out: Path, to: Path) -> Path:
+    """``out`` as a re-run finds it: cache and keyword banks, no rows, plan or manifest."""
+    shutil.copytree(out, to)
+    for name in ("data", "rejects", "plan", "manifest.json"):
+        target = to / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    return to
+
+
+def test_driver_cache_check_is_exact_about_each_writer(resumed, tmp_path):
+    """check_cache (what decides which writers get engines) against the answers the
+    engines stored: every request answered, then one dialogue answer unusable (an entry
+    of a newer format is a miss for the stream too), then one prompt answer gone."""
+    from raypipe.generate.engine import check_cache
+    from raypipe.generate.pipeline import planner_args, quotas
+    from raypipe.generate.text import DialogueWriter, PromptWriter
+    from raypipe.llm.cache import ResponseCache
+
+    out = fresh_copy(resumed.out, tmp_path / "again")
+    cfg = vllm_config(*OVERRIDES)
+    store = OutputStore(str(out))
+    names = list(load_catalog())
+    banks = {n: store.read_json(f"keywords/{n}.json")["keywords"] for n in names}
+    args = planner_args(cfg, store, banks, quotas(cfg, names), 0.0)
+    common = dict(llm=cfg.llm.model_dump(), cache_dir=str(out / "cache"), catalog_dirs=[],
+                  run_seed=cfg.seed)  # fmt: skip
+
+    def check():
+        return check_cache(cfg, args, str(out / "cache"), DialogueWriter, {})
+
+    assert check() == {
+        "prompts": {"requests": 13, "unanswered": 0},
+        "dialogue": {"requests": check()["dialogue"]["requests"], "unanswered": 0},
+    }
+    # The keys the writers build for a row the run plans first (index 0 or 1; chunk 0).
+    row = next(r for sid, r in sorted(rows_by_id(resumed.out).items()) if int(sid[-7:]) < 2)
+    (dialogue,) = DialogueWriter(**common).prepare([row])
+    k = cfg.prompts_per_request
+    item = {"ability": row["ability"], "chunk": 0, "indices": [0], "ids": [row["id"]],
+            "chunk_keywords": [keyword_for(banks[row["ability"]], cfg.seed, row["ability"], j)
+                               for j in range(k)]}  # fmt: skip
+    (prompt,) = PromptWriter(negative_prompt="", **common).prepare([item])
+    cache = ResponseCache(out / "cache")
+    dialogue_key = request_key(cache_body(cfg.llm.model, dialogue))
+    prompt_key = request_key(cache_body(cfg.llm.model, prompt))
+    assert cache.get(dialogue_key) is not None and cache.get(prompt_key) is not None
+
+    path = Path(cache.path(dialogue_key))
+    path.write_text(json.dumps({**json.loads(path.read_text()), "format": 99}))
+    assert check()["prompts"] == {"requests": 13, "unanswered": 0}
+    assert check()["dialogue"]["unanswered"] == 1  # listed, but no usable answer
+    Path(cache.path(prompt_key)).unlink()
+    assert check() == {
+        "prompts": {"requests": 13, "unanswered": 1},
+        "dialogue": {"requests": None, "unanswered": None},  # its prompts are not known
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -193,12 +264,18 @@ def test_rerun_over_the_same_out_reproduces_every_row_from_the_cache(resumed, tm
 
 @pytest.fixture(scope="module")
 def engine(ray_vllm):
-    from raypipe.llm.vllm_backend import VLLMBackend
+    """One engine, reached the way a writer served from OUT/cache reaches its on-demand
+    engine: VLLMBackend -> EngineOnDemand (reserves nothing) -> EngineActor, started on
+    the first request. No cache: every request is generated."""
+    from raypipe.llm.vllm_backend import EngineOnDemand, VLLMBackend
 
     cfg = load_config(GenerateConfig, PRESET).llm
-    backend = VLLMBackend(cfg)  # no cache: every request is generated
+    on_demand = ray.remote(EngineOnDemand).options(num_cpus=0).remote(cfg.model_dump())
+    backend = VLLMBackend(cfg)
+    backend.attach(on_demand)
     yield backend
-    backend.close()
+    ray.get(on_demand.close.remote())
+    ray.kill(on_demand)
 
 
 def writer_requests(per_ability: int = 4) -> list:
@@ -267,6 +344,70 @@ def test_fixed_seed_answers_repeat_within_and_across_batches(engine):
     assert first == again
     assert alone == first[:4]
     assert reordered == first
+    # All those batches, from the driver as from a writer's actors, went to one engine.
+    assert ray.get(engine._on_demand.stats.remote())["engines_started"] == 1
+
+
+def test_an_engine_that_dies_is_a_model_error_that_says_what_to_do(engine):
+    """Last of the engine's tests: it kills the engine (vLLM's own death kills the
+    process the same way), and the next request fails with a ModelError, not Ray's."""
+    ray.kill(ray.get(engine._on_demand.engine.remote()))
+    (req,) = [structured.with_schema(r) for r in writer_requests(per_ability=1)][:1]
+    with pytest.raises(ModelError) as info:
+        engine.complete_batch([req])
+    message = str(info.value)
+    assert "vLLM engine for llm.model='raypipe-tiny/tiny-chat-llm' could not start or died" in (
+        message
+    )
+    assert "ActorDiedError" in message
+    assert "llm.vllm.gpu_memory_utilization" in message and "run the same command" in message
+
+
+# ---------------------------------------------------------------------------------------
+# A dying engine stage mid-stream (no engine started: the stage dies as Ray Data LLM's
+# does when its engine dies)
+# ---------------------------------------------------------------------------------------
+
+
+class vLLMEngineStageUDF:  # noqa: N801 - the class name Ray Data LLM's engine actors have
+    """Dies on its third block the way Ray Data LLM's engine stage does when vLLM's
+    engine dies (EngineDeadError: ``os._exit(1)``, so that Ray restarts the actor)."""
+
+    def __call__(self, batch):
+        if batch["id"][0] >= 2:
+            os._exit(1)
+        return batch
+
+
+class RenderStage(vLLMEngineStageUDF):
+    """The same death in an actor that holds no engine."""
+
+
+def stream_failure(ray, stage: type, restarts: int) -> BaseException:
+    ds = ray.data.range(6, override_num_blocks=6).map_batches(
+        stage,
+        batch_size=None,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1),
+        num_cpus=0.1,
+        max_restarts=restarts,  # as build_engine_processor sets them
+        max_task_retries=restarts,
+    )
+    with pytest.raises(Exception) as info:  # noqa: PT011 - whatever Ray raises
+        for _ in ds.iter_batches(batch_size=None):
+            pass
+    return info.value
+
+
+def test_engine_stage_dying_mid_stream_is_a_model_error_that_says_what_to_do(ray_vllm):
+    cfg = vllm_config("llm.vllm.engine_restarts=1").llm
+    died = stream_failure(ray_vllm, vLLMEngineStageUDF, cfg.vllm.engine_restarts)
+    error = engine_failure(died, cfg)  # what the stream raises instead (pipeline.stream)
+    assert isinstance(error, ModelError), repr(died)
+    message = str(error)
+    assert "could not start or died (2 times; ActorDiedError" in message
+    assert "llm.vllm.gpu_memory_utilization" in message and "run the same command" in message
+    # Another actor's death is not blamed on the engines.
+    assert engine_failure(stream_failure(ray_vllm, RenderStage, 0), cfg) is None
 
 
 # ---------------------------------------------------------------------------------------
