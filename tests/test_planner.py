@@ -40,7 +40,9 @@ def test_first_plan_is_each_abilitys_quota_in_chunks_of_k(tmp_path):
     table = p.pull()
     items = table.to_pylist()
     rows = [(it["ability"], i) for it in items for i in it["indices"]]
-    assert sorted(rows) == sorted([("color", i) for i in range(7)] + [("animal", i) for i in range(3)])
+    assert sorted(rows) == sorted(
+        [("color", i) for i in range(7)] + [("animal", i) for i in range(3)]
+    )
     for it in items:
         assert len(it["chunk_keywords"]) == 5
         assert all(i // 5 == it["chunk"] for i in it["indices"])
@@ -58,7 +60,10 @@ def test_resume_plans_only_missing_ids(tmp_path):
     store.write_table(
         "rejects",
         pa.Table.from_pylist(
-            [{"id": d, "ability": "color", "stage": "quality", "reason": "x", "raw": ""} for d in done],
+            [
+                {"id": d, "ability": "color", "stage": "quality", "reason": "x", "raw": ""}
+                for d in done
+            ],
             schema=REJECT_SCHEMA,
         ),
     )
@@ -164,7 +169,12 @@ def test_dedup_seeds_from_prompts_already_in_out(tmp_path, threshold):
     prompt = data.column("prompt")[0].as_py()
     p = planner(tmp_path, {"color": 3}, near_duplicate_threshold=threshold)
     rows = pulled(p)
-    out = p.dedup([(sample_id(0, "color", i), "color", i, prompt if i == rows[0][1] else f"((c)) x{i} y z") for _, i in rows])
+    out = p.dedup(
+        [
+            (sample_id(0, "color", i), "color", i, prompt if i == rows[0][1] else f"((c)) x{i} y z")
+            for _, i in rows
+        ]
+    )
     assert out[0][1] == "duplicate_prompt"
 
 
@@ -216,3 +226,24 @@ def test_pulls_wait_while_the_in_flight_window_is_full(tmp_path):
 def test_the_window_always_fits_one_full_pull(tmp_path):
     p = planner(tmp_path, {"color": 100}, max_rows_in_flight=3)
     assert p.max_in_flight == 40 and len(pulled(p)) == 40
+
+
+def test_read_tasks_follow_the_rows_expected_not_the_most_that_may_be_planned(tmp_path):
+    from raypipe.generate import planner as planner_mod
+    from raypipe.generate.planner import tickets_for
+
+    def first(n: int) -> int:
+        quota = {"color": n // 2, "animal": n - n // 2}
+        return tickets_for(planner(tmp_path / str(n), quota).status(), 8, 5)
+
+    # Full pulls (8 chunks of 5 rows) for the open rows and half as many replacements
+    # (1000 rows: 1500 rows, 300 chunks, 38 pulls), + spares.
+    assert first(1000) == 38 + planner_mod.SPARE_TICKETS
+    assert first(10_000) == 375 + planner_mod.SPARE_TICKETS
+    # Growth with N: one read task per ~27 planned rows (it was one per 10).
+    assert (first(10_000) - first(1000)) / 9000 < 1 / 26
+    # Never more replacements than the budget allows.
+    tight = planner(tmp_path / "tight", {"color": 100}, replace_budget=0.05).status()
+    assert tickets_for(tight, 8, 5) == 3 + planner_mod.SPARE_TICKETS  # 105 rows, 21 chunks
+    # A later execution (rejects outran the first) gets room for all it may still plan.
+    assert tickets_for(tight, 8, 5, first=False) == 2 * 3 + 64  # as before: 105 rows

@@ -132,7 +132,9 @@ def test_partly_malformed_answer_keeps_good_rows_and_replaces_the_rest(
     rec = Recorder(_bad_positions_responder(bad))
     out = tmp_path / "same"
     with LLMServer(responder=rec, lifetime_s=300) as server:
-        generate(demo_config(*openai_overrides(server, "abilities=[color]", "num_samples=5")), str(out))
+        generate(
+            demo_config(*openai_overrides(server, "abilities=[color]", "num_samples=5")), str(out)
+        )
         answered = dict(server.answered_by_hash)
     ids = {r["id"] for r in read_data(out)}
     assert ids == {sample_id(0, "color", i) for i in (0, 2, 4, 5, 6)}
@@ -266,3 +268,21 @@ def test_s3_run_killed_and_rerun_elsewhere_pays_nothing_twice(s3_server, tiny_di
     assert all(again.get(h, 0) == 0 for h in answered), "an answered request was paid again"
     assert not (first_dir / "cache").exists() and not (other / "cache").exists()
     assert count_ids(store)["balanced"]
+
+
+@pytest.mark.slow
+def test_a_run_that_outruns_its_read_tasks_continues_in_a_new_execution(
+    ray_local, tiny_dir, tmp_path, monkeypatch
+):
+    from raypipe.generate import planner
+
+    # No room for replacements or spare pulls: the first execution's one read task
+    # carries only the first (ramp-up) pull of one chunk, 5 of the 20 rows.
+    monkeypatch.setattr(planner, "EXPECTED_REPLACEMENTS", 0.0)
+    monkeypatch.setattr(planner, "SPARE_TICKETS", 0)
+    cfg = demo_config("abilities=[color,animal]", "num_samples=20")
+    manifest = generate(cfg, str(tmp_path))
+    assert manifest["runs"][-1]["stream_executions"] == 2
+    ids = [r["id"] for r in read_data(tmp_path)]
+    assert len(ids) == 20 and len(set(ids)) == 20
+    assert manifest["counts"]["balanced"] and manifest["counts"]["accepted"] == 20

@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -50,6 +51,11 @@ MAX_BANK_ATTEMPTS = 3
 #: Executions of the stream per run: a run whose tail needed more pulls than one
 #: execution had read tasks for continues in another (the planner keeps its state).
 MAX_EXECUTIONS = 4
+#: How often the driver collects cyclic garbage while the stream runs. Ray Data's
+#: scheduling loop defines a new class on every ``.options()`` call (a task submitted, an
+#: actor pool's state refreshed: ~24 KB each, freed only by a full collection), which
+#: Python's own full collections reach rarely in a process as large as a driver.
+DRIVER_GC_S = 5.0
 
 
 # ------------------------------------------------------------------------------------
@@ -283,18 +289,24 @@ def stream(cfg: GenerateConfig, run: dict[str, Any], tally: Tally) -> dict[str, 
 
     planner = run["planner"]
     status = ray.get(planner.status.remote())
-    pull_rows = cfg.llm_batch_chunks * cfg.prompts_per_request
     for execution in range(MAX_EXECUTIONS):
         if status["finished"]:
             break
         if execution:
             log.info("the stream ran out of read tasks; continuing in a new execution")
             ray.get(planner.restart.remote())
-        ds = build_stream(cfg, run, tickets_for(status, pull_rows))
+        tickets = tickets_for(
+            status, cfg.llm_batch_chunks, cfg.prompts_per_request, first=not execution
+        )
+        ds = build_stream(cfg, run, tickets)
         run["executions"] = run.get("executions", 0) + 1
+        collected = time.monotonic()
         try:
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 tally.add(batch)
+                if time.monotonic() - collected > DRIVER_GC_S:
+                    gc.collect()
+                    collected = time.monotonic()
         except Exception as e:
             if cfg.llm.backend == "vllm":
                 from raypipe.llm.vllm_backend import engine_failure
@@ -303,6 +315,8 @@ def stream(cfg: GenerateConfig, run: dict[str, Any], tally: Tally) -> dict[str, 
                 if error is not None:
                     raise error from e
             raise
+        del ds
+        gc.collect()  # the finished execution's operators and their per-block stats
         status = ray.get(planner.status.remote())
     return status
 
@@ -605,6 +619,7 @@ def build_manifest(
     gpu_s = tally.render_s * cfg.render.gpus_per_actor if gpu else 0.0
     gpu_usd = gpu_s / 3600 * cfg.gpu_hour_usd if cfg.gpu_hour_usd is not None else None
     per_k = 1000 / accepted_now if accepted_now else None
+    executions = (engines or {}).get("executions", 1)
     engines = llm_engine_usage(cfg, timings, kw_stats, **(engines or {}))
     llm_usd: float | None = llm["cost_usd"]
     if engines is not None and engines["gpu_s"]:
@@ -624,6 +639,9 @@ def build_manifest(
         "parts_written": parts,
         "stopped": status["stopped"] if not status["finished"] or status["stopped"] else None,
         "planned": status["planned"],
+        # Ray Data executions of the stream: 1 unless rejects outran the read tasks
+        # (planner.tickets_for), each further one starting the actor pools again.
+        "stream_executions": executions,
         "images_rendered": tally.rendered,
         "images_per_s": tally.rendered / timings["stream_s"] if timings.get("stream_s") else 0.0,
         "render_busy_s": tally.render_s,
