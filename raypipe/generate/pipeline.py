@@ -55,7 +55,7 @@ MAX_EXECUTIONS = 4
 #: scheduling loop defines a new class on every ``.options()`` call (a task submitted, an
 #: actor pool's state refreshed: ~24 KB each, freed only by a full collection), which
 #: Python's own full collections reach rarely in a process as large as a driver.
-DRIVER_GC_S = 5.0
+DRIVER_GC_S = 10.0
 
 
 # ------------------------------------------------------------------------------------
