@@ -282,6 +282,7 @@ def test_killed_job_resumes_without_loss_duplicates_or_repaid_requests(tiny_dir,
         # Answered but maybe not yet cached by the job: under load, the client can take
         # over a second from the server's answer to its cache write.
         in_flight_at_kill = server.in_flight_now(answered_within_s=2.0)
+        killed_at = time.monotonic()
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         log.close()
@@ -295,6 +296,15 @@ def test_killed_job_resumes_without_loss_duplicates_or_repaid_requests(tiny_dir,
         while server.in_flight_now() and time.time() < deadline:
             time.sleep(0.05)
         answered_before = Counter(server.answered_by_hash)
+        # The killed job's Ray workers can outlive its driver for a moment and send a
+        # request or two after the kill (seen 1.4 s after it): answered to a dead job too.
+        quiet, seen = time.time(), len(server.events)
+        while time.time() - quiet < 2.0 and time.time() < deadline + 10:
+            if len(server.events) != seen:
+                quiet, seen = time.time(), len(server.events)
+            time.sleep(0.1)
+        resumed_at = time.monotonic()
+        in_flight_at_kill |= {e.hash for e in server.events if killed_at <= e.time < resumed_at}
 
         done = subprocess.run(_job_cmd(out, *overrides), env=env, capture_output=True, timeout=300)
         assert done.returncode == 0, done.stderr.decode()[-3000:]
@@ -307,7 +317,11 @@ def test_killed_job_resumes_without_loss_duplicates_or_repaid_requests(tiny_dir,
     # No answer the first run received was paid for again; only requests that were in
     # flight at the kill (answered to a dead job, so never cached) may be asked twice.
     repeated = {d for d, n in server.answered_by_hash.items() if n > 1}
-    assert repeated <= in_flight_at_kill, "a cached answer was requested again"
+    unexpected = {
+        d[:12]: [(round(e.time - killed_at, 2), e.attempt) for e in server.events if e.hash == d]
+        for d in repeated - in_flight_at_kill
+    }  # request -> (seconds from the kill, attempt) of each time it was received
+    assert not unexpected, f"a cached answer was requested again: {unexpected}"
     assert max(server.answered_by_hash.values()) <= 2
     assert len(answered_before) >= 2
 
