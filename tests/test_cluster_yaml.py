@@ -187,8 +187,22 @@ def test_setup_commands_pin_everything_the_jobs_import(cluster):
             f"{name}=={pin} on the nodes is outside pyproject.toml's {spec.specifier}"
         )
         assert set(spec.extras) <= set(pinned[name].extras), f"{name}: extras {spec.extras}"
-    # The pins are the versions this test suite runs with (local version labels such as
-    # torch's `+cpu` aside): update cluster.yaml when the environment moves.
+    # The pins are scripts/constraints.txt's, which scripts/bootstrap.sh installs the
+    # test environment under: move a pin in both places together.
+    lines = (REPO / "scripts" / "constraints.txt").read_text().splitlines()
+    constraints = {
+        r.name.lower(): str(r.specifier)
+        for r in (Requirement(x) for x in lines if x.strip() and not x.startswith("#"))
+    }
+    assert constraints, "scripts/constraints.txt pins nothing"
+    differ = {
+        n: (str(pinned[n].specifier) if n in pinned else None, c)
+        for n, c in constraints.items()
+        if n not in pinned or str(pinned[n].specifier) != c
+    }
+    assert not differ, f"cluster.yaml pins vs scripts/constraints.txt: {differ}"
+    # And the environment these tests run in was installed under them (local version
+    # labels such as torch's `+cpu` aside).
     drift = {}
     for name, req in pinned.items():
         try:
