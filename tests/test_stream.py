@@ -286,3 +286,37 @@ def test_a_run_that_outruns_its_read_tasks_continues_in_a_new_execution(
     ids = [r["id"] for r in read_data(tmp_path)]
     assert len(ids) == 20 and len(set(ids)) == 20
     assert manifest["counts"]["balanced"] and manifest["counts"]["accepted"] == 20
+
+
+def test_the_driver_collects_cyclic_garbage_while_the_stream_runs():
+    """What Ray Data's scheduling loop leaves behind (a class per ``.options()`` call,
+    freed only by the cyclic collector) is collected within a second or two while the
+    stream runs, not left to the rare full collections of a large process; on exit the
+    heap is unfrozen again."""
+    import gc
+    import weakref
+
+    from raypipe.generate.pipeline import collecting_garbage
+
+    def garbage_class() -> weakref.ref:
+        class Wrapper:  # as ray.actor.ActorClass.options defines one per call
+            def remote(self):
+                return None
+
+        return weakref.ref(Wrapper)
+
+    before = garbage_class()  # garbage already when the stream starts
+    gc.disable()  # so that only the stream's collector can free what follows
+    try:
+        with collecting_garbage(0.2):
+            assert gc.get_freeze_count() > 0
+            during = [garbage_class() for _ in range(50)]
+            deadline = time.monotonic() + 5
+            while any(r() is not None for r in during) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert all(r() is None for r in during), "made during the stream, not collected"
+        assert gc.get_freeze_count() == 0
+    finally:
+        gc.enable()
+    gc.collect()
+    assert before() is None
