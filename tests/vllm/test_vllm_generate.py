@@ -348,6 +348,56 @@ def test_fixed_seed_answers_repeat_within_and_across_batches(engine):
     assert ray.get(engine._on_demand.stats.remote())["engines_started"] == 1
 
 
+def test_benchmark_item_writer_writes_items_of_each_type_on_the_engine(engine):
+    """The benchmark-item writer (what ``jobs/evaluate.py build`` runs in place of the
+    dialogue writer) on vLLM, as the stream runs a writer served from OUT/cache: the
+    CacheServed stage, its requests (structured, as in demo-vllm) going to the engine.
+    Each row comes out as an item of its drawn question type (question with
+    ``<image>``, response, answer keywords) or rejected at ``benchmark`` with a reason;
+    structured output leaves no format reject and no answer cut at max_tokens."""
+    from raypipe.generate.engine import CacheServed
+    from raypipe.generate.text import BenchmarkItemWriter, question_type_for
+    from raypipe.schema import rows_to_table
+
+    cfg = vllm_config()
+    assert cfg.llm.structured_output
+    mix = {"yes_no": 1.0, "wh": 1.0, "either_or": 1.0}
+    rows = []
+    for name, ability in load_catalog().items():
+        bank = seed_bank(ability)
+        for i in range(3):
+            kw = keyword_for(bank, 0, name, i)
+            prompt = f"(({kw})), {name} photo, soft light, detailed, high quality"
+            rows.append({"id": f"bench-{name}-{i}", "ability": name, "index": i,
+                         "keywords": [kw], "prompt": prompt, "seed": i})  # fmt: skip
+    writer_kwargs = dict(llm=cfg.llm.model_dump(), cache_dir=None, catalog_dirs=[],
+                         run_seed=1000, question_mix=mix)  # fmt: skip
+    stage = CacheServed(BenchmarkItemWriter, writer_kwargs, engine=engine._on_demand)
+    out = stage(rows_to_table(rows)).to_pylist()
+
+    assert [r["id"] for r in out] == [r["id"] for r in rows]
+    items = [r for r in out if not r["reject_stage"]]
+    rejected = [r for r in out if r["reject_stage"]]
+    reasons = Counter(r["reject_reason"] for r in rejected)
+    print(f"benchmark items on vLLM: {len(items)} of {len(out)}; rejects {dict(reasons)}")
+    assert {r["reject_stage"] for r in rejected} <= {"benchmark"}
+    assert all(r["reject_reason"] for r in rejected)
+    assert not [r for r in rejected if structured.is_format_reason(r["reject_reason"])], reasons
+    assert reasons["max_tokens"] == 0, reasons
+    assert items, reasons
+    for r in items:
+        human, gpt = r["conversations"]
+        assert human["from"] == "human" and human["value"].startswith("<image>\n")
+        assert gpt["from"] == "gpt" and gpt["value"].strip()
+        assert r["question_type"] in mix and r["answer_keywords"]
+    # Each row's question type is drawn from the mix by its id, whatever the engine wrote.
+    drawn = {r["id"]: question_type_for(mix, 1000, r["id"]) for r in rows}
+    assert set(drawn.values()) == set(mix)
+    assert all(r["question_type"] == drawn[r["id"]] for r in items)
+    usage = [json.loads(r["meta"])["llm"]["benchmark"] for r in out if r["meta"]]
+    assert usage and all(u["completion_tokens"] > 0 for u in usage)
+
+
 def test_an_engine_that_dies_is_a_model_error_that_says_what_to_do(engine):
     """Last of the engine's tests: it kills the engine (vLLM's own death kills the
     process the same way), and the next request fails with a ModelError, not Ray's."""
