@@ -2,8 +2,8 @@
 
 Engine starts are what these tests cost (tens of seconds each on 2 CPUs), so they share
 them: one killed run and its resume (the demo-vllm preset, two engine pools each), and
-one short-lived engine for the request-level checks (and, last, for an engine that
-dies): 5 engine starts in all. The re-run from the cache starts none (checked), and the
+one short-lived engine for the request-level checks and the benchmark-item writer (and,
+last, for an engine that dies): 5 engine starts in all. The re-run from the cache starts none (checked), and the
 checks of the driver's cache check and of a dying engine stage start none either.
 """
 
