@@ -391,11 +391,10 @@ def main(argv: list[str] | None = None) -> dict:
     except ImportError:
         have_ray = False
 
-    # Bare, then (pipeline, bare) x rounds: each pipeline pass lies between two bare
-    # ones, so a change in the machine's load falls on both sides of the ratio.
     how = "ray-data" if have_ray else "in-process" + ("" if args.no_ray else " (ray not installed)")
-    # Ray is up (and idle) during the bare passes too: its own processes' share of the
-    # CPU weighs on both sides alike.
+    # Bare, then (pipeline, bare) x rounds, with Ray up (and idle) during the bare passes
+    # too: a change in the machine's load, and Ray's own share of the CPU, fall on both
+    # sides of the ratio.
     bare_passes, pipe_passes = [], []
     try:
         if have_ray:
