@@ -36,8 +36,10 @@ class Config(BaseModel):
 class VLLMConfig(Config):
     """``llm.backend: vllm``: vLLM engines inside the generation's Ray Data execution.
 
-    Each LLM writing stage (prompts, then dialogues or benchmark items) gets its own pool
-    of engines through Ray Data LLM (``ray.data.llm``); ``llm.model`` is what they load.
+    The run's engines are one Ray Serve application of ``min_engines..max_engines``
+    engines that load ``llm.model``, shared by every LLM writing stage (prompts, then
+    dialogues or benchmark items), which reach them through Ray Data LLM
+    (``ray.data.llm``) inside the generation's Ray Data execution.
     Placement works as for the render pool (raypipe.placement.actor_resources builds the
     request of one engine worker from ``cpus_per_worker``, ``gpus_per_worker``,
     ``resources`` and ``accelerator_type``); each engine reserves ``tensor_parallel_size``
@@ -70,8 +72,15 @@ class VLLMConfig(Config):
         description="More vLLM engine arguments (e.g. max_num_batched_tokens, "
         "enable_prefix_caching, quantization), passed as given.",
     )
-    min_engines: int = Field(1, ge=1, description="Smallest engine pool, per writing stage.")
-    max_engines: int = Field(1, ge=1, description="Largest engine pool, per writing stage.")
+    min_engines: int = Field(
+        1, ge=1, description="Fewest engines (shared by all writing stages of the run)."
+    )
+    max_engines: int = Field(
+        1,
+        ge=1,
+        description="Most engines; between the two, Serve adds engines while each has more "
+        "than batch_size requests in flight.",
+    )
     batch_size: int = Field(
         64,
         ge=1,
@@ -99,8 +108,16 @@ class VLLMConfig(Config):
     engine_restarts: int = Field(
         1,
         ge=0,
-        description="Times a dead engine is started again before the run fails (an engine "
-        "that cannot start fails the run instead of restarting forever).",
+        description="Times an engine that fails to start is tried again before the run "
+        "fails (it fails instead of retrying forever). An engine that dies mid-run is "
+        "replaced by Serve; the run stops with a ModelError and the same command resumes it.",
+    )
+    keep_engines: bool = Field(
+        False,
+        description="Leave the engines up when the run ends, for the next run with the same "
+        "model and engine settings on the same cluster (it finds and uses them instead of "
+        "loading the model again). Stop them with `serve shutdown` (Ray's CLI). A run always "
+        "uses engines it finds up, whether it stops them or not.",
     )
 
     @model_validator(mode="after")

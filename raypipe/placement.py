@@ -9,11 +9,11 @@ no node can meet yet is what makes a Ray autoscaler add nodes of a type that can
 
 vLLM engines (``llm.vllm``: ``cpus_per_worker``, ``gpus_per_worker``, ``resources``,
 ``accelerator_type``) get one engine worker's request from :func:`actor_resources` too
-(:func:`raypipe.llm.vllm_backend.worker_request`). Ray Data LLM builds the engine
-actors itself and takes that request in its own terms: CPUs, GPUs and resources as one
-placement-group bundle per tensor-parallel rank, ``accelerator_type`` as its processor
-config's own field (:func:`raypipe.llm.vllm_backend.engine_placement`). The writers'
-request and answer halves around the engines are LLM-client actors
+(:func:`raypipe.llm.vllm_backend.worker_request`), which the engines' Serve deployment
+takes as its replicas' actor options, or for a tensor-parallel engine as one
+placement-group bundle per rank with ``accelerator_type`` as a label resource
+(:func:`raypipe.llm.vllm_backend.deployment_options`). The writers' request and answer
+halves around the engines are LLM-client actors
 (``llm_actor_cpus``, ``llm_actor_resources``).
 
 ``device: auto`` (:func:`cluster_can_have_gpus`) asks for GPUs when the cluster has

@@ -20,10 +20,11 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
   # torch in the same command, so no dependency pulls a CUDA build.
   "$VENV/bin/python" -m pip install -q "torch==2.13.0" "$VLLM_SPEC" -e "$ROOT[gen]" \
+    "ray[serve]>=2.50,<3" \
     "pytest>=8" "pytest-timeout>=2.3"
   "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
-  "$VENV/bin/python" -c "import vllm, ray.data.llm, raypipe" \
-    || { echo "raypipe: $VENV does not import vllm, ray.data.llm and raypipe" >&2; exit 1; }
+  "$VENV/bin/python" -c "import vllm, ray.data.llm, ray.serve, raypipe" \
+    || { echo "raypipe: $VENV does not import vllm, ray.data.llm, ray.serve and raypipe" >&2; exit 1; }
   echo "$want" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -140,7 +140,17 @@ def test_vllm_config_and_engine_kwargs():
 def test_engine_gpu_seconds_price_the_llm_per_1000_samples():
     from raypipe.generate.pipeline import llm_engine_usage
 
-    cfg = load_config(GenerateConfig, "jobs/configs/sd15-vllm.yaml")  # 2 engines per stage
-    usage = llm_engine_usage(cfg, {"stream_s": 100.0}, {"engine_s": 30.0})
-    assert usage == {"engines": 4, "engine_s": 430.0, "gpus_per_engine": 1.0, "gpu_s": 430.0}
-    assert llm_engine_usage(load_config(GenerateConfig, None), {"stream_s": 1.0}, {}) is None
+    cfg = load_config(GenerateConfig, "jobs/configs/sd15-vllm.yaml")
+    service = {"engines_started": 2, "engine_s": 400.0, "found_running": False}
+    usage = llm_engine_usage(cfg, {}, service)
+    assert usage == {
+        "engines": 2, "found_running": False, "engine_s": 400.0, "gpus_per_engine": 1.0,
+        "gpu_s": 400.0,
+    }  # fmt: skip
+    # Engines another run left up: this run started none, and pays for the time it held them.
+    reused = llm_engine_usage(
+        cfg, {}, {"engines_started": 0, "engine_s": 50.0, "found_running": True}
+    )
+    assert reused["engines"] == 0 and reused["found_running"] and reused["gpu_s"] == 50.0
+    assert llm_engine_usage(cfg, {})["engines"] == 0  # served from OUT/cache
+    assert llm_engine_usage(load_config(GenerateConfig, None), {}) is None

@@ -1,8 +1,8 @@
 """Placement of the ``vllm`` backend's engines and LLM stages: the Ray resource requests
-built through raypipe.placement.actor_resources, as they land in the Ray Data plan.
-
-Nothing here imports vLLM or starts an engine: building a Ray Data LLM processor and
-appending it to a dataset only plans it.
+built through raypipe.placement.actor_resources, as the engines' Serve deployment takes
+them. Nothing here imports vLLM or Ray Serve, or starts an engine (the Ray Data plan of
+a writer on the engines is checked in tests/vllm/test_vllm_generate.py, where Serve is
+installed).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 
 from raypipe.config import GenerateConfig, load_config
 from raypipe.errors import ConfigError
-from raypipe.llm.vllm_backend import engine_placement, worker_request
+from raypipe.llm.vllm_backend import deployment_options, service_name, worker_request
 from raypipe.placement import actor_resources
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,31 +31,6 @@ def config(*overrides: str) -> GenerateConfig:
     return load_config(GenerateConfig, PRESET, list(overrides))
 
 
-def remote_args(ds) -> dict[str, dict]:
-    """Each map operator of ``ds``'s logical plan: its name -> its Ray remote args and
-    remote-args function (what Ray Data asks Ray for, per actor or task)."""
-    out, op = {}, ds._logical_plan.dag
-    while op is not None:
-        if hasattr(op, "ray_remote_args"):
-            out[op.name] = {**op.ray_remote_args, "fn": op.ray_remote_args_fn}
-        op = op.input_dependencies[0] if op.input_dependencies else None
-    return out
-
-
-def vllm_plan(cfg: GenerateConfig) -> dict[str, dict]:
-    import ray
-
-    from raypipe.generate.engine import add_vllm_writer
-    from raypipe.generate.text import PromptWriter
-
-    ds = ray.data.from_items([{"x": 1}])
-    ds = add_vllm_writer(
-        ds, PromptWriter, cfg, negative_prompt="", llm=cfg.llm.model_dump(), cache_dir=None,
-        catalog_dirs=[], run_seed=0,
-    )  # fmt: skip
-    return remote_args(ds)
-
-
 def test_engine_request_is_the_pools_own_helper_with_the_same_fields():
     cfg = config(*PLACED).llm
     one = actor_resources(
@@ -69,33 +44,44 @@ def test_engine_request_is_the_pools_own_helper_with_the_same_fields():
         "resources": {"llm_slot": 2.0},
         "accelerator_type": "H100",
     }
-    placement = engine_placement(cfg)
-    assert placement["accelerator_type"] == "H100"
-    assert placement["placement_group_config"]["bundles"] == [
-        {"CPU": 2.0, "GPU": 1.0, "llm_slot": 1.0}
-    ]
+    # An engine of one worker is one Serve replica with that very request.
+    options = deployment_options(cfg)
+    assert options["ray_actor_options"] == one
+    assert "placement_group_bundles" not in options
     # CPU engines: accelerator_type applies to GPU actors only (as for every pool).
     cpu = config(*PLACED, "llm.vllm.gpus_per_worker=0").llm
-    assert engine_placement(cpu)["accelerator_type"] is None
+    assert "accelerator_type" not in deployment_options(cpu)["ray_actor_options"]
     assert "num_gpus" not in worker_request(cpu) and "accelerator_type" not in worker_request(cpu)
 
 
-def test_engine_and_llm_stage_requests_land_in_the_ray_data_plan(ray_local, tiny_dir):
-    stages = vllm_plan(config(*PLACED))
-    engine = stages["MapBatches(vLLMEngineStageUDF)"]
-    assert engine["num_gpus"] == 1.0 and engine["num_cpus"] == 2.0
-    assert engine["resources"] == {"llm_slot": 1.0}
-    assert engine["accelerator_type"] == "H100"
-    for half in ("MapBatches(EngineRequests)", "MapBatches(EngineAnswers)"):
-        assert stages[half]["resources"] == {"api_slot": 1.0}, half  # llm_actor_resources
-        assert stages[half]["num_cpus"] == 0.05
-    # Tensor parallel: Ray Data LLM builds one placement group per engine from the
-    # bundles, with the accelerator_type as a label resource in each.
-    tp = vllm_plan(config(*PLACED, "llm.vllm.tensor_parallel_size=2"))
-    fn = tp["MapBatches(vLLMEngineStageUDF)"]["fn"]
-    bundles_per_engine, accelerator_type, group = fn.args
-    assert bundles_per_engine == 2 and accelerator_type == "H100"
-    assert group["bundles"] == [{"CPU": 2.0, "GPU": 1.0, "llm_slot": 1.0}] * 2
+def test_tensor_parallel_engine_is_one_placement_group_with_the_accelerator_label():
+    cfg = config(*PLACED, "llm.vllm.tensor_parallel_size=2").llm
+    options = deployment_options(cfg)
+    bundle = {"CPU": 2.0, "GPU": 1.0, "llm_slot": 1.0, "accelerator_type:H100": 0.001}
+    assert options["placement_group_bundles"] == [bundle, bundle]
+    assert options["placement_group_strategy"] == "PACK"
+    assert options["ray_actor_options"] == {"num_cpus": 0}  # the replica sits in bundle 0
+
+
+def test_engine_pool_size_and_the_application_name():
+    fixed = config().llm
+    options = deployment_options(fixed)
+    assert options["num_replicas"] == 1 and "autoscaling_config" not in options
+    assert options["max_constructor_retry_count"] == fixed.vllm.engine_restarts + 1
+    scaled = config("llm.vllm.min_engines=1", "llm.vllm.max_engines=3").llm
+    assert deployment_options(scaled)["autoscaling_config"] == {
+        "min_replicas": 1,
+        "max_replicas": 3,
+        "target_ongoing_requests": scaled.vllm.batch_size,
+    }
+    # Same model, engine arguments and placement: the same engines, whatever else the
+    # run's config says; anything the engines run differently: other engines.
+    name = service_name(fixed)
+    assert name.startswith("raypipe-vllm-")
+    assert service_name(config("llm.temperature=0.3", "seed=9").llm) == name
+    assert service_name(scaled) != name
+    assert service_name(config("llm.vllm.max_model_len=2048").llm) != name
+    assert service_name(config("llm.vllm.keep_engines=true").llm) == name
 
 
 def test_engine_placement_errors_say_what_to_do():

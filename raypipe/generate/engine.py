@@ -1,6 +1,6 @@
 """LLM writing stages on vLLM engines (``llm.backend: vllm``), in the generation stream.
 
-    ds = add_vllm_writer(ds, PromptWriter, cfg, **writer_kwargs)
+    ds = add_vllm_writer(ds, PromptWriter, cfg, app=app, service=service, **writer_kwargs)
 
 appends three stages where the other backends have one (raypipe.generate.text):
 
@@ -11,8 +11,9 @@ appends three stages where the other backends have one (raypipe.generate.text):
    prompt too long for ``max_model_len`` still crosses the engine stage (Ray Data has one
    path for every row) as a one-token placeholder whose output is ignored: no persisted
    answer is generated again.
-2. The Ray Data LLM processor (:func:`raypipe.llm.vllm_backend.build_engine_processor`):
-   an autoscaling pool of vLLM engines, ``llm.vllm.min_engines..max_engines``.
+2. The Ray Data LLM processor (:func:`raypipe.llm.vllm_backend.build_engine_processor`)
+   that sends each row to the run's engines: one Serve application of
+   ``llm.vllm.min_engines..max_engines`` engines (``app``), shared by every writer.
 3. :class:`EngineAnswers`: the engine's text and token counts become results, new answers
    are stored in the cache, and the writer's ``finish`` half parses them, with the same
    reject reasons (``max_tokens`` for an answer cut at max_tokens).
@@ -20,11 +21,12 @@ appends three stages where the other backends have one (raypipe.generate.text):
 The writer's row travels through the engine stage as one JSON column, so the engine
 stage sees a fixed schema whatever the writer's rows hold.
 
-A writer gets no engine pool when the driver finds, before the stream is built, that
+A writer needs no engine when the driver finds, before the stream is built, that
 OUT/cache answers every request of the rows the run plans first (:func:`check_cache`;
 a re-run over the same OUT): it is then one stage, :class:`CacheServed`, served from
 the cache, and a request the cache does not answer (a replacement planned during the
-run) goes to one on-demand engine (``EngineOnDemand``), started only then.
+run) goes to the run's engines through its ``EngineService``, which starts them then
+if no other writer needed them.
 """
 
 from __future__ import annotations
@@ -39,25 +41,27 @@ from raypipe.generate.stage import Stage, add_stage
 from raypipe.llm.base import LLMRequest, LLMResult
 from raypipe.llm.vllm_backend import VLLMBackend, decode, finish_reason, sampling_params
 
-#: What the engine stage reads (its ``tokenized_prompt`` and ``sampling_params``) and
-#: carries (``rp_payload``: the row, its request, and what the cache said).
+#: What the engine stage reads (the engine's ``method`` and its ``request_kwargs``: the
+#: prompt's token ids and sampling parameters) and carries (``rp_payload``: the row, its
+#: request, and what the cache said).
+SAMPLING = pa.struct(
+    [
+        ("max_tokens", pa.int64()),
+        ("temperature", pa.float64()),
+        ("seed", pa.int64()),
+        (
+            "structured_outputs",
+            pa.struct([("json", pa.string()), ("disable_any_whitespace", pa.bool_())]),
+        ),
+    ]
+)
 REQUEST_SCHEMA = pa.schema(
     [
         ("rp_payload", pa.string()),
-        ("tokenized_prompt", pa.list_(pa.int64())),
+        ("method", pa.string()),
         (
-            "sampling_params",
-            pa.struct(
-                [
-                    ("max_tokens", pa.int64()),
-                    ("temperature", pa.float64()),
-                    ("seed", pa.int64()),
-                    (
-                        "structured_outputs",
-                        pa.struct([("json", pa.string()), ("disable_any_whitespace", pa.bool_())]),
-                    ),
-                ]
-            ),
+            "request_kwargs",
+            pa.struct([("prompt_token_ids", pa.list_(pa.int64())), ("sampling_params", SAMPLING)]),
         ),
     ]
 )
@@ -78,7 +82,7 @@ class _WriterHalf(Stage):
 class EngineRequests(_WriterHalf):
     """Step 1 (see the module docstring): rows -> engine requests."""
 
-    OUTPUT_COLUMNS = ("rp_payload", "tokenized_prompt", "sampling_params")
+    OUTPUT_COLUMNS = ("rp_payload", "method", "request_kwargs")
 
     def __init__(self, writer: type, writer_kwargs: dict[str, Any]):
         super().__init__(writer, writer_kwargs)
@@ -105,8 +109,8 @@ class EngineRequests(_WriterHalf):
             out.append(
                 {
                     "rp_payload": json.dumps(payload),
-                    "tokenized_prompt": ids,
-                    "sampling_params": sampling,
+                    "method": "generate",
+                    "request_kwargs": {"prompt_token_ids": ids, "sampling_params": sampling},
                 }
             )
         return pa.Table.from_pylist(out, schema=REQUEST_SCHEMA)
@@ -152,24 +156,26 @@ class EngineAnswers(_WriterHalf):
 
 class CacheServed(_WriterHalf):
     """A writer whose requests the driver found answered in OUT/cache
-    (:func:`check_cache`), as one stage without an engine pool: the writer's own
+    (:func:`check_cache`), as one stage without an engine stage: the writer's own
     ``process`` through its VLLMBackend, which serves every answer from the cache and
-    sends a request the cache does not answer to ``engine`` (an EngineOnDemand actor)."""
+    sends a request the cache does not answer to the engines of ``service`` (the run's
+    EngineService actor, which starts them then if they are not up)."""
 
-    def __init__(self, writer: type, writer_kwargs: dict[str, Any], engine):
+    def __init__(self, writer: type, writer_kwargs: dict[str, Any], service):
         super().__init__(writer, writer_kwargs)
         self.INPUT_COLUMNS = writer.INPUT_COLUMNS
-        self.backend.attach(engine)
+        self.backend.attach(service)
 
     def process(self, batch: pa.Table) -> pa.Table:
         return self.writer.process(batch)
 
 
-def add_vllm_writer(ds, writer: type, cfg, engine=None, **writer_kwargs: Any):
+def add_vllm_writer(ds, writer: type, cfg, app: str | None = None, service=None, **writer_kwargs):
     """Append ``writer`` (a raypipe.generate.text LLM stage) on vLLM engines: its request
-    half, a Ray Data LLM processor, its answer half (see the module docstring). With
-    ``engine`` (an EngineOnDemand actor), the writer is served from OUT/cache alone
-    (:class:`CacheServed`) and no engine pool is added."""
+    half, a Ray Data LLM processor sending to the engines of Serve application ``app``,
+    its answer half (see the module docstring). Without ``app``, the writer is served from
+    OUT/cache (:class:`CacheServed`), with ``service`` (the run's EngineService actor) for
+    what the cache does not answer."""
     from raypipe.llm.vllm_backend import build_engine_processor
     from raypipe.placement import actor_resources
 
@@ -178,10 +184,10 @@ def add_vllm_writer(ds, writer: type, cfg, engine=None, **writer_kwargs: Any):
         max_actors=cfg.llm_actors,
         **actor_resources(num_cpus=cfg.llm_actor_cpus, resources=cfg.llm_actor_resources),
     )
-    if engine is not None:
-        return add_stage(ds, CacheServed, {**kwargs, "engine": engine}, **pool)
+    if app is None:
+        return add_stage(ds, CacheServed, {**kwargs, "service": service}, **pool)
     ds = add_stage(ds, EngineRequests, kwargs, **pool)
-    ds = build_engine_processor(cfg.llm)(ds)
+    ds = build_engine_processor(cfg.llm, app, num_cpus=cfg.llm_actor_cpus)(ds)
     return add_stage(ds, EngineAnswers, kwargs, **pool)
 
 
@@ -232,7 +238,7 @@ def check_cache(
     cfg, planner_args: tuple, cache_dir: str | None, second: type, second_kwargs: dict[str, Any]
 ) -> dict[str, dict[str, Any]]:
     """Which writers of this run have requests OUT/cache does not answer, decided on the
-    driver before the stream is built (a writer with none needs no engine pool).
+    driver before the stream is built (a writer with none needs no engine).
 
     Returns ``{stage: {"requests": N, "unanswered": M}}`` for ``prompts`` and the second
     writer (``dialogue`` or ``benchmark``), over the rows the run plans first: ``N``
@@ -254,7 +260,8 @@ def check_cache(
     Not known here: replacements, which the planner adds during the run for rows
     rejected at any stage (render and quality rejects depend on the images). A writer
     served from the cache alone sends a replacement's request that the cache does not
-    answer to one EngineOnDemand engine, started then (counted in the manifest).
+    answer to the run's engines, started then if they are not up (counted in the
+    manifest).
     """
     from raypipe.generate.planner import Planner
     from raypipe.generate.text import PromptWriter

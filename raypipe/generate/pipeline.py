@@ -73,18 +73,19 @@ def driver_key(cfg: GenerateConfig) -> Secret | None:
     return Secret(value) if value else None
 
 
-def add_llm_stage(ds, stage: type, cfg: GenerateConfig, engine=None, **kwargs: Any):
+def add_llm_stage(ds, stage: type, cfg: GenerateConfig, app=None, service=None, **kwargs: Any):
     """An LLM writing stage as an actor pool of LLM clients (the one place they're built);
-    with ``llm.backend: vllm``, as its request half, a pool of vLLM engines (Ray Data LLM)
-    and its answer half (raypipe.generate.engine), or, given ``engine`` (the driver found
-    every request of the writer answered in OUT/cache), as one stage served from the
-    cache with that on-demand engine for what it does not answer."""
+    with ``llm.backend: vllm``, as its request half, a Ray Data LLM stage sending to the
+    run's engines (Serve application ``app``) and its answer half
+    (raypipe.generate.engine), or, without ``app`` (the driver found every request of the
+    writer answered in OUT/cache), as one stage served from the cache, with the run's
+    engine ``service`` for what it does not answer."""
     from raypipe.generate.stage import add_stage
 
     if cfg.llm.backend == "vllm":
         from raypipe.generate.engine import add_vllm_writer
 
-        return add_vllm_writer(ds, stage, cfg, engine=engine, **kwargs)
+        return add_vllm_writer(ds, stage, cfg, app=app, service=service, **kwargs)
     from raypipe.placement import actor_resources
 
     return add_stage(
@@ -130,12 +131,14 @@ def build_stream(cfg: GenerateConfig, run: dict[str, Any], tickets: int):
         limiter=run["limiter"],
         planner=planner,
     )
-    on_demand = run.get("on_demand", {})  # vllm: writers served from OUT/cache alone
+    apps = run.get("apps", {})  # vllm: the engines of the writers that need them
+    service = run.get("service")
     ds = add_llm_stage(
         ds,
         PromptWriter,
         cfg,
-        engine=on_demand.get("prompts"),
+        app=apps.get("prompts"),
+        service=service,
         negative_prompt=cfg.render.negative_prompt,
         **llm,
     )
@@ -143,7 +146,13 @@ def build_stream(cfg: GenerateConfig, run: dict[str, Any], tickets: int):
     ds = add_stage(ds, DedupStage, {"planner": planner}, num_cpus=0.05)
     second, second_kwargs = second_writer(cfg)
     ds = add_llm_stage(
-        ds, second, cfg, engine=on_demand.get(writer_stage(second)), **second_kwargs, **llm
+        ds,
+        second,
+        cfg,
+        app=apps.get(writer_stage(second)),
+        service=service,
+        **second_kwargs,
+        **llm,
     )
     ds = add_image_stages(ds, cfg.render, cfg.quality, run["banks"])
     return ds.map_batches(
@@ -404,7 +413,6 @@ def generate(cfg: GenerateConfig, out: str) -> dict[str, Any]:
     """Run (or resume) generation into ``out``; returns the manifest."""
     import ray
 
-    from raypipe.llm import make_backend
     from raypipe.llm.limits import start_limiter
 
     t_start = time.time()
@@ -419,8 +427,24 @@ def generate(cfg: GenerateConfig, out: str) -> dict[str, Any]:
         ray.init(address=cfg.ray_address, log_to_driver=cfg.log_to_driver)
     ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
     limiter = start_limiter(cfg.llm)
+    service = start_engine_service(cfg)  # vllm: the run's engines, started on first use
+    try:
+        return _generate(cfg, store, catalog, cache, limiter, service, timings, t_start)
+    finally:
+        if service is not None:  # the engines, unless the run keeps them (see _generate)
+            ray.get(service.stop.remote(cfg.llm.vllm.keep_engines))
+            ray.kill(service)
+
+
+def _generate(cfg, store, catalog, cache, limiter, service, timings, t_start) -> dict[str, Any]:
+    import ray
+
+    from raypipe.llm import make_backend
+
     t = time.time()
     backend = make_backend(cfg.llm, cache, catalog, limiter=limiter)
+    if service is not None:
+        backend.attach(service)
     banks, bank_report = keyword_banks(cfg, store, catalog, backend)
     timings["keywords_s"] = time.time() - t
     kw_stats = backend.stats()
@@ -431,9 +455,9 @@ def generate(cfg: GenerateConfig, out: str) -> dict[str, Any]:
     spent = kw_stats.get("cost_usd", 0.0)
     planner, writer = start_actors(cfg, store, banks, quota, spent)
     run = {"planner": planner, "writer": writer, "limiter": limiter, "cache": cache, "banks": banks}
-    if cfg.llm.backend == "vllm":
+    if service is not None:
         t = time.time()
-        run.update(vllm_writers(cfg, planner_args(cfg, store, banks, quota, spent), cache))
+        run.update(vllm_writers(cfg, planner_args(cfg, store, banks, quota, spent), cache, service))
         timings["cache_check_s"] = time.time() - t
 
     # 4. One stream.
@@ -444,17 +468,13 @@ def generate(cfg: GenerateConfig, out: str) -> dict[str, Any]:
     written = ray.get(writer.close.remote())
     timings["stream_s"] = time.time() - t
     timings["total_s"] = time.time() - t_start
-    on_demand = {k: ray.get(h.close.remote()) for k, h in run.get("on_demand", {}).items()}
-    for h in run.get("on_demand", {}).values():
-        ray.kill(h)
+    engines = None
+    if service is not None:  # the engines' cost; they stop (or stay up) in generate
+        engines = ray.get(service.stop.remote(keep=True))
     manifest = build_manifest(
         cfg, store, banks, bank_report, backend, kw_stats, tally, timings, quota, status, written,
-        engines=dict(
-            pools=sum(kind == "engines" for kind in run.get("pools", {}).values()),
-            executions=run.get("executions", 0),
-            on_demand=list(on_demand.values()),
-        ),
-        writers=vllm_writer_report(run, on_demand),
+        engines=dict(executions=run.get("executions", 0), service=engines),
+        writers=vllm_writer_report(run),
     )  # fmt: skip
     store.write_json("manifest.json", manifest)
     write_card_and_preview(store, manifest)
@@ -463,52 +483,69 @@ def generate(cfg: GenerateConfig, out: str) -> dict[str, Any]:
     return manifest
 
 
-def vllm_writers(cfg: GenerateConfig, args: tuple, cache: str | None) -> dict[str, Any]:
-    """``llm.backend: vllm``: which writers get an engine pool in the stream.
-
-    A writer whose requests (for the rows the run plans first) are all answered in
-    OUT/cache (:func:`raypipe.generate.engine.check_cache`, exact for those rows) gets
-    none: it is served from the cache, with one on-demand engine (EngineOnDemand: it
-    reserves nothing until a request the cache does not answer, such as a replacement
-    row's, arrives). A re-run over the same OUT thus loads no model.
-    """
+def start_engine_service(cfg: GenerateConfig):
+    """``llm.backend: vllm``: the run's :class:`~raypipe.llm.vllm_backend.EngineService`
+    actor (on the driver's node; it reserves nothing and starts the engines only when a
+    request needs them), else None."""
+    if cfg.llm.backend != "vllm":
+        return None
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from raypipe.llm.vllm_backend import EngineService
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return (
+        ray.remote(EngineService)
+        .options(num_cpus=0, scheduling_strategy=here)
+        .remote(cfg.llm.model_dump())
+    )
+
+
+def vllm_writers(cfg: GenerateConfig, args: tuple, cache: str | None, service) -> dict[str, Any]:
+    """``llm.backend: vllm``: which writers send their rows to the engines in the stream.
+
+    A writer whose requests (for the rows the run plans first) are all answered in
+    OUT/cache (:func:`raypipe.generate.engine.check_cache`, exact for those rows) does
+    not: it is served from the cache, and sends what the cache does not answer (a
+    replacement row's request) to the run's engines, which start then. A re-run over the
+    same OUT thus loads no model. When a writer needs the engines they are started here,
+    before the stream (an engine that cannot start fails the run before any rendering).
+    """
+    import ray
+
     from raypipe.generate.engine import check_cache
-    from raypipe.llm.vllm_backend import EngineOnDemand
+    from raypipe.llm.vllm_backend import engine_failure
 
     second, second_kwargs = second_writer(cfg)
     checked = check_cache(cfg, args, cache, second, second_kwargs)
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    pools, on_demand = {}, {}
-    for stage, result in checked.items():
-        served = result["unanswered"] == 0
-        pools[stage] = "cache" if served else "engines"
-        if served:
-            on_demand[stage] = (
-                ray.remote(EngineOnDemand)
-                .options(num_cpus=0, scheduling_strategy=here)
-                .remote(cfg.llm.model_dump())
-            )
+    pools = {stage: "cache" if r["unanswered"] == 0 else "engines" for stage, r in checked.items()}
+    apps = {}
+    if "engines" in pools.values():
+        try:
+            app = ray.get(service.ensure.remote())
+        except Exception as e:  # noqa: BLE001 - sorted by engine_failure
+            error = engine_failure(e, cfg.llm, engine=True)
+            if error is None:
+                raise
+            raise error from None
+        apps = {stage: app for stage, kind in pools.items() if kind == "engines"}
     log.info(
         "vLLM writers: %s (requests not answered in OUT/cache, of the rows planned first: %s)",
         ", ".join(f"{k} on {v}" for k, v in pools.items()),
         ", ".join(f"{k} {v['unanswered']}/{v['requests']}" for k, v in checked.items()),
     )
-    return {"pools": pools, "on_demand": on_demand, "cache_check": checked}
+    return {"pools": pools, "apps": apps, "service": service, "cache_check": checked}
 
 
-def vllm_writer_report(run: dict[str, Any], on_demand: dict[str, dict]) -> dict[str, Any]:
-    """Per writer of a ``vllm`` run: ``on`` (``engines``: an engine pool; ``cache``: served
-    from OUT/cache), the requests of the rows planned first and how many of them the cache
-    did not answer (None: not known), and the engines a cache-served writer started."""
-    report = {}
-    for stage, kind in run.get("pools", {}).items():
-        report[stage] = {"on": kind, **(run.get("cache_check") or {}).get(stage, {})}
-        if stage in on_demand:
-            report[stage]["engines_started"] = on_demand[stage].get("engines_started", 0)
-    return report
+def vllm_writer_report(run: dict[str, Any]) -> dict[str, Any]:
+    """Per writer of a ``vllm`` run: ``on`` (``engines``: its rows went to the engines;
+    ``cache``: served from OUT/cache), the requests of the rows planned first and how many
+    of them the cache did not answer (None: not known)."""
+    return {
+        stage: {"on": kind, **(run.get("cache_check") or {}).get(stage, {})}
+        for stage, kind in run.get("pools", {}).items()
+    }
 
 
 def write_card_and_preview(store: OutputStore, manifest: dict[str, Any]) -> None:
@@ -652,7 +689,7 @@ def build_manifest(
     gpu_usd = gpu_s / 3600 * cfg.gpu_hour_usd if cfg.gpu_hour_usd is not None else None
     per_k = 1000 / accepted_now if accepted_now else None
     executions = (engines or {}).get("executions", 1)
-    engines = llm_engine_usage(cfg, timings, kw_stats, **(engines or {}))
+    engines = llm_engine_usage(cfg, kw_stats, (engines or {}).get("service"))
     llm_usd: float | None = llm["cost_usd"]
     if engines is not None and engines["gpu_s"]:
         llm_usd = (
@@ -732,48 +769,27 @@ def build_manifest(
     }
 
 
-#: LLM writing stages of a run, each with its own engine pool unless served from OUT/cache
-#: (prompts, then dialogues or benchmark items).
-LLM_STAGES = 2
-
-
 def llm_engine_usage(
-    cfg: GenerateConfig,
-    timings: dict[str, float],
-    kw_stats: dict[str, Any],
-    pools: int = LLM_STAGES,
-    executions: int = 1,
-    on_demand: list[dict[str, Any]] | None = None,
+    cfg: GenerateConfig, kw_stats: dict[str, Any], service: dict[str, Any] | None = None
 ) -> dict[str, Any] | None:
     """``llm.backend: vllm``: the engines this run started, their time and GPU-seconds.
 
-    ``pools``: writers that ran on an engine pool (the others were served from OUT/cache,
-    see :func:`vllm_writers`). Each pool holds ``max_engines`` engines for a whole stream
-    execution (an engine keeps its GPUs while it lives, busy or not: that is what a
-    cluster bills), started again by each of the ``executions``; plus the engines started
-    on demand: the keyword-bank engine, and those of cache-served writers (``on_demand``:
-    what their EngineOnDemand actors report). ``engines`` counts starts; a pool counts
-    ``max_engines``, an upper bound when it stayed below its maximum. None for the other
-    backends.
+    ``service``: what the run's EngineService reports: ``engines_started`` (0 when the
+    run needed none, or found them up: ``found_running``) and ``engine_s``, the time the
+    run held the engines (from the first request that needed them to the end of the
+    stream) times the engines up; an engine keeps its GPUs while it lives, busy or not,
+    and that is what a cluster bills. ``kw_stats``: a keyword-bank backend with engines
+    of its own (none in a run: the banks use the run's). None for the other backends.
     """
     if cfg.llm.backend != "vllm":
         return None
     v = cfg.llm.vllm
-    pool_engines = pools * v.max_engines
-    on_demand = on_demand or []
-    started = (
-        pool_engines * executions
-        + kw_stats.get("engines_started", 0)
-        + sum(s.get("engines_started", 0) for s in on_demand)
-    )
-    engine_s = (
-        timings.get("stream_s", 0.0) * pool_engines
-        + kw_stats.get("engine_s", 0.0)
-        + sum(s.get("engine_s", 0.0) for s in on_demand)
-    )
+    service = service or {}
+    engine_s = service.get("engine_s", 0.0) + kw_stats.get("engine_s", 0.0)
     gpus = v.gpus_per_worker * v.tensor_parallel_size
     return {
-        "engines": started,
+        "engines": service.get("engines_started", 0) + kw_stats.get("engines_started", 0),
+        "found_running": bool(service.get("found_running")),
         "engine_s": engine_s,
         "gpus_per_engine": gpus,
         "gpu_s": engine_s * gpus,

@@ -1,27 +1,32 @@
-"""The ``vllm`` backend: vLLM engines inside the cluster, through Ray Data LLM.
+"""The ``vllm`` backend: vLLM engines inside the cluster, reached through Ray Data LLM.
 
-In the generation stream each LLM writing stage becomes three (raypipe.generate.engine):
+The run's engines are one Ray Serve application (:class:`EngineService`):
+``llm.vllm.min_engines..max_engines`` replicas of :class:`EngineServer`, each one vLLM
+async engine placed like every other pool. Every LLM request of the run goes to them:
+in the generation stream each LLM writing stage becomes three (raypipe.generate.engine):
 its ``prepare`` half (templates, cache lookup, chat template to token ids), a Ray Data
-LLM processor (``ray.data.llm.build_processor`` with a ``vLLMEngineProcessorConfig``:
-an autoscaling pool of vLLM engines, :func:`build_engine_processor`), and its ``finish``
-half (parsing, rejects with reasons, cache writes). Same templates, request keys, seeds,
-parsers and reject reasons as the ``openai`` backend; the cache key of a request is the
-one the ``openai`` backend computes for the same request (the body it would send, plus
-the JSON schema under ``llm.structured_output``), so answers persisted in OUT/cache are
-never generated again. A writer whose requests are all answered in OUT/cache gets no
-engine pool at all (raypipe.generate.engine.check_cache); a request the cache then
-does not answer goes to :class:`EngineOnDemand`, one engine started on that request.
-An engine that dies or cannot start fails the run with a :class:`ModelError` that says
-what to do (:func:`engine_failure`).
+LLM processor (``ray.data.llm.build_processor`` with a ``ServeDeploymentProcessorConfig``,
+:func:`build_engine_processor`) that sends the rows to the engines, and its ``finish``
+half (parsing, rejects with reasons, cache writes). The prompt and dialogue writers thus
+batch on the same engines, and the GPUs hold one copy of the model per engine, not one
+per writer. The keyword banks (before the stream) and the writers served from OUT/cache
+(:class:`VLLMBackend`) use the same engines.
 
-:class:`VLLMBackend` is the same engine outside the stream, for the few requests made
-before it (keyword banks): a short-lived engine in one Ray actor with the pool's
-placement, started on the first request and stopped by :meth:`VLLMBackend.close`, so its
-GPUs go back to the pools before the stream starts. A run whose banks are saved starts
-no such engine. It is also what :meth:`VLLMBackend.check` uses to fail fast: a model
-that is missing, is no chat model, has an architecture or (on CPU) a head size vLLM
-cannot run, or does not fit the engine's memory fails in check_inputs, before any
-engine or render actor starts.
+Same templates, request keys, seeds, parsers and reject reasons as the ``openai``
+backend; the cache key of a request is the one the ``openai`` backend computes for the
+same request (the body it would send, plus the JSON schema under
+``llm.structured_output``), so answers persisted in OUT/cache are never generated again.
+A run whose requests are all answered in OUT/cache starts no engine at all
+(raypipe.generate.engine.check_cache); a request the cache then does not answer starts
+them then.
+
+The application is named after what it runs (:func:`service_name`), so engines left up
+by an earlier run (``llm.vllm.keep_engines``) or by a killed run (its resume) are found
+and used instead of loading the model again. An engine that cannot start or dies fails
+the run with a :class:`ModelError` that says what to do (:func:`start_failure`,
+:func:`engine_failure`). :func:`check_model` fails fast, before any engine or render
+actor starts, for a model that is missing, is no chat model, has an architecture or (on
+CPU) a head size vLLM cannot run, or does not fit the engine's memory.
 
 Sampling: each request's own ``seed`` goes into vLLM's ``SamplingParams`` (per-request
 generators), with its temperature and max_tokens. An answer the engine stopped at
@@ -154,6 +159,8 @@ def engine_kwargs(cfg: LLMConfig) -> dict[str, Any]:
     }
     if v.max_model_len is not None:
         kwargs["max_model_len"] = v.max_model_len
+    if v.tensor_parallel_size > 1:
+        kwargs["distributed_executor_backend"] = "ray"  # its workers in the replica's group
     if not engines_use_gpu(cfg):
         # vLLM's CPU build fails a seeded request whose prompt is prefilled in chunks
         # ("CPU Generator does not use offset": it rewinds the request's generator, which
@@ -187,7 +194,7 @@ def worker_request(cfg: LLMConfig, workers: int = 1) -> dict[str, Any]:
 
 def worker_bundle(cfg: LLMConfig) -> dict[str, float]:
     """:func:`worker_request` as a placement-group bundle: ``CPU``, ``GPU`` and the custom
-    resources. Its ``accelerator_type`` is no bundle key (see :func:`engine_placement`)."""
+    resources. Its ``accelerator_type`` is no bundle key (see :func:`deployment_options`)."""
     request = worker_request(cfg)
     bundle = {"CPU": request["num_cpus"], **request.get("resources", {})}
     if request.get("num_gpus"):
@@ -195,26 +202,64 @@ def worker_bundle(cfg: LLMConfig) -> dict[str, float]:
     return bundle
 
 
-def engine_placement(cfg: LLMConfig) -> dict[str, Any]:
-    """The placement fields of one writer's ``vLLMEngineProcessorConfig``, from
-    :func:`worker_request`: one bundle per tensor-parallel rank (``placement_group_config``)
-    and ``accelerator_type``, which Ray Data LLM applies itself: as the engine actor's
-    ``accelerator_type`` when the engine is one worker (the actor then asks for the
-    bundle's CPUs, GPUs and resources), as an ``accelerator_type:X`` resource in every
-    bundle of the engine's placement group otherwise. Ray Data LLM has no other way to
-    take it: an ``accelerator_type`` key in a bundle is not a Ray resource name."""
-    request = worker_request(cfg)
-    return {
-        "placement_group_config": {
-            "bundles": [worker_bundle(cfg)] * cfg.vllm.tensor_parallel_size,
-            "strategy": "PACK",
-        },
-        "accelerator_type": request.get("accelerator_type"),
-    }
-
-
 def engines_use_gpu(cfg: LLMConfig) -> bool:
     return cfg.vllm.gpus_per_worker > 0
+
+
+#: The Serve deployment that holds the engines, in every engine application.
+DEPLOYMENT = "EngineServer"
+#: Serve applications of engines are named this, then a hash of what they run.
+APP_PREFIX = "raypipe-vllm-"
+
+
+def deployment_options(cfg: LLMConfig) -> dict[str, Any]:
+    """The Serve options of the engine deployment: ``min_engines..max_engines`` replicas
+    (autoscaled on requests in flight, ``batch_size`` per engine), each one engine placed
+    through :func:`worker_request` like every other pool. An engine of one worker is one
+    actor with that request (``accelerator_type`` included); a tensor-parallel engine is
+    a placement group of one bundle per rank, with ``accelerator_type`` as Ray's
+    ``accelerator_type:X`` label resource in each bundle (a bundle takes no
+    ``accelerator_type`` key), the replica itself in the first bundle."""
+    v = cfg.vllm
+    options: dict[str, Any] = {
+        "name": DEPLOYMENT,
+        "max_ongoing_requests": 2 * v.batch_size,
+        "max_constructor_retry_count": v.engine_restarts + 1,
+        "health_check_period_s": 10.0,
+        "graceful_shutdown_timeout_s": 5.0,
+    }
+    if v.min_engines == v.max_engines:
+        options["num_replicas"] = v.max_engines
+    else:
+        options["autoscaling_config"] = {
+            "min_replicas": v.min_engines,
+            "max_replicas": v.max_engines,
+            "target_ongoing_requests": v.batch_size,
+        }
+    request = worker_request(cfg)
+    if v.tensor_parallel_size == 1:
+        options["ray_actor_options"] = request
+        return options
+    bundle = worker_bundle(cfg)
+    if request.get("accelerator_type"):
+        bundle[f"accelerator_type:{request['accelerator_type']}"] = 0.001
+    options["ray_actor_options"] = {"num_cpus": 0}
+    options["placement_group_bundles"] = [bundle] * v.tensor_parallel_size
+    options["placement_group_strategy"] = "PACK"
+    return options
+
+
+def service_name(cfg: LLMConfig) -> str:
+    """The Serve application of ``cfg``'s engines: the same model, engine arguments and
+    placement (and raypipe version) give the same name, so a run finds engines another run left up
+    (``llm.vllm.keep_engines``, or a killed run) and uses them instead of starting its own."""
+    import hashlib
+
+    from raypipe import __version__
+
+    what = [__version__, model_path(cfg), engine_kwargs(cfg), deployment_options(cfg)]
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+    return APP_PREFIX + digest[:12]
 
 
 def _preprocess(row: dict[str, Any]) -> dict[str, Any]:
@@ -222,57 +267,57 @@ def _preprocess(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _postprocess(row: dict[str, Any]) -> dict[str, Any]:
-    tokens = row.get("generated_tokens")
+    tokens = row.get("rp_tokens")
     tokens = list(tokens) if tokens is not None else []
     return {
         "rp_payload": row["rp_payload"],
         "rp_tokens": [int(t) for t in tokens],
-        "rp_prompt_tokens": int(row.get("num_input_tokens") or 0),
-        "rp_completion_tokens": int(row.get("num_generated_tokens") or 0),
-        "rp_engine_s": float(row.get("time_taken_llm") or 0.0),  # in the engine, queue included
+        "rp_prompt_tokens": int(row.get("rp_prompt_tokens") or 0),
+        "rp_engine_s": float(row.get("time_taken") or 0.0),  # queue included
     }
 
 
-def build_engine_processor(cfg: LLMConfig):
-    """A Ray Data LLM processor for one writing stage: ``processor(ds)`` appends it.
+def build_engine_processor(cfg: LLMConfig, app: str, num_cpus: float = 0.05):
+    """A Ray Data LLM processor that sends a writing stage's rows to the run's engines
+    (``ray.data.llm``'s ``ServeDeploymentProcessorConfig``: ``processor(ds)`` appends it).
 
-    Rows carry ``tokenized_prompt`` and ``sampling_params`` (raypipe builds the chat
-    prompt itself, so the chat-template, tokenize and detokenize stages are off: one
-    actor pool, the engines, and two light map tasks). Ray Data LLM's ``batch_size`` is
-    1: a larger batch would hold rows until that many have arrived, and the generation
-    stream's source waits for its rows to be decided, so a run's last rows would wait
-    forever. Each engine still decodes ``llm.vllm.batch_size`` requests together
-    (``max_num_seqs``), with as many in flight. A dead engine is restarted
-    ``llm.vllm.engine_restarts`` times, then the run fails (not restarted forever).
-    Placement: :func:`engine_placement`.
+    The engines are one Serve application (:class:`EngineService`), shared by every
+    writer of the run, so the prompt and dialogue writers batch their requests on the
+    same engines instead of each holding a copy of the model. Rows carry ``method`` and
+    ``request_kwargs`` (the chat prompt's token ids and sampling parameters: raypipe
+    builds them itself). Ray Data LLM's ``batch_size`` is 1: a larger batch would hold
+    rows until that many have arrived, and the generation stream's source waits for its
+    rows to be decided, so a run's last rows would wait forever. The stage is light
+    actors (``num_cpus`` each, up to ``max_engines``) that keep ``2 * batch_size`` requests
+    per engine in flight; each engine decodes ``batch_size`` of them together.
     """
-    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+    import ray
+    from ray.data.llm import ServeDeploymentProcessorConfig, build_processor
 
     v = cfg.vllm
-    config = vLLMEngineProcessorConfig(
-        model_source=model_path(cfg),
-        engine_kwargs=engine_kwargs(cfg),
-        concurrency=(v.min_engines, v.max_engines),
+    config = ServeDeploymentProcessorConfig(
+        deployment_name=DEPLOYMENT,
+        app_name=app,
         batch_size=1,
-        max_concurrent_batches=v.batch_size,
-        **engine_placement(cfg),
-        log_engine_metrics=False,  # else vLLM imports ray.serve
-        chat_template_stage=False,
-        tokenize_stage=False,
-        detokenize_stage=False,
+        concurrency=1,
         should_continue_on_error=True,  # a failed request becomes a reject, not a dead job
-        runtime_env={"env_vars": {ASYNC_CONCURRENCY_VAR: str(v.batch_size)}},
     )
     processor = build_processor(
         config,
         preprocess=_preprocess,
         postprocess=_postprocess,
-        preprocess_map_kwargs={"num_cpus": 0.05},
-        postprocess_map_kwargs={"num_cpus": 0.05},
+        preprocess_map_kwargs={"num_cpus": num_cpus},
+        postprocess_map_kwargs={"num_cpus": num_cpus},
     )
-    engine = processor.get_stage_by_name("vLLMEngineStage")
-    engine.map_batches_kwargs.update(
-        max_restarts=v.engine_restarts, max_task_retries=v.engine_restarts
+    in_flight = 2 * v.batch_size
+    stage = processor.get_stage_by_name("ServeDeploymentStage")
+    stage.map_batches_kwargs.update(
+        compute=ray.data.ActorPoolStrategy(
+            min_size=1, max_size=v.max_engines, max_tasks_in_flight_per_actor=in_flight
+        ),
+        max_concurrency=in_flight,
+        num_cpus=num_cpus,
+        runtime_env={"env_vars": {ASYNC_CONCURRENCY_VAR: str(in_flight)}},
     )
     return processor
 
@@ -398,10 +443,11 @@ def check_model(cfg: LLMConfig) -> dict[str, Any]:
 # An engine that died
 # ---------------------------------------------------------------------------------------
 
-#: Classes of the Ray actors that hold a vLLM engine: Ray Data LLM's engine stage (its
-#: pool's actors are named ``MapWorker(MapBatches(vLLMEngineStageUDF))``), and raypipe's
-#: own engine actor and the on-demand one that starts it.
-ENGINE_ACTORS = ("vLLMEngineStageUDF", "EngineActor", "EngineOnDemand")
+#: What names an actor that holds a vLLM engine in Ray's errors: a replica of the engine
+#: deployment (``ServeReplica:<app>:EngineServer``) or the service that starts it.
+ENGINE_ACTORS = (DEPLOYMENT, "EngineService")
+#: Ray's errors for an actor that died, as they read in the text of an error that wraps one.
+ACTOR_DEATHS = ("ActorDiedError", "ActorUnavailableError", "RayActorError")
 
 
 def engine_failure(exc: BaseException, cfg: LLMConfig, engine: bool = False) -> ModelError | None:
@@ -409,13 +455,13 @@ def engine_failure(exc: BaseException, cfg: LLMConfig, engine: bool = False) -> 
     died or could not start, else None (the caller re-raises ``exc``).
 
     Ray reports an actor that died as a ``RayActorError`` (``ActorDiedError``,
-    ``ActorUnavailableError``) naming the actor's class. Ray Data LLM's engine stage exits
-    its actor when its engine dies (vLLM's ``EngineDeadError``) or fails to load, Ray
-    restarts it ``llm.vllm.engine_restarts`` times, and Ray Data then fails the whole
-    execution with that error. A ``ModelError`` raised in a stage (an on-demand engine of
-    a cache-served writer that died) is found through Ray's wrapping and returned as it
-    is. Any other actor that died (a render actor out of memory) is no engine failure;
-    ``engine=True``: the caller called nothing but an engine, so any actor death counts.
+    ``ActorUnavailableError``) naming the actor's class; an engine replica that dies
+    mid-request fails the request that way, and the stream with it (Serve replaces the
+    replica; the same command resumes the run). An engine that cannot start is a
+    ``ModelError`` from :class:`EngineService`, found through Ray's wrapping and returned
+    as it is. Any other actor that died (a render actor out of memory) is no engine
+    failure; ``engine=True``: the caller called nothing but an engine, so any actor death
+    counts.
     """
     from ray.exceptions import RayActorError, RayError
 
@@ -429,14 +475,22 @@ def engine_failure(exc: BaseException, cfg: LLMConfig, engine: bool = False) -> 
         if isinstance(e, ModelError) and not isinstance(e, RayError):
             return e
         text = str(e)
-        if isinstance(e, RayActorError) and (engine or any(n in text for n in ENGINE_ACTORS)):
-            pool = "vLLMEngineStageUDF" in text
-            times = f"{cfg.vllm.engine_restarts + 1} times" if pool else "once"
-            first = next((line for line in text.splitlines() if line.strip()), type(e).__name__)
+        names_engine = engine or any(n in text for n in ENGINE_ACTORS)
+        # A stage that called a dead engine fails with its own error (Ray Data's
+        # UserCodeException), whose text holds the actor error it got.
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if isinstance(e, RayActorError):
+            died, first = type(e).__name__, (lines or [""])[0]
+        elif isinstance(e, RayError):
+            died = next((n for n in ACTOR_DEATHS if n in text), None)
+            first = next((line for line in lines if died and died in line), "")
+        else:
+            died = None
+        if died and names_engine:
             return ModelError(
-                f"a vLLM engine for llm.model={cfg.model!r} could not start or died ({times}; "
-                f"{type(e).__name__}: {first.strip()}). The engine's own error is in the "
-                "worker log above (log_to_driver=true shows it) or under Ray's session logs "
+                f"a vLLM engine for llm.model={cfg.model!r} died ({died}: "
+                f"{first[:300]}). The engine's own error is in the worker log above "
+                "(log_to_driver=true shows it) or under Ray's session logs "
                 "(/tmp/ray/session_latest/logs). Usual causes: too little memory for weights "
                 "+ KV cache (lower llm.vllm.gpu_memory_utilization or llm.vllm.max_model_len, "
                 "or raise llm.vllm.tensor_parallel_size), a dtype the device lacks "
@@ -447,55 +501,232 @@ def engine_failure(exc: BaseException, cfg: LLMConfig, engine: bool = False) -> 
     return None
 
 
+def start_failure(cfg: LLMConfig, app: str, error: BaseException) -> ModelError:
+    """What to do when the engines of ``app`` could not start (Serve gave up after
+    ``engine_restarts + 1`` tries, or the deployment failed)."""
+    import re
+
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    detail = lines[0][:300] if lines else type(error).__name__
+    # Serve's message holds the constructor's traceback: its last exception line says why.
+    raised = [line for line in lines if re.match(r"^[\w.]+(Error|Exception): ", line)]
+    if raised and raised[-1] not in detail:
+        detail += " ... " + raised[-1][:300]
+    tries = cfg.vllm.engine_restarts + 1
+    tried = "once" if tries == 1 else f"{tries} times"
+    return ModelError(
+        f"the vLLM engines for llm.model={cfg.model!r} could not start (Serve application "
+        f"{app!r}, tried {tried}: {detail}). The engine's own error "
+        "is in the worker log above (log_to_driver=true shows it) or under Ray's session "
+        "logs (/tmp/ray/session_latest/logs). Usual causes: too little memory for weights "
+        "+ KV cache (lower llm.vllm.gpu_memory_utilization or llm.vllm.max_model_len, or "
+        "raise llm.vllm.tensor_parallel_size), a dtype the device lacks (llm.vllm.dtype), "
+        "no node with the engine's resources (llm.vllm.gpus_per_worker, resources, "
+        "accelerator_type). Nothing was rendered for it: fix the setting and run again."
+    )
+
+
 # ---------------------------------------------------------------------------------------
-# The backend object: helpers for the stream's stages, a short-lived engine for the rest
+# The engines (a Serve application) and the backend object
 # ---------------------------------------------------------------------------------------
 
 
-class EngineActor:
-    """One ``vllm.LLM`` in a Ray actor: the short-lived engine of :class:`VLLMBackend`."""
+class EngineServer:
+    """One vLLM engine (``vllm.AsyncLLMEngine``): the body of the engine deployment's
+    replicas. ``generate`` answers the stream's rows (Ray Data LLM's serve stage calls it
+    and reads one item); ``complete`` answers one request of :class:`VLLMBackend`."""
 
     def __init__(self, path: str, kwargs: dict[str, Any]):
         import vllm
 
-        kwargs = dict(kwargs)
-        kwargs.pop("disable_log_stats", None)
-        self.llm = vllm.LLM(model=path, **kwargs)
+        args = vllm.AsyncEngineArgs(model=path, **kwargs)
+        self.engine = vllm.AsyncLLMEngine.from_engine_args(args)
+        self._tokenizer = None
 
-    def generate(self, prompts: list[list[int]], params: list[dict[str, Any]]) -> list[dict]:
+    async def _run(self, prompt_ids, params: dict[str, Any]):
+        import uuid
+
         import vllm
         from vllm.sampling_params import StructuredOutputsParams
 
-        sampling = []
-        for p in params:
-            p = dict(p)
-            so = p.pop("structured_outputs", None)
-            sampling.append(
-                vllm.SamplingParams(
-                    **p, structured_outputs=StructuredOutputsParams(**so) if so else None
-                )
-            )
-        outs = self.llm.generate(
-            [{"prompt_token_ids": ids} for ids in prompts], sampling, use_tqdm=False
+        try:
+            from vllm.inputs import TokensPrompt
+        except ImportError:  # pragma: no cover - vLLM >= 0.19 moved it
+            from vllm.inputs.llm import TokensPrompt
+        # Rows from Ray Data hold numpy scalars, which vLLM's request encoder refuses.
+        p = {k: (v.item() if hasattr(v, "item") else v) for k, v in dict(params).items()}
+        so = p.pop("structured_outputs", None)
+        sampling = vllm.SamplingParams(
+            **p, structured_outputs=StructuredOutputsParams(**dict(so)) if so else None
         )
-        tokenizer = self.llm.get_tokenizer()
-        return [
-            {
-                "text": decode(tokenizer, list(o.outputs[0].token_ids)),
-                "prompt_tokens": len(o.prompt_token_ids),
-                "completion_tokens": len(o.outputs[0].token_ids),
-                "finish_reason": o.outputs[0].finish_reason,
-            }
-            for o in outs
-        ]
+        prompt = TokensPrompt(prompt_token_ids=[int(i) for i in prompt_ids])
+        final = None
+        async for out in self.engine.generate(
+            request_id=uuid.uuid4().hex, prompt=prompt, sampling_params=sampling
+        ):
+            final = out
+        return final
+
+    async def generate(self, request: dict[str, Any]):
+        out = await self._run(request["prompt_token_ids"], request["sampling_params"])
+        yield {
+            "rp_tokens": list(out.outputs[0].token_ids),
+            "rp_prompt_tokens": len(out.prompt_token_ids),
+        }
+
+    async def complete(self, prompt_ids: list[int], params: dict[str, Any]) -> dict[str, Any]:
+        out = await self._run(prompt_ids, params)
+        if self._tokenizer is None:
+            import inspect
+
+            tokenizer = self.engine.get_tokenizer()  # a coroutine in some vLLM versions
+            self._tokenizer = await tokenizer if inspect.isawaitable(tokenizer) else tokenizer
+        tokens = list(out.outputs[0].token_ids)
+        return {
+            "text": decode(self._tokenizer, tokens),
+            "prompt_tokens": len(out.prompt_token_ids),
+            "completion_tokens": len(tokens),
+            "finish_reason": out.outputs[0].finish_reason,
+        }
+
+    async def check_health(self) -> None:
+        if self.engine.errored:  # Serve replaces a replica whose engine died
+            raise RuntimeError(f"the vLLM engine died: {self.engine.dead_error!r}")
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None and hasattr(engine, "shutdown"):
+            engine.shutdown()  # its engine-core process, which Ray does not track
+
+
+class EngineService:
+    """The run's engines: one Serve application (``min_engines..max_engines`` replicas of
+    :class:`EngineServer`), shared by every writer of the run, the keyword banks and the
+    on-demand requests of writers served from OUT/cache. Held by one Ray actor per run
+    (or per :class:`VLLMBackend` used alone), so that whoever needs the engines first
+    starts them, once, and nobody starts them when no request needs them.
+
+    :meth:`ensure` starts the application, or uses the one already running under the same
+    name (:func:`service_name`: same model, engine arguments and placement), left up by an
+    earlier run (``llm.vllm.keep_engines``) or by a run that was killed: its resume uses
+    them. :meth:`stop` deletes the application unless ``keep``, and says what it cost.
+    """
+
+    #: Seconds between looks at an application another run is still deploying.
+    POLL_S = 1.0
+
+    def __init__(self, llm: dict[str, Any]):
+        self.cfg = LLMConfig.model_validate(llm)
+        self.app = service_name(self.cfg)
+        self.started = False  # by this service (False: found running)
+        self.since: float | None = None
+        self.held_s = 0.0
+        self.replicas = 0
+        self.used = False
+        self.deleted = False
+
+    def ensure(self) -> str:
+        """The running application's name, started here if it was not running."""
+        if self.since is not None:
+            return self.app
+        from ray import serve
+
+        serve.start(proxy_location="Disabled")  # no HTTP: handles only
+        status = self._status()
+        if status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            serve.delete(self.app)
+            status = None
+        if status is None:
+            app = (
+                serve.deployment(EngineServer)
+                .options(**deployment_options(self.cfg))
+                .bind(model_path(self.cfg), engine_kwargs(self.cfg))
+            )
+            try:
+                serve.run(app, name=self.app, route_prefix=None)
+            except Exception as e:  # noqa: BLE001 - Serve says RuntimeError; told apart here
+                why = self._why()  # Serve's own error names only the deployment
+                serve.delete(self.app)  # a failed application holds its resources
+                raise start_failure(
+                    self.cfg, self.app, RuntimeError(f"{e}\n{why}" if why else str(e))
+                ) from None
+            self.started = True
+        else:
+            while status == "DEPLOYING":  # another run is starting the same engines
+                time.sleep(self.POLL_S)
+                status = self._status()
+            if status != "RUNNING":
+                raise start_failure(self.cfg, self.app, RuntimeError(f"application {status}"))
+        self.since = time.monotonic()
+        self.used = True
+        self.replicas = self._replicas()
+        log.info("vLLM engines %s: %s", "started" if self.started else "found running", self.app)
+        return self.app
+
+    def _status(self) -> str | None:
+        from ray import serve
+
+        app = serve.status().applications.get(self.app)
+        return None if app is None else str(getattr(app.status, "value", app.status))
+
+    def _why(self) -> str:
+        """What Serve says about the failed engine deployment: the constructor's
+        traceback, whose last exception line is the engine's own error."""
+        from ray import serve
+
+        try:
+            app = serve.status().applications.get(self.app)
+        except Exception:  # noqa: BLE001 - only a better message is at stake
+            return ""
+        if app is None:
+            return ""
+        deployment = app.deployments.get(DEPLOYMENT)
+        return "\n".join(m for m in (app.message, getattr(deployment, "message", "")) if m)
+
+    def _replicas(self) -> int:
+        from ray import serve
+
+        app = serve.status().applications.get(self.app)
+        if app is None or DEPLOYMENT not in app.deployments:
+            return 0
+        states = app.deployments[DEPLOYMENT].replica_states or {}
+        return int(sum(n for state, n in states.items() if str(state).endswith("RUNNING")))
+
+    def stop(self, keep: bool = False) -> dict[str, Any]:
+        """Stop counting the engines' time, and delete the application unless ``keep``
+        (it stays up for the next run); what the engines cost (:meth:`stats`)."""
+        if self.since is not None:
+            self.replicas = max(self.replicas, self._replicas())
+            self.held_s += time.monotonic() - self.since
+            self.since = None
+        if self.used and not keep and not self.deleted:
+            from ray import serve
+
+            serve.delete(self.app)
+            self.deleted = True
+        return self.stats()
+
+    def stats(self) -> dict[str, Any]:
+        """``engines_started``: engines this service started (0: none, or found running);
+        ``engine_s``: engine-seconds this run held (its time x the engines running)."""
+        held = self.held_s + (time.monotonic() - self.since if self.since is not None else 0.0)
+        engines = self.replicas or self.cfg.vllm.max_engines
+        return {
+            "app": self.app,
+            "engines_started": engines if self.started else 0,
+            "found_running": self.used and not self.started,
+            "engine_s": held * engines if self.used else 0.0,
+        }
 
 
 class VLLMBackend:
     """The ``vllm`` backend object (see the module docstring).
 
     In the stream's actors it holds what their stages share (the model path, tokenizer,
-    cache, limits) and starts nothing. :meth:`complete_batch` (keyword banks, tests)
-    starts one engine actor on first use; :meth:`close` stops it.
+    cache, limits) and starts nothing. :meth:`complete_batch` (keyword banks, writers
+    served from OUT/cache, tests) sends what the cache does not answer to the engines of
+    the :class:`EngineService` given to :meth:`attach` (the run's), or else of one of its
+    own, started on first use and stopped by :meth:`close`.
     """
 
     def __init__(self, cfg: LLMConfig, cache_dir: str | Path | None = None):
@@ -506,10 +737,10 @@ class VLLMBackend:
         self._tokenizer = None
         self._eos: set[int] | None = None
         self._max_len: int | None = None
-        self._actor = None
-        self._on_demand = None  # an EngineOnDemand handle (attach)
-        self.engine_s = 0.0  # seconds the short-lived engine was held
-        self._started = 0.0
+        self._service = None  # an EngineService actor (attach, or this backend's own)
+        self._own_service = False
+        self._handle = None  # the Serve handle of the service's engines
+        self.engine_s = 0.0  # engine-seconds of this backend's own service
         self._counts = dict(
             requests=0, cache_hits=0, failures=0, prompt_tokens=0, completion_tokens=0,
             cached_prompt_tokens=0, cached_completion_tokens=0, engines_started=0,
@@ -614,40 +845,32 @@ class VLLMBackend:
         self._count(failures=1)
         return LLMResult(key=req.key, text=None, error=error)
 
-    # --- the LLMBackend protocol (a short-lived engine) ----------------------------------
+    # --- the LLMBackend protocol (the run's engines, or engines of its own) -------------
 
     def check(self) -> dict[str, Any]:
         return check_model(self.cfg)
 
-    def attach(self, engine) -> None:
-        """Send the requests the cache does not answer to ``engine`` (an
-        :class:`EngineOnDemand` actor shared by a writer's actors) instead of an engine
-        of this backend's own; that engine's time and start are counted where it lives."""
-        self._on_demand = engine
+    def attach(self, service) -> None:
+        """Use the engines of ``service`` (an :class:`EngineService` actor, the run's)
+        instead of starting a service of this backend's own; they are counted there."""
+        self._service = service
 
     def _engine(self):
-        if self._on_demand is not None:
-            return self._on_demand
-        if self._actor is None:
+        """The Serve handle of the engines (the service starts them if they are not up)."""
+        if self._handle is None:
             import ray
+            from ray import serve
 
-            # One actor for the whole engine: the request of all its workers.
-            options = {
-                **worker_request(self.cfg, self.cfg.vllm.tensor_parallel_size),
-                "max_restarts": 0,
-            }
-            self._started = time.monotonic()
-            self._counts["engines_started"] += 1
-            self._actor = (
-                ray.remote(EngineActor)
-                .options(**options)
-                .remote(self.path, engine_kwargs(self.cfg))
-            )
-        return self._actor
+            if self._service is None:
+                self._service = (
+                    ray.remote(EngineService).options(num_cpus=0).remote(self.cfg.model_dump())
+                )
+                self._own_service = True
+            app = ray.get(self._service.ensure.remote())
+            self._handle = serve.get_app_handle(app)
+        return self._handle
 
     def complete_batch(self, requests: list[LLMRequest]) -> list[LLMResult]:
-        import ray
-
         results: list[LLMResult | None] = [None] * len(requests)
         todo: list[tuple[int, list[int]]] = []
         for i, req in enumerate(requests):
@@ -663,11 +886,11 @@ class VLLMBackend:
                 todo.append((i, ids))
         if todo:
             try:
-                outs = ray.get(
-                    self._engine().generate.remote(
-                        [ids for _, ids in todo], [sampling_params(requests[i]) for i, _ in todo]
-                    )
-                )
+                engine = self._engine()
+                calls = [
+                    engine.complete.remote(ids, sampling_params(requests[i])) for i, ids in todo
+                ]
+                outs = [call.result() for call in calls]
             except Exception as e:  # noqa: BLE001 - sorted by engine_failure
                 error = engine_failure(e, self.cfg, engine=True)
                 if error is None:
@@ -688,43 +911,20 @@ class VLLMBackend:
             self._counts[k] += v
 
     def stats(self) -> dict[str, Any]:
-        held = time.monotonic() - self._started if self._actor is not None else 0.0
-        return {**self._counts, "cost_usd": 0.0, "engine_s": self.engine_s + held}
+        return {**self._counts, "cost_usd": 0.0, "engine_s": self.engine_s}
 
     def close(self) -> None:
-        if self._actor is not None:
+        """Stop this backend's own engines (unless ``llm.vllm.keep_engines``); an
+        attached service is the caller's to stop."""
+        self._handle = None
+        if self._own_service:
             import ray
 
-            ray.kill(self._actor)
-            self._actor = None
-            self.engine_s += time.monotonic() - self._started
+            stopped = ray.get(self._service.stop.remote(self.cfg.vllm.keep_engines))
+            self._counts["engines_started"] += stopped["engines_started"]
+            self.engine_s += stopped["engine_s"]
+            ray.kill(self._service)
+            self._service, self._own_service = None, False
 
     def __repr__(self) -> str:
         return f"VLLMBackend(model={self.model!r})"
-
-
-class EngineOnDemand:
-    """The engine of a writer served from OUT/cache alone (raypipe.generate.engine): a
-    Ray actor that reserves nothing and starts one engine (:class:`EngineActor`, with the
-    engine pool's placement) on the first request the cache did not answer, for all of
-    that writer's actors. A run that needs none starts none; :meth:`close` stops it and
-    says whether it started (``engines_started``) and for how long (``engine_s``)."""
-
-    def __init__(self, llm: dict[str, Any]):
-        self.backend = VLLMBackend(LLMConfig.model_validate(llm))
-
-    def generate(self, prompts: list[list[int]], params: list[dict[str, Any]]) -> list[dict]:
-        import ray
-
-        return ray.get(self.backend._engine().generate.remote(prompts, params))
-
-    def engine(self):
-        """The engine actor (started here if it was not yet)."""
-        return self.backend._engine()
-
-    def stats(self) -> dict[str, Any]:
-        return self.backend.stats()
-
-    def close(self) -> dict[str, Any]:
-        self.backend.close()
-        return self.backend.stats()

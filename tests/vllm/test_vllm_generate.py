@@ -1,10 +1,14 @@
 """The ``vllm`` backend end to end, on vLLM's CPU build with a tiny random-weight Llama.
 
-Engine starts are what these tests cost (tens of seconds each on 2 CPUs), so they share
-them: one killed run and its resume (the demo-vllm preset, two engine pools each), and
-one short-lived engine for the request-level checks and the benchmark-item writer (and,
-last, for an engine that dies): 5 engine starts in all. The re-run from the cache starts none (checked), and the
-checks of the driver's cache check and of a dying engine stage start none either.
+Engine starts are what these tests cost (tens of seconds each on 2 CPUs), so the whole
+module shares one: the engines are a Serve application on the session's Ray cluster
+(``ray_vllm``), which the generation jobs join (RAY_ADDRESS). The killed run starts them
+(its kill leaves them up, as on a cluster), its resume finds and uses them
+(``llm.vllm.keep_engines=true`` keeps them up after it), the re-run from the cache needs
+none, and the request-level checks and the benchmark-item writer use the same engines
+through VLLMBackend. Last, a test kills an engine: Serve replaces it, the second and last
+engine start (counted by the last test). The checks of the driver's cache check and of a
+dying engine stage start none.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from raypipe.llm import structured
 from raypipe.llm.cache import request_key
 from raypipe.llm.parsing import parse_dialogue, parse_prompts
 from raypipe.llm.templates import dialogue_request, prompt_request
-from raypipe.llm.vllm_backend import cache_body, engine_failure
+from raypipe.llm.vllm_backend import cache_body, engine_failure, service_name
 from raypipe.schema import validate_samples
 
 pytestmark = pytest.mark.vllm
@@ -61,13 +65,13 @@ def job_cmd(out: Path, *overrides: str) -> list[str]:
             "--out", str(out), *OVERRIDES, *overrides]  # fmt: skip
 
 
-def job_env(tiny_dir: Path) -> dict[str, str]:
+def job_env(tiny_dir: Path, address: str) -> dict[str, str]:
+    """The jobs join the session's Ray cluster (at ``address``), where the engines live."""
     env = dict(os.environ)
     env.update(
         RAYPIPE_TINY_DIR=str(tiny_dir), RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1",
-        PYTHONUNBUFFERED="1", RAY_USAGE_STATS_ENABLED="0",
+        PYTHONUNBUFFERED="1", RAY_USAGE_STATS_ENABLED="0", RAY_ADDRESS=address,
     )  # fmt: skip
-    env.pop("RAY_ADDRESS", None)
     return env
 
 
@@ -95,12 +99,26 @@ def run_job(out: Path, env: dict[str, str], *overrides: str) -> float:
     return time.time() - start
 
 
+#: What the jobs after the killed one add: leave the engines up for the next test.
+KEEP = "llm.vllm.keep_engines=true"
+
+
+def engine_replicas() -> list[dict]:
+    """Every replica of the demo-vllm engines this Ray cluster has run, dead or alive
+    (Ray's actor table): one per engine start."""
+    from ray._private.state import actors
+
+    name = f"ServeReplica:{service_name(vllm_config().llm)}:EngineServer"
+    return [a for a in actors().values() if a["ActorClassName"] == name]
+
+
 @pytest.fixture(scope="module")
-def resumed(tmp_path_factory, tiny_dir):
+def resumed(tmp_path_factory, tiny_dir, ray_vllm):
     """demo-vllm killed (SIGKILL of the job's process group) once its first Parquet part
     is written, then the same command run to the end."""
     out = tmp_path_factory.mktemp("vllm") / "run"
-    env = job_env(tiny_dir)
+    env = job_env(tiny_dir, ray_vllm.get_runtime_context().gcs_address)
+    assert not engine_replicas()
     log = out.parent / "killed-run.log"  # a file, not a pipe: vLLM and Ray Data log a lot
     start = time.time()
     with open(log, "wb") as err:
@@ -119,7 +137,7 @@ def resumed(tmp_path_factory, tiny_dir):
         ],
         cache=cache_files(out),
     )
-    resume_s = run_job(out, env)
+    resume_s = run_job(out, env, KEEP)
     print(
         f"killed after {killed_s:.0f}s ({len(before.ids)} rows written), resumed in {resume_s:.0f}s"
     )
@@ -154,9 +172,13 @@ def test_demo_vllm_writes_every_ability_with_the_same_schema(resumed):
         assert usage["completion_tokens"] + usage["cached_completion_tokens"] > 0, stage
     assert run["llm"]["stages"]["prompts"]["cached_completion_tokens"] > 0
     assert manifest["llm"]["cost_usd"] == 0  # no token prices on vllm
-    # The killed run left rows never asked for: both writers needed their engine pools.
+    # The killed run left rows never asked for: both writers needed the engines, which
+    # the resume found up (the killed run had started them), and paid for the time it
+    # held them (no GPU-seconds: CPU engines).
     assert {w["on"] for w in run["llm_writers"].values()} == {"engines"}, run["llm_writers"]
-    assert run["llm_engines"]["engines"] == 2 and run["llm_engines"]["gpu_s"] == 0  # CPU engines
+    engines = run["llm_engines"]
+    assert engines["engines"] == 0 and engines["found_running"], engines
+    assert engines["engine_s"] > 0 and engines["gpu_s"] == 0
     assert manifest["versions"]["vllm"] != "not installed"
 
 
@@ -178,7 +200,7 @@ def test_killed_run_resumes_without_loss_duplicates_or_regeneration(resumed):
 def test_rerun_over_the_same_out_reproduces_every_row_from_the_cache(resumed, tmp_path):
     again = fresh_copy(resumed.out, tmp_path / "again")
     stored = cache_files(again)
-    run_job(again, resumed.env)
+    run_job(again, resumed.env, KEEP)
     before, after = rows_by_id(resumed.out), rows_by_id(again)
     assert set(after) == set(before)
     for sid, row in after.items():
@@ -188,13 +210,16 @@ def test_rerun_over_the_same_out_reproduces_every_row_from_the_cache(resumed, tm
     run = json.loads((again / "manifest.json").read_text())["runs"][-1]
     llm = run["llm"]
     assert llm["completion_tokens"] == 0 and llm["cached_completion_tokens"] > 0
-    # The driver found every request answered in OUT/cache: no engine pool, no model
-    # loaded, and no on-demand engine either (the replacements were answered too).
-    assert run["llm_engines"]["engines"] == 0, run["llm_engines"]
+    # The driver found every request answered in OUT/cache, and no replacement needed the
+    # engines either: the run did not touch them (though they were up).
+    assert run["llm_engines"] == {
+        "engines": 0, "found_running": False, "engine_s": 0.0, "gpus_per_engine": 0.0,
+        "gpu_s": 0.0,
+    }  # fmt: skip
     assert run["llm_writers"] == {
-        "prompts": {"on": "cache", "requests": 13, "unanswered": 0, "engines_started": 0},
+        "prompts": {"on": "cache", "requests": 13, "unanswered": 0},
         "dialogue": {"on": "cache", "requests": run["llm_writers"]["dialogue"]["requests"],
-                     "unanswered": 0, "engines_started": 0},
+                     "unanswered": 0},
     }  # fmt: skip
     assert run["llm_writers"]["dialogue"]["requests"] >= N
 
@@ -263,19 +288,22 @@ def test_driver_cache_check_is_exact_about_each_writer(resumed, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def engine(ray_vllm):
-    """One engine, reached the way a writer served from OUT/cache reaches its on-demand
-    engine: VLLMBackend -> EngineOnDemand (reserves nothing) -> EngineActor, started on
-    the first request. No cache: every request is generated."""
-    from raypipe.llm.vllm_backend import EngineOnDemand, VLLMBackend
+def engine(ray_vllm, resumed):
+    """The engines the jobs used, reached as the keyword banks and the writers served
+    from OUT/cache reach them: VLLMBackend -> the run's EngineService actor -> Serve. No
+    cache: every request is generated. The engines are stopped at the end."""
+    from raypipe.llm.vllm_backend import EngineService, VLLMBackend
 
     cfg = load_config(GenerateConfig, PRESET).llm
-    on_demand = ray.remote(EngineOnDemand).options(num_cpus=0).remote(cfg.model_dump())
+    service = ray.remote(EngineService).options(num_cpus=0).remote(cfg.model_dump())
     backend = VLLMBackend(cfg)
-    backend.attach(on_demand)
+    backend.attach(service)
     yield backend
-    ray.get(on_demand.close.remote())
-    ray.kill(on_demand)
+    stopped = ray.get(service.stop.remote())
+    ray.kill(service)
+    from ray import serve
+
+    assert stopped["app"] not in serve.status().applications  # deleted
 
 
 def writer_requests(per_ability: int = 4) -> list:
@@ -344,8 +372,9 @@ def test_fixed_seed_answers_repeat_within_and_across_batches(engine):
     assert first == again
     assert alone == first[:4]
     assert reordered == first
-    # All those batches, from the driver as from a writer's actors, went to one engine.
-    assert ray.get(engine._on_demand.stats.remote())["engines_started"] == 1
+    # All those batches went to the engines the jobs used: found up, none started.
+    stats = ray.get(engine._service.stats.remote())
+    assert stats["found_running"] and stats["engines_started"] == 0, stats
 
 
 def test_benchmark_item_writer_writes_items_of_each_type_on_the_engine(engine):
@@ -372,7 +401,7 @@ def test_benchmark_item_writer_writes_items_of_each_type_on_the_engine(engine):
                          "keywords": [kw], "prompt": prompt, "seed": i})  # fmt: skip
     writer_kwargs = dict(llm=cfg.llm.model_dump(), cache_dir=None, catalog_dirs=[],
                          run_seed=1000, question_mix=mix)  # fmt: skip
-    stage = CacheServed(BenchmarkItemWriter, writer_kwargs, engine=engine._on_demand)
+    stage = CacheServed(BenchmarkItemWriter, writer_kwargs, service=engine._service)
     out = stage(rows_to_table(rows)).to_pylist()
 
     assert [r["id"] for r in out] == [r["id"] for r in rows]
@@ -399,29 +428,56 @@ def test_benchmark_item_writer_writes_items_of_each_type_on_the_engine(engine):
 
 
 def test_an_engine_that_dies_is_a_model_error_that_says_what_to_do(engine):
-    """Last of the engine's tests: it kills the engine (vLLM's own death kills the
-    process the same way), and the next request fails with a ModelError, not Ray's."""
-    ray.kill(ray.get(engine._on_demand.engine.remote()))
-    (req,) = [structured.with_schema(r) for r in writer_requests(per_ability=1)][:1]
-    with pytest.raises(ModelError) as info:
-        engine.complete_batch([req])
-    message = str(info.value)
-    assert "vLLM engine for llm.model='raypipe-tiny/tiny-chat-llm' could not start or died" in (
-        message
+    """Last of the engine's tests: it kills the engine's replica while a request is on it
+    (vLLM's own death kills the process the same way), and the request fails with a
+    ModelError, not Ray's. Serve then replaces the engine (the session's second start)."""
+    import threading
+
+    (replica,) = [a for a in engine_replicas() if a["State"] == "ALIVE"]
+    requests = [structured.with_schema(r) for r in writer_requests(per_ability=1)]
+    engine.complete_batch(requests[:1])  # the handle is up: what follows hits the engine
+    killer = threading.Timer(
+        1.0, lambda: ray.kill(ray.get_actor(replica["Name"], namespace="serve"))
     )
-    assert "ActorDiedError" in message
+    killer.start()
+    with pytest.raises(ModelError) as info:
+        for _ in range(50):  # batches until the kill lands on one
+            engine.complete_batch(requests)
+    killer.join()
+    message = str(info.value)
+    assert "vLLM engine for llm.model='raypipe-tiny/tiny-chat-llm' died" in message
+    assert "ActorDiedError" in message or "ActorUnavailableError" in message, message
     assert "llm.vllm.gpu_memory_utilization" in message and "run the same command" in message
 
 
 # ---------------------------------------------------------------------------------------
-# A dying engine stage mid-stream (no engine started: the stage dies as Ray Data LLM's
-# does when its engine dies)
+# An engine dying under the stream (no engine started: a stand-in actor of the engine
+# deployment's class dies as a replica does when its vLLM engine dies)
 # ---------------------------------------------------------------------------------------
 
 
-class vLLMEngineStageUDF:  # noqa: N801 - the class name Ray Data LLM's engine actors have
-    """Dies on its third block the way Ray Data LLM's engine stage does when vLLM's
-    engine dies (EngineDeadError: ``os._exit(1)``, so that Ray restarts the actor)."""
+class EngineServer:
+    """Dies on the call, as an engine replica does (``os._exit``) when vLLM's dies."""
+
+    def generate(self, x):
+        os._exit(1)
+
+
+class CallsTheEngine:
+    """A stream stage that sends its third block to the engine, as Ray Data LLM's serve
+    stage sends rows to the replicas."""
+
+    def __init__(self):
+        self.engine = ray.remote(EngineServer).options(num_cpus=0, max_restarts=0).remote()
+
+    def __call__(self, batch):
+        if batch["id"][0] >= 2:
+            ray.get(self.engine.generate.remote(batch))
+        return batch
+
+
+class RenderStage:
+    """A death in an actor that holds no engine."""
 
     def __call__(self, batch):
         if batch["id"][0] >= 2:
@@ -429,35 +485,68 @@ class vLLMEngineStageUDF:  # noqa: N801 - the class name Ray Data LLM's engine a
         return batch
 
 
-class RenderStage(vLLMEngineStageUDF):
-    """The same death in an actor that holds no engine."""
-
-
-def stream_failure(ray, stage: type, restarts: int) -> BaseException:
+def stream_failure(ray, stage: type) -> BaseException:
+    # Ray's workers cannot import this test module: its classes travel by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     ds = ray.data.range(6, override_num_blocks=6).map_batches(
         stage,
         batch_size=None,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1),
         num_cpus=0.1,
-        max_restarts=restarts,  # as build_engine_processor sets them
-        max_task_retries=restarts,
+        max_restarts=0,  # a stage that dies stays dead (Ray Data restarts its actors)
+        max_task_retries=0,
     )
     with pytest.raises(Exception) as info:  # noqa: PT011 - whatever Ray raises
         for _ in ds.iter_batches(batch_size=None):
             pass
+    assert "No module named" not in str(info.value)  # it died where it should, in a call
     return info.value
 
 
-def test_engine_stage_dying_mid_stream_is_a_model_error_that_says_what_to_do(ray_vllm):
-    cfg = vllm_config("llm.vllm.engine_restarts=1").llm
-    died = stream_failure(ray_vllm, vLLMEngineStageUDF, cfg.vllm.engine_restarts)
+def test_engine_dying_under_the_stream_is_a_model_error_that_says_what_to_do(ray_vllm):
+    cfg = vllm_config().llm
+    died = stream_failure(ray_vllm, CallsTheEngine)
     error = engine_failure(died, cfg)  # what the stream raises instead (pipeline.stream)
     assert isinstance(error, ModelError), repr(died)
     message = str(error)
-    assert "could not start or died (2 times; ActorDiedError" in message
+    assert "vLLM engine for llm.model='raypipe-tiny/tiny-chat-llm' died (ActorDiedError" in (
+        message
+    )
     assert "llm.vllm.gpu_memory_utilization" in message and "run the same command" in message
     # Another actor's death is not blamed on the engines.
-    assert engine_failure(stream_failure(ray_vllm, RenderStage, 0), cfg) is None
+    assert engine_failure(stream_failure(ray_vllm, RenderStage), cfg) is None
+
+
+def test_a_writer_on_the_engines_lands_in_the_ray_data_plan(ray_vllm, tiny_dir):
+    """Request half -> Ray Data LLM's serve stage -> answer half, each with the LLM
+    stages' own placement (llm_actor_cpus, llm_actor_resources); the engines themselves
+    are the Serve application's (tests/test_vllm_placement.py)."""
+    from raypipe.generate.engine import add_vllm_writer
+    from raypipe.generate.text import PromptWriter
+
+    cfg = vllm_config("llm_actor_resources={api_slot: 1}")
+    ds = add_vllm_writer(
+        ray_vllm.data.from_items([{"x": 1}]), PromptWriter, cfg, app="raypipe-vllm-test",
+        negative_prompt="", llm=cfg.llm.model_dump(), cache_dir=None, catalog_dirs=[],
+        run_seed=0,
+    )  # fmt: skip
+    stages, op = {}, ds._logical_plan.dag
+    while op is not None:
+        if hasattr(op, "ray_remote_args"):
+            stages[op.name] = op.ray_remote_args
+        op = op.input_dependencies[0] if op.input_dependencies else None
+    serve_stage = stages["MapBatches(ServeDeploymentStageUDF)"]
+    assert serve_stage["num_cpus"] == cfg.llm_actor_cpus and "num_gpus" not in serve_stage
+    for half in ("MapBatches(EngineRequests)", "MapBatches(EngineAnswers)"):
+        assert stages[half]["resources"] == {"api_slot": 1.0}, half
+        assert stages[half]["num_cpus"] == cfg.llm_actor_cpus
+    # Without the application: one stage served from OUT/cache, no engine stage.
+    cached = add_vllm_writer(
+        ray_vllm.data.from_items([{"x": 1}]), PromptWriter, cfg, service=None,
+        negative_prompt="", llm=cfg.llm.model_dump(), cache_dir=None, catalog_dirs=[],
+        run_seed=0,
+    )  # fmt: skip
+    assert cached._logical_plan.dag.name == "MapBatches(CacheServed)"
 
 
 # ---------------------------------------------------------------------------------------
@@ -485,6 +574,25 @@ def test_model_the_cpu_engine_cannot_run_fails_before_any_engine_starts(tiny_dir
     assert not (tmp_path / "data").exists() or not data_parts(tmp_path)
 
 
+def test_engines_that_cannot_start_fail_the_run_before_any_rendering(ray_vllm, tmp_path):
+    """Engines whose start fails (an engine argument vLLM does not take: the replica
+    fails as soon as it has imported vLLM, before loading any model) fail the run after
+    ``engine_restarts + 1`` tries, with what to do, before any row is rendered; the
+    failed application is removed."""
+    from ray import serve
+
+    cfg = vllm_config(
+        "llm.vllm.engine_kwargs={no_such_engine_argument: 1}", "llm.vllm.engine_restarts=0"
+    )
+    with pytest.raises(ModelError, match="could not start") as info:
+        generate(cfg, str(tmp_path))
+    message = str(info.value)
+    assert "tried once" in message and "no_such_engine_argument" in message, message
+    assert "llm.vllm.gpu_memory_utilization" in message and "run again" in message
+    assert not data_parts(tmp_path)
+    assert service_name(cfg.llm) not in serve.status().applications
+
+
 def test_model_without_a_chat_template_is_refused(tiny_dir, tmp_path):
     from raypipe.testing import resolve_tiny
 
@@ -496,3 +604,12 @@ def test_model_without_a_chat_template_is_refused(tiny_dir, tmp_path):
     (model / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(ModelError, match="not a chat model"):
         generate(vllm_config(f"llm.model={model}"), str(tmp_path / "out"))
+
+
+def test_the_session_started_at_most_two_engines(ray_vllm):
+    """Last: the engine starts of this session, from Ray's actor table (every replica of
+    an engine application, dead or alive): the killed run's, and Serve's replacement of
+    the engine the death test killed."""
+    replicas = engine_replicas()
+    print(f"engine starts this session: {len(replicas)}")
+    assert len(replicas) <= 2, [(a["Name"], a["State"]) for a in replicas]
