@@ -1,4 +1,4 @@
-"""Throughput of raypipe's Ray Data LLM stage against a bare ``vllm.LLM.chat`` call.
+"""Throughput of raypipe's Ray Data LLM stage and engines against a bare ``vllm.LLM.chat``.
 
     .venv-vllm/bin/python benchmarks/llm_vllm.py                # 128 requests, demo-vllm engine
     .venv-vllm/bin/python benchmarks/llm_vllm.py --smoke-test   # 16 requests
@@ -9,17 +9,20 @@ engine settings (``raypipe.llm.vllm_backend.engine_kwargs`` of the preset's ``ll
 
 - pipeline: the rows raypipe's request stage makes (chat-template token ids, sampling
   parameters) through :func:`raypipe.llm.vllm_backend.build_engine_processor` in one
-  Ray Data execution, consumed as they stream out;
+  Ray Data execution, consumed as they stream out, to the run's engines (a Serve
+  application, :class:`raypipe.llm.vllm_backend.EngineService`);
 - bare: one ``vllm.LLM`` in this process, one ``llm.chat(conversations, params)`` call
   (``bare_tokens_per_s``); then, for reference, the same requests as token ids made
   before the window through ``llm.generate`` on the warm engine
   (``bare_token_ids_tokens_per_s``).
 
 Engine start-up is left out on both sides: the bare window is the ``chat`` call; the
-pipeline window runs from the moment the first request entered its engine (its output
-time minus the engine time Ray Data LLM reports for it) to the last row reaching this
-process, so it holds everything Ray Data does once the engine is up. Tokens/s counts
-generated tokens. Runs in .venv-vllm (scripts/bootstrap-vllm.sh); the last line printed
+pipeline window runs from the moment the first request was sent to the engines (its
+output time minus the time Ray Data LLM reports for its call) to the last row reaching
+this process, so it holds everything Ray Data and Serve do once the engine is up.
+``pipeline_engine_start_s`` is the engines' start (the Serve application), and
+``pipeline_first_request_s`` the time from the start of the Ray Data execution to the
+first request reaching them. Tokens/s counts generated tokens. Runs in .venv-vllm (scripts/bootstrap-vllm.sh); the last line printed
 is one JSON object of figures.
 """
 
@@ -67,6 +70,7 @@ def run_pipeline(cfg, requests) -> dict:
     from transformers import AutoTokenizer
 
     from raypipe.llm.vllm_backend import (
+        EngineService,
         build_engine_processor,
         chat_ids,
         model_path,
@@ -75,11 +79,16 @@ def run_pipeline(cfg, requests) -> dict:
 
     tok = AutoTokenizer.from_pretrained(model_path(cfg))
     rows = [
-        {"rp_payload": str(i), "tokenized_prompt": chat_ids(tok, r.messages),
-         "sampling_params": sampling_params(r)}
+        {"rp_payload": str(i), "method": "generate",
+         "request_kwargs": {"prompt_token_ids": chat_ids(tok, r.messages),
+                            "sampling_params": sampling_params(r)}}
         for i, r in enumerate(requests)
     ]  # fmt: skip
-    ds = build_engine_processor(cfg)(ray.data.from_items(rows, override_num_blocks=8))
+    service = EngineService(cfg.model_dump())
+    t = time.time()
+    app = service.ensure()
+    engine_start_s = time.time() - t
+    ds = build_engine_processor(cfg, app)(ray.data.from_items(rows, override_num_blocks=8))
     start = time.time()
     arrivals, outs = [], []
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -89,11 +98,13 @@ def run_pipeline(cfg, requests) -> dict:
             outs.append(r)
     first_in = min(t - e for t, e in arrivals)
     window = max(t for t, _ in arrivals) - first_in
+    service.stop()
     return {
         "wall_s": time.time() - start,
         "window_s": window,
-        "engine_start_s": first_in - start,
-        "completion_tokens": sum(r["rp_completion_tokens"] for r in outs),
+        "engine_start_s": engine_start_s,
+        "first_request_s": first_in - start,
+        "completion_tokens": sum(len(r["rp_tokens"]) for r in outs),
         "prompt_tokens": sum(r["rp_prompt_tokens"] for r in outs),
         "errors": sum(1 for r in outs if r.get("__inference_error__")),
     }
@@ -185,6 +196,7 @@ def main() -> None:
                 "bare_window_s": round(bare["window_s"], 2),
                 "pipeline_engine_start_s": round(pipe["engine_start_s"], 1),
                 "bare_engine_start_s": round(bare["engine_start_s"], 1),
+                "pipeline_first_request_s": round(pipe["first_request_s"], 1),
                 "model": cfg.model,
                 "batch_size": cfg.vllm.batch_size,
                 "structured_output": True,
