@@ -170,7 +170,10 @@ def test_demo_vllm_writes_every_ability_with_the_same_schema(resumed):
         usage = run["llm"]["stages"][stage]
         assert usage["prompt_tokens"] + usage["cached_prompt_tokens"] > 0, stage
         assert usage["completion_tokens"] + usage["cached_completion_tokens"] > 0, stage
-    assert run["llm"]["stages"]["prompts"]["cached_completion_tokens"] > 0
+    # Whether the resume serves any prompt from OUT/cache depends on where the kill lands
+    # (the rows of the first part may hold every prompt answered by then); that no
+    # persisted answer is generated again is checked on the cache files themselves
+    # (test_killed_run_resumes_without_loss_duplicates_or_regeneration).
     assert manifest["llm"]["cost_usd"] == 0  # no token prices on vllm
     # The killed run left rows never asked for: both writers needed the engines, which
     # the resume found up (the killed run had started them), and paid for the time it
