@@ -663,19 +663,21 @@ class EngineService:
         log.info("vLLM engines %s: %s", "started" if self.started else "found running", self.app)
         return self.app
 
-    def _status(self) -> str | None:
+    def _app(self):
+        """Serve's status of the application, or None when it is not deployed."""
         from ray import serve
 
-        app = serve.status().applications.get(self.app)
+        return serve.status().applications.get(self.app)
+
+    def _status(self) -> str | None:
+        app = self._app()
         return None if app is None else str(getattr(app.status, "value", app.status))
 
     def _why(self) -> str:
         """What Serve says about the failed engine deployment: the constructor's
         traceback, whose last exception line is the engine's own error."""
-        from ray import serve
-
         try:
-            app = serve.status().applications.get(self.app)
+            app = self._app()
         except Exception:  # noqa: BLE001 - only a better message is at stake
             return ""
         if app is None:
@@ -684,9 +686,7 @@ class EngineService:
         return "\n".join(m for m in (app.message, getattr(deployment, "message", "")) if m)
 
     def _replicas(self) -> int:
-        from ray import serve
-
-        app = serve.status().applications.get(self.app)
+        app = self._app()
         if app is None or DEPLOYMENT not in app.deployments:
             return 0
         states = app.deployments[DEPLOYMENT].replica_states or {}
