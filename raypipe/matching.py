@@ -29,8 +29,9 @@ Negation, for scoring answers (:func:`keyword_polarity`, :func:`affirms_keyword`
    ``except (for)`` are read as ``not`` ("blue instead of red" denies red).
 6. Within one clause, an occurrence of a keyword word is negated when one of
    :data:`NEGATIONS` (``not``, ``no``, ``never``, ``neither``, ``nor``, ``none``,
-   ``without``) stands at most :data:`NEGATION_WINDOW` words before it, with no pronoun or
-   form of "be" in between (``no, it is red`` and ``no it is red`` do not deny red).
+   ``without``, ``lacks``, ``hardly``, ``scarcely``) stands at most
+   :data:`NEGATION_WINDOW` words before it, with no pronoun or form of "be" in between
+   (``no, it is red`` and ``no it is red`` do not deny red).
    A keyword is affirmed in a clause when each of its words that the clause names has
    an occurrence that is not negated: ``the car is not red`` denies red, ``the fish is
    not riding a bicycle`` denies "fish riding a bicycle".
@@ -176,7 +177,9 @@ def find_phrase(text: str, phrase: str) -> int | None:
 # --- clauses and negation ----------------------------------------------------------------
 
 #: Words that deny the keyword words shortly after them ("not red", "no dog").
-NEGATIONS = frozenset("not no never neither nor none without".split())
+NEGATIONS = frozenset(
+    "not no never neither nor none without lacks lack lacking lacked hardly scarcely".split()
+)
 #: How many words before a keyword word a negation may stand.
 NEGATION_WINDOW = 3
 # Words that start a new statement between a negation and a keyword ("no, it is red").

@@ -348,7 +348,8 @@ def test_accuracy_table_without_judge_or_human():
     assert list(table) == ["overall", "abilities"]
     assert list(table["abilities"]) == ["animal", "color"]
     color = table["abilities"]["color"]
-    assert set(color) == {"n", "correct", "accuracy", "ci_low", "ci_high"}
+    assert set(color) == {"n", "errors", "correct", "accuracy", "ci_low", "ci_high"}
+    assert color["errors"] == 0  # no row failed
     assert (color["n"], color["correct"], color["accuracy"]) == (10, 8, 0.8)
     assert (color["ci_low"], color["ci_high"]) == pytest.approx((0.4902, 0.9433), abs=5e-5)
     overall = table["overall"]
