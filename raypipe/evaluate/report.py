@@ -7,15 +7,17 @@ Predictions are rows of ``id``, ``model``, ``benchmark``, ``ability``, ``questio
 ``jobs/evaluate.py predict`` or from anyone: a JSONL of the same fields with no images
 and no model name (the model is then called ``predictions``) re-scores published
 answers. Each row gets the keyword verdict of :func:`raypipe.evaluate.score.score_answer`
-(``correct``, ``matched``, ``verdict_reason``).
+(``correct``, ``matched``, ``verdict_reason``). Every item counts: a failed prediction
+(``prediction`` null, ``error`` saying why) is a wrong answer, reason ``error``, and an
+item one model answered but another has no row for is a failed prediction of the other.
 
 ``scores.json``::
 
     {"models": {MODEL: {"benchmarks": {BENCH: {"overall": S, "abilities": {ABILITY: S}}},
                         "path": ..., "lineage": ...}}}
 
-where each S holds ``n``, ``correct``, ``accuracy`` and its Wilson 95% interval
-(``ci_low``, ``ci_high``), plus ``judge_accuracy`` / ``human_accuracy`` where those
+where each S holds ``n``, ``errors`` (failed predictions among the n, scored wrong),
+``correct``, ``accuracy`` and its Wilson 95% interval (``ci_low``, ``ci_high``), plus ``judge_accuracy`` / ``human_accuracy`` where those
 verdicts exist.
 
 The review sheet (``review.html`` with thumbnails, ``review.csv`` to fill in) has one row
@@ -45,6 +47,8 @@ PREDICTION_FIELDS = ("id", "ability", "question", "question_type", "answer_keywo
 #: The model name of predictions that name none (re-scored published answers).
 UNNAMED_MODEL = "predictions"
 UNNAMED_BENCHMARK = "benchmark"
+#: The ``error`` of an item a model has no prediction for (another model has one).
+NO_PREDICTION = "no prediction for this item"
 
 
 # ---------------------------------------------------------------------------------------
@@ -81,7 +85,10 @@ def read_predictions(path: str | Path) -> tuple[list[dict[str, Any]], list[str]]
     good = []
     for i, row in enumerate(rows, start=start):
         where = f"line {row.pop('_line', i)}"
-        missing = [f for f in PREDICTION_FIELDS if f not in row or row[f] is None]
+        # A null prediction is a failed one (its ``error`` says why): scored wrong.
+        missing = [
+            f for f in PREDICTION_FIELDS if f not in row or (row[f] is None and f != "prediction")
+        ]
         if missing:
             problems.append(f"{where}: missing {', '.join(missing)}")
             continue
@@ -112,13 +119,24 @@ def score_rows(
 ) -> list[dict[str, Any]]:
     """Each row with its keyword verdict: ``correct``, ``matched``, ``verdict_reason``.
 
-    A row the scorer cannot judge (an unknown question type, no reference keyword, an
-    either-or item with no options) is left out and described in ``problems``.
+    A failed prediction (``error`` set) is wrong, reason ``error``. The answer keywords
+    of a benchmark's items of one ability are candidates that compete with each wh
+    item's reference (an answer listing them is wrong), beside the item's own bank. A
+    row the scorer cannot judge (an unknown question type, no reference keyword, an
+    either-or item with no options) is left out and described in ``problems``: it is a
+    fault of the item, so it is left out for every model alike.
     """
+    rows = list(rows)
+    pools: dict[tuple[Any, Any], set[str]] = {}
+    for row in rows:
+        if str(row.get("question_type", "")).replace("/", "_").lower() not in ("yes_no", "yesno"):
+            pool = pools.setdefault((row.get("benchmark"), row.get("ability")), set())
+            pool.update(str(k) for k in row.get("answer_keywords") or [] if isinstance(k, str))
     out = []
     for row in rows:
+        pool = sorted(pools.get((row.get("benchmark"), row.get("ability")), ()))
         try:
-            verdict = score_answer(row, row.get("prediction") or "")
+            verdict = score_answer(row, row.get("prediction"), pool, row.get("error"))
         except ValueError as e:
             if problems is None:
                 raise
@@ -133,6 +151,26 @@ def score_rows(
             }
         )
     return out
+
+
+def same_items(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` plus, for every model, a failed row for each item of a benchmark that
+    another model answered and it did not: every model is scored on the same items."""
+    items: dict[str, dict[Any, dict[str, Any]]] = {}
+    have: set[tuple[str, str, Any]] = set()
+    for row in rows:
+        items.setdefault(row["benchmark"], {}).setdefault(row["id"], row)
+        have.add((row["model"], row["benchmark"], row["id"]))
+    models = sorted({r["model"] for r in rows})
+    added = []
+    for bench, by_id in items.items():
+        for model in models:
+            for ident, item in by_id.items():
+                if (model, bench, ident) not in have:
+                    added.append(
+                        {**item, "model": model, "prediction": None, "error": NO_PREDICTION}
+                    )
+    return rows + added
 
 
 def scores(rows: list[dict[str, Any]], models: dict[str, dict] | None = None) -> dict:
@@ -169,7 +207,7 @@ def write_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     problems = list(problems or [])
-    scored = score_rows(rows, problems)
+    scored = score_rows(same_items(rows), problems)
     result = scores(scored, models)
     if problems:
         result["problems"] = problems
@@ -219,7 +257,9 @@ def report_markdown(result: dict, charts: list[str]) -> str:
         lines.append("")
     lines.append(
         "Accuracy by keyword matching (raypipe.evaluate.score), with the Wilson 95% interval "
-        "and the number of items; judge and human accuracy beside it where they exist."
+        "and the number of items; every model is scored on the same items, and a failed "
+        "prediction (errors) counts as a wrong answer; judge and human accuracy beside it "
+        "where they exist."
     )
     for chart in charts:
         lines += ["", f"![{chart}]({chart})"]
@@ -231,7 +271,13 @@ def report_markdown(result: dict, charts: list[str]) -> str:
 def _cell(s: dict | None) -> str:
     if not s:
         return "-"
-    text = f"{100 * s['accuracy']:.0f}% [{100 * s['ci_low']:.0f}-{100 * s['ci_high']:.0f}] (n={s['n']})"
+    if s.get("accuracy") is None:
+        return f"- (n={s['n']})"
+    errors = f", {s['errors']} errors" if s.get("errors") else ""
+    text = (
+        f"{100 * s['accuracy']:.0f}% [{100 * s['ci_low']:.0f}-{100 * s['ci_high']:.0f}] "
+        f"(n={s['n']}{errors})"
+    )
     if s.get("judge_accuracy") is not None:
         text += f", judge {100 * s['judge_accuracy']:.0f}%"
     if s.get("human_accuracy") is not None:
@@ -394,6 +440,7 @@ __all__ = [
     "read_predictions",
     "read_review_sheet",
     "report_markdown",
+    "same_items",
     "score_rows",
     "scores",
     "write_charts",
