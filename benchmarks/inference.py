@@ -64,7 +64,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pyarrow as pa  # noqa: E402
 
-from raypipe.evaluate.benchmark import items_to_table  # noqa: E402
 from raypipe.evaluate.inference import (  # noqa: E402
     LlavaPredictor,
     block_rows,
@@ -73,6 +72,7 @@ from raypipe.evaluate.inference import (  # noqa: E402
     predict_local,
     vision_messages,
 )
+from raypipe.evaluate.items import items_to_table  # noqa: E402
 
 COLOURS = {
     "red": (220, 30, 30),

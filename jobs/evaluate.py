@@ -189,7 +189,7 @@ def run_predict(args) -> int:
 
 def run_import(args) -> int:
     from raypipe.abilities import load_catalog
-    from raypipe.evaluate.benchmark import import_real
+    from raypipe.evaluate.import_real import import_real
 
     abilities = load_catalog(args.catalog_dir or None)
     report = import_real(

@@ -15,20 +15,19 @@ from PIL import Image
 
 from raypipe.abilities import ABILITIES
 from raypipe.errors import ConfigError
-from raypipe.evaluate import benchmark as bm
-from raypipe.evaluate.benchmark import (
+from raypipe.evaluate import overlap as bm
+from raypipe.evaluate.import_real import import_real
+from raypipe.evaluate.items import (
     BENCHMARK_SCHEMA,
-    import_real,
     items_from_samples,
     items_to_table,
-    overlap_filter,
     read_benchmark,
     read_benchmark_rejects,
     read_benchmark_report,
-    read_training_prompts,
     validate_items,
     write_benchmark,
 )
+from raypipe.evaluate.overlap import overlap_filter, read_training_prompts
 from raypipe.schema import REJECT_COLUMNS
 from raypipe.testing import write_fixture_run
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from raypipe.config import GenerateConfig, load_config
-from raypipe.evaluate.benchmark import read_benchmark, read_benchmark_report
 from raypipe.evaluate.build import build_benchmark
+from raypipe.evaluate.items import read_benchmark, read_benchmark_report
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,6 @@ from PIL import Image
 
 from raypipe.config import LLMConfig
 from raypipe.errors import ModelError
-from raypipe.evaluate.benchmark import items_to_table, read_benchmark, write_benchmark
 from raypipe.evaluate.inference import (
     PREDICTION_COLUMNS,
     LlavaPredictor,
@@ -28,6 +27,7 @@ from raypipe.evaluate.inference import (
     predict_local,
     predict_openai,
 )
+from raypipe.evaluate.items import items_to_table, read_benchmark, write_benchmark
 from raypipe.evaluate.report import score_rows, scores
 from raypipe.testing import resolve_tiny
 

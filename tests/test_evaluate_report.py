@@ -120,7 +120,7 @@ def test_human_review_sheet_round_trip(tmp_path):
 def test_import_job_reports_bad_lines_and_writes_the_benchmark(tmp_path, capsys):
     from PIL import Image
 
-    from raypipe.evaluate.benchmark import read_benchmark
+    from raypipe.evaluate.items import read_benchmark
 
     images = tmp_path / "images"
     images.mkdir()

@@ -6,7 +6,7 @@ data, but the dialogue stage is :class:`raypipe.generate.text.BenchmarkItemWrite
 which writes a yes/no, wh- or either-or question per image with its reference response
 and answer keywords. The generation run lives in ``BENCH/generation`` (a normal OUT:
 resumable, with its manifest, rejects and cache). Its samples become benchmark items,
-the overlap filter (:func:`raypipe.evaluate.benchmark.overlap_filter`) drops those that
+the overlap filter (:func:`raypipe.evaluate.overlap.overlap_filter`) drops those that
 overlap the training data, and the benchmark folder gets ``per_ability`` items per
 ability, lowest ids first.
 
@@ -40,12 +40,8 @@ def build_benchmark(
     its report. ``training``: raypipe data locations whose prompts the items must not
     overlap."""
     from raypipe.abilities import load_catalog
-    from raypipe.evaluate.benchmark import (
-        items_from_samples,
-        overlap_filter,
-        read_training_prompts,
-        write_benchmark,
-    )
+    from raypipe.evaluate.items import items_from_samples, write_benchmark
+    from raypipe.evaluate.overlap import overlap_filter, read_training_prompts
     from raypipe.generate.pipeline import generate
     from raypipe.generate.store import OutputStore
 

@@ -298,7 +298,7 @@ def check_local_model(model_dir: str | Path) -> Path:
 
 
 def _items_table(items: Any) -> pa.Table:
-    from raypipe.evaluate.benchmark import items_to_table, read_benchmark
+    from raypipe.evaluate.items import items_to_table, read_benchmark
 
     if isinstance(items, pa.Table):
         return items

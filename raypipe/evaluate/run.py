@@ -230,8 +230,8 @@ def predict_all(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from raypipe.evaluate.benchmark import read_benchmark
     from raypipe.evaluate.inference import predict
+    from raypipe.evaluate.items import read_benchmark
 
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
@@ -321,7 +321,7 @@ def _predictions_current(out: Path, models: list, benches: list[str]) -> bool:
 
 
 def _prediction_inputs(models: list, benches: list[str]) -> dict[str, Any]:
-    from raypipe.evaluate.benchmark import read_benchmark
+    from raypipe.evaluate.items import read_benchmark
 
     return {
         "models": {m.name: m.describe()["path"] for m in models},
@@ -337,8 +337,8 @@ def run_evaluation(
     """Run (or resume) the whole evaluation into ``out``; returns a summary."""
     import ray
 
-    from raypipe.evaluate.benchmark import import_real
     from raypipe.evaluate.build import build_benchmark
+    from raypipe.evaluate.import_real import import_real
     from raypipe.evaluate.inference import parse_model
 
     out = Path(out)
