@@ -15,7 +15,7 @@ prediction dict per item. The random-weight models seldom stop early, so both de
 about ``--max-new-tokens`` tokens per item; their answers are compared item by item
 (``same_predictions``).
 
-(a) pipeline: :func:`raypipe.evaluate.inference.predict_local` with one
+(a) pipeline: :func:`raypipe.evaluate.predict_local.predict_local` with one
     :class:`LlavaPredictor` actor of ``--threads`` torch threads (and as many CPUs
     reserved); items go in as :func:`predict_local` blocks them (up to four batches a
     block). Ray is started once; each pass is one ``predict_local`` call, with its own
@@ -64,15 +64,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pyarrow as pa  # noqa: E402
 
-from raypipe.evaluate.inference import (  # noqa: E402
+from raypipe.evaluate.inference import check_local_model  # noqa: E402
+from raypipe.evaluate.items import items_to_table  # noqa: E402
+from raypipe.evaluate.predict_local import (  # noqa: E402
     LlavaPredictor,
     block_rows,
-    check_local_model,
     model_dtype,
     predict_local,
     vision_messages,
 )
-from raypipe.evaluate.items import items_to_table  # noqa: E402
 
 COLOURS = {
     "red": (220, 30, 30),

@@ -18,16 +18,10 @@ from PIL import Image
 
 from raypipe.config import LLMConfig
 from raypipe.errors import ModelError
-from raypipe.evaluate.inference import (
-    PREDICTION_COLUMNS,
-    LlavaPredictor,
-    check_local_model,
-    image_data_url,
-    parse_model,
-    predict_local,
-    predict_openai,
-)
+from raypipe.evaluate.inference import PREDICTION_COLUMNS, check_local_model, parse_model
 from raypipe.evaluate.items import items_to_table, read_benchmark, write_benchmark
+from raypipe.evaluate.predict_local import LlavaPredictor, predict_local
+from raypipe.evaluate.predict_openai import image_data_url, predict_openai
 from raypipe.evaluate.report import score_rows, scores
 from raypipe.testing import resolve_tiny
 
