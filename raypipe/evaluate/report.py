@@ -261,11 +261,27 @@ def report_markdown(result: dict, charts: list[str]) -> str:
         "prediction (errors) counts as a wrong answer; judge and human accuracy beside it "
         "where they exist."
     )
+    lines += _models_section(models)
     for chart in charts:
         lines += ["", f"![{chart}]({chart})"]
     if result.get("problems"):
         lines += ["", "## Input lines left out", ""] + [f"- {p}" for p in result["problems"]]
     return "\n".join(lines) + "\n"
+
+
+def _models_section(models: dict[str, dict]) -> list[str]:
+    """Where each model is, and whether its predictions were made by this run or reused
+    from an earlier one (``predictions`` of models.json)."""
+    known = {m: e for m, e in models.items() if e.get("path") or e.get("predictions")}
+    if not known:
+        return []
+    lines = ["", "## Models", ""]
+    for name, entry in known.items():
+        made = {"reused": "predictions reused from an earlier run", "made": "predicted now"}
+        status = made.get(entry.get("predictions"), "")
+        path = f"`{entry['path']}`" if entry.get("path") else ""
+        lines.append(f"- **{name}**: " + "; ".join(x for x in (path, status) if x))
+    return lines
 
 
 def _cell(s: dict | None) -> str:

@@ -17,8 +17,12 @@ for the training data and a training preset) whose export is the model called
 Everything is checked before the first step: preset files, model folders, real-image
 inputs and the judge's syntax, so a typo fails in seconds rather than after the training.
 Running the same command again resumes: generation and training resume by themselves,
-a complete export is not trained again, and predictions are made again only when the
-models or benchmarks changed.
+an export trained by the preset's recipe is not trained again (one trained by another
+recipe is set aside and the model trained anew), and a model's predictions are reused
+only when the model's files, the predict settings that change answers and the benchmark
+items are unchanged (:mod:`raypipe.evaluate.reuse`); ``predictions/models.json``,
+``scores.json`` and ``report.md`` say which were reused. The preset's fields are
+:class:`raypipe.evaluate.config.EvaluateConfig`.
 """
 
 from __future__ import annotations
@@ -29,118 +33,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
-
-from raypipe.config import Config, GenerateConfig, load_config, read_yaml_preset
+from raypipe.config import GenerateConfig, load_config
 from raypipe.errors import ConfigError
+from raypipe.evaluate.config import (  # the preset's types, importable from here too
+    EvaluateConfig,
+    PredictSettings,
+    RealBenchmark,
+    ScoreSettings,
+    TrainingRecipe,
+    benchmark_config,
+    is_evaluation_preset,
+    load_evaluate_config,
+    preset_path,
+)
 
 log = logging.getLogger(__name__)
 
 #: The model name (in ``models``) that stands for the training recipe's export.
 TRAINED = "trained"
-
-
-class RealBenchmark(Config):
-    """A real-image benchmark: a folder of images plus a JSONL of items (``import``)."""
-
-    images: str = Field(description="Folder the JSONL's image paths are relative to.")
-    items: str = Field(description="JSONL of {image, ability, question, question_type, ...}.")
-    name: str = Field("real", description="Benchmark name (its folder: OUT/bench/NAME).")
-
-
-class TrainingRecipe(Config):
-    """How the tuned model is made: training data by a generation preset, then training."""
-
-    generate: str = Field(description="Generation preset for the training data (OUT/train-data).")
-    generate_overrides: list[str] = Field(
-        default_factory=list, description="dotted.field=value overrides of that preset."
-    )
-    train: str = Field(description="Training preset (OUT/train; the model is OUT/train/export).")
-    train_overrides: list[str] = Field(
-        default_factory=list, description="dotted.field=value overrides of that preset."
-    )
-
-
-class PredictSettings(Config):
-    """How models answer (``predict``)."""
-
-    batch_size: int = Field(8, ge=1, description="Items per model call.")
-    max_new_tokens: int = Field(32, ge=1, description="Longest answer, in tokens.")
-    device: str = Field("auto", description="auto, cuda or cpu (local models).")
-    num_actors: int = Field(1, ge=1, description="Model actors per local model (GPUs).")
-    key_env: str = Field("OPENAI_API_KEY", description="Key variable of openai: endpoints.")
-
-
-class ScoreSettings(Config):
-    """How answers are graded (``score``)."""
-
-    sheet: bool = Field(False, description="Also write a human-review sheet (html + csv).")
-    judge: str | None = Field(None, description="MODEL@BASE_URL of an LLM judge, or none.")
-    judge_key_env: str = Field("OPENAI_API_KEY", description="The judge's key variable.")
-
-
-class EvaluateConfig(Config):
-    """The evaluation job's preset (``jobs/evaluate.py run``)."""
-
-    benchmark: str | None = Field(
-        None,
-        description="Generation preset that builds the synthetic benchmark (a path relative "
-        "to this preset); none: real-image benchmarks only.",
-    )
-    benchmark_overrides: list[str] = Field(
-        default_factory=list, description="dotted.field=value overrides of that preset."
-    )
-    per_ability: int = Field(50, ge=1, description="Synthetic items per ability (paper: 50).")
-    abilities: list[str] | None = Field(None, description="Abilities to evaluate (all).")
-    train_data: list[str] = Field(
-        default_factory=list,
-        description="Training data (raypipe OUT or OUT/data) the synthetic items must not "
-        "overlap; the recipe's training data is added by itself.",
-    )
-    real: list[RealBenchmark] = Field(default_factory=list, description="Real-image benchmarks.")
-    training: TrainingRecipe | None = Field(
-        None, description="Make training data and train the model called `trained` first."
-    )
-    models: dict[str, str] = Field(
-        description="NAME: a LLaVA folder, raypipe-tiny/ID, openai:MODEL@BASE_URL, or "
-        "`trained` (the training recipe's export)."
-    )
-    predict: PredictSettings = Field(default_factory=PredictSettings)
-    score: ScoreSettings = Field(default_factory=ScoreSettings)
-
-    @field_validator("models")
-    @classmethod
-    def _some_models(cls, value: dict[str, str]) -> dict[str, str]:
-        if not value:
-            raise ValueError("name at least one model, e.g. {baseline: llava-hf/llava-1.5-7b-hf}")
-        return value
-
-
-def is_evaluation_preset(path: str | Path) -> bool:
-    """True if ``path`` is an evaluation preset (it names ``models``), not a generation one."""
-    data = read_yaml_preset(path)
-    return "models" in data
-
-
-def load_evaluate_config(path: str | Path, overrides: list[str] = ()) -> EvaluateConfig:
-    """An evaluation preset + dotted overrides -> :class:`EvaluateConfig`."""
-    return load_config(EvaluateConfig, path, list(overrides))
-
-
-def _preset(folder: Path, name: str) -> Path:
-    """A preset named in an evaluation preset: relative to that preset's folder."""
-    path = Path(name)
-    return path if path.is_absolute() else folder / path
-
-
-def benchmark_config(cfg: EvaluateConfig, folder: Path, extra: list[str] = ()) -> GenerateConfig:
-    """The generation config that builds the synthetic benchmark."""
-    if not cfg.benchmark:
-        raise ConfigError("this evaluation preset names no `benchmark` generation preset")
-    overrides = list(cfg.benchmark_overrides) + list(extra)
-    if cfg.abilities:
-        overrides.append(f"abilities=[{', '.join(cfg.abilities)}]")
-    return load_config(GenerateConfig, _preset(folder, cfg.benchmark), overrides)
 
 
 class Plan:
@@ -156,9 +66,11 @@ class Plan:
         if cfg.training is not None:
             t = cfg.training
             self.train_gen_cfg = load_config(
-                GenerateConfig, _preset(preset_dir, t.generate), t.generate_overrides
+                GenerateConfig, preset_path(preset_dir, t.generate), t.generate_overrides
             )
-            self.train_cfg = load_train_config(str(_preset(preset_dir, t.train)), t.train_overrides)
+            self.train_cfg = load_train_config(
+                str(preset_path(preset_dir, t.train)), t.train_overrides
+            )
         for bench in cfg.real:
             for what, path in (("images", bench.images), ("items", bench.items)):
                 if not Path(path).exists():
@@ -201,8 +113,17 @@ def export_complete(export_dir: Path) -> bool:
     return all((export_dir / f).is_file() for f in ("config.json", "README.md"))
 
 
-def make_trained_model(plan: Plan) -> Path:
-    """The training recipe: training data, then training; returns the export folder."""
+def make_trained_model(plan: Plan) -> tuple[Path, bool]:
+    """The training recipe: training data, then training; returns the export folder and
+    whether an earlier run's export was reused (only one trained by the same recipe:
+    :mod:`raypipe.evaluate.reuse`)."""
+    from raypipe.evaluate.reuse import (
+        RECIPE_FILE,
+        export_recipe,
+        set_aside,
+        started_recipe,
+        training_recipe,
+    )
     from raypipe.generate.pipeline import generate
     from raypipe.train.loop import main as fit
     from raypipe.train.loop import preflight, setup
@@ -212,21 +133,37 @@ def make_trained_model(plan: Plan) -> Path:
     generate(plan.train_gen_cfg, str(data_out))
     train_out = plan.out / "train"
     export = train_out / "export"
-    if export_complete(export):
-        log.info("the tuned model is already exported: %s", export)
-        return export
     cfg, sources = preflight(plan.train_cfg, [str(data_out / "data")])
+    recipe = training_recipe(cfg, plan.train_gen_cfg)
+    if export_complete(export):
+        if export_recipe(train_out, export) == recipe:
+            log.info("the tuned model is already exported by this recipe: %s", export)
+            return export, True
+        set_aside(train_out, "its export was trained by another recipe")
+    elif train_out.exists() and started_recipe(train_out) not in (None, recipe):
+        set_aside(train_out, "its checkpoints belong to another recipe")
+    train_out.mkdir(parents=True, exist_ok=True)
+    (train_out / RECIPE_FILE).write_text(json.dumps(recipe, indent=1) + "\n")
     run_plan, dataset = setup(cfg, sources, str(train_out), resume=True)
     result = fit(run_plan, dataset)
     if not result.export_dir:
         raise ConfigError("the training preset has `export: false`: set it true to evaluate it")
-    return Path(result.export_dir)
+    return Path(result.export_dir), False
 
 
 def predict_all(
-    benches: list[str], models: list, out: Path, settings: PredictSettings
+    benches: list[str],
+    models: list,
+    out: Path,
+    settings: PredictSettings,
+    kept: list[dict[str, Any]] = (),
+    reused: set[str] = frozenset(),
 ) -> dict[str, Any]:
-    """Every model over every benchmark -> OUT/predictions.parquet and OUT/models.json."""
+    """Every model over every benchmark -> OUT/predictions.parquet and OUT/models.json.
+
+    ``kept``: rows of an earlier run reused for the models named in ``reused`` (those
+    models are not asked again); models.json says which models' predictions were reused.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -234,10 +171,12 @@ def predict_all(
     from raypipe.evaluate.items import read_benchmark
 
     out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = list(kept)
     for bench in benches:
         items = read_benchmark(bench)
         for m in models:
+            if m.name in reused:
+                continue
             rows += predict(
                 items,
                 m,
@@ -251,9 +190,11 @@ def predict_all(
     for r in failed[:20]:
         print(f"raypipe: {r['model']} on {r['id']}: {r['error']}", file=sys.stderr)
     pq.write_table(pa.Table.from_pylist(rows), out / "predictions.parquet")
-    (out / "models.json").write_text(
-        json.dumps({m.name: m.describe() for m in models}, indent=1) + "\n"
-    )
+    facts = {
+        m.name: {**m.describe(), "predictions": "reused" if m.name in reused else "made"}
+        for m in models
+    }
+    (out / "models.json").write_text(json.dumps(facts, indent=1) + "\n")
     return {"predictions": len(rows), "failed": len(failed), "path": str(out)}
 
 
@@ -311,24 +252,37 @@ def score_all(
     return result
 
 
-def _predictions_current(out: Path, models: list, benches: list[str]) -> bool:
-    """True if OUT holds predictions of exactly these models over these benchmarks."""
-    facts, table = out / "models.json", out / "predictions.parquet"
-    done = out / "inputs.json"
-    if not (facts.is_file() and table.is_file() and done.is_file()):
-        return False
-    return json.loads(done.read_text()) == _prediction_inputs(models, benches)
+def predict_step(
+    models: list, benches: list[str], out: Path, settings: PredictSettings
+) -> dict[str, str]:
+    """Predictions of every model, reusing an earlier run's for a model only when its
+    :func:`raypipe.evaluate.reuse.prediction_key` is unchanged; returns each model's
+    ``reused`` or ``made``."""
+    import pyarrow.parquet as pq
 
+    from raypipe.evaluate.reuse import benchmark_digest, prediction_key
 
-def _prediction_inputs(models: list, benches: list[str]) -> dict[str, Any]:
-    from raypipe.evaluate.items import read_benchmark
-
-    return {
-        "models": {m.name: m.describe()["path"] for m in models},
-        "benchmarks": {
-            b: sorted(read_benchmark(b, columns=["id"]).column("id").to_pylist()) for b in benches
-        },
-    }
+    digests = {b: benchmark_digest(b) for b in benches}
+    keys = {m.name: prediction_key(m, settings, digests) for m in models}
+    inputs, table = out / "inputs.json", out / "predictions.parquet"
+    before = json.loads(inputs.read_text()).get("keys", {}) if inputs.is_file() else {}
+    kept: list[dict[str, Any]] = []
+    if table.is_file() and before:
+        same = {name for name, key in keys.items() if before.get(name) == key}
+        kept = [r for r in pq.read_table(table).to_pylist() if r["model"] in same]
+    reused = {r["model"] for r in kept}
+    if inputs.is_file():
+        inputs.unlink()  # written again once the predictions are whole
+    if reused == set(keys) and (out / "models.json").is_file():
+        log.info("predictions are up to date: %s", out)
+        facts = json.loads((out / "models.json").read_text())
+        for name in facts:
+            facts[name]["predictions"] = "reused"
+        (out / "models.json").write_text(json.dumps(facts, indent=1) + "\n")
+    else:
+        predict_all(benches, models, out, settings, kept=kept, reused=reused)
+    inputs.write_text(json.dumps({"keys": keys}, indent=1) + "\n")
+    return {name: "reused" if name in reused else "made" for name in keys}
 
 
 def run_evaluation(
@@ -348,8 +302,9 @@ def run_evaluation(
         address = plan.bench_cfg.ray_address if plan.bench_cfg else None
         ray.init(address=address)
     if cfg.training is not None:
-        export = make_trained_model(plan)
+        export, reused = make_trained_model(plan)
         summary["trained_model"] = str(export)
+        summary["trained_model_reused"] = reused
         for name, model in plan.models.items():
             if model is None:
                 plan.models[name] = parse_model(f"{name}={export}")
@@ -384,13 +339,7 @@ def run_evaluation(
     benches = [str(plan.bench_dir(n)) for n in plan.bench_names]
     models = list(plan.models.values())
     pred_out = out / "predictions"
-    if _predictions_current(pred_out, models, benches):
-        log.info("predictions are up to date: %s", pred_out)
-    else:
-        predict_all(benches, models, pred_out, cfg.predict)
-        (pred_out / "inputs.json").write_text(
-            json.dumps(_prediction_inputs(models, benches), indent=1) + "\n"
-        )
+    summary["predictions"] = predict_step(models, benches, pred_out, cfg.predict)
     result = score_all(
         pred_out / "predictions.parquet",
         out / "report",
