@@ -6,10 +6,12 @@ Real images (:func:`import_real`): a folder of images plus a JSONL, one item a l
      "question_type": "either_or", "answer_keywords": ["cat"]}
 
 with optional ``"options"`` (the choices of an either-or question), ``"match"``
-(``"any"`` keyword suffices, the default, or ``"all"`` are needed) and ``"synonyms"``
-(``{keyword: [other words that count]}``). Every line is checked; a bad line (not JSON,
-a field missing or of the wrong type, an unknown question type or ability, a yes/no item
-whose keywords are not yes or no, an either-or item with fewer than two choices, a
+(``"any"`` keyword suffices, the default, or ``"all"`` are needed), ``"synonyms"``
+(``{keyword: [other words that count]}``) and ``"candidates"`` (other answers of the
+ability: a wh answer listing one beside the reference is wrong; the catalog's keywords
+of the ability are added). Every line is checked; a bad line (not JSON, a field missing
+or of the wrong type, an unknown question type or ability, a yes/no item whose first
+keyword is not yes or no, an either-or item with fewer than two choices, a
 missing or undecodable image, a repeat of an earlier line) is reported with its line
 number in the report and in the rejects, and the import goes on. An either-or item
 without ``options`` needs a question the scorer reads two choices from
@@ -23,7 +25,7 @@ from __future__ import annotations
 import io
 import json
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -46,7 +48,7 @@ from raypipe.matching import mentions_keyword
 __all__ = ["ImportReport", "import_real"]
 
 _REQUIRED = ("image", "ability", "question", "question_type", "answer_keywords")
-_OPTIONAL = ("options", "match", "synonyms")
+_OPTIONAL = ("options", "match", "synonyms", "candidates")
 _KEPT_FORMATS = ("PNG", "JPEG", "MPO")  # MPO: a JPEG with extra frames (phone cameras)
 
 
@@ -116,6 +118,7 @@ def _check_record(rec: dict, abilities: frozenset[str] | None, check: _Line) -> 
     qtype = _text_field(rec, "question_type", check)
     keywords = _string_list(rec, "answer_keywords", check, required=True)
     options = _string_list(rec, "options", check, required=False) or []
+    candidates = _string_list(rec, "candidates", check, required=False) or []
 
     if ability is not None and abilities is not None and ability not in abilities:
         known = ", ".join(sorted(abilities))
@@ -159,11 +162,11 @@ def _check_record(rec: dict, abilities: frozenset[str] | None, check: _Line) -> 
 
     if keywords is not None and qtype == "yes_no":
         said = {k.strip().lower() for k in keywords} & {"yes", "no"}
-        if len(said) != 1:
+        if len(said) != 1 or keywords[0].strip().lower() not in said:
             check.fail(
                 "bad_yes_no",
-                'a yes_no item\'s answer_keywords must hold "yes" or "no" (one of them), '
-                f"got {keywords}",
+                'a yes_no item\'s answer_keywords must start with "yes" or "no" (and not '
+                f"hold both), the answer it is scored by; got {keywords}",
             )
     if question is not None and qtype == "either_or":
         if options:
@@ -193,6 +196,7 @@ def _check_record(rec: dict, abilities: frozenset[str] | None, check: _Line) -> 
         "options": options,
         "match": match,
         "synonyms": synonyms,
+        "candidates": candidates,
     }
 
 
@@ -256,8 +260,9 @@ def import_real(
         jsonl_path: the items, one JSON object a line (blank lines are skipped).
         out: benchmark folder to write; a benchmark of the same name there is replaced.
         benchmark: the items' ``benchmark`` name.
-        abilities: the names an item's ``ability`` must be one of (e.g. the keys of
-            :func:`raypipe.abilities.load_catalog`); None accepts any name.
+        abilities: the names an item's ``ability`` must be one of; a catalog
+            (:func:`raypipe.abilities.load_catalog`) also gives each item its ability's
+            seed keywords as ``candidates``; None accepts any name.
         overwrite: replace a benchmark of another name in ``out``.
 
     Bad lines never stop the import: each is in the returned report's ``bad_lines`` and
@@ -274,6 +279,12 @@ def import_real(
         )
     lines = _read_lines(str(jsonl_path))
     known = frozenset(abilities) if abilities is not None else None
+    # A catalog's seed keywords are the candidate answers of each ability.
+    banks = (
+        {name: list(getattr(a, "keywords", ())) for name, a in abilities.items()}
+        if isinstance(abilities, Mapping)
+        else {}
+    )
     writer = BenchmarkWriter(out, benchmark, overwrite=overwrite)
     report = ImportReport(benchmark=benchmark, out=str(out))
     source_name = storage.name(str(jsonl_path))
@@ -346,6 +357,7 @@ def import_real(
         batch.append(
             {
                 **fields,
+                "candidates": list(dict.fromkeys(fields["candidates"] + banks.get(ability, []))),
                 "id": iid,
                 "benchmark": benchmark,
                 "image": {"bytes": data, "path": fields["image"]},

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -70,6 +70,9 @@ BENCHMARK_SCHEMA = pa.schema(
         ("synonyms", pa.string()),  # JSON {keyword: [synonym, ...]}
         ("prompt", pa.string()),  # the SD prompt of a synthetic item; "" for real images
         ("source", pa.string()),  # where the item came from ("items.jsonl:12")
+        # Other answers of the item's ability (its keyword bank): a wh answer that lists
+        # one of them beside the reference is wrong (raypipe.evaluate.score). May be empty.
+        ("candidates", pa.list_(pa.string())),
     ],
     metadata={
         b"huggingface": json.dumps({"info": {"features": {"image": {"_type": "Image"}}}}).encode()
@@ -83,6 +86,8 @@ PART_ROWS = 1024
 #: Rejects ``stage`` of bad import lines and of items dropped for overlap.
 IMPORT_STAGE, OVERLAP_STAGE = "import", "overlap"
 KEYWORD_OVERLAP, NEAR_DUPLICATE = "keyword_overlap", "near_duplicate_prompt"
+# Item columns that parts written by earlier raypipe versions lack (read as empty).
+_ADDED_LATER = ("candidates",)
 #: Longest ``raw`` text a reject keeps.
 RAW_MAX = 20000
 
@@ -116,22 +121,28 @@ def _item_defaults(row: Mapping[str, Any]) -> dict[str, Any]:
         out["synonyms"] = json.dumps(synonyms, sort_keys=True, ensure_ascii=False)
     out["prompt"] = out["prompt"] or ""
     out["source"] = out["source"] or ""
+    out["candidates"] = list(out["candidates"] or [])
     return out
 
 
 def items_to_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
     """Item dicts -> a :data:`BENCHMARK_SCHEMA` table.
 
-    Defaults: ``options`` [], ``match`` "any", ``synonyms`` "{}" (a dict is written as
-    JSON), ``prompt`` and ``source`` "". An ``image`` given as bytes becomes the struct.
+    Defaults: ``options`` and ``candidates`` [], ``match`` "any", ``synonyms`` "{}" (a
+    dict is written as JSON), ``prompt`` and ``source`` "". An ``image`` given as bytes becomes the struct.
     """
     return rows_to_table([_item_defaults(r) for r in rows], BENCHMARK_SCHEMA)
 
 
-def items_from_samples(samples: pa.Table | Iterable[Mapping[str, Any]], benchmark: str) -> pa.Table:
+def items_from_samples(
+    samples: pa.Table | Iterable[Mapping[str, Any]],
+    benchmark: str,
+    banks: Mapping[str, Sequence[str]] | None = None,
+) -> pa.Table:
     """Benchmark items from generated samples (SAMPLE_SCHEMA rows whose
     ``question_type`` and ``answer_keywords`` are filled): the first human turn, without
-    its ``<image>`` marker, is the question; the prompt and image are kept."""
+    its ``<image>`` marker, is the question; the prompt and image are kept; ``banks``
+    (ability -> keywords of the generation run) give each item its ``candidates``."""
     rows = samples.to_pylist() if isinstance(samples, pa.Table) else list(samples)
     items = []
     for r in rows:
@@ -148,6 +159,7 @@ def items_from_samples(samples: pa.Table | Iterable[Mapping[str, Any]], benchmar
                 "question_type": r["question_type"],
                 "answer_keywords": list(r.get("answer_keywords") or []),
                 "prompt": r.get("prompt") or "",
+                "candidates": list((banks or {}).get(r["ability"], ())),
                 "source": f"sd_model={r.get('sd_model') or ''}; llm_model="
                 f"{r.get('llm_model') or ''}; seed={r.get('seed')}",
             }
@@ -364,13 +376,16 @@ def _read_parts(out: str, sub: str, schema: pa.Schema, columns: list[str] | None
     tables = []
     for path in paths:
         names = pq.read_schema(path, filesystem=store.fs).names
-        missing = [c for c in wanted if c not in names]
+        missing = [c for c in wanted if c not in names and c not in _ADDED_LATER]
         if missing:
             raise ConfigError(
                 f"{out}: {sub}/{storage.name(path)} lacks columns {missing}: not a raypipe "
                 "benchmark part (see raypipe.evaluate.items)"
             )
-        t = pq.read_table(path, columns=wanted, filesystem=store.fs)
+        t = pq.read_table(path, columns=[c for c in wanted if c in names], filesystem=store.fs)
+        for name in (c for c in wanted if c not in names):  # a part older than the column
+            t = t.append_column(name, pa.array([[]] * t.num_rows, schema.field(name).type))
+        t = t.select(wanted)
         tables.append(t.cast(pa.schema([schema.field(c) for c in wanted])))
     if not tables:
         return pa.schema([schema.field(c) for c in wanted]).empty_table()
