@@ -110,6 +110,33 @@ def _string_list(rec: dict, key: str, check: _Line, required: bool) -> list[str]
     return [" ".join(v.split()) for v in value]
 
 
+def _synonyms(rec: dict, keywords: list[str] | None, check: _Line) -> dict[str, list[str]]:
+    """A line's ``synonyms``, each keyed by one of its answer keywords."""
+    raw_syn = rec.get("synonyms")
+    if raw_syn is None:
+        return {}
+    if not isinstance(raw_syn, dict) or not all(
+        isinstance(v, list) and all(isinstance(s, str) and s.strip() for s in v)
+        for v in raw_syn.values()
+    ):
+        check.fail(
+            "bad_type:synonyms",
+            '"synonyms" must map each keyword to a list of strings: {"car": ["auto"]}',
+        )
+        return {}
+    synonyms = {k.strip(): [" ".join(s.split()) for s in v] for k, v in raw_syn.items()}
+    if keywords is not None:
+        known = {k.lower() for k in keywords}
+        stray = [k for k in synonyms if k.lower() not in known]
+        if stray:
+            check.fail(
+                "bad_synonyms",
+                f"synonyms for {stray[0]!r}, which is not one of answer_keywords "
+                f"{keywords}; key synonyms by an answer keyword",
+            )
+    return synonyms
+
+
 def _check_record(rec: dict, abilities: frozenset[str] | None, check: _Line) -> dict | None:
     """The item fields of a parsed line (no image yet), or None with problems noted."""
     image = _text_field(rec, "image", check, spaces=False)
@@ -137,28 +164,7 @@ def _check_record(rec: dict, abilities: frozenset[str] | None, check: _Line) -> 
     if match not in MATCH_RULES:
         check.fail("bad_match", f'"match" is {match!r}; use "any" or "all"')
 
-    synonyms: dict[str, list[str]] = {}
-    raw_syn = rec.get("synonyms")
-    if raw_syn is not None:
-        if not isinstance(raw_syn, dict) or not all(
-            isinstance(v, list) and all(isinstance(s, str) and s.strip() for s in v)
-            for v in raw_syn.values()
-        ):
-            check.fail(
-                "bad_type:synonyms",
-                '"synonyms" must map each keyword to a list of strings: {"car": ["auto"]}',
-            )
-        else:
-            synonyms = {k.strip(): [" ".join(s.split()) for s in v] for k, v in raw_syn.items()}
-            if keywords is not None:
-                known = {k.lower() for k in keywords}
-                stray = [k for k in synonyms if k.lower() not in known]
-                if stray:
-                    check.fail(
-                        "bad_synonyms",
-                        f"synonyms for {stray[0]!r}, which is not one of answer_keywords "
-                        f"{keywords}; key synonyms by an answer keyword",
-                    )
+    synonyms = _synonyms(rec, keywords, check)
 
     if keywords is not None and qtype == "yes_no":
         said = {k.strip().lower() for k in keywords} & {"yes", "no"}
@@ -244,6 +250,87 @@ def _read_lines(jsonl_path: str) -> list[bytes]:
     return data.split(b"\n")
 
 
+def _decode(raw_bytes: bytes, check: _Line) -> tuple[str, dict | None]:
+    """A line's text and JSON object; None for a blank line, or with the problem noted."""
+    try:
+        raw = raw_bytes.decode("utf-8").rstrip("\r")
+    except UnicodeDecodeError as e:
+        raw = raw_bytes.decode("utf-8", errors="replace").rstrip("\r")
+        check.fail("not_utf8", f"line is not UTF-8 text ({e.reason} at byte {e.start})")
+        return raw, None
+    if not raw.strip():
+        return raw, None
+    try:
+        rec = json.loads(raw)
+    except json.JSONDecodeError as e:
+        check.fail("bad_json", f"not valid JSON ({e.msg} at column {e.colno})")
+        return raw, None
+    if not isinstance(rec, dict):
+        check.fail("not_an_object", f"expected a JSON object {{...}}, got {type(rec).__name__}")
+        return raw, None
+    return raw, rec
+
+
+def _line_item(
+    rec: dict,
+    known: frozenset[str] | None,
+    check: _Line,
+    images_dir: str,
+    benchmark: str,
+    first_line: dict[str, int],
+) -> dict[str, Any] | None:
+    """The item of a parsed line, image loaded; None with the problems noted."""
+    fields = _check_record(rec, known, check)
+    if fields is None:
+        return None
+    iid = item_id(benchmark, fields["ability"], fields)
+    if iid in first_line:
+        check.fail("duplicate_item", f"same item as line {first_line[iid]}")
+        return None
+    image = fields["image"]
+    location = (
+        image if storage.is_uri(image) or image.startswith("/") else storage.join(images_dir, image)
+    )
+    data, code, message = _load_image(location)
+    if data is None:
+        check.fail(code, message)
+        return None
+    return {
+        **fields,
+        "id": iid,
+        "benchmark": benchmark,
+        "image": {"bytes": data, "path": image},
+        "prompt": "",
+    }
+
+
+def _bad_line(report: ImportReport, n: int, raw: str, ability: str, check: _Line) -> dict:
+    """Notes line ``n``'s problems in ``report``; returns its rejects row."""
+    code = check.problems[0][0]
+    message = "; ".join(m for _, m in check.problems)
+    report.bad_lines.append({"line": n, "reason": code, "message": message})
+    return {
+        "id": f"{report.benchmark}-line-{n}",
+        "ability": ability,
+        "stage": IMPORT_STAGE,
+        "reason": code,
+        "raw": raw[:RAW_MAX],
+    }
+
+
+def _check_folder(images_dir: str) -> None:
+    fs, path = storage.open_location(images_dir)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        raise ConfigError(
+            f"image folder {images_dir} does not exist or is not a folder; give the folder "
+            "the JSONL's image paths are relative to"
+        )
+
+
+def _catalog(abilities: Iterable[str] | None) -> Mapping[str, Any]:
+    return abilities if isinstance(abilities, Mapping) else {}
+
+
 def import_real(
     images_dir: str,
     jsonl_path: str,
@@ -271,20 +358,11 @@ def import_real(
     ``<jsonl file name>:<line>``.
     """
     images_dir = str(images_dir)
-    fs, path = storage.open_location(images_dir)
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        raise ConfigError(
-            f"image folder {images_dir} does not exist or is not a folder; give the folder "
-            "the JSONL's image paths are relative to"
-        )
+    _check_folder(images_dir)
     lines = _read_lines(str(jsonl_path))
     known = frozenset(abilities) if abilities is not None else None
     # A catalog's seed keywords are the candidate answers of each ability.
-    banks = (
-        {name: list(getattr(a, "keywords", ())) for name, a in abilities.items()}
-        if isinstance(abilities, Mapping)
-        else {}
-    )
+    banks = {n: list(getattr(a, "keywords", ())) for n, a in _catalog(abilities).items()}
     writer = BenchmarkWriter(out, benchmark, overwrite=overwrite)
     report = ImportReport(benchmark=benchmark, out=str(out))
     source_name = storage.name(str(jsonl_path))
@@ -294,77 +372,28 @@ def import_real(
     ignored: dict[str, list[int]] = defaultdict(list)
 
     def bad(n: int, raw: str, ability: str, check: _Line) -> None:
-        code = check.problems[0][0]
-        message = "; ".join(m for _, m in check.problems)
-        report.bad_lines.append({"line": n, "reason": code, "message": message})
-        rejects.append(
-            {
-                "id": f"{benchmark}-line-{n}",
-                "ability": ability,
-                "stage": IMPORT_STAGE,
-                "reason": code,
-                "raw": raw[:RAW_MAX],
-            }
-        )
+        rejects.append(_bad_line(report, n, raw, ability, check))
 
     for n, raw_bytes in enumerate(lines, start=1):
         check = _Line()
-        try:
-            raw = raw_bytes.decode("utf-8").rstrip("\r")
-        except UnicodeDecodeError as e:
-            raw = raw_bytes.decode("utf-8", errors="replace").rstrip("\r")
-            check.fail("not_utf8", f"line is not UTF-8 text ({e.reason} at byte {e.start})")
-            report.lines += 1
-            bad(n, raw, "", check)
-            continue
-        if not raw.strip():
-            continue
+        raw, rec = _decode(raw_bytes, check)
+        if rec is None and not check.problems:
+            continue  # a blank line
         report.lines += 1
-        try:
-            rec = json.loads(raw)
-        except json.JSONDecodeError as e:
-            check.fail("bad_json", f"not valid JSON ({e.msg} at column {e.colno})")
-            bad(n, raw, "", check)
-            continue
-        if not isinstance(rec, dict):
-            check.fail("not_an_object", f"expected a JSON object {{...}}, got {type(rec).__name__}")
+        if rec is None:
             bad(n, raw, "", check)
             continue
         for key in rec:
             if key not in _REQUIRED and key not in _OPTIONAL:
                 ignored[key].append(n)
         ability = rec.get("ability") if isinstance(rec.get("ability"), str) else ""
-        fields = _check_record(rec, known, check)
-        if fields is None:
+        item = _line_item(rec, known, check, images_dir, benchmark, first_line)
+        if item is None:
             bad(n, raw, ability, check)
             continue
-        iid = item_id(benchmark, fields["ability"], fields)
-        if iid in first_line:
-            check.fail("duplicate_item", f"same item as line {first_line[iid]}")
-            bad(n, raw, ability, check)
-            continue
-        location = (
-            fields["image"]
-            if storage.is_uri(fields["image"]) or fields["image"].startswith("/")
-            else storage.join(images_dir, fields["image"])
-        )
-        data, code, message = _load_image(location)
-        if data is None:
-            check.fail(code, message)
-            bad(n, raw, ability, check)
-            continue
-        first_line[iid] = n
-        batch.append(
-            {
-                **fields,
-                "candidates": list(dict.fromkeys(fields["candidates"] + banks.get(ability, []))),
-                "id": iid,
-                "benchmark": benchmark,
-                "image": {"bytes": data, "path": fields["image"]},
-                "prompt": "",
-                "source": f"{source_name}:{n}",
-            }
-        )
+        first_line[item["id"]] = n
+        item["candidates"] = list(dict.fromkeys(item["candidates"] + banks.get(ability, [])))
+        batch.append({**item, "source": f"{source_name}:{n}"})
         if len(batch) >= PART_ROWS:
             writer.add_items(batch)
             batch = []
@@ -375,7 +404,5 @@ def import_real(
     report.per_ability = dict(sorted(writer.per_ability.items()))
     report.per_question_type = dict(sorted(writer.per_question_type.items()))
     report.ignored_fields = {k: v for k, v in sorted(ignored.items())}
-    summary = asdict(report)
-    summary.update(images=images_dir, items_file=str(jsonl_path))
-    writer.close(summary)
+    writer.close({**asdict(report), "images": images_dir, "items_file": str(jsonl_path)})
     return report

@@ -394,11 +394,15 @@ def judge_rows(
             judge_raw=result.text,
             judge_error=result.error,
         )
-    summary = judge_summary(out)
+    _log_summary(cfg.model, judge_summary(out), stats)
+    return out
+
+
+def _log_summary(model: str, summary: dict[str, Any], stats: dict[str, Any]) -> None:
     log.info(
         "judge %s: %d rows, %d judged, %d unparseable, %d failed, %d empty (no request); "
         "%d HTTP calls, %d from the cache, %.4f USD",
-        cfg.model,
+        model,
         summary["rows"],
         summary["judged"],
         summary["unparseable"],
@@ -411,11 +415,10 @@ def judge_rows(
     if summary["failed"]:
         log.warning(
             "judge %s: %d request(s) failed after retries (%s); their judge_correct is None",
-            cfg.model,
+            model,
             summary["failed"],
             ", ".join(f"{k}: {v}" for k, v in sorted(stats.get("errors", {}).items())),
         )
-    return out
 
 
 def _all_cached(backend: Any, requests: list[LLMRequest]) -> bool:

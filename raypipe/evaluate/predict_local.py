@@ -282,31 +282,49 @@ def predict_local(
         "dtype": dtype,
         "threads": threads or max(1, int(num_cpus)),
     }
-    if dataset:
-        ds = items
-    else:
-        table = table.append_column(_ROW, pa.array(range(table.num_rows), type=pa.int64()))
-        step = block_rows(table.num_rows, batch_size, num_actors)
-        ds = ray.data.from_arrow([table.slice(s, step) for s in range(0, table.num_rows, step)])
-    from raypipe.placement import actor_resources, check_accelerator_type, check_resources
-
-    check_resources(resources, "predict.resources", "predict.num_cpus")
-    check_accelerator_type(accelerator_type, "predict.accelerator_type")
+    ds = items if dataset else _blocks(table, batch_size, num_actors)
     ds = add_stage(
         ds,
         stage or LlavaPredictor,
         kwargs,
         min_actors=num_actors,
         max_actors=num_actors,
-        **actor_resources(
-            num_cpus=num_cpus,
-            num_gpus=1 if use_gpu else None,
-            resources=resources,
-            accelerator_type=accelerator_type,
-        ),
+        **_placement(num_cpus, use_gpu, resources, accelerator_type),
         max_restarts=-1,
         max_task_retries=max_task_retries,
     )
+    return _in_item_order(ds)
+
+
+def _placement(
+    num_cpus: float, use_gpu: bool, resources: dict | None, accelerator_type: str | None
+) -> dict[str, Any]:
+    """Each actor's Ray request, its custom resources and GPU model checked first."""
+    from raypipe.placement import actor_resources, check_accelerator_type, check_resources
+
+    check_resources(resources, "predict.resources", "predict.num_cpus")
+    check_accelerator_type(accelerator_type, "predict.accelerator_type")
+    return actor_resources(
+        num_cpus=num_cpus,
+        num_gpus=1 if use_gpu else None,
+        resources=resources,
+        accelerator_type=accelerator_type,
+    )
+
+
+def _blocks(table: pa.Table, batch_size: int, num_actors: int):
+    """The items as a Dataset of :func:`block_rows`-row blocks, each row numbered."""
+    import ray
+
+    table = table.append_column(_ROW, pa.array(range(table.num_rows), type=pa.int64()))
+    step = block_rows(table.num_rows, batch_size, num_actors)
+    return ray.data.from_arrow([table.slice(s, step) for s in range(0, table.num_rows, step)])
+
+
+def _in_item_order(ds) -> list[dict[str, Any]]:
+    """The pool's output rows, back in the items' order where they were numbered."""
+    import ray
+
     parts = [t for t in ray.get(list(ds.to_arrow_refs())) if t.num_rows]
     if not parts:
         return []
