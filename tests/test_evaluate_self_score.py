@@ -123,3 +123,34 @@ def test_build_rejects_them_with_a_reason_and_keeps_the_bank(tmp_path, monkeypat
     assert report["self_score_reasons"]["keywords_contradict_response"] == 1
     assert read_benchmark_report(out)["items_per_ability"] == {"color": 3}
     assert calls == [3]  # three good items: no second round asked for
+
+
+def test_imports_check_the_yes_no_keyword_and_take_the_catalog_bank(tmp_path):
+    from raypipe.abilities import load_catalog
+    from raypipe.evaluate.import_real import import_real
+    from raypipe.evaluate.score import score_answer
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "car.png").write_bytes(png())
+    base = {"image": "car.png", "ability": "color", "question": "Is the car red?"}
+    lines = [
+        {**base, "question_type": "yes_no", "answer_keywords": ["yes"]},
+        # "yes" is there, but not first: scoring reads the first keyword.
+        {**base, "question_type": "yes_no", "answer_keywords": ["red", "yes"]},
+        {**base, "question": "What color is the car?", "question_type": "wh",
+         "answer_keywords": ["red"]},
+    ]  # fmt: skip
+    jsonl = tmp_path / "items.jsonl"
+    jsonl.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    catalog = load_catalog(names=["color"])
+    report = import_real(str(images), str(jsonl), str(tmp_path / "real"), abilities=catalog)
+    assert report.imported == 2
+    assert [(b["line"], b["reason"]) for b in report.bad_lines] == [(2, "bad_yes_no")]
+    wh_item = next(
+        i for i in read_benchmark(str(tmp_path / "real")).to_pylist() if i["question_type"] == "wh"
+    )
+    assert set(catalog["color"].keywords) <= set(wh_item["candidates"])
+    other = next(k for k in catalog["color"].keywords if "red" not in k)
+    assert score_answer(wh_item, f"Red or {other}.").reason == "several_answers"
+    assert score_answer(wh_item, "Red.").correct
