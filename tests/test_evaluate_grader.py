@@ -77,6 +77,8 @@ GOLDEN = [
     ("one word lower", ANIMAL, "dog", True, "keyword"),
     ("long with details", CAR, "The car in the picture is a shiny red sedan with chrome wheels, parked on a quiet street.", True, "keyword"),
     ("two colours with and", CAR, "The car is red and white.", True, "keyword"),
+    ("comma, then context", CAR, "The car is red, blue sky behind it.", True, "keyword"),
+    ("next sentence", CAR, "The car is red. The sky is blue and the grass is green.", True, "keyword"),
     ("nested candidate", CAR, "It is dark red.", True, "keyword"),
     ("synonym listed with reference", wh("What color is the car?", ["red", "crimson"], COLORS), "Red or crimson.", True, "keyword"),
     ("wrong colour", CAR, "Blue.", False, "no_keyword"),

@@ -141,17 +141,22 @@ def alternatives(text: str, references: list[str], candidates: Iterable[str]) ->
     for prev, cur in zip(mentions, mentions[1:]):
         link = _link(tokens[prev.end + 1 : cur.start])
         if link is None:
-            if _offers(chain, links):
+            if _offers(chain, links, tokens):
                 return True
             chain, links = [cur], []
         else:
             chain.append(cur)
             links.append(link)
-    return _offers(chain, links)
+    return _offers(chain, links, tokens)
 
 
-def _offers(chain: list[_Mention], links: list[str]) -> bool:
-    kinds = {m.reference for m in chain}
-    if kinds != {True, False}:
+def _offers(chain: list[_Mention], links: list[str], tokens: list[str]) -> bool:
+    """Whether a chain of linked mentions offers a reference and a competitor as
+    alternatives: joined by "or", or a bare comma list that ends its clause ("red, blue."
+    but not "red, blue sky behind it", where blue describes the sky)."""
+    if {m.reference for m in chain} != {True, False}:
         return False
-    return "or" in links or all(k == "list" for k in links)
+    if "or" in links:
+        return True
+    after = chain[-1].end + 1
+    return all(k == "list" for k in links) and (after >= len(tokens) or tokens[after] in ",.")
