@@ -40,7 +40,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raypipe.errors import ConfigError
-from raypipe.evaluate.score import accuracy_table, agreement, score_answer
+from raypipe.evaluate.score import (
+    accuracy_table,
+    agreement,
+    canonical_question_type,
+    score_answer,
+)
 
 #: Fields a prediction row must have (``model`` and ``benchmark`` have defaults).
 PREDICTION_FIELDS = ("id", "ability", "question", "question_type", "answer_keywords", "prediction")
@@ -129,7 +134,7 @@ def score_rows(
     rows = list(rows)
     pools: dict[tuple[Any, Any], set[str]] = {}
     for row in rows:
-        if str(row.get("question_type", "")).replace("/", "_").lower() not in ("yes_no", "yesno"):
+        if _question_type(row) != "yes_no":
             pool = pools.setdefault((row.get("benchmark"), row.get("ability")), set())
             pool.update(str(k) for k in row.get("answer_keywords") or [] if isinstance(k, str))
     out = []
@@ -151,6 +156,13 @@ def score_rows(
             }
         )
     return out
+
+
+def _question_type(row: dict[str, Any]) -> str | None:
+    try:
+        return canonical_question_type(row.get("question_type"))
+    except ValueError:
+        return None  # reported when the row is scored
 
 
 def same_items(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
