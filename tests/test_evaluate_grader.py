@@ -139,3 +139,25 @@ def test_failed_prediction_is_wrong_with_reason_error():
     item = {**CAR, "error": "timeout after 3 attempts"}
     assert score_answer(item, None) == Verdict(False, None, "error")
     assert score_answer(CAR, "red", error="content filter") == Verdict(False, None, "error")
+
+
+def test_rescored_rows_without_a_bank_use_the_benchmarks_keywords():
+    from raypipe.evaluate.report import score_rows
+
+    def row(i, keyword, prediction, ability="animal"):
+        return {
+            "id": f"{ability}-{i}", "model": "m", "benchmark": "real", "ability": ability,
+            "question": "What animal is this?", "question_type": "wh",
+            "answer_keywords": [keyword], "prediction": prediction,
+        }  # fmt: skip
+
+    rows = [
+        row(0, "dog", "A dog or a cat."),
+        row(1, "cat", "A cat."),
+        row(2, "dog", "A dog next to a cat."),
+        # Another ability's keywords do not compete.
+        row(3, "red", "Red.", ability="color"),
+        row(4, "dog", "A dog or red.", ability="animal"),
+    ]
+    reasons = [r["verdict_reason"] for r in score_rows(rows)]
+    assert reasons == ["several_answers", "keyword", "keyword", "keyword", "keyword"]
