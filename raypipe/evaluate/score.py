@@ -2,9 +2,11 @@
 
 Anyone can call it on predictions: an item is a dict (or any object with the same
 attributes) holding ``question``, ``question_type``, ``answer_keywords`` and, optionally,
-``options``, ``match`` and ``synonyms``; :func:`score_answer` gives a :class:`Verdict`.
-Words are compared through :mod:`raypipe.matching` (stems, plurals, compounds, negation),
-after both sides pass through :func:`normalize_answer`.
+``options``, ``match``, ``synonyms``, ``candidates`` and ``error``; :func:`score_answer`
+gives a :class:`Verdict`. Words are compared through :mod:`raypipe.matching` (stems,
+plurals, compounds, negation), after both sides pass through :func:`normalize_answer`.
+Each question type is scored in its own module (``score_wh``, ``score_yes_no``,
+``score_either_or``); the rules are all here.
 
 Normalisation (:func:`normalize_answer`), as the VQA evaluation does it:
 
@@ -28,8 +30,8 @@ are accepted, and the training types ``caption`` and ``unusual`` are scored as `
     Y" each clause speaks for itself). ``match: any`` (default) needs one keyword,
     ``match: all`` every one. An answer is one answer, not a list: a right keyword
     offered beside a competing candidate as alternatives ("red or blue", "red, blue or
-    green", "red/blue", a bare list "It could be red, blue.") is wrong
-    (``several_answers``). Candidates are the item's ``candidates`` (the keyword bank of
+    green", "red/blue", or a bare comma list that ends its clause: "It could be red,
+    blue.") is wrong (``several_answers``). Candidates are the item's ``candidates`` (the keyword bank of
     its ability), its ``options`` and answer keywords, and whatever else the caller
     passes (:func:`raypipe.evaluate.report.score_rows` adds the answer keywords of the
     benchmark's other items of that ability); a candidate that names a reference keyword
