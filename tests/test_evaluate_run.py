@@ -69,14 +69,28 @@ def test_eval_tiny_runs_end_to_end_and_resumes(ray_local, tiny_dir, tmp_path, ca
     bench_report = json.loads((out / "bench" / "synthetic" / "report.json").read_text())
     assert bench_report["items_per_ability"] == {a: 1 for a in abilities}
 
+    assert summary["predictions"] == {"baseline": "made", "tuned": "made"}
+    assert summary["trained_model_reused"] is False
+
     # Again on the same OUT: nothing is trained or predicted again; the same scores.
     stamp = (out / "predictions" / "predictions.parquet").stat().st_mtime_ns
     model = (out / "train" / "export" / "model.safetensors").stat().st_mtime_ns
     assert evaluate_job.main(["run", "--config", PRESET, "--out", str(out), *FAST]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["trained_model_reused"] is True  # the export's lineage is this recipe
+    assert summary["predictions"] == {"baseline": "reused", "tuned": "reused"}
     assert (out / "predictions" / "predictions.parquet").stat().st_mtime_ns == stamp
     assert (out / "train" / "export" / "model.safetensors").stat().st_mtime_ns == model
     again = json.loads((out / "report" / "scores.json").read_text())
     assert again["models"]["tuned"]["benchmarks"] == tuned["benchmarks"]
+    assert "predictions reused from an earlier run" in (out / "report" / "report.md").read_text()
+
+    # A longer answer limit: both models answer again; the export is still reused.
+    longer = [*FAST, "predict.max_new_tokens=24"]
+    assert evaluate_job.main(["run", "--config", PRESET, "--out", str(out), *longer]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["predictions"] == {"baseline": "made", "tuned": "made"}
+    assert summary["trained_model_reused"] is True
 
 
 def test_bad_presets_fail_before_any_work(tmp_path):
