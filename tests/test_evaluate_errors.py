@@ -61,9 +61,12 @@ def test_failed_predictions_score_exactly_as_wrong_answers(tmp_path):
 def test_a_model_missing_items_is_scored_on_the_same_items(tmp_path):
     # B has no rows at all for 4 of the 10 items A answered (a crashed chunk, a
     # hand-edited file): they are its failures, not items left out of its score.
-    a = rows_for("a", ["red"] * 10)
+    a = [{**r, "judge_correct": True, "latency_s": 0.5} for r in rows_for("a", ["red"] * 10)]
     b = rows_for("b", ["red"] * 6)
     result = write_report(a + b, tmp_path / "report")
     overall = result["models"]["b"]["benchmarks"]["synthetic"]["overall"]
     assert (overall["n"], overall["correct"], overall["errors"]) == (10, 6, 4)
     assert result["models"]["a"]["benchmarks"]["synthetic"]["overall"]["n"] == 10
+    # The filled-in rows are b's failures: a's answer fields are not copied to them.
+    b_table = result["models"]["b"]["benchmarks"]["synthetic"]["overall"]
+    assert "judge_accuracy" not in b_table

@@ -52,6 +52,12 @@ PREDICTION_FIELDS = ("id", "ability", "question", "question_type", "answer_keywo
 #: The model name of predictions that name none (re-scored published answers).
 UNNAMED_MODEL = "predictions"
 UNNAMED_BENCHMARK = "benchmark"
+# A row's fields that belong to one model's answer, not to the item.
+_ANSWER_FIELDS = frozenset(
+    "prediction error latency_s batch_latency_s prompt_tokens completion_tokens cached "
+    "cost_usd judge_correct judge_raw judge_error judge_model human_correct correct matched "
+    "verdict_reason".split()
+)
 #: The ``error`` of an item a model has no prediction for (another model has one).
 NO_PREDICTION = "no prediction for this item"
 
@@ -179,8 +185,9 @@ def same_items(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for model in models:
             for ident, item in by_id.items():
                 if (model, bench, ident) not in have:
+                    fields = {k: v for k, v in item.items() if k not in _ANSWER_FIELDS}
                     added.append(
-                        {**item, "model": model, "prediction": None, "error": NO_PREDICTION}
+                        {**fields, "model": model, "prediction": None, "error": NO_PREDICTION}
                     )
     return rows + added
 
