@@ -284,6 +284,9 @@ def test_contractions_and_clauses():
         ("no red car and a red truck", "red", True),  # one occurrence affirmed
         ("the fish is not riding a bicycle", "fish riding a bicycle", False),
         ("neither red nor blue", "blue", False),
+        ("it lacks red", "red", False),
+        ("he is hardly a doctor", "doctor", False),
+        ("a tree lacking leaves", "leaves", False),
         ("a blue car", "red", None),
     ],
 )
