@@ -141,21 +141,17 @@ def publish(fs: pafs.FileSystem, path: str, data) -> None:
     """
     folder, base = path.rsplit("/", 1)
     tmp = f"{folder}/{tmp_name(base)}"
-    if isinstance(fs, pafs.LocalFileSystem):
+    local = fs.type_name == "local"
+    if local:
         os.makedirs(folder, exist_ok=True)
-        try:
-            with open(tmp, "wb") as f:
-                f.write(memoryview(data))
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):  # only when the write or the rename failed
-                os.unlink(tmp)
-        return
-    if fs.type_name not in OBJECT_STORES:
+    elif fs.type_name not in OBJECT_STORES:
         fs.create_dir(folder, recursive=True)
     try:
         _upload(fs, tmp, data)
-        fs.move(tmp, path)
+        if local:
+            os.replace(tmp, path)
+        else:
+            fs.move(tmp, path)
     except BaseException:
         try:
             if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
