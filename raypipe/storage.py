@@ -129,7 +129,7 @@ def _upload(fs: pafs.FileSystem, path: str, data) -> None:
         stream.close()  # also on an error: completes the upload (pyarrow has no abort)
 
 
-def publish(fs: pafs.FileSystem, path: str, data) -> None:
+def publish(fs: pafs.FileSystem, path: str, data, tmp_folder: str | None = None) -> None:
     """Put ``data`` (bytes or a pyarrow Buffer, already serialized) at ``path``, whole or
     not at all, replacing what is there.
 
@@ -138,9 +138,11 @@ def publish(fs: pafs.FileSystem, path: str, data) -> None:
     makes the final object appear whole). pyarrow's streams cannot abort an upload: one
     that raised half-way still completes (on close, or when garbage-collected), and it
     does so under the temporary name, which readers skip and the next run removes.
+    ``tmp_folder`` (default: the file's own) keeps the temporary names of a big tree
+    (the LLM cache) in one folder, so removing them lists that folder only.
     """
     folder, base = path.rsplit("/", 1)
-    tmp = f"{folder}/{tmp_name(base)}"
+    tmp = f"{tmp_folder or folder}/{tmp_name(base)}"
     local = fs.type_name == "local"
     if local:
         os.makedirs(folder, exist_ok=True)
@@ -166,14 +168,21 @@ def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     publish(fs, path, data)
 
 
+#: Temporary names of older raypipe versions' JSON writes (``manifest.json.tmp-<uuid>``).
+LEGACY_TMP_MARK = ".json.tmp-"
+
+
 def remove_temporaries(fs: pafs.FileSystem, path: str, recursive: bool = False) -> int:
-    """Delete every ``TMP_PREFIX`` file under ``path`` (what killed writers left);
-    returns how many. Only the run holding OUT's lease may call it: another live run's
-    temporary files look the same."""
+    """Delete every ``TMP_PREFIX`` file under ``path`` (what killed writers left; also
+    older versions' ``*.json.tmp-*``); returns how many. Only the run holding OUT's lease
+    may call it: another live run's temporary files look the same."""
     selector = pafs.FileSelector(path, allow_not_found=True, recursive=recursive)
     removed = 0
     for info in fs.get_file_info(selector):
-        if info.type == pafs.FileType.File and info.base_name.startswith(TMP_PREFIX):
+        name = info.base_name
+        if info.type == pafs.FileType.File and (
+            name.startswith(TMP_PREFIX) or LEGACY_TMP_MARK in name
+        ):
             try:
                 fs.delete_file(info.path)
                 removed += 1

@@ -55,8 +55,10 @@ class HalfWritingFS:
 
     def __init__(self, fs) -> None:
         self._fs = fs
+        self.opened: list[str] = []  # paths written to (a final name must never be one)
 
     def open_output_stream(self, path, *args, **kwargs):
+        self.opened.append(path)
         return HalfWritingStream(self._fs.open_output_stream(path, *args, **kwargs))
 
     def __getattr__(self, name):

@@ -292,7 +292,8 @@ def test_s3_part_and_cache_writes_failing_half_way_publish_nothing(
     rows = pa.table({"id": ["color-s0-0000000"], "ability": ["color"]})
     with pytest.raises(OSError, match="injected"):
         store.write_table("data", rows, name="part-x.parquet")
-    assert fs.get_file_info(f"{bucket}/run/data/part-x.parquet").type.name == "NotFound"
+    final = f"{bucket}/run/data/part-x.parquet"
+    assert fs.get_file_info(final).type.name == "NotFound" and final not in store.fs.opened
     cache = ResponseCache(OutputStore(out).cache_location())
     cache.fs = faults.HalfWritingFS(cache.fs)
     assert_put_whole_or_nothing(cache)
@@ -312,6 +313,8 @@ def assert_put_whole_or_nothing(cache) -> None:
         cache.put(key, {"text": "an answer " * 200})
     assert cache.get(key) is None
     assert cache.fs.get_file_info(cache.path(key)).type.name == "NotFound"
+    # Not even for a moment: a reader in another process would have seen half an entry.
+    assert cache.path(key) not in cache.fs.opened
 
 
 def test_local_cache_put_failing_half_way_publishes_nothing(tmp_path):
@@ -344,12 +347,14 @@ def test_the_whole_or_nothing_check_fails_a_put_straight_to_the_final_name(
 
 def test_temporaries_are_cleaned_by_the_next_run_holding_out(tmp_path):
     store = OutputStore(str(tmp_path))
-    for sub in ("data", "plan", "cache/ab", ""):
+    for sub in ("data", "plan", "cache", ""):
         (tmp_path / sub).mkdir(parents=True, exist_ok=True)
         (tmp_path / sub / ".tmp-dead-part.parquet").write_bytes(b"half")
     (tmp_path / "manifest.json.tmp-0123").write_text("{")  # an older raypipe's name
+    (tmp_path / "keywords").mkdir()
+    (tmp_path / "keywords" / "color.json.tmp-0123").write_text("{")
     store.makedirs()
-    assert not list(tmp_path.rglob(".tmp-*"))
+    assert not list(tmp_path.rglob("*.tmp-*")), sorted(tmp_path.rglob("*"))
 
 
 # ---------------------------------------------------------------------------------------

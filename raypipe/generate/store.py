@@ -63,8 +63,7 @@ class OutputStore:
             self.fs.create_dir(self.path(sub), recursive=True)
             storage.remove_temporaries(self.fs, self.path(sub))
         storage.remove_temporaries(self.fs, self.root)  # manifest, card, identity
-        if self.local:  # object stores get cache entries in one upload, never a temp name
-            storage.remove_temporaries(self.fs, self.path("cache"), recursive=True)
+        storage.remove_temporaries(self.fs, self.path("cache"))  # (see ResponseCache.put)
 
     def _publish(self, final: str, data) -> None:
         if self.fence is not None:

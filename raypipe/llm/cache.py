@@ -140,7 +140,9 @@ class ResponseCache:
     def put(self, key: str, entry: dict[str, Any]) -> None:
         """Store ``entry`` (must hold ``text``) atomically under ``key``."""
         payload = json.dumps({"format": ENTRY_FORMAT, **entry}, ensure_ascii=False).encode()
-        storage.publish(self.fs, self.path(key), payload)
+        # Temporary names at the cache's top (not in its 256 sub-folders): the next run
+        # removes leftovers there without listing every entry.
+        storage.publish(self.fs, self.path(key), payload, tmp_folder=self.root)
 
     def __len__(self) -> int:
         selector = pafs.FileSelector(self.root, recursive=True, allow_not_found=True)
