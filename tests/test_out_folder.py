@@ -28,7 +28,7 @@ from raypipe.errors import (  # noqa: E402
     LeaseHeld,
     LeaseLost,
 )
-from raypipe.generate import pipeline  # noqa: E402
+from raypipe.generate import guards, pipeline  # noqa: E402
 from raypipe.generate.pipeline import count_ids, generate  # noqa: E402
 from raypipe.generate.store import OutputStore  # noqa: E402
 from raypipe.lease import Lease  # noqa: E402
@@ -439,10 +439,10 @@ def test_a_local_out_on_a_multi_node_cluster_needs_a_folder_every_node_sees(
         fn(str(tmp_path / "other-disk" / Path(path).name))
 
     with pytest.raises(ConfigError, match="s3://"):
-        pipeline.check_shared_out(store, run_on=elsewhere)
-    pipeline.check_shared_out(store, run_on=lambda node, fn, path: fn(path))  # shared
+        guards.check_shared_out(store, run_on=elsewhere)
+    guards.check_shared_out(store, run_on=lambda node, fn, path: fn(path))  # shared
     assert not list((tmp_path / "out").glob(".tmp-*"))
-    pipeline.check_shared_out(OutputStore("s3://bucket/run?endpoint_override=x"))
+    guards.check_shared_out(OutputStore("s3://bucket/run?endpoint_override=x"))
 
 
 def test_a_run_stopped_at_max_usd_exits_75(monkeypatch, tmp_path):
