@@ -12,9 +12,14 @@ On a Ray cluster (OUT must be shared storage, e.g. s3://bucket/run1):
         python jobs/generate.py --config jobs/configs/sd15-openai.yaml --out s3://bucket/run1
 
 Running the same command again on the same OUT resumes: rows already written are
-skipped by id and answered LLM requests come from OUT/cache. Exit status: 0 when every
-ability has its quota, 1 when the run ended short (it says why and how to continue),
-2 for a user error (bad config, unreachable endpoint, ...).
+skipped by id and answered LLM requests come from OUT/cache. One run holds OUT at a time
+(a lease; --take-over-lease takes a killed run's lease once it expired), and OUT keeps
+one dataset: a resume with another seed, model, ... is refused unless
+--accept-identity-change. Exit status: 0 when every ability has its quota; 75
+(EX_TEMPFAIL) when the run stopped cleanly and continues when run again (max_usd
+reached, another run holds OUT or took it over); 1 when the run ended short for
+another reason (it says why and how to continue); 2 for a user error (bad config,
+unreachable endpoint, OUT holds another dataset, ...).
 Any config field can be overridden as dotted.path=value (values parsed as YAML).
 """
 
@@ -29,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raypipe.cli import HelpParser, generate_epilog  # noqa: E402
 from raypipe.config import GenerateConfig, load_config  # noqa: E402
-from raypipe.errors import RaypipeError  # noqa: E402
+from raypipe.errors import EXIT_RESUMABLE, RaypipeError, ResumableStop  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,6 +64,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         help="with --dry-run: sustained TFLOP/s of the render GPU (default: 40%% of an H100)",
     )
+    p.add_argument(
+        "--take-over-lease",
+        action="store_true",
+        help="take over OUT's lease from a run that stopped renewing it (killed); refused "
+        "while that lease has not expired (lease_ttl_s)",
+    )
+    p.add_argument(
+        "--accept-identity-change",
+        action="store_true",
+        help="resume into an OUT made with other identity settings (seed, models, "
+        "templates, ...); the manifest's run history records the change",
+    )
     p.add_argument("overrides", nargs="*", help="dotted.field=value overrides")
     return p.parse_args(argv)
 
@@ -79,10 +96,20 @@ def main(argv: list[str] | None = None) -> int:
             return dry_run(cfg, args)
         from raypipe.generate.pipeline import generate, summary_table
 
-        manifest = generate(cfg, args.out)
+        manifest = generate(
+            cfg,
+            args.out,
+            take_over_lease=args.take_over_lease,
+            accept_identity_change=args.accept_identity_change,
+        )
+    except ResumableStop as e:
+        print(f"raypipe: stopped: {e}", file=sys.stderr)
+        return EXIT_RESUMABLE
     except RaypipeError as e:
         print(f"raypipe: error: {e}", file=sys.stderr)
         return 2
+    if manifest.get("note"):
+        print(f"raypipe: {manifest['note']}", file=sys.stderr)
     print(summary_table(manifest))
     print(
         f"wrote {manifest['counts']['accepted']} rows to {args.out}/data (manifest: {args.out}/manifest.json)"
@@ -90,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     problem = shortfall(cfg, manifest, args.out)
     if problem:
         print(problem, file=sys.stderr)
-        return 1
+        return EXIT_RESUMABLE if manifest.get("stopped") == "max_usd" else 1
     return 0
 
 

@@ -589,6 +589,29 @@ class GenerateConfig(Config):
         description="Price of one GPU-hour, for the manifest's USD per 1,000 samples and the "
         "dry run's estimate. None = GPU cost not counted.",
     )
+    lease_ttl_s: float = Field(
+        120.0,
+        gt=0,
+        description="OUT's lease (one run at a time): a lease not renewed for this many "
+        "seconds, by the store's clock, has expired and may be taken over with "
+        "--take-over-lease (a killed run's lease).",
+    )
+    lease_renew_s: float = Field(
+        20.0,
+        gt=0,
+        description="Seconds between renewals of OUT's lease while the run lives; keep it "
+        "well under lease_ttl_s (a renewal that fails is tried again at the next one).",
+    )
+
+    @model_validator(mode="after")
+    def _check_lease(self) -> GenerateConfig:
+        if self.lease_renew_s >= self.lease_ttl_s:
+            raise ValueError(
+                f"lease_renew_s ({self.lease_renew_s:g}) must be below lease_ttl_s "
+                f"({self.lease_ttl_s:g}), or the lease expires between renewals"
+            )
+        return self
+
     ray_address: str | None = Field(
         None, description="Ray cluster address; None = RAY_ADDRESS or a local Ray."
     )

@@ -19,3 +19,31 @@ class ModelError(RaypipeError):
 
 class EndpointError(RaypipeError):
     """An LLM endpoint is unreachable or refuses the credentials."""
+
+
+class IdentityChanged(RaypipeError):
+    """A resume would change what OUT's rows mean (seed, models, templates, ...)."""
+
+
+class ResumableStop(RaypipeError):
+    """A run stopped cleanly and continues when the same command runs again.
+
+    Its exit status is ``EXIT_RESUMABLE`` (75, EX_TEMPFAIL): a scheduler may simply retry.
+    """
+
+
+class LeaseHeld(ResumableStop):
+    """Another live run holds OUT's lease: running again once it ended continues."""
+
+
+class LeaseExpired(RaypipeError):
+    """A run that stopped renewing (killed) left its lease: take it over with
+    ``--take-over-lease`` once you know that run is gone."""
+
+
+class LeaseLost(ResumableStop):
+    """Another run took over OUT's lease: this run published nothing more and stopped."""
+
+
+#: Exit status of a run that stopped cleanly and continues when run again (EX_TEMPFAIL).
+EXIT_RESUMABLE = 75

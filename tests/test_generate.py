@@ -258,6 +258,10 @@ def test_killed_job_resumes_without_loss_duplicates_or_repaid_requests(tiny_dir,
             "part_max_rows=4",
             "render.batch_size=4",
             "log_to_driver=false",
+            # The killed run's lease expires 2 s after its last renewal; the re-run takes
+            # it over (as a user does once they know the run is dead).
+            "lease_ttl_s=2",
+            "lease_renew_s=0.5",
         ]
         # stderr to a file: a pipe nobody reads would block the job once it fills.
         log_path = tmp_path / "killed-job.log"
@@ -306,7 +310,9 @@ def test_killed_job_resumes_without_loss_duplicates_or_repaid_requests(tiny_dir,
         resumed_at = time.monotonic()
         in_flight_at_kill |= {e.hash for e in server.events if killed_at <= e.time < resumed_at}
 
-        done = subprocess.run(_job_cmd(out, *overrides), env=env, capture_output=True, timeout=300)
+        time.sleep(max(0.0, killed_at + 2.5 - time.monotonic()))  # the lease expires
+        rerun = _job_cmd(out, *overrides, "--take-over-lease")
+        done = subprocess.run(rerun, env=env, capture_output=True, timeout=300)
         assert done.returncode == 0, done.stderr.decode()[-3000:]
 
     rows = read_data(out)

@@ -230,6 +230,8 @@ def test_s3_run_killed_and_rerun_elsewhere_pays_nothing_twice(s3_server, tiny_di
             *openai_overrides(server, "llm.concurrency=1", "llm_batch_chunks=1"),
             "part_max_rows=4",
             "part_max_seconds=2",
+            "lease_ttl_s=2",  # the killed run's lease, taken over by the re-run
+            "lease_renew_s=0.5",
         ]
         cmd = _job_cmd(uri, *overrides)
         first_dir = tmp_path / "one"
@@ -259,7 +261,10 @@ def test_s3_run_killed_and_rerun_elsewhere_pays_nothing_twice(s3_server, tiny_di
 
         other = tmp_path / "two"
         other.mkdir()
-        done = subprocess.run(cmd, env=env, cwd=other, capture_output=True, timeout=400)
+        time.sleep(2.5)  # the killed run's lease expires
+        done = subprocess.run(
+            [*cmd, "--take-over-lease"], env=env, cwd=other, capture_output=True, timeout=400
+        )
         assert done.returncode == 0, done.stderr.decode()[-3000:]
         again = {h: n - answered.get(h, 0) for h, n in server.answered_by_hash.items()}
     store = OutputStore(uri)

@@ -16,7 +16,6 @@ have their image column read, so the card costs the same for 100 rows or 10 mill
 from __future__ import annotations
 
 import io
-import uuid
 from typing import Any
 
 import pyarrow as pa
@@ -404,15 +403,5 @@ def _fit(draw, font, text: str) -> str:
 
 
 def _write_bytes(store: OutputStore, rel: str, data: bytes) -> None:
-    """Write OUT/<rel> whole or not at all (local: temp file + rename; object stores:
-    an upload is atomic), like the store's own writes."""
-    final = store.path(rel)
-    if not store.local:
-        with store.fs.open_output_stream(final) as f:
-            f.write(data)
-        return
-    store.fs.create_dir(store.path(), recursive=True)
-    tmp = store.path(f".tmp-{uuid.uuid4().hex}-{rel}")
-    with store.fs.open_output_stream(tmp) as f:
-        f.write(data)
-    store.fs.move(tmp, final)
+    """Write OUT/<rel> whole or not at all, like the store's own writes."""
+    store.write_bytes(rel, data)

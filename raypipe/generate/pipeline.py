@@ -33,6 +33,8 @@ from typing import Any
 from raypipe.abilities import load_catalog
 from raypipe.config import GenerateConfig, redacted
 from raypipe.errors import ConfigError
+from raypipe.generate.guards import check_shared_out, lease_lost, nothing_to_add, take_lease
+from raypipe.generate.identity import check_identity, record_identity
 from raypipe.generate.store import OutputStore
 from raypipe.generate.text import (
     UNMADE,
@@ -272,7 +274,9 @@ def planner_args(cfg: GenerateConfig, store: OutputStore, banks, quota, spent_us
     )
 
 
-def start_actors(cfg: GenerateConfig, store: OutputStore, banks, quota, spent_usd: float):
+def start_actors(
+    cfg: GenerateConfig, store: OutputStore, banks, quota, spent_usd: float, lease=None
+):
     """The run's planner and writer, pinned to the driver's node (GPU workers come and go)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -284,12 +288,12 @@ def start_actors(cfg: GenerateConfig, store: OutputStore, banks, quota, spent_us
     planner = (
         ray.remote(Planner)
         .options(num_cpus=0, max_concurrency=64, scheduling_strategy=here)
-        .remote(*planner_args(cfg, store, banks, quota, spent_usd))
+        .remote(*planner_args(cfg, store, banks, quota, spent_usd), lease=lease)
     )
     writer = (
         ray.remote(PartWriter)
         .options(num_cpus=0, max_concurrency=8, scheduling_strategy=here)
-        .remote(store.uri, planner, cfg.part_max_rows, cfg.part_max_seconds)
+        .remote(store.uri, planner, cfg.part_max_rows, cfg.part_max_seconds, lease=lease)
     )
     return planner, writer
 
@@ -317,6 +321,8 @@ def stream(cfg: GenerateConfig, run: dict[str, Any], tally: Tally) -> dict[str, 
             with collecting_garbage(DRIVER_GC_S):
                 for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                     tally.add(batch)
+                    if run["lease"].lost is not None:  # taken over: stop, publish nothing
+                        raise run["lease"].lost
         except Exception as e:
             if cfg.llm.backend == "vllm":
                 from raypipe.llm.vllm_backend import engine_failure
@@ -409,34 +415,64 @@ def count_usage(
 # ------------------------------------------------------------------------------------
 
 
-def generate(cfg: GenerateConfig, out: str) -> dict[str, Any]:
-    """Run (or resume) generation into ``out``; returns the manifest."""
+def generate(
+    cfg: GenerateConfig,
+    out: str,
+    *,
+    take_over_lease: bool = False,
+    accept_identity_change: bool = False,
+) -> dict[str, Any]:
+    """Run (or resume) generation into ``out``; returns the manifest.
+
+    Raises IdentityChanged (OUT holds another dataset), LeaseHeld / LeaseExpired (another
+    run holds OUT), LeaseLost (another run took OUT over mid-run: nothing more was
+    published), before anything is paid or loaded where it can.
+    """
     import ray
 
     from raypipe.llm.limits import start_limiter
 
     t_start = time.time()
     store = OutputStore(out)
-    # 1. Check inputs.
-    catalog = check_inputs(cfg, store)["catalog"]
-    cache = store.cache_location() if cfg.llm.cache else None
-    timings: dict[str, float] = {}
-
-    # 2. Ray, the job-wide rate limiter, keyword banks.
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray_address, log_to_driver=cfg.log_to_driver)
-    ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
-    limiter = start_limiter(cfg.llm)
-    service = start_engine_service(cfg)  # vllm: the run's engines, started on first use
+    # 0. One dataset per OUT, one run at a time: checked before anything is paid or loaded.
+    catalog = load_catalog(cfg.catalog_dirs or None, names=cfg.abilities)
+    checked = check_identity(store, cfg, catalog, accept_identity_change)
+    done = nothing_to_add(cfg, store)
+    if done is not None:
+        return done
+    lease = take_lease(cfg, store, take_over_lease)
     try:
-        return _generate(cfg, store, catalog, cache, limiter, service, timings, t_start)
+        store.fence = lease.check
+        # 1. Check inputs.
+        catalog = check_inputs(cfg, store)["catalog"]
+        record_identity(store, checked, cfg.num_samples)
+        lease.start_renewing()
+        cache = store.cache_location() if cfg.llm.cache else None
+        timings: dict[str, float] = {}
+
+        # 2. Ray, the job-wide rate limiter, keyword banks.
+        if not ray.is_initialized():
+            ray.init(address=cfg.ray_address, log_to_driver=cfg.log_to_driver)
+        check_shared_out(store)
+        ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
+        limiter = start_limiter(cfg.llm)
+        service = start_engine_service(cfg)  # vllm: the run's engines, started on first use
+        try:
+            return _generate(
+                cfg, store, catalog, cache, limiter, service, timings, t_start,
+                lease=lease, identity_change=checked["changes"],
+            )  # fmt: skip
+        finally:
+            if service is not None:  # the engines, unless the run keeps them (see _generate)
+                ray.get(service.stop.remote(cfg.llm.vllm.keep_engines))
+                ray.kill(service)
     finally:
-        if service is not None:  # the engines, unless the run keeps them (see _generate)
-            ray.get(service.stop.remote(cfg.llm.vllm.keep_engines))
-            ray.kill(service)
+        lease.release()
 
 
-def _generate(cfg, store, catalog, cache, limiter, service, timings, t_start) -> dict[str, Any]:
+def _generate(
+    cfg, store, catalog, cache, limiter, service, timings, t_start, lease, identity_change
+) -> dict[str, Any]:
     import ray
 
     from raypipe.llm import make_backend
@@ -453,11 +489,37 @@ def _generate(cfg, store, catalog, cache, limiter, service, timings, t_start) ->
     # 3. The planner reads OUT and plans what is missing.
     quota = quotas(cfg, list(catalog))
     spent = kw_stats.get("cost_usd", 0.0)
-    planner, writer = start_actors(cfg, store, banks, quota, spent)
+    planner, writer = start_actors(cfg, store, banks, quota, spent, lease.token())
     run = {"planner": planner, "writer": writer, "limiter": limiter, "cache": cache, "banks": banks}
+    run["lease"] = lease
+    try:
+        return _stream_and_finish(
+            cfg, store, run, service, backend, banks, bank_report, kw_stats, quota, timings,
+            t_start, identity_change,
+        )  # fmt: skip
+    except Exception as e:
+        lost = lease_lost(e, lease)
+        if lost is None:
+            raise
+        raise lost from None
+    finally:
+        for actor in (planner, writer):
+            ray.kill(actor)
+
+
+def _stream_and_finish(
+    cfg, store, run, service, backend, banks, bank_report, kw_stats, quota, timings, t_start,
+    identity_change,
+) -> dict[str, Any]:  # fmt: skip
+    """Steps 4 and 5: the stream, what the writer still holds, the manifest and card."""
+    import ray
+
+    writer = run["writer"]
+    spent = kw_stats.get("cost_usd", 0.0)
     if service is not None:
         t = time.time()
-        run.update(vllm_writers(cfg, planner_args(cfg, store, banks, quota, spent), cache, service))
+        args = planner_args(cfg, store, banks, quota, spent)
+        run.update(vllm_writers(cfg, args, run["cache"], service))
         timings["cache_check_s"] = time.time() - t
 
     # 4. One stream.
@@ -476,10 +538,10 @@ def _generate(cfg, store, catalog, cache, limiter, service, timings, t_start) ->
         engines=dict(executions=run.get("executions", 0), service=engines),
         writers=vllm_writer_report(run),
     )  # fmt: skip
-    store.write_json("manifest.json", manifest)
+    if identity_change:
+        manifest["runs"][-1]["identity_change"] = identity_change
+    store.write_json("manifest.json", manifest)  # fenced: only while this run holds OUT
     write_card_and_preview(store, manifest)
-    for actor in (planner, writer):
-        ray.kill(actor)
     return manifest
 
 
@@ -606,9 +668,14 @@ def count_ids(store: OutputStore) -> dict[str, Any]:
 
     accepted, rejected = unique(data["id"]), unique(rej["id"])
     # Rows handed back unmade (max_usd) are not missing: the next run plans them again.
-    returned = plan.filter(pc.equal(plan["state"], "returned"))["id"]
-    logged = plan.filter(pc.equal(plan["state"], "planned"))["id"]
-    logged = logged.filter(pc.invert(pc.is_in(logged, value_set=unique(returned))))
+    # An id counts as planned while it was planned more often than handed back.
+    def times(state: str) -> pa.Table:
+        rows = plan.filter(pc.equal(plan["state"], state)).select(["id"])
+        return rows.group_by("id").aggregate([("id", "count")]).rename_columns(["id", state])
+
+    logged = times("planned").join(times("returned"), "id", join_type="left outer")
+    returned = pc.fill_null(logged["returned"], 0)
+    logged = logged.filter(pc.greater(logged["planned"], returned))["id"]
     done = unique(pa.chunked_array([accepted, rejected], type=pa.string()))
     planned = unique(pa.chunked_array([unique(logged), done], type=pa.string()))
     missing = planned.filter(pc.invert(pc.is_in(planned, value_set=done)))
@@ -617,7 +684,13 @@ def count_ids(store: OutputStore) -> dict[str, Any]:
     both = accepted.filter(pc.is_in(accepted, value_set=rejected))
     duplicates = sorted(set(twice.to_pylist()) | set(both.to_pylist()))
     by = rej.group_by(["ability", "stage", "reason"]).aggregate([("id", "count")]).to_pylist()
-    per_ability = data.group_by("ability").aggregate([("id", "count")]).to_pylist()
+    per_ability = (
+        data.group_by(["ability", "id"])  # an id written twice counts once
+        .aggregate([])
+        .group_by("ability")
+        .aggregate([("id", "count")])
+        .to_pylist()
+    )
     return {
         "planned": len(planned),
         "accepted": len(accepted),

@@ -4,9 +4,10 @@ One generation run is one streaming Ray Data execution. Its source does not hold
 fixed list of rows: each read task asks the :class:`Planner` actor for the next rows
 to make (:meth:`Planner.pull`), and the planner answers from what it knows so far:
 
-1. At the start it plans, per ability, the smallest indices whose ids are in neither
-   OUT/data nor OUT/rejects, as many as the ability still needs (``quota - accepted``).
-   A re-run after a kill therefore plans exactly the rows that are missing.
+1. At the start it plans, per ability, every id an earlier run planned that is in
+   neither OUT/data nor OUT/rejects (rows in flight or buffered at a kill), whether or
+   not the quota is met already, so a resumed run always ends balanced; then the
+   smallest free indices, as many as the ability still needs (``quota - accepted``).
 2. When a row is rejected (at any stage), the planner plans one replacement: the next
    index of that ability that was never planned. Rows beyond an ability's quota are
    never planned, so they can never be written as data. Which indices are planned
@@ -40,7 +41,6 @@ import math
 import threading
 import time
 from collections import deque
-from itertools import takewhile
 from typing import Any
 
 import pyarrow as pa
@@ -84,6 +84,8 @@ class _Ability:
         self.next_index = 0
         self.pending: deque[int] = deque()  # planned, not yet pulled
         self.in_flight: set[int] = set()  # pulled, not yet decided
+        self.unanswered: set[int] = set()  # pulled, not yet back from the prompt writer
+        self.replanned: set[int] = set()  # planned before, in neither folder: made again
         self.dedup_queue: deque[int] = deque()  # planned, not yet through dedup
         self.arrived: dict[int, tuple[str, str | None]] = {}  # index -> (id, prompt)
 
@@ -96,7 +98,7 @@ class _Ability:
 
     def next_free(self) -> int:
         i = self.next_index
-        while i in self.done or i in self.burned:
+        while i in self.done or i in self.burned or i in self.replanned:
             i += 1
         self.next_index = i + 1
         return i
@@ -122,8 +124,10 @@ class Planner:
         max_usd: float | None = None,
         spent_usd: float = 0.0,
         max_rows_in_flight: int | None = None,
+        lease=None,
     ):
-        self.store = OutputStore(out)
+        # Plan logs are published only while the run holds OUT (``lease``: a LeaseToken).
+        self.store = OutputStore(out, fence=lease.check if lease is not None else None)
         self.seed = run_seed
         self.banks = banks
         self.k = prompts_per_request
@@ -146,9 +150,10 @@ class Planner:
         done_ids, accepted = self.store.done_ids()
         plan = self.store.read_columns("plan", ["id", "state"])
         logged = list(zip(plan.column("id").to_pylist(), plan.column("state").to_pylist()))
-        # A row planned before whose position burned, but that never reached OUT (the run
-        # was killed): plan it again; its failed answer rejects it, with the reason.
-        unfinished = {i for i, st in logged if st == "planned"} - done_ids
+        # Planned by an earlier run, in neither folder and not handed back unmade: made
+        # again whatever the quota (also a row whose position burned: its failed answer
+        # rejects it, with the reason).
+        unfinished = outstanding_ids(logged) - done_ids
         burned_ids = {i for i, st in logged if st == "burned"} - unfinished
         self.index = {
             name: NearDuplicateIndex(near_duplicate_threshold, seed=run_seed) for name in quota
@@ -169,11 +174,21 @@ class Planner:
             self.abilities[name].burned = {
                 int(s[len(prefix) :]) for s in burned_ids if s.startswith(prefix)
             }
+            self.abilities[name].replanned = {
+                int(s[len(prefix) :]) for s in unfinished if s.startswith(prefix)
+            }
 
-        # 2. The first plan: as many rows as each ability needs.
+        # 2. The first plan: the rows to make again, then as many as each ability needs.
         with self._cond:
             for ab in self.abilities.values():
+                for i in sorted(ab.replanned):
+                    ab.pending.append(i)
+                    ab.dedup_queue.append(i)
+                    ab.planned += 1
+                ab.max_planned += len(ab.replanned)
                 self._top_up(ab)
+                ab.pending = deque(sorted(ab.pending))
+                ab.dedup_queue = deque(sorted(ab.dedup_queue))
         self.planned_at_start = sum(ab.planned for ab in self.abilities.values())
 
     # -- planning ------------------------------------------------------------------------
@@ -190,6 +205,7 @@ class Planner:
         if index not in ab.in_flight:
             return  # decided already (a dedup reject reported again by the writer)
         ab.in_flight.discard(index)
+        ab.unanswered.discard(index)
         if accepted:
             ab.need -= 1
         self._top_up(ab)
@@ -211,7 +227,7 @@ class Planner:
         with self._cond:
             deadline = None
             while True:
-                pending = sum(len(ab.pending) for ab in self.abilities.values())
+                pending = sum(self._takeable(ab) for ab in self.abilities.values())
                 out = self._rows_in_flight()
                 if pending and out and out + min(limit, pending) > self.max_in_flight:
                     self._cond.wait(timeout=1.0)  # a report frees room
@@ -230,6 +246,31 @@ class Planner:
             self._flush_plan_log()
         return pa.Table.from_pylist(items, schema=CHUNK_SCHEMA)
 
+    def _held_chunks(self, ab: _Ability) -> set[int]:
+        """Chunks whose request is out: their other rows wait (sent once per run)."""
+        return {i // self.k for i in ab.unanswered}
+
+    def _takeable(self, ab: _Ability) -> int:
+        if not ab.unanswered:
+            return len(ab.pending)
+        held = self._held_chunks(ab)
+        return sum(1 for i in ab.pending if i // self.k not in held)
+
+    def _next_chunk(self, ab: _Ability) -> list[int]:
+        """Pops the rows of the first pending chunk whose request is not out ([] if none)."""
+        held = self._held_chunks(ab) if ab.unanswered else set()
+        c = next((i // self.k for i in ab.pending if i // self.k not in held), None)
+        if c is None:
+            return []
+        if ab.pending[0] // self.k == c:  # the usual case: the chunk at the front
+            rows = []
+            while ab.pending and ab.pending[0] // self.k == c:
+                rows.append(ab.pending.popleft())
+            return rows
+        rows = [i for i in ab.pending if i // self.k == c]
+        ab.pending = deque(i for i in ab.pending if i // self.k != c)
+        return rows
+
     def _any_in_flight(self) -> bool:
         return any(ab.in_flight for ab in self.abilities.values())
 
@@ -242,14 +283,15 @@ class Planner:
         pulls, which would send its request twice)."""
         items: list[dict[str, Any]] = []
         taken = 0
-        while taken < limit and any(ab.pending for ab in self.abilities.values()):
+        while taken < limit and any(self._takeable(ab) for ab in self.abilities.values()):
             for ab in self.abilities.values():
-                if not ab.pending or taken >= limit:
+                if taken >= limit or not self._takeable(ab):
                     continue
-                c = ab.pending[0] // self.k
-                size = sum(1 for _ in takewhile(lambda i, c=c: i // self.k == c, ab.pending))
-                if taken and taken + size > limit:
+                rows = self._next_chunk(ab)
+                if taken and taken + len(rows) > limit:
+                    ab.pending = deque(sorted([*rows, *ab.pending]))
                     return items
+                c = rows[0] // self.k
                 item = {
                     "ability": ab.name,
                     "chunk": c,
@@ -260,9 +302,9 @@ class Planner:
                         for j in range(c * self.k, c * self.k + self.k)
                     ],
                 }
-                while ab.pending and ab.pending[0] // self.k == c:
-                    i = ab.pending.popleft()
+                for i in rows:
                     ab.in_flight.add(i)
+                    ab.unanswered.add(i)
                     sid = sample_id(self.seed, ab.name, i)
                     self._plan_log.append({"id": sid, "ability": ab.name, "state": "planned"})
                     item["indices"].append(i)
@@ -318,7 +360,9 @@ class Planner:
             for sid, ability, index, prompt in rows:
                 ab = self.abilities[ability]
                 ab.arrived[index] = (sid, prompt)
+                ab.unanswered.discard(index)  # its chunk's answer is back (and cached)
                 touched.add(ability)
+            self._cond.notify_all()  # rows of those chunks may be pulled now
             for name in touched:
                 ab = self.abilities[name]
                 while ab.dedup_queue and ab.dedup_queue[0] in ab.arrived:
@@ -366,6 +410,7 @@ class Planner:
             for ab in self.abilities.values():
                 again = sorted(ab.in_flight | set(ab.pending))
                 ab.in_flight.clear()
+                ab.unanswered.clear()
                 ab.pending = deque(again)
                 ab.dedup_queue = deque(sorted(set(ab.dedup_queue) | set(again)))
                 ab.arrived.clear()
@@ -395,6 +440,22 @@ class Planner:
                     for ab in self.abilities.values()
                 },
             }
+
+
+def outstanding_ids(logged: list[tuple[str, str]]) -> set[str]:
+    """Ids of OUT/plan's ``(id, state)`` rows that are planned more often than handed
+    back unmade (``returned``): each planning logs ``planned`` once and each hand-back
+    ``returned`` once, so an id returned by one run and planned again by a later one is
+    outstanding again."""
+    from collections import Counter
+
+    balance: Counter = Counter()
+    for sid, state in logged:
+        if state == "planned":
+            balance[sid] += 1
+        elif state == "returned":
+            balance[sid] -= 1
+    return {sid for sid, n in balance.items() if n > 0}
 
 
 # ---------------------------------------------------------------------------------------

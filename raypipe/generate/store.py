@@ -1,24 +1,27 @@
 """The output directory of a generation run, local or a URI (docs/architecture.md, "Data contract").
 
 ``OUT`` may be a local path or any URI pyarrow understands (``s3://``, ``gs://``, ...).
-Parquet parts are written whole or not at all (local: temp file + rename; object stores:
-an upload is atomic), so a killed job never leaves a half-written part and a re-run can
-trust every part it finds.
+Parts, plan logs, banks and the manifest are written whole or not at all
+(:func:`raypipe.storage.publish`: serialized first, then one rename or one upload), so a
+killed or failing writer never leaves half a file under its final name and a re-run can
+trust every file it finds. Before each publish the store calls its ``fence`` (the run's
+lease check, :mod:`raypipe.generate.lease`): a run that lost OUT publishes nothing more.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from raypipe import storage
 from raypipe.schema import REJECT_SCHEMA, SAMPLE_SCHEMA
 
 #: Rows per Parquet row group: with 512 px PNGs (~0.5 MB) a group stays near 32 MB,
@@ -29,12 +32,14 @@ ROW_GROUP_ROWS = 64
 class OutputStore:
     """Reads and writes OUT/{data,rejects,keywords,manifest.json} on any pyarrow filesystem."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, fence: Callable[[], None] | None = None):
         self.uri = uri.rstrip("/")
         self.fs, self.root = pafs.FileSystem.from_uri(
             self.uri if "://" in self.uri else str(Path(self.uri).resolve())
         )
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
+        #: Called before every publish; raises (LeaseLost) when this run no longer holds OUT.
+        self.fence = fence
 
     # -- paths -----------------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -52,12 +57,18 @@ class OutputStore:
         return f"{base.rstrip('/')}/cache{sep}{query}"
 
     def makedirs(self) -> None:
-        """Create OUT's folders; on local disks, remove temporary files a killed run left."""
+        """Create OUT's folders and remove the temporary files killed runs left (call it
+        only while holding OUT's lease: a live run's temporary files look the same)."""
         for sub in ("data", "rejects", "keywords", "plan"):
             self.fs.create_dir(self.path(sub), recursive=True)
-            if self.local:
-                for leftover in Path(self.path(sub)).glob(".tmp-*"):
-                    leftover.unlink(missing_ok=True)
+            storage.remove_temporaries(self.fs, self.path(sub))
+        storage.remove_temporaries(self.fs, self.root)  # manifest, card, identity
+        storage.remove_temporaries(self.fs, self.path("cache"))  # (see ResponseCache.put)
+
+    def _publish(self, final: str, data) -> None:
+        if self.fence is not None:
+            self.fence()
+        storage.publish(self.fs, final, data)
 
     # -- parquet ---------------------------------------------------------------------
     def write_table(self, sub: str, table: pa.Table, name: str | None = None) -> str | None:
@@ -68,14 +79,9 @@ class OutputStore:
             ids = "\n".join(sorted(table.column("id").to_pylist()))
             name = f"part-{hashlib.sha256(ids.encode()).hexdigest()[:20]}.parquet"
         final = self.path(sub, name)
-        if self.local:
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            tmp = self.path(sub, f".tmp-{uuid.uuid4().hex}-{name}")
-            pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
-            os.replace(tmp, final)
-        else:
-            with self.fs.open_output_stream(final) as f:
-                pq.write_table(table, f, row_group_size=ROW_GROUP_ROWS)
+        buf = pa.BufferOutputStream()  # serialized whole before anything is published
+        pq.write_table(table, buf, row_group_size=ROW_GROUP_ROWS)
+        self._publish(final, buf.getvalue())
         return final
 
     def _parts(self, sub: str) -> list[str]:
@@ -85,7 +91,7 @@ class OutputStore:
             for info in self.fs.get_file_info(sel)
             if info.type == pafs.FileType.File
             and info.base_name.endswith(".parquet")
-            and not info.base_name.startswith(".")
+            and not storage.is_hidden(info.base_name)
         )
 
     def read_columns(self, sub: str, columns: list[str]) -> pa.Table:
@@ -99,32 +105,28 @@ class OutputStore:
         return pa.concat_tables(tables)
 
     def done_ids(self) -> tuple[set[str], dict[str, int]]:
-        """(ids in data or rejects, accepted rows per ability)."""
+        """(ids in data or rejects, accepted rows per ability). An id written twice (by
+        an older raypipe, or copied in by hand) counts once."""
         data = self.read_columns("data", ["id", "ability"])
         rej = self.read_columns("rejects", ["id", "ability", "stage"])
-        sample_rejects = [
-            i
-            for i, s in zip(rej.column("id").to_pylist(), rej.column("stage").to_pylist())
-            if s != "keywords"
-        ]
-        done = set(data.column("id").to_pylist()) | set(sample_rejects)
+        rej = rej.filter(pc.not_equal(rej["stage"], "keywords"))
+        accepted = set(data.column("id").to_pylist())
+        done = accepted | set(rej.column("id").to_pylist())
         per_ability: dict[str, int] = {}
-        for ab in data.column("ability").to_pylist():
-            per_ability[ab] = per_ability.get(ab, 0) + 1
+        for sid, ab in zip(data.column("id").to_pylist(), data.column("ability").to_pylist()):
+            if sid in accepted:
+                accepted.discard(sid)
+                per_ability[ab] = per_ability.get(ab, 0) + 1
         return done, per_ability
 
     # -- json ------------------------------------------------------------------------
     def write_json(self, rel: str, obj: Any) -> None:
         text = json.dumps(obj, indent=2, sort_keys=True, default=str)
-        final = self.path(rel)
-        if self.local:
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            tmp = final + f".tmp-{uuid.uuid4().hex}"
-            Path(tmp).write_text(text)
-            os.replace(tmp, final)
-        else:
-            with self.fs.open_output_stream(final) as f:
-                f.write(text.encode())
+        self._publish(self.path(rel), text.encode())
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """OUT/<rel>, whole or not at all (the dataset card, its preview)."""
+        self._publish(self.path(rel), data)
 
     def read_json(self, rel: str) -> Any | None:
         info = self.fs.get_file_info(self.path(rel))

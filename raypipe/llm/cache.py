@@ -5,11 +5,12 @@ name is the sha256 of the request's canonical JSON (model, messages and sampling
 parameters: exactly the body sent to the endpoint, which holds no credentials).
 ``LOCATION`` is a local folder or any pyarrow filesystem URI, query options included
 (``s3://bucket/run/cache?endpoint_override=127.0.0.1:9000&scheme=http``). Writes are
-atomic: on a local disk (or another filesystem with a rename) an entry is written to
-a temporary name and renamed into place; on an object store (S3, GCS, Azure) an
-upload becomes visible whole when it completes. Readers in other actors or processes
-never see half an entry, and a killed writer leaves none. Only successful answers are
-stored.
+whole or nothing (:func:`raypipe.storage.publish`): on a local disk (or another
+filesystem with a rename) an entry is written to a temporary ``.tmp-*`` name and renamed
+into place; on an object store (S3, GCS, Azure) the serialized entry is uploaded in one
+call, aborted if it raises. Readers in other actors or processes never see half an
+entry, and a killed or failing writer leaves none under the final name. Only successful
+answers are stored.
 
 Versions. ``CACHE_VERSION`` is part of every key: bump it when the same request body
 should no longer find old answers (they then simply stop matching). Each entry also
@@ -27,14 +28,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import threading
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
 
+from raypipe import storage
 from raypipe.config import redact_url
 from raypipe.errors import ConfigError
 
@@ -45,7 +44,7 @@ CACHE_VERSION = 1
 #: Layout of an entry's fields (see the module docstring); entries without one are format 1.
 ENTRY_FORMAT = 2
 #: Filesystems on which one upload is atomic (no temporary name + rename needed).
-OBJECT_STORES = ("s3", "gcs", "abfs")
+OBJECT_STORES = storage.OBJECT_STORES
 
 
 def request_key(body: dict[str, Any]) -> str:
@@ -140,31 +139,10 @@ class ResponseCache:
 
     def put(self, key: str, entry: dict[str, Any]) -> None:
         """Store ``entry`` (must hold ``text``) atomically under ``key``."""
-        path = self.path(key)
         payload = json.dumps({"format": ENTRY_FORMAT, **entry}, ensure_ascii=False).encode()
-        if self._atomic_put:
-            with self.fs.open_output_stream(path) as f:
-                f.write(payload)
-            return
-        parent, name = path.rsplit("/", 1)
-        tmp = f"{parent}/.{name}.{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex}"
-        if self.is_local:
-            os.makedirs(parent, exist_ok=True)
-            try:
-                Path(tmp).write_bytes(payload)
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):  # only when the write or rename failed
-                    os.unlink(tmp)
-            return
-        self.fs.create_dir(parent, recursive=True)
-        try:
-            with self.fs.open_output_stream(tmp) as f:
-                f.write(payload)
-            self.fs.move(tmp, path)
-        finally:
-            if self.fs.get_file_info(tmp).type != pafs.FileType.NotFound:
-                self.fs.delete_file(tmp)
+        # Temporary names at the cache's top (not in its 256 sub-folders): the next run
+        # removes leftovers there without listing every entry.
+        storage.publish(self.fs, self.path(key), payload, tmp_folder=self.root)
 
     def __len__(self) -> int:
         selector = pafs.FileSelector(self.root, recursive=True, allow_not_found=True)
@@ -173,7 +151,7 @@ class ResponseCache:
             for info in self.fs.get_file_info(selector)
             if info.type == pafs.FileType.File
             and info.base_name.endswith(".json")
-            and not info.base_name.startswith(".")
+            and not storage.is_hidden(info.base_name)
         )
 
     def _show(self, path: str) -> str:

@@ -56,6 +56,8 @@ OVERRIDES = [
     "max_rows_in_flight=10",
     "llm_batch_chunks=1",
     "log_to_driver=false",
+    "lease_ttl_s=2",  # a killed run's lease expires soon; the resume takes it over
+    "lease_renew_s=0.5",
 ]
 LIMIT_S = 900
 
@@ -137,7 +139,8 @@ def resumed(tmp_path_factory, tiny_dir, ray_vllm):
         ],
         cache=cache_files(out),
     )
-    resume_s = run_job(out, env, KEEP)
+    time.sleep(2.5)  # the killed run's lease expires
+    resume_s = run_job(out, env, KEEP, "--take-over-lease")
     print(
         f"killed after {killed_s:.0f}s ({len(before.ids)} rows written), resumed in {resume_s:.0f}s"
     )
