@@ -204,8 +204,8 @@ def export_complete(export_dir: Path) -> bool:
 def make_trained_model(plan: Plan) -> Path:
     """The training recipe: training data, then training; returns the export folder."""
     from raypipe.generate.pipeline import generate
-    from raypipe.train.loop import main as fit
-    from raypipe.train.loop import preflight, setup
+    from raypipe.train.trainer import main as fit
+    from raypipe.train.trainer import preflight, setup
 
     data_out = plan.out / "train-data"
     log.info("training data: %s", data_out)
