@@ -261,6 +261,47 @@ def test_outside_rows_get_one_reason_whether_or_not_the_target_exists(tmp_path):
     assert {(r.image_path, r.image_error) for r in json_records(src)} == {(None, DROP_OUTSIDE)}
 
 
+def test_parquet_image_paths_stay_in_the_data_folder_in_both_readers(tmp_path):
+    from raypipe.testing import write_fixture_parquet
+    from raypipe.train.reading import _stage_parquet_batch
+    from raypipe.train.shards import ShardReader
+    from raypipe.train.sources import check_sources
+
+    data = write_fixture_parquet(tmp_path / "data", 4, rows_per_file=4)
+    image = pq.read_table(data / "part-00000.parquet").column("image")[0].as_py()["bytes"]
+    (data / "img.png").write_bytes(image)
+    (tmp_path / "outside.png").write_bytes(image)
+    table = pq.read_table(data / "part-00000.parquet")
+    paths = ["img.png", "../outside.png", str(tmp_path / "outside.png"), "../missing.png"]
+    images = [{"bytes": None, "path": path} for path in paths]
+    table = table.set_column(table.schema.get_field_index("image"), "image", [images])
+    pq.write_table(table, data / "part-00000.parquet")
+    (src,) = check_sources([str(data)])
+    assert src.image_folder == str(data)
+
+    index = build_index([src])
+    reader = ShardReader(
+        index, seed=0, window_rows=4, num_samples=None, global_batch=4, world=1, rank=0
+    )
+    rows = {r["id"]: r for r in next(reader.steps(0, 1, 1))}
+    by_path = dict(zip(paths, table.column("id").to_pylist()))
+    assert rows[by_path["img.png"]]["image"] == image  # inside: read
+    for path in paths[1:]:  # outside, existing or not: one reason, nothing read
+        assert (rows[by_path[path]]["image"], rows[by_path[path]]["image_error"]) == (
+            None,
+            DROP_OUTSIDE,
+        )
+    # The row group's own image column, and one file: the inside one.
+    assert reader.image_bytes == sum(index.group_image_bytes.values()) + len(image)
+
+    staged = _stage_parquet_batch(
+        table, src.path, src.image_folder, False, index=0, weight=1.0, seed=0, epoch=0
+    ).to_pylist()
+    errors = {row["id"]: (row["image_path"], row["image_error"]) for row in staged}
+    assert errors[by_path["img.png"]] == (str(data / "img.png"), None)
+    assert {errors[by_path[p]] for p in paths[1:]} == {(None, DROP_OUTSIDE)}
+
+
 # ---------------------------------------------------------------------------------------
 # 5. Redaction by secret names and values
 # ---------------------------------------------------------------------------------------
