@@ -16,11 +16,10 @@ LLaVA-1.5 7B, both stages, on a Ray cluster with 8 GPUs (OUT on shared storage):
 ``--data`` takes ``PATH[:IMAGE_FOLDER][@WEIGHT]`` and may repeat (WEIGHT sets the mix).
 Any config field can be overridden as dotted.path=value (values parsed as YAML), e.g.
 ``global_batch_size=64 lora.rank=64``. Running the same command again on the same OUT
-resumes from the latest checkpoint in OUT/<name>, if the plan (data, seed, shuffle window,
-weights, global batch, epochs) is the one it was written with; otherwise it stops and
-names what changed (``--new-plan`` starts from the checkpoint's weights instead). The
-tuned model is written to
-OUT/export in Hugging Face format.
+resumes from the latest complete checkpoint in OUT/<name>, if the plan (data, seed,
+shuffle window, weights, global batch, epochs) is the one it was written with; otherwise
+it stops and names what changed (``--new-plan`` starts from the checkpoint's weights
+instead). The tuned model is written to OUT/export in Hugging Face format.
 """
 
 from __future__ import annotations
