@@ -95,6 +95,57 @@ def test_a_checkpoint_of_another_plan_is_refused_unless_new_plan(data_dir, tmp_p
         check_resumable(str(step), fp, new_plan=False)
 
 
+def test_setup_refuses_a_grown_dataset_before_any_worker(data_dir, tmp_path):
+    from raypipe.train.trainer import preflight, setup
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    cfg, sources = preflight(_cfg(), [str(data)])
+    run = _fake_run(tmp_path / "out", [2], name="tiny")  # OUT/<name>/step_*
+    (run / "step_00000002" / "trainer_state.json").write_text(
+        json.dumps(
+            {"step": 2, "num_workers": 2, "plan": plan_fingerprint(cfg, build_index(sources))}
+        )
+    )
+    added = _add_part(data)
+    # Refused on the driver: no Ray is started (setup would ray.put the index after).
+    with pytest.raises(ConfigError, match=f"another plan(.|\n)*files added: {added}"):
+        setup(cfg, sources, tmp_path / "out")
+
+
+def test_the_export_lineage_and_card_name_datasets_and_plans(data_dir):
+    from raypipe.train.checkpoint import TrainerState
+    from raypipe.train.export import dataset_lineage, lineage_record, model_card
+    from raypipe.train.plan import RunPlan
+    from raypipe.train.worker import export_lineage
+
+    cfg = _cfg()
+    plan = RunPlan(
+        train=cfg.model_dump(mode="json"),
+        run_dir="r",
+        export_dir="e",
+        num_rows=16,
+        steps_per_epoch=2,
+        total_steps=2,
+        fingerprint={},
+        lineage=dataset_lineage([str(data_dir)]),
+    )
+    change = {
+        "from_step": 4,
+        "new_plan": True,
+        "checkpoint": "r/step_4",
+        "changes": ["seed: 0 -> 1"],
+    }
+    state = TrainerState(step=6, plans=[{"from_step": 0}, change])
+    record = lineage_record(cfg, export_lineage(plan, state, 6))
+    assert record["plans"][1] == change
+    assert record["config"]["model"]["image_token"] == "<image>"
+    sha = record["datasets"][0]["manifest_sha256"]
+    card = model_card(record)
+    assert sha and f"`{data_dir}` (raypipe): manifest sha256 `{sha}`" in card
+    assert "from step 4, a new plan (`--new-plan`)" in card and "seed: 0 -> 1" in card
+
+
 def test_a_leased_generation_out_is_seen_in_any_lease_format(tmp_path, caplog):
     from raypipe.train.plan import warn_if_growing
 
@@ -166,9 +217,9 @@ def test_a_crafted_byte_item_is_refused_and_runs_nothing(tmp_path):
     assert not marker.exists()
 
 
-def _fake_run(tmp_path: Path, steps: list[int]) -> Path:
+def _fake_run(tmp_path: Path, steps: list[int], name: str = "run") -> Path:
     """Checkpoint folders as a 2-worker run writes them (real DCP files), per step."""
-    run = tmp_path / "run"
+    run = tmp_path / name
     for step in steps:
         folder = run / f"step_{step:08d}"
         _dcp_checkpoint(folder)

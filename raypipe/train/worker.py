@@ -226,6 +226,19 @@ def _train(plan: RunPlan, t: Trainee, run: Attempt, steps, rank: int) -> None:
         tick += _after_step(plan, t, run, out, seconds, rank)  # throughput leaves it out
 
 
+def export_lineage(plan: RunPlan, state: TrainerState, saved_at: int | None) -> dict:
+    """What the export records of this run beside its config: the datasets (path and
+    manifest hash), where each plan started (``--new-plan`` starts and their changes),
+    the steps and the last checkpoint."""
+    return {
+        "datasets": plan.lineage or [],
+        "plans": state.plans,
+        "steps": state.step,
+        "last_checkpoint_step": saved_at,
+        "train_config": plan.train,
+    }
+
+
 def _finish(plan: RunPlan, t: Trainee, processor, run: Attempt, reader, rank: int) -> dict:
     """Export (collective) and this attempt's summary."""
     cfg, state, world = t.cfg, run.state, t.world
@@ -235,13 +248,8 @@ def _finish(plan: RunPlan, t: Trainee, processor, run: Attempt, reader, rank: in
         from raypipe.train.export import export_hf
 
         began = time.perf_counter()
-        lineage = {
-            "datasets": plan.lineage or [],
-            "plans": state.plans,
-            "steps": state.step,
-            "last_checkpoint_step": run.saved_at if cfg.checkpoint_every_steps else None,
-            "train_config": plan.train,
-        }
+        saved_at = run.saved_at if cfg.checkpoint_every_steps else None
+        lineage = export_lineage(plan, state, saved_at)
         exported = export_hf(t.model, processor, cfg, plan.export_dir, rank, lineage=lineage)
         export_dir = str(exported) if exported else None
         dist.barrier()
@@ -285,4 +293,4 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     return _finish(plan, trainee, processor, run, reader, rank)
 
 
-__all__ = ["setup_model", "train_loop_per_worker"]
+__all__ = ["export_lineage", "setup_model", "train_loop_per_worker"]
