@@ -165,6 +165,8 @@ def _resume(plan: RunPlan, cfg: TrainConfig, t: Trainee, rank: int) -> TrainerSt
             },
         ]
         state.plan, state.plan_start, state.drops = plan.fingerprint, state.step, {}
+        state.global_batch_size = cfg.global_batch_size
+        state.steps_per_epoch = plan.steps_per_epoch
         print0(f"new plan from the weights of {checkpoint} (step {state.step})", rank=rank)
     else:  # the driver checked the latest; this one appeared since
         raise ConfigError(f"{checkpoint} was written by another plan: {'; '.join(changes)}")
