@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 def one(n: int, work: Path) -> dict:
     from raypipe.testing import write_fixture_run
     from raypipe.train.config import load_train_config
-    from raypipe.train.loop import fit
+    from raypipe.train.trainer import fit
 
     out = work / f"data-{n}"
     write_fixture_run(str(out), n, seed=0, image_size=32)

@@ -10,7 +10,7 @@ frozen) with the same per-worker micro-batch, AdamW, gradient clipping and loss 
 token losses over supervised tokens), sharded with FSDP2 by
 ``raypipe.train.parallel.parallelize_llava`` (one rank here):
 
-(a) ray: ``raypipe.train.loop.fit`` with one TorchTrainer worker (1 CPU) on fixture
+(a) ray: ``raypipe.train.trainer.fit`` with one TorchTrainer worker (1 CPU) on fixture
     Parquet: the worker reads its rows (raypipe.train.shards), decodes, pads to square, tokenises
     and pads them (one step ahead in a thread), and trains. tokens/s is the loop's own:
     non-pad tokens over the wall time from the end of step 1 to the end of the last
@@ -201,7 +201,7 @@ def bare_loop(
 ) -> dict:
     """Steps over prepared micro-batches (one per step); timing from the end of step 1."""
     from raypipe.train.flops import flops_per_sample_parts, step_flops
-    from raypipe.train.loop import token_loss_sum
+    from raypipe.train.step import token_loss_sum
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0, fused=fused or None)
@@ -304,7 +304,7 @@ def run_cpu(args) -> dict:
     if not args.no_ray:
         import ray
 
-        from raypipe.train.loop import fit
+        from raypipe.train.trainer import fit
 
         ray.init(
             num_cpus=os.cpu_count(),
@@ -322,7 +322,7 @@ def run_cpu(args) -> dict:
     torch.set_num_threads(1)
     device = torch.device("cpu")
     init_single_process_group(device)
-    from raypipe.train.loop import setup_model
+    from raypipe.train.worker import setup_model
 
     model, processor = setup_model(cfg, 0, device)
     encoder = SampleEncoder(

@@ -16,8 +16,10 @@ LLaVA-1.5 7B, both stages, on a Ray cluster with 8 GPUs (OUT on shared storage):
 ``--data`` takes ``PATH[:IMAGE_FOLDER][@WEIGHT]`` and may repeat (WEIGHT sets the mix).
 Any config field can be overridden as dotted.path=value (values parsed as YAML), e.g.
 ``global_batch_size=64 lora.rank=64``. Running the same command again on the same OUT
-resumes from the latest checkpoint in OUT/<name>. The tuned model is written to
-OUT/export in Hugging Face format.
+resumes from the latest complete checkpoint in OUT/<name>, if the plan (data, seed,
+shuffle window, weights, global batch, epochs) is the one it was written with; otherwise
+it stops and names what changed (``--new-plan`` starts from the checkpoint's weights
+instead). The tuned model is written to OUT/export in Hugging Face format.
 """
 
 from __future__ import annotations
@@ -49,6 +51,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-resume",
         action="store_true",
         help="refuse to continue an existing run in OUT instead of resuming it",
+    )
+    p.add_argument(
+        "--new-plan",
+        action="store_true",
+        help="resume from the latest checkpoint's weights although the plan changed (data, "
+        "seed, shuffle window, weights, batch, epochs): the new plan starts from its first "
+        "step, and the export's lineage records the change",
     )
     p.add_argument("overrides", nargs="*", help="dotted.field=value overrides")
     return p.parse_args(argv)
@@ -85,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         from raypipe.train.config import load_train_config
-        from raypipe.train.loop import main as run
-        from raypipe.train.loop import preflight, setup
+        from raypipe.train.trainer import main as run
+        from raypipe.train.trainer import preflight, setup
 
         cfg = load_train_config(args.config, args.overrides)
         # 1. Check data and model before starting anything heavy (Ray included).
@@ -95,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if not ray.is_initialized():
             ray.init()  # joins the cluster under `ray job submit`, else starts a local one
-        plan, dataset = setup(cfg, sources, args.out, resume=not args.no_resume)
+        plan, dataset = setup(
+            cfg, sources, args.out, resume=not args.no_resume, new_plan=args.new_plan
+        )
         # 2. Train.
         result = run(plan, dataset)
     except RaypipeError as e:

@@ -891,14 +891,42 @@ def url_secrets(url: str | None) -> list[str]:
     return sorted((v for v in found if len(v) >= 4), key=len, reverse=True)
 
 
+#: Field names whose values are secrets, matched on the whole name or its last words:
+#: ``api_key``, ``openai_api_key``, ``aws_secret_access_key``, ``client_secret``,
+#: ``password``, ``hf_token``, ``access_token``, ``token``, ``key``, ... but not
+#: ``image_token``, ``pad_token``, ``max_tokens``, ``cache_key`` or ``api_key_env`` (the
+#: *name* of a variable).
+_SECRET_FIELD = re.compile(
+    r"(?:^|[_.-])(?:api[_-]?key|access[_-]?key(?:[_-]?id)?|secret[_-]?key|private[_-]?key"
+    r"|secret|password|passwd|passphrase|credentials?|authorization|auth"
+    r"|(?:access|auth|api|bearer|id|refresh|session|hf|github|gh|slack)[_-]?token)$"
+    r"|^(?:key|token|pwd)$",
+    re.IGNORECASE,
+)
+
+#: Well-known credential formats, redacted wherever they appear in a value.
+_SECRET_VALUE = re.compile(
+    r"\b(?:sk-[A-Za-z0-9_-]{16,}|hf_[A-Za-z0-9]{20,}|(?:AKIA|ASIA)[A-Z0-9]{16}"
+    r"|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}|xox[abpr]-[A-Za-z0-9-]{10,}"
+    r"|AIza[0-9A-Za-z_-]{35})"
+)
+
+
+def is_secret_field(name: str) -> bool:
+    """True for a field named like a credential (see :data:`_SECRET_FIELD`)."""
+    return bool(_SECRET_FIELD.search(name))
+
+
 def redacted(config: BaseModel | dict) -> dict[str, Any]:
-    """Config as a plain dict for manifests, with any secret-looking value replaced.
+    """Config as a plain dict for manifests and lineage files, with secrets replaced.
 
     Keys are never stored in configs (only the *name* of their environment variable),
-    so this is a second line of defence: values of fields named like a key or token,
-    credentials inside URLs (``redact_url``: ``user:password@``, ``?api-key=...``), and
-    any value equal to a secret held in an environment variable named like a key or
-    token are replaced with ``***``.
+    so this is a second line of defence. Replaced with ``***``: string values of fields
+    named like a credential (:func:`is_secret_field`: ``api_key``, ``password``,
+    ``hf_token``, ...; not ``image_token`` or ``max_tokens``), credentials inside URLs
+    (``redact_url``: ``user:password@``, ``?api-key=...``), well-known key formats
+    (``sk-...``, ``hf_...``, ``AKIA...``, ...) anywhere in a value, and any value held in
+    an environment variable named like a key, token, secret or password.
     """
     data = config.model_dump(mode="json") if isinstance(config, BaseModel) else dict(config)
     secrets = {
@@ -909,15 +937,13 @@ def redacted(config: BaseModel | dict) -> dict[str, Any]:
 
     def scrub(node: Any, key: str = "") -> Any:
         if isinstance(node, dict):
-            return {k: scrub(v, k) for k, v in node.items()}
+            return {k: scrub(v, str(k)) for k, v in node.items()}
         if isinstance(node, list):
             return [scrub(v) for v in node]
         if isinstance(node, str):
-            if node in secrets:
+            if node in secrets or (node and is_secret_field(key)):
                 return "***"
-            if any(m in key.lower() for m in SECRET_MARKERS) and not key.lower().endswith("_env"):
-                return "***"
-            node = redact_url(node)
+            node = _SECRET_VALUE.sub("***", redact_url(node))
             for secret in secrets:
                 node = node.replace(secret, "***")
         return node
@@ -937,6 +963,7 @@ __all__ = [
     "load_config",
     "read_yaml_preset",
     "is_reasoning_model",
+    "is_secret_field",
     "iter_fields",
     "redact_url",
     "redacted",

@@ -5,18 +5,21 @@ ordering the data), so three runs, each made once per module, serve every assert
 
 - ``run_1w``: 1 worker, stage 2, memorisable Parquet, no interruption: the reference;
 - ``run_2w``: the same data, order and global batch on 2 workers, checkpoint every 5
-  steps, and one worker process dies after step 7 (:class:`DieAfterStep`, a step hook):
+  steps, and one worker process dies after step 7 (:func:`dying_loop`, the package's
+  worker loop with its ``train_step`` wrapped, installed from here):
   Ray Train restarts the group, which resumes from the step-5 checkpoint. Its losses
   must match the reference step for step: a wrong LR step, optimiser state, data
   position or loss normalisation would each show far above the float tolerance;
 - ``run_json``: a model composed from a CLIP tower + Llama with a linear projector,
-  stage 1, LLaVA JSON + StableLLaVA JSON inputs with corrupt rows, Ray Data's dynamic
-  split between workers.
+  stage 1, LLaVA JSON + StableLLaVA JSON inputs with corrupt rows and rows whose image
+  paths leave the image folder (``../``, absolute, ``s3://`` on the moto server), Ray
+  Data's dynamic split between workers.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -32,29 +35,40 @@ from raypipe.testing import (
     write_fixture_stablellava_json,
 )
 from raypipe.train.config import TrainConfig, load_train_config
-from raypipe.train.loop import fit
+from raypipe.train.sources import DROP_OUTSIDE
+from raypipe.train.trainer import fit
 
 pytestmark = pytest.mark.slow
 
 STEPS = 16  # 32 rows / global batch 8 = 4 steps per epoch, 4 epochs
 
 
-class DieAfterStep:
-    """Fault injection: the last worker kills its own process right after ``step``, once
-    per run (not after a resume), as a preempted node would."""
+def dying_loop(step: int, marker: Path):
+    """Fault injection: the worker loop, whose last worker kills its own process right
+    after global ``step``, once per test (``marker`` records it), as a preempted node
+    would. Installed as ``raypipe.train.worker.train_loop_per_worker`` on the driver."""
 
-    def __init__(self, step: int):
-        self.step = step
-
-    def __call__(self, step: int, rank: int, resumed: bool) -> None:
+    def loop(config):
         import ray.train
 
-        if (
-            step == self.step
-            and not resumed
-            and rank == ray.train.get_context().get_world_size() - 1
-        ):
-            os._exit(1)
+        from raypipe.train import worker
+
+        real_step, done = worker.train_step, [0]
+
+        def train_step(*args, **kwargs):
+            out = real_step(*args, **kwargs)
+            done[0] += 1  # the first attempt starts at step 0
+            ctx = ray.train.get_context()
+            last = ctx.get_world_rank() == ctx.get_world_size() - 1
+            if done[0] == step and last and not marker.exists():
+                marker.touch()
+                os._exit(1)
+            return out
+
+        worker.train_step = train_step
+        return worker.train_loop_per_worker(config)
+
+    return loop
 
 
 # Workers cannot import this module: the hook travels by value.
@@ -89,13 +103,18 @@ def run_1w(ray_local, parquet, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run_2w(ray_local, parquet, tmp_path_factory):
+    from raypipe.train import worker
+
     cfg = _stage2_config(
         num_workers=2,
         checkpoint_every_steps=5,
         keep_checkpoints=2,
         max_failures=1,
     )
-    return fit(cfg, [str(parquet)], tmp_path_factory.mktemp("run2w"), on_step=DieAfterStep(7))
+    out = tmp_path_factory.mktemp("run2w")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(worker, "train_loop_per_worker", dying_loop(7, out / "died"))
+        return fit(cfg, [str(parquet)], out)
 
 
 def test_one_worker_memorises_the_fixture(run_1w):
@@ -149,7 +168,7 @@ def test_stage2_export_loads_with_plain_transformers_and_keeps_the_tower(run_2w,
 
     from raypipe.testing import resolve_tiny
     from raypipe.train.encoding import SampleEncoder, collate
-    from raypipe.train.loop import token_loss_sum
+    from raypipe.train.step import token_loss_sum
 
     start = resolve_tiny("raypipe-tiny/tiny-llava")
     initial = LlavaForConditionalGeneration.from_pretrained(start)
@@ -197,12 +216,52 @@ def test_stage2_export_loads_with_plain_transformers_and_keeps_the_tower(run_2w,
     assert text.strip()
 
 
+class RequestLog(logging.Handler):
+    """The moto server's request lines (werkzeug logs one per request, in this process)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def _outside_rows(data: Path, llava: Path, s3_server) -> list[str]:
+    """Append to the LLaVA JSON four rows whose real images lie outside its folder:
+    ``../``, nested ``../``, absolute and ``s3://`` (on the moto server). Their keys."""
+    outside = data / "outside"
+    outside.mkdir()
+    image = next((llava.parent / "images").glob("*.png"))
+    (outside / "secret.png").write_bytes(image.read_bytes())
+    bucket = s3_server.make_bucket("train-outside")
+    s3_server.filesystem().open_output_stream(f"{bucket}/secret.png").write(image.read_bytes())
+    turns = [
+        {"from": "human", "value": "<image>\nWhat colour is the square?"},
+        {"from": "gpt", "value": "It is a red square."},
+    ]
+    paths = [
+        "../outside/secret.png",
+        "images/../../outside/secret.png",
+        str(outside / "secret.png"),
+        s3_server.uri(bucket, "secret.png"),
+    ]
+    records = json.loads(llava.read_text())
+    records += [
+        {"id": f"outside-{i}", "image": path, "conversations": turns}
+        for i, path in enumerate(paths)
+    ]
+    llava.write_text(json.dumps(records))
+    return [f"{bucket}/secret.png"]
+
+
 @pytest.fixture(scope="module")
-def run_json(ray_local, tiny_dir, tmp_path_factory):
+def run_json(ray_local, tiny_dir, s3_server, tmp_path_factory):
     data = tmp_path_factory.mktemp("json")
-    # 12 + 3 corrupt LLaVA rows, 11 + 2 corrupt StableLLaVA rows: 28, even, so the
-    # equal split between 2 workers reads every row.
+    # 12 + 3 corrupt + 4 outside LLaVA rows, 11 + 2 corrupt StableLLaVA rows: 32, even, so
+    # the equal split between 2 workers reads every row.
     llava = write_fixture_llava_json(data / "llava", 12, seed=1, corrupt=True)
+    outside_keys = _outside_rows(data, llava, s3_server)
     stable = write_fixture_stablellava_json(data / "stable", 11, seed=2, corrupt=True)
     cfg = build_config(
         TrainConfig,
@@ -222,7 +281,20 @@ def run_json(ray_local, tiny_dir, tmp_path_factory):
             "epochs": 2,  # each dropped row is still counted once
         },
     )
-    return cfg, fit(cfg, [str(llava), str(stable)], tmp_path_factory.mktemp("run-json"))
+    requests = RequestLog()
+    werkzeug = logging.getLogger("werkzeug")
+    level = werkzeug.level
+    werkzeug.setLevel(logging.INFO)
+    werkzeug.addHandler(requests)
+    try:
+        result = fit(cfg, [str(llava), str(stable)], tmp_path_factory.mktemp("run-json"))
+        s3_server.filesystem().open_input_file(f"{outside_keys[0]}.not-there")
+    except FileNotFoundError:
+        pass  # a GET the log must show: the capture works
+    finally:
+        werkzeug.removeHandler(requests)
+        werkzeug.setLevel(level)
+    return cfg, result, requests.lines, outside_keys
 
 
 def test_stage1_on_json_sources_trains_only_the_projector(run_json):
@@ -230,12 +302,13 @@ def test_stage1_on_json_sources_trains_only_the_projector(run_json):
 
     from raypipe.train.model import build_model
 
-    cfg, result = run_json
-    assert result.steps == 14  # 14 rows per worker, 2 per worker per step, 2 epochs
+    cfg, result, _, _ = run_json
+    assert result.steps == 16  # 16 rows per worker, 2 per worker per step, 2 epochs
     assert result.drops == {
         "missing image file": 2,
         "no <image> in first human turn": 1,
         "undecodable image": 2,
+        DROP_OUTSIDE: 4,
     }
     start = build_model(cfg)[0].state_dict()  # same seed: same projector init
     after = LlavaForConditionalGeneration.from_pretrained(result.export_dir).state_dict()
@@ -248,6 +321,16 @@ def test_stage1_on_json_sources_trains_only_the_projector(run_json):
     # The linear projector's second layer is the identity, exported as such.
     eye = torch.eye(after["model.multi_modal_projector.linear_2.weight"].shape[0])
     assert torch.equal(after["model.multi_modal_projector.linear_2.weight"], eye)
+
+
+def test_image_paths_outside_the_folder_are_never_read(run_json):
+    # ../, nested ../, absolute and s3:// rows pointing at real images: all dropped with
+    # one reason (drops above), and the bucket never served the outside object.
+    _, result, requests, outside_keys = run_json
+    assert any(".not-there" in line for line in requests), requests  # the log is live
+    for key in outside_keys:
+        assert not any(f"GET /{key} " in line or f"HEAD /{key} " in line for line in requests)
+    assert result.steps == 16 and result.final_loss is not None  # the other rows trained
 
 
 def test_trains_from_and_to_s3_and_resumes_from_the_bucket(

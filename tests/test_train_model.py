@@ -14,9 +14,10 @@ import torch
 
 from raypipe.config import build_config
 from raypipe.errors import ConfigError, ModelError
+from raypipe.train.batches import StepBatcher, split_step_rows
 from raypipe.train.config import TrainConfig, load_train_config
-from raypipe.train.loop import StepBatcher, build_optimizer, split_step_rows, token_loss_sum
 from raypipe.train.model import apply_freeze_policy, build_model, check_model_source
+from raypipe.train.step import build_optimizer, token_loss_sum
 
 TINY_LLAVA = {"llava": "raypipe-tiny/tiny-llava"}
 COMPOSED = {
@@ -196,8 +197,8 @@ def process_group(tmp_path):
 
 
 def test_fsdp2_with_activation_checkpointing_gives_the_same_gradients(tiny_dir, process_group):
-    from raypipe.train.loop import setup_model
     from raypipe.train.parallel import sharded_layers
+    from raypipe.train.worker import setup_model
 
     rows = [_row(0, "red"), _row(1, "blue")]
     grads, kept = [], []
@@ -331,22 +332,3 @@ def test_job_fails_before_starting_ray_on_bad_inputs(tiny_dir, tmp_path):
     out = job("--data", str(data), "--out", str(tmp_path / "o"), "model.llava=/no/such/model")
     assert out.returncode == 2 and "does not resolve" in out.stderr
     assert "Started a local Ray instance" not in out.stderr + out.stdout
-
-
-def test_a_checkpoint_from_other_batch_settings_is_refused_before_workers_start(tmp_path):
-    import json
-
-    from raypipe.train.checkpoint import latest_checkpoint
-    from raypipe.train.loop import _check_resumable
-
-    step = tmp_path / "step_00000004"
-    step.mkdir()
-    state = {"step": 4, "global_batch_size": 8, "steps_per_epoch": 4, "num_workers": 1}
-    (step / "trainer_state.json").write_text(json.dumps(state))
-    assert latest_checkpoint(tmp_path) is None  # no shards yet: not a complete checkpoint
-    for name in (".metadata", "trainer_state_rank0.pt"):
-        (step / name).write_bytes(b"")
-    assert latest_checkpoint(tmp_path) == str(step)
-    _check_resumable(step, 8, 4)  # same settings: fine
-    with pytest.raises(ConfigError, match="global_batch_size=8, this run has 16"):
-        _check_resumable(step, 16, 2)

@@ -125,8 +125,8 @@ def make_trained_model(plan: Plan) -> tuple[Path, bool]:
         training_recipe,
     )
     from raypipe.generate.pipeline import generate
-    from raypipe.train.loop import main as fit
-    from raypipe.train.loop import preflight, setup
+    from raypipe.train.trainer import main as fit
+    from raypipe.train.trainer import preflight, setup
 
     data_out = plan.out / "train-data"
     log.info("training data: %s", data_out)

@@ -14,13 +14,27 @@ folder or a URI: Ray Train's storage) and keeps the latest ``keep_checkpoints``.
 restart (a worker died, or the job ran again with the same ``OUT`` and name) the newest
 complete checkpoint is copied to a local folder and loaded from there.
 
-Loop state loads with ``torch.load(weights_only=True)``: RNG states are saved as
-tensors and lists, so loading a checkpoint from shared storage runs no pickled code.
+Nothing loaded from a checkpoint runs code: the loop state loads with
+``torch.load(weights_only=True)`` (RNG states are saved as tensors and lists),
+``trainer_state.json`` is JSON, and the DCP shards load through
+:mod:`raypipe.train.dcp_reader` (``.metadata`` through a restricted unpickler, byte items
+with ``weights_only=True``): a crafted file is refused with
+:class:`~raypipe.train.dcp_reader.UnsafeCheckpointError`. Not protected: whoever can
+write to OUT can still replace the weights themselves.
+
+**Complete or skipped.** A checkpoint counts only when its ``trainer_state.json``, every
+rank's loop state and every storage file its ``.metadata`` names are there, each storage
+file with the size the metadata records. An incomplete one (an upload cut short) is
+skipped with a warning naming it, and the run resumes from the one before.
+
+Every checkpoint records the fingerprint of its run's plan (:mod:`raypipe.train.plan`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import pickle
 import random
 import tempfile
 from contextlib import contextmanager
@@ -32,12 +46,26 @@ import numpy as np
 import pyarrow.fs as pafs
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from raypipe import storage
 from raypipe.errors import ConfigError
+from raypipe.train.dcp_reader import (
+    UnsafeCheckpointError,
+    read_metadata,
+    safe_load,
+    storage_sizes,
+)
+from raypipe.train.plan import plan_changes
 
 STATE_JSON = "trainer_state.json"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,6 +81,11 @@ class TrainerState:
     drops: dict[str, Any] = field(default_factory=dict)  #: dropped rows by reason, all ranks
     tokens: int = 0  #: valid (non-pad) tokens trained on so far, all ranks
     rng: dict[str, Any] = field(default_factory=dict)  #: this rank's RNG states
+    plan: dict[str, Any] = field(default_factory=dict)  #: the plan's fingerprint
+    plan_start: int = 0  #: the step this plan started at (0, or where --new-plan began)
+    #: where each plan started: {"from_step"} and, for a --new-plan start, "new_plan",
+    #: "checkpoint" (whose weights it started from) and "changes"
+    plans: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -106,43 +139,64 @@ def save_checkpoint(path: str | Path, model, optimizer, scheduler, state: Traine
 
 
 def load_checkpoint(
-    path: str | Path, model, optimizer, scheduler, rank: int, expect: TrainerState
+    path: str | Path, model, optimizer, scheduler, rank: int, expect: dict[str, Any]
 ) -> TrainerState:
     """Restore model, optimiser, scheduler and RNG from ``path``; return the loop state.
 
-    ``expect`` carries this run's global batch size and epoch length: a checkpoint written
-    with different ones would not resume at the same data position, so it is refused.
+    ``expect`` is this run's plan fingerprint: a checkpoint of another plan would not
+    resume at the same data position, so it is refused (ConfigError) before any tensor
+    loads.
     """
-    with local_copy(path) as path:
-        return _load_checkpoint(path, model, optimizer, scheduler, rank, expect)
+    with local_copy(path) as local:
+        return _load_checkpoint(local, str(path), model, optimizer, scheduler, rank, expect)
 
 
-def _load_checkpoint(path: Path, model, optimizer, scheduler, rank: int, expect: TrainerState):
-    # 1. Loop state first: refuse before touching the model.
+def _loop_state(path: Path, rank: int) -> dict[str, Any]:
     own = path / f"trainer_state_rank{rank}.pt"
-    saved = torch.load(own if own.exists() else path / "trainer_state_rank0.pt", weights_only=True)
+    return torch.load(own if own.exists() else path / "trainer_state_rank0.pt", weights_only=True)
+
+
+def _load_checkpoint(path: Path, name: str, model, optimizer, scheduler, rank: int, expect):
+    # 1. Loop state first: refuse before touching the model.
+    saved = _loop_state(path, rank)
     state = TrainerState(**saved["state"])
-    for key in ("global_batch_size", "steps_per_epoch"):
-        if getattr(state, key) != getattr(expect, key):
-            raise ConfigError(
-                f"checkpoint {path} was written with {key}={getattr(state, key)}, this run "
-                f"has {getattr(expect, key)}: resume with the same data and batch settings, "
-                "or write to a new --out folder (or run name) to start over."
-            )
+    changes = plan_changes(state.plan, expect)
+    if changes:
+        raise ConfigError(
+            f"checkpoint {name} was written by another plan ({'; '.join(changes)}): resume "
+            "with that plan, pass --new-plan to start from its weights, or write to a new "
+            "--out folder (or run name) to start over."
+        )
     # 2. Model and optimiser shards, resharded to this world size if needed.
     model_sd, optim_sd = get_state_dict(model, optimizer)
     loaded = {"model": model_sd, "optim": optim_sd}
-    dcp.load(loaded, checkpoint_id=str(path))
+    safe_load(loaded, str(path))
     set_state_dict(
         model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"]
     )
     scheduler.load_state_dict(saved["scheduler"])
     # 3. RNG: a rank's own stream if it had one, else rank 0's.
     set_rng_state(state.rng)
+    return _run_totals_on_rank0(state, rank)
+
+
+def _run_totals_on_rank0(state: TrainerState, rank: int) -> TrainerState:
     if rank != 0:
         # Drop counts, losses and tokens are run totals: rank 0 carries them on.
         state.drops, state.losses, state.tokens = {}, [], 0
     return state
+
+
+def load_weights(path: str | Path, model, rank: int) -> TrainerState:
+    """Load only the model weights of the checkpoint at ``path`` (a new plan starts from
+    them: fresh optimiser, schedule and data order); its loop state, for the step count,
+    losses and plan history."""
+    with local_copy(path) as local:
+        state = TrainerState(**_loop_state(local, rank)["state"])
+        loaded = {"model": get_model_state_dict(model)}
+        safe_load(loaded, str(local))
+        set_model_state_dict(model, loaded["model"])
+    return _run_totals_on_rank0(state, rank)
 
 
 def report_checkpoint(metrics: dict, model, optimizer, scheduler, state: TrainerState, rank: int):
@@ -179,22 +233,43 @@ def read_state_json(location: str | Path) -> dict[str, Any]:
     return json.loads(storage.read_bytes(fs, f"{path}/{STATE_JSON}"))
 
 
-def is_complete(location: str | Path) -> bool:
-    """True if every rank's part of the checkpoint at ``location`` is there."""
+def incomplete(location: str | Path) -> str | None:
+    """Why the checkpoint at ``location`` is not complete, or None if it is.
+
+    Complete: ``trainer_state.json``, every rank's ``trainer_state_rank<r>.pt``, and every
+    storage file ``.metadata`` names, with at least the bytes it records there. A crafted
+    ``.metadata`` raises UnsafeCheckpointError (it is not merely incomplete).
+    """
     fs, path = storage.open_location(str(location))
     try:
         state = json.loads(storage.read_bytes(fs, f"{path}/{STATE_JSON}"))
-    except (OSError, ValueError):
-        return False
-    names = {".metadata"} | {
-        f"trainer_state_rank{r}.pt" for r in range(int(state.get("num_workers", 1)))
-    }
-    infos = fs.get_file_info([f"{path}/{n}" for n in names])
-    return all(info.type == pafs.FileType.File for info in infos)
+        metadata_bytes = storage.read_bytes(fs, f"{path}/.metadata")
+    except (OSError, ValueError) as exc:
+        return f"{STATE_JSON} or .metadata unreadable ({str(exc).splitlines()[0][:120]})"
+    ranks = [f"trainer_state_rank{r}.pt" for r in range(int(state.get("num_workers", 1)))]
+    try:
+        sizes = storage_sizes(read_metadata(metadata_bytes, f"{location}/.metadata"))
+    except UnsafeCheckpointError:
+        raise
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as exc:
+        return f".metadata unreadable ({type(exc).__name__})"  # e.g. cut short
+    names = ranks + sorted(sizes)
+    for name, info in zip(names, fs.get_file_info([f"{path}/{n}" for n in names])):
+        if info.type != pafs.FileType.File:
+            return f"{name} is missing"
+        if name in sizes and info.size != sizes[name]:
+            return f"{name} has {info.size} bytes, its metadata records {sizes[name]}"
+    return None
+
+
+def is_complete(location: str | Path) -> bool:
+    """True if every part of the checkpoint at ``location`` is there (:func:`incomplete`)."""
+    return incomplete(location) is None
 
 
 def latest_checkpoint(run_dir: str | Path) -> str | None:
-    """Newest complete checkpoint under ``run_dir`` (a folder or a URI), or None."""
+    """Newest complete checkpoint under ``run_dir`` (a folder or a URI), or None; each
+    newer incomplete one is skipped with a warning naming it."""
     run_dir = str(run_dir)
     fs, path = storage.open_location(run_dir)
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
@@ -205,8 +280,10 @@ def latest_checkpoint(run_dir: str | Path) -> str | None:
     )
     for name in reversed(names):
         location = storage.join(run_dir, name)
-        if is_complete(location):
+        why = incomplete(location)
+        if why is None:
             return location
+        log.warning("skipping checkpoint %s: %s (an upload cut short?)", location, why)
     return None
 
 
@@ -219,19 +296,24 @@ def resume_point(run_dir: str | Path, registered) -> str | None:
     what ``ray.train.get_checkpoint()`` returned (or None).
     """
     on_disk = latest_checkpoint(run_dir)
-    if registered is not None and (
-        on_disk is None or storage.name(registered.path) > storage.name(on_disk)
+    if registered is None:
+        return on_disk
+    location = storage.join(run_dir, storage.name(registered.path))
+    if (on_disk is None or storage.name(location) > storage.name(on_disk)) and is_complete(
+        location
     ):
-        return storage.join(run_dir, storage.name(registered.path))
+        return location
     return on_disk
 
 
 __all__ = [
     "TrainerState",
     "checkpoint_name",
+    "incomplete",
     "is_complete",
     "latest_checkpoint",
     "load_checkpoint",
+    "load_weights",
     "local_copy",
     "read_state_json",
     "report_checkpoint",

@@ -120,6 +120,14 @@ class DataSpec(Config):
         "more randomness, more memory (a worker holds its share of the current window's "
         "images, about shuffle_window_rows / num_workers).",
     )
+    allow_external_paths: bool = Field(
+        False,
+        description="Read image paths that leave the source's image folder: absolute paths, "
+        "URIs (s3://...) and `..`. Off: such rows are dropped (one reason, nothing read), "
+        "so a dataset cannot make workers read other files or buckets with their "
+        "credentials. Turn on only for datasets you trust that were exported with "
+        "absolute paths.",
+    )
     prefetch_steps: int = Field(
         1,
         ge=0,

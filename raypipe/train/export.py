@@ -273,6 +273,12 @@ def model_card(record: dict[str, Any]) -> str:
         lines.append(f"- `{d.get('path')}` ({d.get('kind')}): {what} `{sha or 'none'}`")
     if not datasets:
         lines.append("Not recorded.")
+    for plan in record.get("plans") or []:
+        if plan.get("new_plan"):
+            lines.append(
+                f"- from step {plan.get('from_step')}, a new plan (`--new-plan`) started from "
+                f"the weights of `{plan.get('checkpoint')}`: " + "; ".join(plan.get("changes", []))
+            )
     lines += [
         "",
         f"The full config and the dataset manifests are in `{LINEAGE_FILE}`.",

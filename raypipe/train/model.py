@@ -212,7 +212,7 @@ def build_model(cfg: TrainConfig, *, on_meta: bool = False):
 
     ``on_meta=True`` builds the same architecture without weights (meta tensors): the
     other workers do this and receive rank 0's weights when sharded (see
-    :func:`raypipe.train.loop`), so a 7B model is read from disk once per run, not once per
+    :func:`raypipe.train.worker.setup_model`), so a 7B model is read from disk once per run, not once per
     worker. LoRA (``cfg.lora``) and the freeze policy are applied here too.
     """
     import torch

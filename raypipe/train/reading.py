@@ -22,6 +22,7 @@ from raypipe.train.sources import (
     DataSource,
     check_sources,
     copies,
+    image_location,
     json_records,
     order_key,
     parquet_files,
@@ -143,6 +144,8 @@ def _stage_parquet_source(src: DataSource, index: int, seed: int, epoch: int):
         _stage_parquet_batch,
         fn_kwargs={
             "source": src.path,
+            "folder": src.image_folder,
+            "allow_external": src.allow_external_paths,
             "index": index,
             "weight": src.weight,
             "seed": seed,
@@ -173,13 +176,22 @@ def _stage_json_source(src: DataSource, index: int, seed: int, epoch: int) -> li
 
 
 def _stage_parquet_batch(
-    batch: pa.Table, source: str, index: int, weight: float, seed: int, epoch: int
+    batch: pa.Table,
+    source: str,
+    folder: str,
+    allow_external: bool,
+    index: int,
+    weight: float,
+    seed: int,
+    epoch: int,
 ) -> pa.Table:
     rows = []
     for row in batch.to_pylist():
         image = row.get("image") or {}
         data, path = image.get("bytes"), image.get("path")
         error = None if data or path else DROP_NO_IMAGE
+        if not data and path:  # read after mixing, if it stays in the image folder
+            path, error = image_location(folder, path, allow_external)
         staged = {
             "id": row["id"],
             "source": source,

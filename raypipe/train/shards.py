@@ -49,6 +49,7 @@ from raypipe.train.sources import (
     check_sources,
     copies,
     hash01,
+    image_location,
     json_records,
     parquet_files,
     read_image_file,
@@ -93,7 +94,16 @@ def build_index(sources: list[DataSource | str]) -> TrainIndex:
     for s, src in enumerate(resolved):
         if src.kind == "raypipe":
             fs, files = parquet_files(src.path)
-            meta.append({"path": src.path, "kind": src.kind, "weight": src.weight, "files": files})
+            meta.append(
+                {
+                    "path": src.path,
+                    "kind": src.kind,
+                    "weight": src.weight,
+                    "files": files,
+                    "image_folder": src.image_folder,
+                    "allow_external_paths": src.allow_external_paths,
+                }
+            )
             for f, path in enumerate(files):
                 md = pq.read_metadata(path, filesystem=fs)
                 ids = pq.read_table(path, columns=["id"], filesystem=fs).column("id")
@@ -356,12 +366,17 @@ class ShardReader:
         self.image_bytes += self.index.group_image_bytes.get(key, 0)
         self.groups_read.append(key)
         rows = []
-        source = self.index.sources[s]["path"]
+        meta = self.index.sources[s]
+        source = meta["path"]
         for row in table.to_pylist():
             image = row.get("image") or {}
             data, path, error = image.get("bytes"), image.get("path"), None
             if not data and path:
-                data, error = self._read_file(path)
+                path, error = image_location(
+                    meta["image_folder"], path, meta["allow_external_paths"]
+                )
+                if path is not None:
+                    data, error = self._read_file(path)
             elif not data:
                 error = DROP_NO_IMAGE
             rows.append(

@@ -11,7 +11,18 @@ Three formats:
 
 Paths may be local or URIs of any pyarrow filesystem (``s3://bucket/run/data``), with
 query options. Files whose names start with ``.`` or ``_`` (a killed writer's
-``.tmp-*`` parts, ``_SUCCESS``) are never read. Weights (``PATH@WEIGHT``) and the order
+``.tmp-*`` parts, ``_SUCCESS``) are never read.
+
+**Image paths stay in their dataset.** An image path a dataset holds (a LLaVA JSON's
+``image``, a Parquet row's ``image.path`` when its ``bytes`` are empty) is relative to the
+source's image folder (JSON: ``:IMAGE_FOLDER`` or the JSON's folder; Parquet: the folder
+holding the Parquet files, or ``:IMAGE_FOLDER``) and must stay inside it
+(:func:`image_location`). ``..`` out of it, absolute paths and URIs (``s3://``,
+``file://``, ...) are dropped with one reason, :data:`DROP_OUTSIDE`, whose text is the
+same whether the target exists or not, and nothing is read from them. Datasets exported
+with absolute paths need ``data.allow_external_paths: true``: then the dataset decides
+what every worker reads, with the workers' credentials. Symbolic links inside the
+folder are followed. Weights (``PATH@WEIGHT``) and the order
 keys of both readers (:mod:`raypipe.train.shards`, :mod:`raypipe.train.reading`) are
 seeded hashes of the row, defined here once.
 """
@@ -39,6 +50,8 @@ DROP_NO_IMAGE = "row has no image"
 
 DROP_UNDECODABLE = "undecodable image"
 
+DROP_OUTSIDE = "image path outside the dataset's image folder"
+
 _PARQUET_COLUMNS = ["id", "image", "conversations"]
 
 
@@ -50,11 +63,14 @@ class DataSource:
     path: str
     #: "raypipe", "llava_json" or "stablellava"; None = detect from the path and contents.
     kind: str | None = None
-    #: Folder that JSON image paths are relative to; None = the JSON file's folder.
+    #: Folder that image paths are relative to and stay inside; None = the JSON file's
+    #: folder, or the folder holding the Parquet files.
     image_folder: str | None = None
     #: How many times each row is used, in expectation: 1 = once, 0.3 = a random 30%,
     #: 2 = twice. Sets the mixing ratio between sources.
     weight: float = 1.0
+    #: Read image paths outside ``image_folder`` too (absolute paths, URIs, ``..``).
+    allow_external_paths: bool = False
     #: Set by :func:`check_sources`: kind and paths are resolved and checked.
     checked: bool = False
 
@@ -136,7 +152,9 @@ def _resolve(src: DataSource) -> DataSource:
                 f"data source {src.path!r} has no rows: the generation run accepted no "
                 "samples (see its rejects/ and manifest.json) or the files are empty"
             )
-        return replace(src, path=location, kind="raypipe", checked=True)
+        folder = src.image_folder or data_folder(location)
+        folder = folder if storage.is_uri(folder) else storage.open_location(folder)[1]
+        return replace(src, path=location, kind="raypipe", image_folder=folder, checked=True)
     if not path.endswith((".json", ".jsonl")):
         raise ConfigError(
             f"data source {src.path!r}: unknown format (expected a directory or .parquet "
@@ -157,6 +175,20 @@ def _resolve(src: DataSource) -> DataSource:
     return replace(src, path=location, kind=kind, image_folder=folder, checked=True)
 
 
+def data_folder(location: str) -> str:
+    """The folder holding a raypipe source's Parquet files (OUT/data for OUT; a file's
+    folder), as a location (a URI keeps its query)."""
+    fs, path = storage.open_location(location)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        return storage.parent(location)
+    data = f"{path.rstrip('/')}/data"
+    if fs.get_file_info(data).type == pafs.FileType.Directory and not storage.list_files(
+        fs, path, ".parquet", recursive=False
+    ):
+        return storage.join(location, "data")  # a generation run's OUT directory
+    return location
+
+
 def parquet_files(location: str) -> tuple[pafs.FileSystem, list[str]]:
     """``(fs, Parquet files)`` of a raypipe source: OUT, OUT/data or one file.
 
@@ -165,11 +197,7 @@ def parquet_files(location: str) -> tuple[pafs.FileSystem, list[str]]:
     fs, path = storage.open_location(location)
     if fs.get_file_info(path).type == pafs.FileType.File:
         return fs, [path]
-    data = f"{path.rstrip('/')}/data"
-    if fs.get_file_info(data).type == pafs.FileType.Directory and not storage.list_files(
-        fs, path, ".parquet", recursive=False
-    ):
-        path = data  # a generation run's OUT directory
+    fs, path = storage.open_location(data_folder(location))
     files = storage.list_files(fs, path, ".parquet")
     if not files:
         raise ConfigError(
@@ -260,6 +288,39 @@ def read_image_file(location: str) -> tuple[bytes | None, str | None]:
         return None, f"{DROP_MISSING_FILE}: {location} ({why})"
 
 
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def image_location(folder: str, path: str, allow_external: bool = False):
+    """``(location, None)`` of a dataset's image ``path`` in ``folder``, or ``(None,
+    DROP_OUTSIDE)`` when it would leave the folder (see the module doc).
+
+    Decided on the string alone, before anything is opened: the answer is the same
+    whether the target exists or not.
+    """
+    if allow_external and (storage.is_uri(path) or path.startswith("/")):
+        return path, None
+    if allow_external:
+        return storage.join(folder, path), None
+    parts: list[str] = []
+    outside = path.startswith(("/", "\\")) or bool(_SCHEME.match(path)) or "\x00" in path
+    if storage.is_uri(folder) and any(c in path for c in "?#"):
+        outside = True  # would change the URI's query (endpoint, credentials)
+    for part in path.replace("\\", "/").split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not parts:
+                outside = True
+                break
+            parts.pop()
+        else:
+            parts.append(part)
+    if outside or not parts:
+        return None, DROP_OUTSIDE
+    return storage.join(folder, *parts), None
+
+
 def llava_turns(record: dict) -> list[dict[str, str]]:
     turns = record.get("conversations") or []
     return [
@@ -315,17 +376,19 @@ def json_records(src: DataSource) -> list[JsonRecord]:
         if not isinstance(record, dict):
             record = {"id": f"#{position}", "conversations": []}
         image = record.get("image")
-        error = None
+        location, error = None, None
         if not image:
             error = DROP_NO_IMAGE
         elif not isinstance(image, str):  # e.g. a list: one image per sample only
-            error, image = f"{DROP_NO_IMAGE}: image field is a {type(image).__name__}", None
+            error = f"{DROP_NO_IMAGE}: image field is a {type(image).__name__}"
+        else:
+            location, error = image_location(src.image_folder, image, src.allow_external_paths)
         out.append(
             JsonRecord(
                 position=position,
                 id=str(record.get("id", f"#{position}")),
                 turns=to_turns(record),
-                image_path=storage.join(src.image_folder, image) if image else None,
+                image_path=location,
                 image_error=error,
             )
         )
@@ -337,12 +400,15 @@ __all__ = [
     "json_records",
     "DROP_MISSING_FILE",
     "DROP_NO_IMAGE",
+    "DROP_OUTSIDE",
     "DROP_UNDECODABLE",
     "SOURCE_KINDS",
     "DataSource",
     "check_sources",
     "copies",
+    "data_folder",
     "hash01",
+    "image_location",
     "llava_turns",
     "load_json",
     "order_key",

@@ -132,7 +132,8 @@ def test_fsdp2_bf16_training_lowers_the_loss(models, tmp_path):
     from raypipe.testing import write_fixture_parquet
     from raypipe.train.config import load_train_config
     from raypipe.train.encoding import SampleEncoder, collate
-    from raypipe.train.loop import build_optimizer, setup_model, token_loss_sum
+    from raypipe.train.step import build_optimizer, token_loss_sum
+    from raypipe.train.worker import setup_model
 
     device = torch.device(DEVICE)
     if not dist.is_initialized():
