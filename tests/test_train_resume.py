@@ -20,6 +20,7 @@ import torch
 
 from raypipe.config import redacted
 from raypipe.errors import ConfigError
+from raypipe.lease import LEASE_FILE
 from raypipe.testing import write_fixture_run
 from raypipe.train.checkpoint import latest_checkpoint
 from raypipe.train.config import load_train_config
@@ -153,13 +154,13 @@ def test_a_leased_generation_out_is_seen_in_any_lease_format(tmp_path, caplog):
     write_fixture_run(str(out), 4, rows_per_part=4)
     source = DataSource(path=str(out / "data"), kind="raypipe")
     assert generation_lease(str(out)) is None and warn_if_growing([source]) == []
-    (out / ".lease.json").write_text(json.dumps({"host": "gen-node", "pid": 42}))
+    (out / LEASE_FILE).write_text(json.dumps({"host": "gen-node", "pid": 42}))
     lease = generation_lease(str(out))
     assert lease["host"] == "gen-node" and lease["age_s"] >= 0
-    (out / ".lease.json").write_text("not json")  # whatever the lease holds, it counts
+    (out / LEASE_FILE).write_text("not json")  # whatever the lease holds, it counts
     with caplog.at_level(logging.WARNING):
         assert warn_if_growing([source]) == [str(out / "data")]
-    assert "may still grow" in caplog.text and ".lease.json" in caplog.text
+    assert "may still grow" in caplog.text and LEASE_FILE in caplog.text
 
 
 # ---------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ plan sort after the old ones), and the lineage records where and why the plan ch
 continued with a larger one.
 
 Training on a generation run's ``OUT`` while that run still holds it (the generation
-lease, :data:`LEASE_FILE`) is allowed, with a warning: new parts may land, and the next
+lease, :data:`raypipe.lease.LEASE_FILE`) is allowed, with a warning: new parts may land, and the next
 resume would then be refused.
 """
 
@@ -34,15 +34,13 @@ import pyarrow.fs as pafs
 
 from raypipe import storage
 from raypipe.errors import ConfigError
+from raypipe.lease import LEASE_FILE
 from raypipe.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 #: Bump when the fingerprint's layout changes (an old layout never matches a new one).
 FINGERPRINT_VERSION = 1
-
-#: The generation lease: a file a running generation holds in its OUT (JSON; any fields).
-LEASE_FILE = ".lease.json"
 
 
 @dataclass
