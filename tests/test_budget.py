@@ -24,7 +24,7 @@ from raypipe.generate.budget import (
     estimate,
     format_estimate,
 )
-from raypipe.llm.client import estimate_prompt_tokens
+from raypipe.llm.transport import estimate_prompt_tokens
 from raypipe.llm.templates import dialogue_request, keyword_request, prompt_request
 
 ROOT = Path(__file__).resolve().parents[1]

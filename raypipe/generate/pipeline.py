@@ -24,7 +24,6 @@ import contextlib
 import gc
 import json
 import logging
-import os
 import threading
 import time
 from collections import Counter, defaultdict
@@ -42,7 +41,7 @@ from raypipe.generate.text import (
     expand_keyword_bank,
     seed_bank,
 )
-from raypipe.llm.base import Secret
+from raypipe.llm.failures import LLMFatalError, fatal_cause
 
 log = logging.getLogger("raypipe.generate")
 
@@ -65,12 +64,6 @@ DRIVER_GC_S = 1.0
 # ------------------------------------------------------------------------------------
 # Stage composition
 # ------------------------------------------------------------------------------------
-
-
-def driver_key(cfg: GenerateConfig) -> Secret | None:
-    """The driver's API key, for actors on nodes where the variable is not set."""
-    value = os.environ.get(cfg.llm.api_key_env) if cfg.llm.backend == "openai" else None
-    return Secret(value) if value else None
 
 
 def add_llm_stage(ds, stage: type, cfg: GenerateConfig, app=None, service=None, **kwargs: Any):
@@ -127,7 +120,6 @@ def build_stream(cfg: GenerateConfig, run: dict[str, Any], tickets: int):
         cache_dir=run["cache"],
         catalog_dirs=cfg.catalog_dirs,
         run_seed=cfg.seed,
-        api_key=driver_key(cfg),
         limiter=run["limiter"],
         planner=planner,
     )
@@ -177,9 +169,9 @@ def check_inputs(cfg: GenerateConfig, store: OutputStore) -> dict[str, Any]:
 
     catalog = load_catalog(cfg.catalog_dirs or None, names=cfg.abilities)
     backend = make_backend(cfg.llm, None, catalog)
-    if hasattr(backend, "check"):
-        backend.check()
+    checked = backend.check() if hasattr(backend, "check") else None
     backend.close()
+    checked = checked if isinstance(checked, dict) else {}
     check_render_model(cfg.render)
     check_quality_models(cfg.quality)
     try:
@@ -188,7 +180,7 @@ def check_inputs(cfg: GenerateConfig, store: OutputStore) -> dict[str, Any]:
         raise ConfigError(
             f"cannot create output folders under {store.uri}: {e}. Choose a writable --out."
         ) from None
-    return {"catalog": catalog}
+    return {"catalog": catalog, "structured_output": checked.get("structured_output")}
 
 
 def keyword_banks(
@@ -224,7 +216,7 @@ def keyword_banks(
                 cfg.llm.temperature,
                 start=saved["keywords"] if same else None,
                 attempt=attempts,
-                structured_output=cfg.llm.structured_output,
+                structured_output=cfg.llm.structured_on(),
             )
             attempts += 1
             rejects.extend(rej)
@@ -318,6 +310,9 @@ def stream(cfg: GenerateConfig, run: dict[str, Any], tally: Tally) -> dict[str, 
                 for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                     tally.add(batch)
         except Exception as e:
+            fatal = fatal_cause(e)
+            if fatal is not None:  # the endpoint refused the run: its message, no traceback
+                raise LLMFatalError(str(fatal)) from None
             if cfg.llm.backend == "vllm":
                 from raypipe.llm.vllm_backend import engine_failure
 
@@ -418,7 +413,12 @@ def generate(cfg: GenerateConfig, out: str) -> dict[str, Any]:
     t_start = time.time()
     store = OutputStore(out)
     # 1. Check inputs.
-    catalog = check_inputs(cfg, store)["catalog"]
+    checked = check_inputs(cfg, store)
+    catalog = checked["catalog"]
+    if cfg.llm.structured_output == "auto" and checked["structured_output"] is not None:
+        # What the endpoint takes, settled once: every request (and cache key) of the run.
+        llm = cfg.llm.model_copy(update={"structured_output": checked["structured_output"]})
+        cfg = cfg.model_copy(update={"llm": llm})
     cache = store.cache_location() if cfg.llm.cache else None
     timings: dict[str, float] = {}
 
@@ -476,6 +476,8 @@ def _generate(cfg, store, catalog, cache, limiter, service, timings, t_start) ->
         engines=dict(executions=run.get("executions", 0), service=engines),
         writers=vllm_writer_report(run),
     )  # fmt: skip
+    if limiter is not None:  # the job's LLM outage detector: failures by kind, last success
+        manifest["runs"][-1]["llm_stats"] = limiter.llm_stats()
     store.write_json("manifest.json", manifest)
     write_card_and_preview(store, manifest)
     for actor in (planner, writer):
