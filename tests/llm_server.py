@@ -513,7 +513,10 @@ class _Handler(BaseHTTPRequestHandler):
             llm.answered_at[digest] = time.monotonic()
             llm.answer_times.append(time.monotonic())
         if body.get("stream"):
-            self._stream(answer, body, digest, attempt)
+            try:
+                self._stream(answer, body, digest, attempt)
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up (a stall)
+                self.close_connection = True
         else:
             self._send(200, json.dumps(answer).encode())
 

@@ -464,7 +464,7 @@ class OpenAIBackend:
         """2.-4.: HTTP attempts with retries, then the result (and its cache entry)."""
         start = time.monotonic()
         estimate = estimate_prompt_tokens(req.messages) + req.max_tokens
-        attempts = 0
+        attempts, dropped = 0, False
         while True:
             if self._fatal is not None:  # the endpoint refused this run: no more calls
                 return self._failed(req, self._fatal, FATAL, attempts, start)
@@ -477,8 +477,8 @@ class OpenAIBackend:
             except asyncio.CancelledError:
                 raise
             except Exception as e:
-                if self._drop_stream(e):
-                    attempts -= 1
+                if not dropped and self._drop_stream(e):
+                    attempts, dropped = attempts - 1, True
                     continue
                 kind = kind_of(e)
                 self._limits.record(failure=kind)
@@ -573,10 +573,12 @@ class OpenAIBackend:
     def _drop_stream(self, exc: Exception) -> bool:
         """``llm.stream=auto`` on a server that refuses streaming: whole answers from now
         on (one log line). True when the attempt should simply be made again."""
-        if not (self.stream and self.cfg.stream == "auto"):
+        if self.cfg.stream != "auto":
             return False
         if refused_parameter(exc, ("stream_options", "stream")) is None:
             return False
+        if not self.stream:
+            return True  # another request already switched (and said so)
         self.stream = False
         log.warning(
             "%s refuses streamed requests (%s): sending whole answers instead, each within "

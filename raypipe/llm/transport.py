@@ -102,12 +102,12 @@ async def streamed_attempt(client: Any, body: dict[str, Any], limits: Timeouts) 
         return max(0.0, left), what
 
     def timed_out(what: str) -> StreamTimeout:
-        text = {
-            "first_token": f"no first token within {limits.first_token_s:g} s "
-            "(llm.first_token_timeout_s)",
-            "idle": f"the stream stalled for {limits.idle_s:g} s (llm.idle_timeout_s)",
-            "deadline": f"the answer took longer than {limits.deadline_s:g} s (llm.deadline_s)",
-        }[what]
+        if what == "first_token":
+            text = f"no first token within {limits.first_token_s:g} s (llm.first_token_timeout_s)"
+        elif what == "idle":
+            text = f"the stream stalled for {limits.idle_s:g} s (llm.idle_timeout_s)"
+        else:
+            text = f"the answer took longer than {limits.deadline_s:g} s (llm.deadline_s)"
         return StreamTimeout(text)
 
     left, what = wait_for(True)
