@@ -13,6 +13,7 @@ from pathlib import Path
 
 import openai
 import pytest
+from fake_clock import FakeClock
 from llm_server import make_requests
 
 from raypipe.config import LLMConfig
@@ -188,31 +189,6 @@ def test_a_401_is_fatal_at_once_with_the_servers_message(llm_server):
 # ---------------------------------------------------------------------------------------
 # 3. The job's limiter, on a clock driven by hand
 # ---------------------------------------------------------------------------------------
-
-
-class FakeClock:
-    """``now()`` and ``sleep()`` that move only when the test says so."""
-
-    def __init__(self) -> None:
-        self.t = 0.0
-        self.sleepers: list[tuple[float, asyncio.Future]] = []
-
-    def now(self) -> float:
-        return self.t
-
-    async def sleep(self, seconds: float) -> None:
-        future = asyncio.get_running_loop().create_future()
-        self.sleepers.append((self.t + seconds, future))
-        await future
-
-    async def advance(self, seconds: float) -> None:
-        self.t += seconds
-        for when, future in list(self.sleepers):
-            if when <= self.t and not future.done():
-                future.set_result(None)
-                self.sleepers.remove((when, future))
-        for _ in range(5):
-            await asyncio.sleep(0)  # let the woken tasks run
 
 
 def test_a_retry_after_one_actor_got_delays_another_actors_next_grant():

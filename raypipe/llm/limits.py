@@ -60,11 +60,16 @@ class TokenBucket:
     a give-back (``adjust`` with a negative amount) wakes the one waiting.
     """
 
-    def __init__(self, per_minute: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        per_minute: float,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+    ) -> None:
         self.rate = per_minute / 60.0
         self.capacity = max(1.0, self.rate)
         self.tokens = self.capacity
-        self._clock = clock
+        self._clock, self._sleep = clock, sleep
         self.stamp = clock()
         self._lock = asyncio.Lock()
         self._given_back = asyncio.Event()
@@ -80,12 +85,14 @@ class TokenBucket:
             self._refill()
             while self.tokens < need:
                 self._given_back.clear()
-                try:
-                    await asyncio.wait_for(
-                        self._given_back.wait(), (need - self.tokens) / self.rate
-                    )
-                except asyncio.TimeoutError:
-                    pass
+                # Until the bucket refills enough, or a give-back arrives first.
+                refilled = asyncio.ensure_future(self._sleep((need - self.tokens) / self.rate))
+                given = asyncio.ensure_future(self._given_back.wait())
+                _, pending = await asyncio.wait(
+                    {refilled, given}, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in pending:
+                    task.cancel()
                 self._refill()
             self.tokens -= n
 
@@ -127,8 +134,11 @@ class JobLimiter:
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     ):
         self._clock, self._sleep = clock, sleep
-        self._requests = TokenBucket(requests_per_minute, clock) if requests_per_minute else None
-        self._tokens = TokenBucket(tokens_per_minute, clock) if tokens_per_minute else None
+        buckets = dict(clock=clock, sleep=sleep)
+        self._requests = (
+            TokenBucket(requests_per_minute, **buckets) if requests_per_minute else None
+        )
+        self._tokens = TokenBucket(tokens_per_minute, **buckets) if tokens_per_minute else None
         self._lock = asyncio.Lock()
         self._granted = [0, 0.0, 0.0]  # requests, tokens, token corrections (for stats)
         self.concurrency = concurrency
