@@ -2,11 +2,8 @@
 SGLang, ...).
 
 Stages call the synchronous :meth:`OpenAIBackend.complete_batch` from plain code
-inside Ray actors. Underneath, one ``openai.AsyncOpenAI`` client lives on a private
-event loop in a background thread for the backend's lifetime (an async HTTP client
-must stay on the loop that made it); work is handed to it with
-``run_coroutine_threadsafe``. Async callers use :meth:`acomplete` /
-:meth:`acomplete_many`.
+inside Ray actors; one ``openai.AsyncOpenAI`` client lives on a private event loop
+(:mod:`raypipe.llm.loop_thread`). Async callers use :meth:`acomplete`/:meth:`acomplete_many`.
 
 Per request, in order:
 
@@ -31,24 +28,16 @@ error="<reason>: <detail>", failure=<kind>)``. A ``fatal`` one (401, 403, 404, 4
 ...) makes every later request of this backend fail the same way at once, and the
 caller stops the run (:class:`~raypipe.llm.failures.LLMFatalError`).
 
-Reasoning models (``llm.reasoning``) get ``max_completion_tokens`` and no
-``temperature``. The API key is read in this process (:mod:`raypipe.llm.credentials`)
-and sent as a Bearer token; query parameters of ``llm.base_url`` (``?api-key=...``)
-are sent with every request, and a ``user:password@`` part as HTTP Basic auth instead.
-The key and any credentials inside ``llm.base_url`` are scrubbed from every message
-raypipe writes, and from the HTTP library's own log lines (which quote request URLs).
+The API key is read in this process and kept out of every message and log line
+(:mod:`raypipe.llm.credentials`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import random
 import sys
-import threading
 import time
-from collections import Counter
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -56,7 +45,6 @@ from typing import Any, TypeVar
 import openai
 
 from raypipe.config import LLMConfig, redact_url, url_secrets
-from raypipe.errors import EndpointError
 from raypipe.llm import endpoint_check
 from raypipe.llm.base import LLMRequest, LLMResult, Secret
 from raypipe.llm.cache import ResponseCache, request_key
@@ -67,62 +55,36 @@ from raypipe.llm.failures import (
     TRANSIENT,
     content_failure,
     describe,
+    error_text,
     kind_of,
-    parameter_hint,
     refused_parameter,
     retry_after_s,
+    retry_wait,
 )
-from raypipe.llm.limits import (
-    DEFAULT_429_PAUSE_S,
-    MAX_RETRY_AFTER_S,
-    Leases,
-    LimiterHandle,
-    local_limiter,
-)
-from raypipe.llm.pricing import cost_usd, price_of
+from raypipe.llm.limits import Leases, LimiterHandle, local_limiter
+from raypipe.llm.loop_thread import LoopThread, cancel_others
+from raypipe.llm.pricing import cost_usd, price_or_zero
 from raypipe.llm.request_body import request_body
 from raypipe.llm.slots import Slots
 from raypipe.llm.transport import (
     Answer,
     Timeouts,
     estimate_prompt_tokens,
+    http_client,
+    httpx,
     plain_attempt,
     streamed_attempt,
 )
+from raypipe.llm.usage import Usage
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 #: Seconds added to the longest progress limit for the HTTP library's own read timeout.
 IO_MARGIN_S = 30.0
 
-__all__ = ["OpenAIBackend", "estimate_prompt_tokens", "retry_after_s"]
-
-
-def _sdk_httpx() -> Any:
-    """The HTTP library module the installed openai SDK is built on (httpx2, or httpx)."""
-    base = next(c for c in openai.DefaultAsyncHttpxClient.__mro__ if c.__name__ == "AsyncClient")
-    return sys.modules[base.__module__.split(".")[0]]
-
-
-httpx = _sdk_httpx()
-
-#: Counters of ``stats()``. ``prompt_tokens``/``completion_tokens`` are paid usage (HTTP
-#: answers); ``cached_*`` is usage served from the cache (and in-flight duplicates).
-STAT_KEYS = (
-    "requests",
-    "cache_hits",
-    "http_calls",
-    "retries",
-    "failures",
-    "prompt_tokens",
-    "completion_tokens",
-    "cached_prompt_tokens",
-    "cached_completion_tokens",
-    "estimated_usage",
-)
+__all__ = ["OpenAIBackend", "estimate_prompt_tokens", "httpx", "retry_after_s"]
 
 
 class OpenAIBackend:
@@ -165,39 +127,19 @@ class OpenAIBackend:
                     "job limiter was passed. Start one with raypipe.llm.limits.start_limiter"
                     "(cfg) and pass it to make_backend(..., limiter=) to share the limits."
                 )
-        price = price_of(cfg.prices, cfg.model)
-        if price is None:
-            log.warning(
-                "no price for model %r in llm.prices: its cost is reported as 0 USD. Add "
-                "llm.prices.%s=[prompt, completion] (USD per million tokens) to count it.",
-                cfg.model,
-                cfg.model,
-            )
-        self._price = price or (0.0, 0.0)
+        self._price = price_or_zero(cfg.prices, cfg.model)
         self.stream = cfg.stream != "off"
         self.timeouts = Timeouts(cfg.first_token_s(), cfg.idle_timeout_s, cfg.deadline_s)
         self._fatal: str | None = None  # set by the first fatal failure
-        self._counts: Counter[str] = Counter({k: 0 for k in STAT_KEYS})
-        self._errors: Counter[str] = Counter()
-        self._kinds: Counter[str] = Counter()
-        self._cost = 0.0
-        self._cached_cost = 0.0
-        self._stats_lock = threading.Lock()
-        self._closed = False
+        self.usage = Usage()
 
         # The loop thread owns the HTTP client, the slots and the limiter's client side.
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="raypipe-llm-loop", daemon=True
-        )
-        self._thread.start()
+        self._thread = LoopThread("OpenAIBackend")
         log_scrub.register(self._url_secrets, add=True)
         try:
-            self._run(self._setup(secret))
+            self._thread.run(self._setup(secret))
         except BaseException:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
-            self._closed = True
+            self._thread.stop()
             log_scrub.register(self._url_secrets, add=False)
             raise
 
@@ -216,7 +158,7 @@ class OpenAIBackend:
             api_key=secret.value,
             max_retries=0,  # this module owns retries
             timeout=self._io_timeout(),
-            http_client=self._http_client(),
+            http_client=http_client(self.cfg, self._io_timeout()),
         )
 
     def _io_timeout(self) -> float:
@@ -224,63 +166,19 @@ class OpenAIBackend:
         t = self.timeouts
         return max(self.cfg.timeout_s, t.first_token_s, t.idle_s, t.deadline_s or 0) + IO_MARGIN_S
 
-    def _http_client(self) -> Any:
-        conc = self.cfg.concurrency
-        limits = httpx.Limits(
-            max_connections=max(1000, conc), max_keepalive_connections=max(100, conc)
-        )
-        transport = self.cfg.http_transport
-        if transport == "auto":
-            transport = "httpx" if any(os.environ.get(v) for v in PROXY_VARS) else "aiohttp"
-        aio = getattr(openai, "DefaultAioHttpClient", None)
-        if transport == "aiohttp":
-            try:
-                if aio is None:
-                    raise RuntimeError("this openai version has no aiohttp transport")
-                return aio(limits=limits, timeout=self._io_timeout())
-            except RuntimeError as e:  # aiohttp (or the SDK's adapter) missing
-                if self.cfg.http_transport == "aiohttp":
-                    raise EndpointError(
-                        f"llm.http_transport=aiohttp is not available ({e}): install "
-                        "aiohttp, or set llm.http_transport=httpx."
-                    ) from None
-        return openai.DefaultAsyncHttpxClient(limits=limits, timeout=self._io_timeout())
-
-    # -- running on the private loop ----------------------------------------------------
-
-    def _on_loop(self) -> bool:
-        return threading.current_thread() is self._thread
-
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        if self._on_loop():
-            coro.close()
-            raise RuntimeError("OpenAIBackend: call the async methods from its own loop")
-        if self._closed:
-            coro.close()
-            raise RuntimeError("OpenAIBackend is closed")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    async def _bridge(self, coro: Coroutine[Any, Any, T]) -> T:
-        if self._on_loop():
-            return await coro
-        if self._closed:
-            coro.close()
-            raise RuntimeError("OpenAIBackend is closed")
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
-
     # -- public API ---------------------------------------------------------------------
 
     def complete_batch(self, requests: list[LLMRequest]) -> list[LLMResult]:
         """Answer every request concurrently; one result per request, in order."""
-        return self._run(self._complete_many(list(requests)))
+        return self._thread.run(self._complete_many(list(requests)))
 
     async def acomplete(self, request: LLMRequest) -> LLMResult:
         """Answer one request (from any event loop)."""
-        return await self._bridge(self._complete(request))
+        return await self._thread.bridge(self._complete(request))
 
     async def acomplete_many(self, requests: list[LLMRequest]) -> list[LLMResult]:
         """Answer requests concurrently (from any event loop); results in order."""
-        return await self._bridge(self._complete_many(list(requests)))
+        return await self._thread.bridge(self._complete_many(list(requests)))
 
     def check(self, timeout_s: float = 10.0) -> dict[str, Any]:
         """Fail fast, before a long run, if the endpoint is unreachable, refuses the key,
@@ -295,7 +193,7 @@ class OpenAIBackend:
             EndpointError: with what to do (set the key variable, fix base_url, start
             the server, pick a served model, turn an option off).
         """
-        return self._run(endpoint_check.check(self, timeout_s))
+        return self._thread.run(endpoint_check.check(self, timeout_s))
 
     ping = check
 
@@ -306,38 +204,20 @@ class OpenAIBackend:
         (``estimated_usage``: answers whose usage was counted from the text); usage
         served from the cache (no HTTP call, not paid again): cached_prompt_tokens,
         cached_completion_tokens, cached_cost_usd (what those answers cost when paid)."""
-        with self._stats_lock:
-            out: dict[str, Any] = dict(self._counts)
-            out["failure_kinds"] = dict(self._kinds)
-            out["cost_usd"] = round(self._cost, 8)
-            out["cached_cost_usd"] = round(self._cached_cost, 8)
-            out["errors"] = dict(self._errors)
-        return out
+        return self.usage.stats()
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the backend's loop (tests and endpoint_check use it)."""
+        return self._thread.run(coro)
 
     def close(self) -> None:
         """Close the HTTP client and stop the loop thread (idempotent)."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._on_loop():
-            self._loop.call_soon(self._loop.stop)
-            return
-        try:
-            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=10)
-        except Exception as e:  # closing must not mask the caller's own error
-            log.debug("closing the HTTP client failed: %s", type(e).__name__)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        if not self._thread.is_alive():
-            self._loop.close()
-        log_scrub.register(self._url_secrets, add=False)
+        if not self._thread.closed:
+            self._thread.stop(self._shutdown)
+            log_scrub.register(self._url_secrets, add=False)
 
     async def _shutdown(self) -> None:
-        # Calls still running (from other threads) end as cancelled instead of hanging.
-        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_others()
         try:  # hand back what was over-reserved, and the last news, to the job
             await asyncio.wait_for(self._limits.close(), 5)
         except Exception as e:
@@ -378,12 +258,7 @@ class OpenAIBackend:
         return scrub(text, ((secret.value,) if secret else ()) + tuple(self._url_secrets))
 
     def _count(self, **deltas: float) -> None:
-        with self._stats_lock:
-            for k, v in deltas.items():
-                if k == "cost_usd":
-                    self._cost += v
-                else:
-                    self._counts[k] += int(v)
+        self.usage.count(**deltas)
 
     def body(self, req: LLMRequest) -> dict[str, Any]:
         """The body sent for ``req``, which the cache key hashes too."""
@@ -393,9 +268,12 @@ class OpenAIBackend:
 
     def _served(self, req: LLMRequest, prompt: int, completion: int, cost: float) -> LLMResult:
         """A result answered without an HTTP call: nothing paid, the served usage reported."""
-        self._count(cache_hits=1, cached_prompt_tokens=prompt, cached_completion_tokens=completion)
-        with self._stats_lock:
-            self._cached_cost += cost
+        self._count(
+            cache_hits=1,
+            cached_prompt_tokens=prompt,
+            cached_completion_tokens=completion,
+            cached_cost_usd=cost,
+        )
         return LLMResult(
             key=req.key,
             text=None,
@@ -421,8 +299,7 @@ class OpenAIBackend:
         else:  # an object store: a round trip, kept off the event loop
             entry = await asyncio.to_thread(self.cache.get, key)
         if entry is not None:
-            prompt = _int(entry.get("prompt_tokens"))
-            completion = _int(entry.get("completion_tokens"))
+            prompt, completion = Answer(None, None, entry).tokens()
             cost = entry.get("cost_usd")
             if not isinstance(cost, (int, float)):  # entries of format 1 hold no cost
                 cost = cost_usd(self._price, prompt, completion)
@@ -483,7 +360,8 @@ class OpenAIBackend:
                 kind = kind_of(e)
                 self._limits.record(failure=kind)
                 if kind != TRANSIENT or attempts >= self.cfg.max_attempts:
-                    return self._failed(req, self._error_of(e), kind, attempts, start)
+                    error = self._scrub(error_text(e, self.reasoning))
+                    return self._failed(req, error, kind, attempts, start)
                 wait = self._backoff(e, attempts)
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug(
@@ -497,8 +375,7 @@ class OpenAIBackend:
         self, req: LLMRequest, answer: Answer, key: str | None, attempts: int, start: float
     ) -> LLMResult:
         """4. An answer that arrived: its usage and cost, its content check, the cache."""
-        prompt_tokens = _int(answer.usage.get("prompt_tokens"))
-        completion_tokens = _int(answer.usage.get("completion_tokens"))
+        prompt_tokens, completion_tokens = answer.tokens()
         cost = cost_usd(self._price, prompt_tokens, completion_tokens)
         self._count(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost_usd=cost)
         if answer.estimated:
@@ -521,14 +398,10 @@ class OpenAIBackend:
             if finish == "length" and self.reasoning:
                 problem += "; a reasoning model's thinking counts against llm.max_tokens: raise it"
             self._limits.record(failure=CONTENT)
-            with self._stats_lock:
-                self._kinds[CONTENT] += 1
             result.failure, result.error = CONTENT, problem
             if not text or answer.refusal:
                 result.text = None
-                self._count(failures=1)
-                with self._stats_lock:
-                    self._errors[problem.split(":", 1)[0]] += 1
+                self.usage.failed(problem.split(":", 1)[0], CONTENT)
                 log.warning("request %s: %s", req.key, problem)
                 return result
         if key is not None and self.cache is not None:
@@ -557,17 +430,14 @@ class OpenAIBackend:
                 if self.stream:
                     answer = await streamed_attempt(self._client, body, self.timeouts)
                 else:
-                    answer = await plain_attempt(self._client, body, self.cfg.timeout_s, httpx)
+                    answer = await plain_attempt(self._client, body, self.cfg.timeout_s)
             except BaseException:
                 self._limits.correct(-estimate)  # nothing served: the reservation returns
                 raise
         finally:
             self._slots.release()
         if answer.usage:
-            used = _int(answer.usage.get("prompt_tokens")) + _int(
-                answer.usage.get("completion_tokens")
-            )
-            self._limits.correct(used - estimate)
+            self._limits.correct(sum(answer.tokens()) - estimate)
         return answer
 
     def _drop_stream(self, exc: Exception) -> bool:
@@ -588,35 +458,16 @@ class OpenAIBackend:
         return True
 
     def _backoff(self, exc: Exception, attempt: int) -> float:
-        """The server's Retry-After (which pauses the whole job) or a bare 429's default
-        pause; else jittered exponential backoff."""
-        after = None
-        if isinstance(exc, openai.APIStatusError):
-            after = retry_after_s(exc.response.headers)
-            if after is None and exc.status_code == 429:
-                after = DEFAULT_429_PAUSE_S
-        if after is not None:
-            after = min(after, MAX_RETRY_AFTER_S)
-            self._limits.pause(after)
-            return after + random.uniform(0, min(1.0, 0.1 * after))
-        initial, cap = self.cfg.backoff_initial_s, self.cfg.backoff_max_s
-        base = min(cap, initial * 2 ** (attempt - 1))
-        return min(cap, base + random.uniform(0, base))
-
-    def _error_of(self, exc: Exception) -> str:
-        error = describe(exc)
-        param = refused_parameter(exc)
-        if param is not None:
-            error += f" ({parameter_hint(param, self.reasoning)})"
-        return self._scrub(error)
+        """The wait before the next attempt; a server's Retry-After pauses the whole job."""
+        wait, pause = retry_wait(exc, attempt, self.cfg.backoff_initial_s, self.cfg.backoff_max_s)
+        if pause is not None:
+            self._limits.pause(pause)
+        return wait
 
     def _failed(
         self, req: LLMRequest, error: str, kind: str, attempts: int, start: float
     ) -> LLMResult:
-        self._count(failures=1)
-        with self._stats_lock:
-            self._errors[error.split(":", 1)[0]] += 1
-            self._kinds[kind] += 1
+        self.usage.failed(error.split(":", 1)[0], kind)
         if kind == FATAL and self._fatal is None:
             self._fatal = error[:500]
             log.error("%s refused request %s: %s", self.base_url, req.key, error)
@@ -630,17 +481,6 @@ class OpenAIBackend:
             attempts=attempts,
             latency_s=time.monotonic() - start,
         )
-
-    def fatal_error(self) -> str | None:
-        """The server's refusal that stopped this backend (a fatal failure), if any."""
-        return self._fatal
-
-
-def _int(value: Any) -> int:
-    try:
-        return int(value or 0)
-    except (TypeError, ValueError):
-        return 0
 
 
 def _in_ray_actor() -> bool:

@@ -115,12 +115,11 @@ def _ping(backend: OpenAIBackend, max_tokens: int, schema: dict | None = None) -
 async def _probe(backend: OpenAIBackend, client: Any, body: dict, deadline: float) -> Any:
     """One request sent as real ones are; under ``llm.stream=auto`` a refusal of
     streaming switches the backend to whole answers and the probe is sent again."""
-    from raypipe.llm.client import httpx
 
     def send() -> Awaitable[Any]:
         if backend.stream:
             return streamed_attempt(client, body, backend.timeouts)
-        return plain_attempt(client, body, max(0.01, deadline - time.monotonic()), httpx)
+        return plain_attempt(client, body, max(0.01, deadline - time.monotonic()))
 
     while True:
         try:

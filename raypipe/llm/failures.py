@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import random
 import time
 from typing import Any
 
@@ -46,6 +47,10 @@ NONE, TRANSIENT, CONTENT, FATAL = "none", "transient", "content", "fatal"
 KINDS = (NONE, TRANSIENT, CONTENT, FATAL)
 #: Statuses retried besides 429 and 5xx (request timeout, conflict), as the openai SDK does.
 RETRYABLE_4XX = (408, 409)
+#: Pause of the whole job after a 429 that names no Retry-After.
+DEFAULT_429_PAUSE_S = 1.0
+#: Longest Retry-After raypipe honours; a server asking for more is waited on this long.
+MAX_RETRY_AFTER_S = 120.0
 #: ``finish_reason`` values that make an answer a content failure.
 CONTENT_FINISH = ("length", "content_filter")
 
@@ -219,3 +224,33 @@ def parameter_hint(param: str, reasoning_on: bool) -> str:
 
 def is_timeout(exc: BaseException) -> bool:
     return isinstance(exc, (openai.APITimeoutError, asyncio.TimeoutError, TimeoutError))
+
+
+def retry_wait(
+    exc: BaseException, attempt: int, initial_s: float, cap_s: float
+) -> tuple[float, float | None]:
+    """``(wait before the next attempt, pause for the whole job or None)``.
+
+    The server's ``Retry-After`` (or a bare 429's ``DEFAULT_429_PAUSE_S``) is a pause
+    for the job, waited with up to 10% jitter; anything else backs off exponentially
+    from ``initial_s`` (``llm.backoff_initial_s``) to ``cap_s``, jittered.
+    """
+    after = None
+    if isinstance(exc, openai.APIStatusError):
+        after = retry_after_s(exc.response.headers)
+        if after is None and exc.status_code == 429:
+            after = DEFAULT_429_PAUSE_S
+    if after is not None:
+        after = min(after, MAX_RETRY_AFTER_S)
+        return after + random.uniform(0, min(1.0, 0.1 * after)), after
+    base = min(cap_s, initial_s * 2 ** (attempt - 1))
+    return min(cap_s, base + random.uniform(0, base)), None
+
+
+def error_text(exc: BaseException, reasoning: bool) -> str:
+    """:func:`describe`, with what to set when a reasoning parameter was refused."""
+    error = describe(exc)
+    param = refused_parameter(exc)
+    if param is not None:
+        error += f" ({parameter_hint(param, reasoning)})"
+    return error

@@ -41,10 +41,6 @@ LEASE_S = 0.25
 FLUSH_S = 0.1
 #: Most requests one lease serves when only a token limit is set.
 MAX_LEASE_REQUESTS = 64
-#: Pause of the whole job after a 429 that names no Retry-After.
-DEFAULT_429_PAUSE_S = 1.0
-#: Longest Retry-After raypipe honours; a server asking for more is waited on this long.
-MAX_RETRY_AFTER_S = 120.0
 #: The in-flight limit is halved at most once per this many seconds.
 CUT_HOLD_S = 1.0
 #: Failure kinds counted by the limiter (raypipe.llm.failures.KINDS without "none").

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 from raypipe.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def price_of(prices: dict[str, tuple[float, float]], model: str) -> tuple[float, float] | None:
@@ -11,6 +15,19 @@ def price_of(prices: dict[str, tuple[float, float]], model: str) -> tuple[float,
         return prices[model]
     matches = [k for k in prices if model.startswith(k)]
     return prices[max(matches, key=len)] if matches else None
+
+
+def price_or_zero(prices: dict[str, tuple[float, float]], model: str) -> tuple[float, float]:
+    """The model's price; (0, 0), with a warning, for a model without one."""
+    price = price_of(prices, model)
+    if price is None:
+        log.warning(
+            "no price for model %r in llm.prices: its cost is reported as 0 USD. Add "
+            "llm.prices.%s=[prompt, completion] (USD per million tokens) to count it.",
+            model,
+            model,
+        )
+    return price or (0.0, 0.0)
 
 
 def cost_usd(price: tuple[float, float], prompt_tokens: int, completion_tokens: int) -> float:
