@@ -348,3 +348,61 @@ def test_the_key_file_is_read_where_the_variable_is_unset(llm_server, tmp_path, 
     assert res.ok and server.unauthorized == 0
     with pytest.raises(EndpointError, match="api_key_file"):
         OpenAIBackend(make_cfg(server, api_key_file=str(tmp_path / "missing")))
+
+
+# ---------------------------------------------------------------------------------------
+# The generation job: a fatal failure stops it; the key stays out of everything it writes
+# ---------------------------------------------------------------------------------------
+
+
+def _job_overrides(server, *more: str) -> list[str]:
+    return [
+        "llm.backend=openai",
+        f"llm.base_url={server.url}",
+        f"llm.api_key_env={KEY_ENV}",
+        "llm.model=test-model",
+        "extra_keywords_per_ability=0",  # no driver-side requests: the actors meet the 401
+        "abilities=[color]",
+        *more,
+    ]
+
+
+def test_a_401_in_the_actors_stops_the_run_at_once_with_no_rejects(
+    ray_local, tiny_dir, tmp_path, llm_server
+):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_generate import demo_config, read_data, read_rejects, template_responder
+
+    from raypipe.generate.pipeline import generate
+    from raypipe.llm.failures import LLMFatalError
+
+    def revoked(digest, attempt, body):  # the start-up probe passes, then the key is revoked
+        return "401" if body.get("max_tokens", 0) > 16 else None
+
+    server = llm_server(responder=template_responder(), fault_fn=revoked, lifetime_s=900)
+    cfg = demo_config(*_job_overrides(server, "num_samples=4", "llm.max_attempts=6"))
+    with pytest.raises(LLMFatalError, match="injected HTTP 401") as e:
+        generate(cfg, str(tmp_path))
+    assert "Traceback" not in str(e.value) and SENTINEL not in str(e.value)
+    assert read_rejects(tmp_path) == [] and read_data(tmp_path) == []
+    chat = [ev for ev in server.events if ev.fault == "401"]
+    assert 0 < len(chat) <= 4 and all(ev.attempt == 0 for ev in chat)  # never retried
+
+
+def test_the_key_is_in_no_file_of_a_run_and_the_manifest_has_llm_stats(
+    ray_local, tiny_dir, tmp_path, llm_server
+):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_generate import demo_config, read_data, template_responder
+
+    from raypipe.generate.pipeline import generate
+
+    server = llm_server(responder=template_responder(), api_key=SENTINEL, lifetime_s=900)
+    manifest = generate(demo_config(*_job_overrides(server, "num_samples=2")), str(tmp_path))
+    assert len(read_data(tmp_path)) == 2 and server.unauthorized == 0
+    stats = manifest["runs"][-1]["llm_stats"]
+    assert stats["answers"] >= 3 and stats["failures"]["transient"] == 0
+    assert stats["any_success"] and stats["seconds_since_success"] < 600
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert SENTINEL.encode() not in path.read_bytes(), path

@@ -41,7 +41,7 @@ from raypipe.generate.text import (
     expand_keyword_bank,
     seed_bank,
 )
-from raypipe.llm.failures import LLMFatalError, fatal_cause
+from raypipe.llm.failures import LLMFatalError, fatal_cause, fatal_message
 
 log = logging.getLogger("raypipe.generate")
 
@@ -311,6 +311,9 @@ def stream(cfg: GenerateConfig, run: dict[str, Any], tally: Tally) -> dict[str, 
                     tally.add(batch)
         except Exception as e:
             fatal = fatal_cause(e)
+            if fatal is None and run.get("limiter") is not None:  # an actor met it
+                error = run["limiter"].llm_stats().get("fatal_error")
+                fatal = LLMFatalError(fatal_message(error)) if error else None
             if fatal is not None:  # the endpoint refused the run: its message, no traceback
                 raise LLMFatalError(str(fatal)) from None
             if cfg.llm.backend == "vllm":

@@ -20,7 +20,7 @@ from raypipe.config import LLMConfig
 from raypipe.generate.stage import Stage
 from raypipe.llm import make_backend, structured
 from raypipe.llm.base import LLMRequest, LLMResult
-from raypipe.llm.failures import FATAL, LLMFatalError
+from raypipe.llm.failures import FATAL, LLMFatalError, fatal_message
 from raypipe.llm.parsing import (
     emphasized_keywords,
     parse_benchmark,
@@ -112,7 +112,7 @@ def expand_keyword_bank(
         if structured_output:
             req = structured.with_schema(req)
         (res,) = backend.complete_batch([req])
-        stop_if_fatal([res])
+        stop_if_fatal([res], backend)
         round_ += 1
         if not res.ok or res.finish_reason == "length":
             reason = f"llm_error:{res.error}" if not res.ok else "max_tokens"
@@ -131,16 +131,16 @@ def expand_keyword_bank(
     return bank, rejects
 
 
-def stop_if_fatal(results: list[LLMResult]) -> None:
+def stop_if_fatal(results: list[LLMResult], backend=None) -> None:
     """A fatal failure (the endpoint refused the key, the model, a parameter) stops the
-    run at once, with the server's message, instead of rejecting rows one by one."""
+    run at once, with the server's message, instead of rejecting rows one by one. The
+    job's limiter hears of it first (the driver reads the message there: Ray Data does
+    not carry an actor's exception type back)."""
     for res in results:
         if res.failure == FATAL:
-            raise LLMFatalError(
-                f"the LLM endpoint refused a request, so the run stops: {res.error}. Fix the "
-                "setting it names (llm.api_key_env, llm.model, llm.base_url, ...) and run "
-                "the same command again to resume."
-            )
+            if hasattr(backend, "flush_reports"):
+                backend.flush_reports()
+            raise LLMFatalError(fatal_message(res.error or "no message"))
 
 
 def _keyword_reject(key: str, ability: str, reason: str, raw: str) -> dict[str, Any]:
@@ -239,7 +239,7 @@ class LLMStage(Stage):
     def complete(self, requests: list) -> list[LLMResult]:
         """Answer ``requests``; tell the planner what they paid."""
         results = self.backend.complete_batch(requests) if requests else []
-        stop_if_fatal(results)
+        stop_if_fatal(results, self.backend)
         paid = sum(r.cost_usd for r in results)
         if self.planner is not None and paid:
             import ray

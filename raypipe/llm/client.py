@@ -206,6 +206,10 @@ class OpenAIBackend:
         cached_completion_tokens, cached_cost_usd (what those answers cost when paid)."""
         return self.usage.stats()
 
+    def flush_reports(self) -> None:
+        """Send what the job's limiter has not heard yet (before the caller raises)."""
+        self._thread.run(self._limits.flush())
+
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the backend's loop (tests and endpoint_check use it)."""
         return self._thread.run(coro)
@@ -358,10 +362,11 @@ class OpenAIBackend:
                     attempts, dropped = attempts - 1, True
                     continue
                 kind = kind_of(e)
-                self._limits.record(failure=kind)
                 if kind != TRANSIENT or attempts >= self.cfg.max_attempts:
                     error = self._scrub(error_text(e, self.reasoning))
+                    self._limits.record(failure=kind, message=error[:500])
                     return self._failed(req, error, kind, attempts, start)
+                self._limits.record(failure=kind)
                 wait = self._backoff(e, attempts)
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug(

@@ -163,6 +163,15 @@ def describe(exc: BaseException) -> str:
     return f"error: {type(exc).__name__}: {exc}"
 
 
+def fatal_message(error: str) -> str:
+    """What the run says when it stops on a fatal failure (``error``: the server's)."""
+    return (
+        f"the LLM endpoint refused a request, so the run stops: {error}. Fix the setting "
+        "it names (llm.api_key_env, llm.model, llm.base_url, ...) and run the same command "
+        "again to resume."
+    )
+
+
 def fatal_cause(exc: BaseException | None) -> LLMFatalError | None:
     """The :class:`LLMFatalError` inside ``exc`` (a Ray task error wraps it), if any."""
     seen: set[int] = set()

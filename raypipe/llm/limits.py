@@ -146,6 +146,7 @@ class JobLimiter:
         self._answers = 0
         self._failures: Counter[str] = Counter({k: 0 for k in FAILURE_KINDS})
         self._pauses = 0
+        self._fatal: str | None = None
 
     async def lease(self, requests: int, tokens: float, correction: float = 0.0) -> None:
         """Wait until ``requests`` and ``tokens`` are granted; first book ``correction``
@@ -169,10 +170,14 @@ class JobLimiter:
         failures: dict[str, int] | None = None,
         pause_s: float = 0.0,
         correction: float = 0.0,
+        fatal: str | None = None,
     ) -> dict[str, float]:
         """A client's news since its last report: answers, failures by kind, a pause it
-        was asked for, token corrections. Returns the pause left and the in-flight limit."""
+        was asked for, token corrections, the message of a fatal failure. Returns the
+        pause left and the in-flight limit."""
         now = self._clock()
+        if fatal and self._fatal is None:
+            self._fatal = fatal
         self._correct(correction)
         if answers:
             self._answers += answers
@@ -199,6 +204,7 @@ class JobLimiter:
             "any_success": self._last_success is not None,
             "pauses": self._pauses,
             "in_flight_limit": round(self.limit, 2),
+            "fatal_error": self._fatal,
         }
 
     def stats(self) -> dict[str, float]:
@@ -321,6 +327,7 @@ class Leases:
         self._answers = 0  # news not yet reported: answers, failures by kind, a pause
         self._failures: Counter[str] = Counter()
         self._pause_s = 0.0
+        self._fatal: str | None = None
         self._pause_until = -float("inf")  # time.monotonic() until which attempts wait
         self.limit = float("inf")  # the job's in-flight limit per client, as last heard
         self.on_limit: Callable[[float], None] | None = None
@@ -353,12 +360,15 @@ class Leases:
             self._correction += extra_tokens
             self._report_soon()
 
-    def record(self, answers: int = 0, failure: str | None = None) -> None:
-        """An answer arrived, or an attempt failed with ``failure`` (its kind)."""
+    def record(self, answers: int = 0, failure: str | None = None, message: str = "") -> None:
+        """An answer arrived, or an attempt failed with ``failure`` (its kind; a fatal
+        one with the server's ``message``, reported at once)."""
         self._answers += answers
         if failure is not None:
             self._failures[failure] += 1
-        self._report_soon()
+        if failure == "fatal" and message:
+            self._fatal = self._fatal or message
+        self._report_soon(at_once=failure == "fatal")
 
     def pause(self, seconds: float) -> None:
         """The server asked to wait (Retry-After, or a bare 429): this client waits at
@@ -371,6 +381,10 @@ class Leases:
         """Wait out the job's pause, as this client last heard of it."""
         while (left := self._pause_until - time.monotonic()) > 0:
             await asyncio.sleep(left)
+
+    async def flush(self) -> None:
+        """Report now what is not yet reported."""
+        await self._flush()
 
     async def close(self) -> None:
         """Send the corrections still held (a client that stops gives back what it over-reserved)."""
@@ -478,6 +492,7 @@ class Leases:
                 failures=dict(self._failures),
                 pause_s=self._pause_s,
                 correction=self._correction,
+                fatal=self._fatal,
             )
             self._answers, self._failures, self._pause_s = 0, Counter(), 0.0
             self._correction = 0.0
