@@ -605,7 +605,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--api-key", default=None, help="required bearer token (default: any)")
     ap.add_argument("--lifetime", type=float, default=600.0, help="seconds before shutdown")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--token-s", type=float, default=0.0, help="seconds per streamed word")
+    ap.add_argument("--words", type=int, default=0, help="answers of this many words (0: short)")
+    ap.add_argument("--capacity", type=float, default=None, help="requests/s before 429s")
     args = ap.parse_args(argv)
+    words = args.words
+    responder = (lambda messages: " ".join(f"w{i}" for i in range(words))) if words else None
     server = LLMServer(
         latency_s=args.latency,
         fault_rates=_parse_faults(args.faults),
@@ -614,6 +619,9 @@ def main(argv: list[str] | None = None) -> None:
         api_key=args.api_key,
         lifetime_s=args.lifetime,
         seed=args.seed,
+        token_s=args.token_s,
+        responder=responder,
+        capacity_rps=args.capacity,
     ).start()
     print(f"PORT {server.port}", flush=True)
     try:
