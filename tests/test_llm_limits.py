@@ -193,3 +193,31 @@ def test_four_actors_hold_the_job_rate_for_90_s(ray_local, llm_server):
     print(f"job-wide rate over 90 s: {ratio:.3f} x limit; worst 10 s window: {worst} requests")
     assert 0.9 <= ratio <= 1.05
     assert worst <= 150
+
+
+def test_four_actors_offering_three_times_capacity_get_every_answer_at_capacity(
+    ray_local, llm_server
+):
+    """A server that answers C = 4 requests/s and 429s (with the exact wait) above it;
+    4 client actors offer 160 requests at once (far above 3C). With the job's pause and
+    adaptive limit, every request is answered and the server's answer rate over the
+    last 30 s stays within 20% of C."""
+    capacity = 4.0
+    server = llm_server(capacity_rps=capacity, lifetime_s=600)
+    cfg = make_cfg(server, max_attempts=200, backoff_initial_s=0.2, concurrency=8)
+    limiter = start_limiter(cfg)
+    actors = [client_actor(ray_local, cpus=0.1).remote(cfg, limiter) for _ in range(4)]
+    ray_local.get([a.__ray_ready__.remote() for a in actors], timeout=120)
+    stats = ray_local.get(
+        [a.run.remote(make_requests(40, tag=f"c{i}")) for i, a in enumerate(actors)], timeout=300
+    )
+    for a in actors:
+        ray_local.kill(a)
+    assert [s["ok"] for s in stats] == [40, 40, 40, 40]
+    times = sorted(server.answer_times)
+    assert len(times) == 160
+    last = [t for t in times if t > times[-1] - 30.0]
+    rate = len(last) / 30.0
+    print(f"answer rate over the last 30 s: {rate:.2f}/s against a capacity of {capacity}/s")
+    assert 0.8 * capacity <= rate <= 1.2 * capacity
+    assert limiter.llm_stats()["pauses"] > 0
