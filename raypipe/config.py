@@ -155,12 +155,48 @@ class LLMConfig(Config):
     vllm: VLLMConfig = Field(
         default_factory=VLLMConfig, description="Engines of the `vllm` backend."
     )
-    structured_output: bool = Field(
+    structured_output: bool | Literal["auto"] = Field(
         False,
-        description="`vllm` only: answers are generated under a JSON schema per request "
-        "(vLLM structured outputs) that carries the template's hard rules (each field, "
-        "prompt i opening with ((keyword i)), lengths that end well within max_tokens); "
-        "the parser still validates the content.",
+        description="Answers generated under a JSON schema per request that carries the "
+        "template's hard rules (each field, prompt i opening with ((keyword i)), lengths "
+        "that end well within max_tokens); the parser still validates the content. `vllm`: "
+        "vLLM structured outputs. `openai`: sent as response_format (json_schema, strict); "
+        "a start-up request of at most 16 tokens checks that the server takes it (a refusal "
+        "fails the run before any work, quoting the server). `auto`: on where the server "
+        "takes it, else off with a log line. The value a run resolves is part of each "
+        "request, so of its cache key.",
+    )
+    stream: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="`openai`: stream answers (stream_options.include_usage for the usage), "
+        "so an attempt is timed by its progress (first_token_timeout_s, idle_timeout_s), not "
+        "its length. `off`: whole answers, each within timeout_s. `auto`: stream, and fall "
+        "back to whole answers, with one log line, on a server that refuses streaming.",
+    )
+    first_token_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="A streamed attempt fails (transient, retried) when no token arrives "
+        "within this many seconds. None = 120, or 600 for reasoning models (llm.reasoning), "
+        "which stream nothing while they think.",
+    )
+    idle_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="A streamed attempt fails (transient, retried) when the stream, once "
+        "started, sends nothing for this many seconds.",
+    )
+    deadline_s: float | None = Field(
+        None,
+        gt=0,
+        description="Longest a streamed attempt may take in all, however fast it progresses; "
+        "None = no limit (progress alone decides).",
+    )
+    api_key_file: str | None = Field(
+        None,
+        description="A file holding the API key, on every node that sends LLM requests; "
+        "read where the variable llm.api_key_env is not set. The key never travels in Ray's "
+        "task or actor arguments.",
     )
     base_url: str | None = Field(
         None, description="OpenAI-compatible base URL (e.g. http://host:8000/v1); None = OpenAI."
@@ -192,7 +228,13 @@ class LLMConfig(Config):
     max_attempts: int = Field(
         6, ge=1, description="HTTP attempts per request before it is rejected."
     )
-    timeout_s: float = Field(60.0, gt=0, description="Per-attempt timeout in seconds.")
+    timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Timeout of a whole non-streamed attempt (llm.stream=off, or auto on a "
+        "server that refuses streaming), in seconds; streamed attempts are timed by "
+        "first_token_timeout_s and idle_timeout_s instead.",
+    )
     backoff_initial_s: float = Field(
         0.5, gt=0, description="First retry wait (exponential, jittered)."
     )
@@ -233,15 +275,27 @@ class LLMConfig(Config):
 
     @model_validator(mode="after")
     def _check_vllm(self) -> LLMConfig:
-        if self.structured_output and self.backend != "vllm":
+        if self.structured_output is not False and self.backend == "offline":
             raise ValueError(
-                "llm.structured_output needs llm.backend=vllm (the openai backend sends the "
-                "text templates only: not every OpenAI-compatible endpoint takes a JSON "
-                "schema); set llm.structured_output=false or llm.backend=vllm"
+                "llm.structured_output needs llm.backend=openai or vllm (the offline writer "
+                "answers the text templates); set llm.structured_output=false"
             )
         if self.vllm.min_engines > self.vllm.max_engines:
             raise ValueError("llm.vllm.min_engines must not exceed llm.vllm.max_engines")
         return self
+
+    def structured_on(self) -> bool:
+        """Whether requests carry their JSON schema: ``True``, or ``auto`` on the ``vllm``
+        backend (``auto`` on ``openai`` is resolved by the start-up check first)."""
+        return self.structured_output is True or (
+            self.structured_output == "auto" and self.backend == "vllm"
+        )
+
+    def first_token_s(self) -> float:
+        """``first_token_timeout_s``, or its default for this model."""
+        if self.first_token_timeout_s is not None:
+            return self.first_token_timeout_s
+        return 600.0 if self.reasoning_on() else 120.0
 
     def reasoning_on(self) -> bool:
         """Whether requests use the reasoning-model parameters (see ``reasoning``)."""
@@ -525,6 +579,13 @@ class GenerateConfig(Config):
             check_resources(self.llm_actor_resources, "llm_actor_resources", "llm_actor_cpus")
         except ConfigError as e:
             raise ValueError(str(e)) from None
+        if self.max_usd is not None and self.llm.backend == "openai":
+            from raypipe.llm.pricing import require_price
+
+            try:  # before any request: an unpriced model would make max_usd inert
+                require_price(self.llm.prices, self.llm.model, "max_usd")
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
         return self
 
     llm_batch_chunks: int = Field(

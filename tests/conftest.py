@@ -28,6 +28,14 @@ def tiny_dir(tmp_path_factory):
     return path
 
 
+#: API key variables (and values) the tests' LLM actors find on the session's Ray node.
+NODE_KEYS = {
+    "RAYPIPE_TEST_KEY": "sk-test-sentinel-0123456789",
+    "RAYPIPE_STREAM_TEST_KEY": "sk-stream-test-0123456789",
+    "RAYPIPE_CONTRACT_TEST_KEY": "sk-contract-SENTINEL-5b1f0c",
+}
+
+
 @pytest.fixture(scope="session")
 def ray_local(tiny_dir):
     """A local Ray shared by the whole session (start-up costs seconds).
@@ -38,6 +46,9 @@ def ray_local(tiny_dir):
     import ray
 
     if not ray.is_initialized():
+        # The loopback servers' API keys live in the nodes' environment, as a cluster's
+        # do: LLM actors read the key where they run; it never travels as an argument.
+        os.environ.update(NODE_KEYS)
         # Short temp dir: Ray's socket paths must stay under 108 characters.
         temp_dir = tempfile.mkdtemp(prefix="rp-ray-", dir="/tmp")
         ray.init(

@@ -111,6 +111,16 @@ class LLMServer:
         refuse: which of ``max_tokens`` and ``temperature`` those models refuse.
         lifetime_s: the server shuts itself down after this many seconds.
         seed: seeds fault selection.
+        token_s: streamed answers (``"stream": true``) send their text a word at a time,
+            one every ``token_s`` seconds (the slow-stream mode).
+        stall_s: a streamed answer for which ``stall_fn(hash, attempt)`` is true stops
+            for this long after its first word (then goes on).
+        stall_fn: ``(request_hash, attempt) -> bool``; None = no stalls.
+        no_stream_usage: streamed answers carry no usage chunk, as some servers do.
+        refuse_stream: answer 400 to ``stream_options`` (a server without streaming usage).
+        refuse_response_format: answer 400 to ``response_format`` (no structured output).
+        capacity_rps: answer at most this many chat requests per second (a bucket of one
+            second's worth); above it, 429 with the exact wait as ``retry-after-ms``.
     """
 
     def __init__(
@@ -130,6 +140,13 @@ class LLMServer:
         refuse: tuple[str, ...] = ("max_tokens", "temperature"),
         lifetime_s: float = 120.0,
         seed: int = 0,
+        token_s: float = 0.0,
+        stall_s: float = 0.0,
+        stall_fn: Callable[[str, int], bool] | None = None,
+        no_stream_usage: bool = False,
+        refuse_stream: bool = False,
+        refuse_response_format: bool = False,
+        capacity_rps: float | None = None,
     ) -> None:
         rates = dict(fault_rates or {})
         unknown = set(rates) - set(FAULTS)
@@ -151,6 +168,14 @@ class LLMServer:
         self.refuse = tuple(refuse)
         self.lifetime_s = lifetime_s
         self.seed = seed
+        self.token_s = token_s
+        self.stall_s = stall_s
+        self.stall_fn = stall_fn
+        self.no_stream_usage = no_stream_usage
+        self.refuse_stream = refuse_stream
+        self.refuse_response_format = refuse_response_format
+        self.capacity_rps = capacity_rps
+        self._bucket = (capacity_rps or 0.0, time.monotonic())  # tokens, stamp
 
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -171,6 +196,7 @@ class LLMServer:
             self.max_in_flight = 0  # most chat requests being handled at once
             self.in_flight_hashes: Counter[str] = Counter()  # hashes being handled now
             self.answered_at: dict[str, float] = {}  # hash -> time.monotonic() of last answer
+            self.answer_times: list[float] = []  # time.monotonic() of every 200 answer
             self.events: list[_Event] = []
 
     def in_flight_now(self, answered_within_s: float = 0.0) -> set[str]:
@@ -280,6 +306,35 @@ class LLMServer:
             }
         return None
 
+    def over_capacity(self) -> float | None:
+        """Seconds until the next request fits ``capacity_rps``, or None when it fits now."""
+        if not self.capacity_rps:
+            return None
+        with self._lock:
+            tokens, stamp = self._bucket
+            now = time.monotonic()
+            tokens = min(self.capacity_rps, tokens + (now - stamp) * self.capacity_rps)
+            if tokens >= 1:
+                self._bucket = (tokens - 1, now)
+                return None
+            self._bucket = (tokens, now)
+            return (1 - tokens) / self.capacity_rps
+
+    def refused_option(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """A 400 error object for a request option this server does not take, or None."""
+        for name, refused in (
+            ("stream_options", self.refuse_stream),
+            ("response_format", self.refuse_response_format),
+        ):
+            if refused and name in body:
+                return {
+                    "message": f"Unrecognized request argument supplied: {name}",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": None,
+                }
+        return None
+
     def record(self, digest: str) -> tuple[int, float]:
         with self._lock:
             attempt = self.attempts_by_hash[digest]
@@ -387,7 +442,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _chat(self, body: dict[str, Any], messages: list[dict[str, Any]], digest: str) -> None:
         llm = self.llm
         attempt, now = llm.record(digest)
-        refused = llm.refused_param(body)
+        refused = llm.refused_param(body) or llm.refused_option(body)
         fault = "unsupported_param" if refused else llm.choose_fault(digest, attempt, body)
         query = self.path.split("?", 1)[1] if "?" in self.path else ""
         with llm._lock:
@@ -399,6 +454,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(400, json.dumps({"error": refused}).encode())
             return
         llm.wait(llm.latency_s)
+        wait = llm.over_capacity() if not fault else None
+        if wait is not None:
+            fault = "429"
+            with llm._lock:
+                llm.fault_counts["over_capacity"] += 1
+            headers = {"retry-after-ms": str(int(wait * 1000) + 1), "Retry-After": "1"}
+            self._error(429, "Rate limit reached; try again later.", "requests", headers)
+            return
 
         if fault == "429":
             headers = {}
@@ -448,7 +511,52 @@ class _Handler(BaseHTTPRequestHandler):
         with llm._lock:
             llm.answered_by_hash[digest] += 1
             llm.answered_at[digest] = time.monotonic()
-        self._send(200, json.dumps(answer).encode())
+            llm.answer_times.append(time.monotonic())
+        if body.get("stream"):
+            try:
+                self._stream(answer, body, digest, attempt)
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up (a stall)
+                self.close_connection = True
+        else:
+            self._send(200, json.dumps(answer).encode())
+
+    def _stream(self, answer: dict[str, Any], body: dict[str, Any], digest: str, attempt: int):
+        """``answer`` as server-sent events: a role chunk, the text a word at a time
+        (``token_s`` apart, with a stall where ``stall_fn`` says), the finish, the usage."""
+        llm = self.llm
+        head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+        self.wfile.write((head + "Transfer-Encoding: chunked\r\n\r\n").encode("latin-1"))
+        base = {k: answer[k] for k in ("id", "created", "model")}
+        base["object"] = "chat.completion.chunk"
+        choice = answer["choices"][0]
+        text = choice["message"]["content"] or ""
+
+        def send(delta: dict[str, Any], finish: str | None = None, usage=None) -> None:
+            chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            if usage is not None:
+                chunk = {**base, "choices": [], "usage": usage}
+            self._chunk(f"data: {json.dumps(chunk)}\n\n".encode())
+
+        send({"role": "assistant", "content": ""})
+        words = [w + " " for w in text.split(" ")] if text else []
+        if words:
+            words[-1] = words[-1][:-1]
+        stall = llm.stall_s and llm.stall_fn is not None and llm.stall_fn(digest, attempt)
+        for i, word in enumerate(words):
+            if i:
+                llm.wait(llm.token_s)
+            send({"content": word})
+            if i == 0 and stall:
+                llm.wait(llm.stall_s)
+        send({}, choice["finish_reason"])
+        if (body.get("stream_options") or {}).get("include_usage") and not llm.no_stream_usage:
+            send({}, usage=answer["usage"])
+        self._chunk(b"data: [DONE]\n\n")
+        self._chunk(b"")
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
 
 
 def http_date(seconds_from_now: float) -> str:
@@ -497,7 +605,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--api-key", default=None, help="required bearer token (default: any)")
     ap.add_argument("--lifetime", type=float, default=600.0, help="seconds before shutdown")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--token-s", type=float, default=0.0, help="seconds per streamed word")
+    ap.add_argument("--words", type=int, default=0, help="answers of this many words (0: short)")
+    ap.add_argument("--capacity", type=float, default=None, help="requests/s before 429s")
     args = ap.parse_args(argv)
+    words = args.words
+    responder = (lambda messages: " ".join(f"w{i}" for i in range(words))) if words else None
     server = LLMServer(
         latency_s=args.latency,
         fault_rates=_parse_faults(args.faults),
@@ -506,6 +619,9 @@ def main(argv: list[str] | None = None) -> None:
         api_key=args.api_key,
         lifetime_s=args.lifetime,
         seed=args.seed,
+        token_s=args.token_s,
+        responder=responder,
+        capacity_rps=args.capacity,
     ).start()
     print(f"PORT {server.port}", flush=True)
     try:

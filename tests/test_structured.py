@@ -133,8 +133,8 @@ def test_vllm_config_and_engine_kwargs():
     assert kwargs["enable_chunked_prefill"] is False  # CPU engines: see engine_kwargs
     gpu = load_config(GenerateConfig, "jobs/configs/sd15-vllm.yaml").llm
     assert "enable_chunked_prefill" not in engine_kwargs(gpu)
-    with pytest.raises(ConfigError, match="structured_output needs llm.backend=vllm"):
-        load_config(GenerateConfig, None, ["llm.backend=openai", "llm.structured_output=true"])
+    with pytest.raises(ConfigError, match="structured_output needs llm.backend=openai or vllm"):
+        load_config(GenerateConfig, None, ["llm.backend=offline", "llm.structured_output=true"])
 
 
 def test_engine_gpu_seconds_price_the_llm_per_1000_samples():

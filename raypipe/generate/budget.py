@@ -153,9 +153,9 @@ def _llm_price(cfg: GenerateConfig) -> tuple[tuple[float, float] | None, str]:
             "vllm: engines in the run, no token prices (their GPU time is priced by "
             "gpu_hour_usd in the manifest)"
         )
-    from raypipe.llm.client import _price  # the client's own lookup: exact, then prefix
+    from raypipe.llm.pricing import price_of  # the client's own lookup: exact, then prefix
 
-    price = _price(llm.prices, llm.model)
+    price = price_of(llm.prices, llm.model)
     if price is None:
         return None, (
             f"no price for model {llm.model!r} in llm.prices: cost counted as 0 USD "

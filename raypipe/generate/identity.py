@@ -59,6 +59,11 @@ FIELD_CLASS: dict[str, str] = {
     "llm.prices": OPERATIONAL,
     "llm.cache": OPERATIONAL,
     "llm.http_transport": OPERATIONAL,
+    "llm.stream": OPERATIONAL,
+    "llm.first_token_timeout_s": OPERATIONAL,
+    "llm.idle_timeout_s": OPERATIONAL,
+    "llm.deadline_s": OPERATIONAL,
+    "llm.api_key_file": OPERATIONAL,
     "llm.vllm.dtype": IDENTITY,
     "llm.vllm.max_model_len": IDENTITY,  # decides which requests are answered at all
     "llm.vllm.tensor_parallel_size": OPERATIONAL,
@@ -136,6 +141,11 @@ FIELD_CLASS: dict[str, str] = {
 IDENTITY_FILE = "identity.json"
 
 
+#: Identity fields whose ``auto`` a run settles after taking the lease (the endpoint
+#: check answers it); the settled value is what OUT records and compares.
+SETTLED_AT_START = {"llm.structured_output"}
+
+
 def leaf_fields(model: type[BaseModel] = GenerateConfig) -> list[str]:
     """Dotted paths of every field that is not itself a nested config."""
     return [
@@ -200,6 +210,8 @@ def changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list[Any]]:
     out: dict[str, list[Any]] = {}
     for path in sorted(set(old.get("fields", {})) & set(new["fields"])):
         before, now = old["fields"][path], new["fields"][path]
+        if path in SETTLED_AT_START and now == "auto":
+            continue  # compared again once the run has settled it
         if before != now:
             out[path] = [before, now]
     for key in ("catalog", "templates"):

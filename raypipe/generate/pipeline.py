@@ -24,7 +24,6 @@ import contextlib
 import gc
 import json
 import logging
-import os
 import threading
 import time
 from collections import Counter, defaultdict
@@ -44,7 +43,7 @@ from raypipe.generate.text import (
     expand_keyword_bank,
     seed_bank,
 )
-from raypipe.llm.base import Secret
+from raypipe.llm.failures import LLMFatalError, fatal_cause, fatal_message
 
 log = logging.getLogger("raypipe.generate")
 
@@ -67,12 +66,6 @@ DRIVER_GC_S = 1.0
 # ------------------------------------------------------------------------------------
 # Stage composition
 # ------------------------------------------------------------------------------------
-
-
-def driver_key(cfg: GenerateConfig) -> Secret | None:
-    """The driver's API key, for actors on nodes where the variable is not set."""
-    value = os.environ.get(cfg.llm.api_key_env) if cfg.llm.backend == "openai" else None
-    return Secret(value) if value else None
 
 
 def add_llm_stage(ds, stage: type, cfg: GenerateConfig, app=None, service=None, **kwargs: Any):
@@ -129,7 +122,6 @@ def build_stream(cfg: GenerateConfig, run: dict[str, Any], tickets: int):
         cache_dir=run["cache"],
         catalog_dirs=cfg.catalog_dirs,
         run_seed=cfg.seed,
-        api_key=driver_key(cfg),
         limiter=run["limiter"],
         planner=planner,
     )
@@ -179,9 +171,9 @@ def check_inputs(cfg: GenerateConfig, store: OutputStore) -> dict[str, Any]:
 
     catalog = load_catalog(cfg.catalog_dirs or None, names=cfg.abilities)
     backend = make_backend(cfg.llm, None, catalog)
-    if hasattr(backend, "check"):
-        backend.check()
+    checked = backend.check() if hasattr(backend, "check") else None
     backend.close()
+    checked = checked if isinstance(checked, dict) else {}
     check_render_model(cfg.render)
     check_quality_models(cfg.quality)
     try:
@@ -190,7 +182,7 @@ def check_inputs(cfg: GenerateConfig, store: OutputStore) -> dict[str, Any]:
         raise ConfigError(
             f"cannot create output folders under {store.uri}: {e}. Choose a writable --out."
         ) from None
-    return {"catalog": catalog}
+    return {"catalog": catalog, "structured_output": checked.get("structured_output")}
 
 
 def keyword_banks(
@@ -226,7 +218,7 @@ def keyword_banks(
                 cfg.llm.temperature,
                 start=saved["keywords"] if same else None,
                 attempt=attempts,
-                structured_output=cfg.llm.structured_output,
+                structured_output=cfg.llm.structured_on(),
             )
             attempts += 1
             rejects.extend(rej)
@@ -324,6 +316,12 @@ def stream(cfg: GenerateConfig, run: dict[str, Any], tally: Tally) -> dict[str, 
                     if run["lease"].lost is not None:  # taken over: stop, publish nothing
                         raise run["lease"].lost
         except Exception as e:
+            fatal = fatal_cause(e)
+            if fatal is None and run.get("limiter") is not None:  # an actor met it
+                error = run["limiter"].llm_stats().get("fatal_error")
+                fatal = LLMFatalError(fatal_message(error)) if error else None
+            if fatal is not None:  # the endpoint refused the run: its message, no traceback
+                raise LLMFatalError(str(fatal)) from None
             if cfg.llm.backend == "vllm":
                 from raypipe.llm.vllm_backend import engine_failure
 
@@ -443,8 +441,13 @@ def generate(
     lease = take_lease(cfg, store, take_over_lease)
     try:
         store.fence = lease.check
-        # 1. Check inputs.
-        catalog = check_inputs(cfg, store)["catalog"]
+        # 1. Check inputs (the endpoint check settles `llm.structured_output: auto`).
+        inputs = check_inputs(cfg, store)
+        catalog = inputs["catalog"]
+        resolved = resolve_structured_output(cfg, inputs["structured_output"])
+        if resolved is not cfg:  # every request, cache key and the identity use the value
+            cfg = resolved
+            checked = check_identity(store, cfg, catalog, accept_identity_change)
         record_identity(store, checked, cfg.num_samples)
         lease.start_renewing()
         cache = store.cache_location() if cfg.llm.cache else None
@@ -540,9 +543,24 @@ def _stream_and_finish(
     )  # fmt: skip
     if identity_change:
         manifest["runs"][-1]["identity_change"] = identity_change
+    if run["limiter"] is not None:  # the job's LLM outage detector: failures by kind
+        manifest["runs"][-1]["llm_stats"] = run["limiter"].llm_stats()
     store.write_json("manifest.json", manifest)  # fenced: only while this run holds OUT
     write_card_and_preview(store, manifest)
     return manifest
+
+
+def resolve_structured_output(cfg: GenerateConfig, answered: bool | None) -> GenerateConfig:
+    """``llm.structured_output: auto`` as the endpoint check answered it (on the vllm
+    backend: on); ``cfg`` itself when there is nothing to settle."""
+    if cfg.llm.structured_output != "auto":
+        return cfg
+    if answered is None and cfg.llm.backend == "vllm":
+        answered = True
+    if answered is None:
+        return cfg
+    llm = cfg.llm.model_copy(update={"structured_output": answered})
+    return cfg.model_copy(update={"llm": llm})
 
 
 def start_engine_service(cfg: GenerateConfig):

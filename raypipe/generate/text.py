@@ -19,7 +19,8 @@ from raypipe.abilities import Ability, load_catalog
 from raypipe.config import LLMConfig
 from raypipe.generate.stage import Stage
 from raypipe.llm import make_backend, structured
-from raypipe.llm.base import LLMRequest, LLMResult, Secret
+from raypipe.llm.base import LLMRequest, LLMResult
+from raypipe.llm.failures import FATAL, LLMFatalError, fatal_message
 from raypipe.llm.parsing import (
     emphasized_keywords,
     parse_benchmark,
@@ -111,6 +112,7 @@ def expand_keyword_bank(
         if structured_output:
             req = structured.with_schema(req)
         (res,) = backend.complete_batch([req])
+        stop_if_fatal([res], backend)
         round_ += 1
         if not res.ok or res.finish_reason == "length":
             reason = f"llm_error:{res.error}" if not res.ok else "max_tokens"
@@ -127,6 +129,18 @@ def expand_keyword_bank(
         bank.extend(new[: target - len(bank)])
         stale = 0 if new else stale + 1
     return bank, rejects
+
+
+def stop_if_fatal(results: list[LLMResult], backend=None) -> None:
+    """A fatal failure (the endpoint refused the key, the model, a parameter) stops the
+    run at once, with the server's message, instead of rejecting rows one by one. The
+    job's limiter hears of it first (the driver reads the message there: Ray Data does
+    not carry an actor's exception type back)."""
+    for res in results:
+        if res.failure == FATAL:
+            if hasattr(backend, "flush_reports"):
+                backend.flush_reports()
+            raise LLMFatalError(fatal_message(res.error or "no message"))
 
 
 def _keyword_reject(key: str, ability: str, reason: str, raw: str) -> dict[str, Any]:
@@ -147,10 +161,10 @@ def keyword_for(bank: list[str], run_seed: int, ability: str, index: int) -> str
 class LLMStage(Stage):
     """Base of the LLM writing stages: the backend and catalog, built once per actor.
 
-    ``api_key`` carries the driver's key to actors on nodes where ``llm.api_key_env`` is
-    not set (it prints as ***). ``limiter`` is the job-wide rate limiter shared by every
-    LLM client of the run; ``planner`` the run's planner, told what each batch paid
-    (for ``max_usd``).
+    The backend reads the API key on the actor's node (``llm.api_key_env`` or
+    ``llm.api_key_file``): it is never an argument. ``limiter`` is the job-wide limiter
+    shared by every LLM client of the run; ``planner`` the run's planner, told what each
+    batch paid (for ``max_usd``).
     """
 
     def __init__(
@@ -159,13 +173,12 @@ class LLMStage(Stage):
         cache_dir: str | None,
         catalog_dirs: list[str],
         run_seed: int,
-        api_key: Secret | None = None,
         limiter=None,
         planner=None,
     ):
         self.cfg = LLMConfig.model_validate(llm)
         self.catalog = load_catalog(catalog_dirs or None)
-        self.backend = make_backend(self.cfg, cache_dir, self.catalog, api_key, limiter=limiter)
+        self.backend = make_backend(self.cfg, cache_dir, self.catalog, limiter=limiter)
         self.run_seed = run_seed
         self.planner = planner
 
@@ -193,7 +206,7 @@ class LLMStage(Stage):
 
     def request(self, req: LLMRequest) -> LLMRequest:
         """``req`` as this run sends it: with its JSON schema under ``llm.structured_output``."""
-        return structured.with_schema(req) if self.cfg.structured_output else req
+        return structured.with_schema(req) if self.cfg.structured_on() else req
 
     @staticmethod
     def failure(res: LLMResult) -> str | None:
@@ -226,6 +239,7 @@ class LLMStage(Stage):
     def complete(self, requests: list) -> list[LLMResult]:
         """Answer ``requests``; tell the planner what they paid."""
         results = self.backend.complete_batch(requests) if requests else []
+        stop_if_fatal(results, self.backend)
         paid = sum(r.cost_usd for r in results)
         if self.planner is not None and paid:
             import ray

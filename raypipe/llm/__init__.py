@@ -27,8 +27,9 @@ def make_backend(
     ``cache_dir`` is where ``openai`` caches answers: a local folder or a pyarrow
     filesystem URI (``s3://bucket/run/cache?endpoint_override=...``). ``catalog`` is the
     run's ability catalog (user abilities included); the offline writer answers from it.
-    ``api_key`` is used when ``cfg.api_key_env`` is not set in this process (a driver
-    passes its key to Ray actors this way). ``limiter`` is the job's rate limiter from
+    ``api_key`` is used when neither ``cfg.api_key_env`` nor ``cfg.api_key_file`` holds a
+    key in this process (in-process callers only: a key cannot be pickled, so Ray actors
+    read theirs on their node). ``limiter`` is the job's limiter from
     :func:`raypipe.llm.limits.start_limiter`: every backend given it shares the job's
     ``requests_per_minute``/``tokens_per_minute``; without it they apply per backend.
     """

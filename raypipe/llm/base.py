@@ -17,7 +17,10 @@ TASKS = ("keywords", "prompts", "dialogue", "benchmark")
 
 
 class Secret:
-    """Holds an API key; prints as *** so it never lands in a log, repr or traceback."""
+    """Holds an API key; prints as *** so it never lands in a log, repr or traceback,
+    and refuses to be pickled, so it never travels in a Ray task's or actor's arguments
+    (Ray stores those, and its tools show them): each process reads the key itself
+    (raypipe.llm.credentials)."""
 
     __slots__ = ("value",)
 
@@ -29,8 +32,12 @@ class Secret:
 
     __str__ = __repr__
 
-    def __reduce__(self):  # pickles (to Ray actors) without exposing the value in repr
-        return (Secret, (self.value,))
+    def __reduce__(self):
+        raise TypeError(
+            "an API key (raypipe Secret) must not be pickled: it would travel in Ray's task "
+            "and actor arguments. Let each process read it from llm.api_key_env or "
+            "llm.api_key_file."
+        )
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,8 @@ class LLMResult:
     key: str
     text: str | None  # the completion text; None when the request failed
     error: str | None = None  # why it failed (after retries), e.g. "http_429: ...", "timeout"
+    #: which kind of failure (raypipe.llm.failures): none, transient, content or fatal
+    failure: str = "none"
     prompt_tokens: int = 0  # paid: prompt tokens the endpoint reported for this request
     completion_tokens: int = 0  # paid: completion tokens reported for this request
     cost_usd: float = 0.0  # paid: USD for this request (llm.prices); 0 when cached
@@ -80,6 +89,8 @@ class LLMResult:
     #: Why generation stopped, when known: "stop", or "length" (cut at max_tokens: the
     #: stages reject such an answer as ``max_tokens``, whatever it holds).
     finish_reason: str | None = None
+    #: the token usage was counted from the text (the server reported none)
+    usage_estimated: bool = False
 
     @property
     def ok(self) -> bool:

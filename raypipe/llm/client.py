@@ -1,352 +1,90 @@
-"""The ``openai`` backend: any OpenAI-compatible chat endpoint (OpenAI, a vLLM server, ...).
+"""The ``openai`` backend: any OpenAI-compatible chat endpoint (OpenAI, vLLM's server,
+SGLang, ...).
 
 Stages call the synchronous :meth:`OpenAIBackend.complete_batch` from plain code
-inside Ray actors. Underneath, one ``openai.AsyncOpenAI`` client lives on a private
-event loop in a background thread for the backend's lifetime (an async HTTP client
-must stay on the loop that made it); work is handed to it with
-``run_coroutine_threadsafe``. Async callers use :meth:`acomplete` /
-:meth:`acomplete_many`.
+inside Ray actors; one ``openai.AsyncOpenAI`` client lives on a private event loop
+(:mod:`raypipe.llm.loop_thread`). Async callers use :meth:`acomplete`/:meth:`acomplete_many`.
 
 Per request, in order:
 
 1. the response cache (a local folder or a URI; a hit costs nothing, makes no HTTP
-   call and reports the tokens it served as ``cached_*``);
-2. a concurrency slot (``llm.concurrency``, per client), then permits from the
-   request- and token-per-minute limits: the job's limiter actor when one is given
-   (:mod:`raypipe.llm.limits`; the limits are then job-wide), else in-process buckets
-   (tokens estimated from the message length plus ``max_tokens``, corrected with the
-   reported usage afterwards);
-3. one HTTP attempt with a per-attempt timeout; tenacity retries 429, 5xx, timeouts,
-   connection errors and malformed bodies with jittered exponential backoff, or
-   after the server's ``Retry-After``/``retry-after-ms`` when it sends one, up to
-   ``llm.max_attempts``; other 4xx fail at once;
+   call and reports the tokens it served as ``cached_*``); the key hashes the body
+   that is sent (:func:`raypipe.llm.request_body.request_body`);
+2. the job's pause (a ``Retry-After`` any client of the job received), an in-flight
+   slot (the job's adaptive limit, at most ``llm.concurrency``), then permits from the
+   request- and token-per-minute limits; all three come from the job's limiter
+   (:mod:`raypipe.llm.limits`), or an in-process one when none is given;
+3. one HTTP attempt (:mod:`raypipe.llm.transport`), streamed and timed by its progress
+   unless ``llm.stream=off``; a failed attempt gives its token reservation back, and is
+   retried if transient (:mod:`raypipe.llm.failures`) after the server's
+   ``Retry-After`` (which pauses the whole job) or a jittered exponential backoff, up
+   to ``llm.max_attempts``;
 4. the answer's text, token usage and cost (``llm.prices``) into an
-   :class:`~raypipe.llm.base.LLMResult`; successful answers go to the cache.
+   :class:`~raypipe.llm.base.LLMResult` with its ``failure`` kind; answers with text
+   go to the cache.
 
-Reasoning models (``llm.reasoning``) get ``max_completion_tokens`` and no
-``temperature``; :meth:`OpenAIBackend.check` sends one request shaped like the real
-ones, so a server that refuses those parameters fails the run before any work.
+Nothing is raised for one request: a failure comes back as ``LLMResult(text=None,
+error="<reason>: <detail>", failure=<kind>)``. A ``fatal`` one (401, 403, 404, 400
+...) makes every later request of this backend fail the same way at once, and the
+caller stops the run (:class:`~raypipe.llm.failures.LLMFatalError`).
 
-A request that still fails comes back as ``LLMResult(text=None, error="<kind>: <detail>")``;
-nothing is raised for one request. The API key is read from the environment
-variable ``llm.api_key_env`` and sent as a Bearer token; query parameters of
-``llm.base_url`` (``?api-key=...``) are sent with every request, and a
-``user:password@`` part as HTTP Basic auth instead of the Bearer token. The key and any
-credentials inside ``llm.base_url`` are scrubbed from every message raypipe writes,
-and from the HTTP library's own log lines (which quote request URLs).
+The API key is read in this process and kept out of every message and log line
+(:mod:`raypipe.llm.credentials`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
-import email.utils
-import json
 import logging
-import os
-import random
 import sys
-import threading
 import time
-import uuid
-from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import openai
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 from raypipe.config import LLMConfig, redact_url, url_secrets
-from raypipe.errors import EndpointError
+from raypipe.llm import endpoint_check
 from raypipe.llm.base import LLMRequest, LLMResult, Secret
 from raypipe.llm.cache import ResponseCache, request_key
-from raypipe.llm.limits import Leases, LimiterHandle, TokenBucket
+from raypipe.llm.credentials import log_scrub, read_api_key, scrub, split_base_url
+from raypipe.llm.failures import (
+    CONTENT,
+    FATAL,
+    TRANSIENT,
+    content_failure,
+    describe,
+    error_text,
+    kind_of,
+    refused_parameter,
+    retry_after_s,
+    retry_wait,
+)
+from raypipe.llm.limits import Leases, LimiterHandle, local_limiter
+from raypipe.llm.loop_thread import LoopThread, cancel_others
+from raypipe.llm.pricing import cost_usd, price_or_zero
+from raypipe.llm.request_body import request_body
+from raypipe.llm.slots import Slots
+from raypipe.llm.transport import (
+    Answer,
+    Timeouts,
+    estimate_prompt_tokens,
+    http_client,
+    httpx,
+    plain_attempt,
+    streamed_attempt,
+)
+from raypipe.llm.usage import Usage
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Longest Retry-After raypipe honours; a server asking for more is waited on this long.
-MAX_RETRY_AFTER_S = 120.0
-#: Statuses retried besides 429 and 5xx (request timeout, conflict), as the openai SDK does.
-RETRYABLE_4XX = (408, 409)
-PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+#: Seconds added to the longest progress limit for the HTTP library's own read timeout.
+IO_MARGIN_S = 30.0
 
-
-def _sdk_httpx() -> Any:
-    """The HTTP library module the installed openai SDK is built on (httpx2, or httpx)."""
-    base = next(c for c in openai.DefaultAsyncHttpxClient.__mro__ if c.__name__ == "AsyncClient")
-    return sys.modules[base.__module__.split(".")[0]]
-
-
-httpx = _sdk_httpx()
-
-
-_Secret = Secret
-
-
-# ---------------------------------------------------------------------------------------
-# Errors of one attempt
-# ---------------------------------------------------------------------------------------
-
-
-class MalformedResponse(Exception):
-    """A 200 answer whose body is not a chat completion (retryable)."""
-
-
-def retry_after_s(headers: Any) -> float | None:
-    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or HTTP date)."""
-    if headers is None:
-        return None
-    ms = headers.get("retry-after-ms")
-    if ms:
-        try:
-            return max(0.0, float(ms) / 1000)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def is_retryable(exc: BaseException) -> bool:
-    if isinstance(exc, openai.APIStatusError):
-        code = exc.status_code
-        return code == 429 or code >= 500 or code in RETRYABLE_4XX
-    return isinstance(
-        exc, (openai.APIConnectionError, asyncio.TimeoutError, TimeoutError, MalformedResponse)
-    )
-
-
-def describe(exc: BaseException) -> str:
-    """``<kind>: <short detail>`` for an attempt's exception (not yet scrubbed)."""
-    if isinstance(exc, openai.APIStatusError):
-        detail = exc.message
-        body = exc.body
-        if isinstance(body, dict):
-            inner = body.get("error", body)
-            if isinstance(inner, dict) and inner.get("message"):
-                detail = str(inner["message"])
-        return f"http_{exc.status_code}: {detail}"
-    if isinstance(exc, (openai.APITimeoutError, asyncio.TimeoutError, TimeoutError)):
-        return "timeout: no answer within the per-attempt timeout (llm.timeout_s)"
-    if isinstance(exc, openai.APIConnectionError):
-        cause = exc.__cause__
-        return f"connection: {type(cause).__name__ if cause else 'connection error'}"
-    if isinstance(exc, MalformedResponse):
-        return f"bad_response: {exc}"
-    return f"error: {type(exc).__name__}: {exc}"
-
-
-# ---------------------------------------------------------------------------------------
-# Rate limits
-# ---------------------------------------------------------------------------------------
-
-
-class Slots:
-    """``n`` concurrency slots; retries are served before first attempts.
-
-    A retried request has already waited (its backoff); putting it behind every
-    request not yet started would make the slowest request of a batch slower still.
-    """
-
-    def __init__(self, n: int) -> None:
-        self.free = n
-        self._retries: deque[asyncio.Future[None]] = deque()
-        self._firsts: deque[asyncio.Future[None]] = deque()
-
-    async def acquire(self, retry: bool) -> None:
-        if self.free > 0 and not self._retries and not self._firsts:
-            self.free -= 1
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        (self._retries if retry else self._firsts).append(waiter)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self.release()  # handed a slot just as we were cancelled: pass it on
-            else:
-                with contextlib.suppress(ValueError):
-                    (self._retries if retry else self._firsts).remove(waiter)
-            raise
-
-    def release(self) -> None:
-        for queue in (self._retries, self._firsts):
-            while queue:
-                waiter = queue.popleft()
-                if not waiter.done():
-                    waiter.set_result(None)  # the slot passes straight to the waiter
-                    return
-        self.free += 1
-
-
-def estimate_prompt_tokens(messages: tuple[dict[str, str], ...] | list[dict[str, str]]) -> int:
-    """About 4 characters per token plus a few per message, as OpenAI's guidance has it."""
-    return 3 + sum(4 + len(str(m.get("content") or "")) // 4 for m in messages)
-
-
-class LocalLimits:
-    """``llm.requests_per_minute``/``tokens_per_minute`` applied in this process only:
-    what a backend uses when no job limiter was handed to it."""
-
-    def __init__(self, cfg: LLMConfig) -> None:
-        self._rpm = TokenBucket(cfg.requests_per_minute) if cfg.requests_per_minute else None
-        self._tpm = TokenBucket(cfg.tokens_per_minute) if cfg.tokens_per_minute else None
-
-    async def acquire(self, tokens: float) -> None:
-        if self._rpm is not None:
-            await self._rpm.acquire(1)
-        if self._tpm is not None:
-            await self._tpm.acquire(tokens)
-
-    def correct(self, extra_tokens: float) -> None:
-        if self._tpm is not None:
-            self._tpm.adjust(extra_tokens)
-
-    async def close(self) -> None:
-        pass
-
-
-# ---------------------------------------------------------------------------------------
-# Reasoning models and parameters a server refuses
-# ---------------------------------------------------------------------------------------
-
-#: Request parameters that differ between reasoning and classic chat models.
-SHAPE_PARAMS = ("max_tokens", "max_completion_tokens", "temperature")
-#: Words with which servers refuse a parameter (OpenAI, vLLM's and pydantic's validators).
-REFUSAL_WORDS = ("unsupported", "not supported", "unrecognized", "unknown", "extra", "permitted")
-
-
-def refused_parameter(exc: BaseException) -> str | None:
-    """The request parameter a 400/422 answer refuses (max_tokens, temperature, ...), if any."""
-    if not isinstance(exc, openai.APIStatusError) or exc.status_code not in (400, 422):
-        return None
-    body = exc.body if isinstance(exc.body, dict) else {}
-    inner = body.get("error") if isinstance(body.get("error"), dict) else body
-    if inner.get("param") in SHAPE_PARAMS:
-        return inner["param"]
-    text = f"{inner.get('message') or exc.message} {inner.get('code') or ''}".lower()
-    if not any(word in text for word in REFUSAL_WORDS):
-        return None
-    quoted = [p for p in SHAPE_PARAMS if f"'{p}'" in text or f"`{p}`" in text]
-    named = quoted or [p for p in SHAPE_PARAMS if p in text]
-    return named[0] if named else None
-
-
-def parameter_hint(param: str, reasoning_on: bool) -> str:
-    """What to set when the server refused ``param`` (see ``llm.reasoning``)."""
-    if reasoning_on:
-        return (
-            f"the server refuses {param!r}, which llm.reasoning=on sends "
-            "(max_completion_tokens, no temperature): set llm.reasoning=off for servers and "
-            "models that take max_tokens and temperature."
-        )
-    return (
-        f"the server refuses {param!r}, as OpenAI's reasoning models (o1, o3, o4-mini, gpt-5, "
-        "...) do: set llm.reasoning=on (max_completion_tokens, no temperature)."
-    )
-
-
-# ---------------------------------------------------------------------------------------
-# Secrets in log lines the HTTP library writes (it quotes request URLs)
-# ---------------------------------------------------------------------------------------
-
-
-class _ScrubLogFilter(logging.Filter):
-    """Replaces registered secrets in the records of the loggers it is attached to."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._counts: Counter[str] = Counter()  # secret -> backends using it
-        self._secrets: tuple[str, ...] = ()  # longest first; replaced whole, never mutated
-        self._lock = threading.Lock()
-
-    def register(self, secrets: list[str], add: bool) -> None:
-        with self._lock:
-            for value in secrets:
-                self._counts[value] += 1 if add else -1
-            self._counts = +self._counts  # drop counts at zero
-            self._secrets = tuple(sorted(self._counts, key=len, reverse=True))
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        secrets = self._secrets
-        if secrets:
-            message = clean = record.getMessage()
-            for value in secrets:
-                clean = clean.replace(value, "***")
-            if clean != message:
-                record.msg, record.args = clean, None
-        return True
-
-
-#: The HTTP libraries' loggers whose lines can quote a request URL.
-URL_LOGGERS = ("httpx", "httpx2", "httpcore", "openai", "openai._base_client")
-_log_scrub = _ScrubLogFilter()
-for _name in URL_LOGGERS:
-    logging.getLogger(_name).addFilter(_log_scrub)
-
-
-# ---------------------------------------------------------------------------------------
-# The backend
-# ---------------------------------------------------------------------------------------
-
-
-def split_base_url(url: str | None) -> tuple[str | None, dict[str, str], dict[str, str]]:
-    """``(url, query parameters, headers)`` for the openai SDK from ``llm.base_url``.
-
-    The SDK appends request paths to the base URL's text, so query parameters
-    (``?api-key=...``) go as its default query. A ``user:password@`` part is sent as
-    HTTP Basic auth, in place of the Bearer key, on every transport (as curl does;
-    left in the URL, httpx would do the same silently and aiohttp would refuse it).
-    """
-    if not url or ("?" not in url and "@" not in url):
-        return url, {}, {}
-    parts = urlsplit(url)
-    query = dict(parse_qsl(parts.query, keep_blank_values=True))
-    headers = {}
-    if "@" in parts.netloc:
-        userinfo, host = parts.netloc.rsplit("@", 1)
-        user, _, password = userinfo.partition(":")
-        pair = f"{unquote(user)}:{unquote(password)}".encode()
-        headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
-        parts = parts._replace(netloc=host)
-    return urlunsplit(parts._replace(query="")), query, headers
-
-
-def _price(prices: dict[str, tuple[float, float]], model: str) -> tuple[float, float] | None:
-    """Exact match first, else the longest price key the model name starts with."""
-    if model in prices:
-        return prices[model]
-    matches = [k for k in prices if model.startswith(k)]
-    return prices[max(matches, key=len)] if matches else None
-
-
-#: Counters of ``stats()``. ``prompt_tokens``/``completion_tokens`` are paid usage (HTTP
-#: answers); ``cached_*`` is usage served from the cache (and in-flight duplicates).
-STAT_KEYS = (
-    "requests",
-    "cache_hits",
-    "http_calls",
-    "retries",
-    "failures",
-    "prompt_tokens",
-    "completion_tokens",
-    "cached_prompt_tokens",
-    "cached_completion_tokens",
-)
+__all__ = ["OpenAIBackend", "estimate_prompt_tokens", "httpx", "retry_after_s"]
 
 
 class OpenAIBackend:
@@ -357,13 +95,13 @@ class OpenAIBackend:
         cache_dir: where the response cache lives: a local folder (``OUT/cache``) or a
             pyarrow filesystem URI (``s3://bucket/run/cache?endpoint_override=...``);
             None, or ``cfg.cache=False``, turns caching off.
-        api_key: the key as a :class:`~raypipe.llm.base.Secret`, used when the
-            environment variable ``cfg.api_key_env`` is not set in this process.
+        api_key: a key for this process when neither ``$cfg.api_key_env`` nor
+            ``cfg.api_key_file`` holds one (in-process callers only: it cannot be pickled).
         limiter: the job's limiter (:func:`raypipe.llm.limits.start_limiter`); None =
-            apply ``cfg``'s rate limits in this process only.
+            an in-process one (limits, pauses and the in-flight limit for this client alone).
 
     Raises:
-        EndpointError: the environment variable ``cfg.api_key_env`` is not set.
+        EndpointError: no API key.
         ConfigError: the cache location cannot be opened.
     """
 
@@ -374,15 +112,7 @@ class OpenAIBackend:
         api_key: Secret | None = None,
         limiter: LimiterHandle | None = None,
     ) -> None:
-        # The environment wins; ``api_key`` is how a driver hands its key to Ray actors
-        # on machines where the variable is not set.
-        api_key = os.environ.get(cfg.api_key_env, "") or (api_key.value if api_key else "")
-        if not api_key:
-            raise EndpointError(
-                f"the environment variable {cfg.api_key_env} (llm.api_key_env) is not set: "
-                f"export {cfg.api_key_env}=<your API key> before running. A local vLLM "
-                "server started without --api-key accepts any non-empty value."
-            )
+        secret = read_api_key(cfg, api_key)
         self.cfg = cfg
         self.model = cfg.model
         self.reasoning = cfg.reasoning_on()
@@ -397,176 +127,105 @@ class OpenAIBackend:
                     "job limiter was passed. Start one with raypipe.llm.limits.start_limiter"
                     "(cfg) and pass it to make_backend(..., limiter=) to share the limits."
                 )
-        price = _price(cfg.prices, cfg.model)
-        if price is None:
-            log.warning(
-                "no price for model %r in llm.prices: its cost is reported as 0 USD. Add "
-                "llm.prices.%s=[prompt, completion] (USD per million tokens) to count it.",
-                cfg.model,
-                cfg.model,
-            )
-        self._price = price or (0.0, 0.0)
-        self._counts: Counter[str] = Counter({k: 0 for k in STAT_KEYS})
-        self._errors: Counter[str] = Counter()
-        self._cost = 0.0
-        self._cached_cost = 0.0
-        self._stats_lock = threading.Lock()
-        self._closed = False
+        self._price = price_or_zero(cfg.prices, cfg.model)
+        self.stream = cfg.stream != "off"
+        self.timeouts = Timeouts(cfg.first_token_s(), cfg.idle_timeout_s, cfg.deadline_s)
+        self._fatal: str | None = None  # set by the first fatal failure
+        self.usage = Usage()
 
-        # The loop thread owns the HTTP client, the slots and the buckets.
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="raypipe-llm-loop", daemon=True
-        )
-        self._thread.start()
-        _log_scrub.register(self._url_secrets, add=True)
+        # The loop thread owns the HTTP client, the slots and the limiter's client side.
+        self._thread = LoopThread("OpenAIBackend")
+        log_scrub.register(self._url_secrets, add=True)
         try:
-            self._run(self._setup(api_key))
+            self._thread.run(self._setup(secret))
         except BaseException:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
-            self._closed = True
-            _log_scrub.register(self._url_secrets, add=False)
+            self._thread.stop()
+            log_scrub.register(self._url_secrets, add=False)
             raise
 
-    async def _setup(self, api_key: str) -> None:
+    async def _setup(self, secret: Secret) -> None:
         cfg = self.cfg
-        self._secret = _Secret(api_key)  # for scrubbing messages; prints as ***
+        self._secret = secret  # for scrubbing messages; prints as ***, cannot be pickled
         self._slots = Slots(cfg.concurrency)
-        self._limits: Leases | LocalLimits | None = None
-        if self.limiter is not None:
-            self._limits = Leases(self.limiter)
-        elif cfg.requests_per_minute or cfg.tokens_per_minute:
-            self._limits = LocalLimits(cfg)
+        self._limits = Leases(self.limiter or local_limiter(cfg))
+        self._limits.on_limit = self._slots.set_limit
         self._inflight: dict[str, asyncio.Future[LLMResult]] = {}
         base_url, query, headers = split_base_url(cfg.base_url)
         self._client = openai.AsyncOpenAI(
             base_url=base_url,
             default_query=query or None,
             default_headers=headers or None,
-            api_key=api_key,
-            max_retries=0,  # tenacity owns retries
-            timeout=cfg.timeout_s,
-            http_client=self._http_client(),
+            api_key=secret.value,
+            max_retries=0,  # this module owns retries
+            timeout=self._io_timeout(),
+            http_client=http_client(self.cfg, self._io_timeout()),
         )
 
-    def _http_client(self) -> Any:
-        conc = self.cfg.concurrency
-        limits = httpx.Limits(
-            max_connections=max(1000, conc), max_keepalive_connections=max(100, conc)
-        )
-        transport = self.cfg.http_transport
-        if transport == "auto":
-            transport = "httpx" if any(os.environ.get(v) for v in PROXY_VARS) else "aiohttp"
-        aio = getattr(openai, "DefaultAioHttpClient", None)
-        if transport == "aiohttp":
-            try:
-                if aio is None:
-                    raise RuntimeError("this openai version has no aiohttp transport")
-                return aio(limits=limits, timeout=self.cfg.timeout_s)
-            except RuntimeError as e:  # aiohttp (or the SDK's adapter) missing
-                if self.cfg.http_transport == "aiohttp":
-                    raise EndpointError(
-                        f"llm.http_transport=aiohttp is not available ({e}): install "
-                        "aiohttp, or set llm.http_transport=httpx."
-                    ) from None
-        return openai.DefaultAsyncHttpxClient(limits=limits, timeout=self.cfg.timeout_s)
-
-    # -- running on the private loop ----------------------------------------------------
-
-    def _on_loop(self) -> bool:
-        return threading.current_thread() is self._thread
-
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        if self._on_loop():
-            coro.close()
-            raise RuntimeError("OpenAIBackend: call the async methods from its own loop")
-        if self._closed:
-            coro.close()
-            raise RuntimeError("OpenAIBackend is closed")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    async def _bridge(self, coro: Coroutine[Any, Any, T]) -> T:
-        if self._on_loop():
-            return await coro
-        if self._closed:
-            coro.close()
-            raise RuntimeError("OpenAIBackend is closed")
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
+    def _io_timeout(self) -> float:
+        """The HTTP library's own read timeout: beyond every limit raypipe applies itself."""
+        t = self.timeouts
+        return max(self.cfg.timeout_s, t.first_token_s, t.idle_s, t.deadline_s or 0) + IO_MARGIN_S
 
     # -- public API ---------------------------------------------------------------------
 
     def complete_batch(self, requests: list[LLMRequest]) -> list[LLMResult]:
         """Answer every request concurrently; one result per request, in order."""
-        return self._run(self._complete_many(list(requests)))
+        return self._thread.run(self._complete_many(list(requests)))
 
     async def acomplete(self, request: LLMRequest) -> LLMResult:
         """Answer one request (from any event loop)."""
-        return await self._bridge(self._complete(request))
+        return await self._thread.bridge(self._complete(request))
 
     async def acomplete_many(self, requests: list[LLMRequest]) -> list[LLMResult]:
         """Answer requests concurrently (from any event loop); results in order."""
-        return await self._bridge(self._complete_many(list(requests)))
+        return await self._thread.bridge(self._complete_many(list(requests)))
 
     def check(self, timeout_s: float = 10.0) -> dict[str, Any]:
-        """Fail fast, before a long run, if the endpoint is unreachable or refuses the key.
-
-        Lists the endpoint's models (falling back to a 1-token completion where
-        ``/models`` is not served) and checks that ``llm.model`` is available.
+        """Fail fast, before a long run, if the endpoint is unreachable, refuses the key,
+        does not serve ``llm.model`` or refuses the parameters real requests carry
+        (:mod:`raypipe.llm.endpoint_check`).
 
         Returns:
-            ``{"base_url", "model", "models", "latency_s"}``.
+            ``{"base_url", "model", "models", "latency_s", "stream", "structured_output"}``:
+            the last two as resolved for this endpoint (``auto`` settled).
 
         Raises:
             EndpointError: with what to do (set the key variable, fix base_url, start
-            the server, pick a served model).
+            the server, pick a served model, turn an option off).
         """
-        return self._run(self._check(timeout_s))
+        return self._thread.run(endpoint_check.check(self, timeout_s))
 
     ping = check
 
     def stats(self) -> dict[str, Any]:
-        """Counters so far: requests, cache_hits, http_calls, retries, failures, and
-        failures by kind (``errors``); paid usage: prompt_tokens, completion_tokens,
-        cost_usd; usage served from the cache (no HTTP call, not paid again):
-        cached_prompt_tokens, cached_completion_tokens, cached_cost_usd (what those
-        answers cost when they were paid for)."""
-        with self._stats_lock:
-            out: dict[str, Any] = dict(self._counts)
-            out["cost_usd"] = round(self._cost, 8)
-            out["cached_cost_usd"] = round(self._cached_cost, 8)
-            out["errors"] = dict(self._errors)
-        return out
+        """Counters so far: requests, cache_hits, http_calls, retries, failures, failed
+        requests by reason (``errors``) and by kind (``failure_kinds``: transient,
+        content, fatal); paid usage: prompt_tokens, completion_tokens, cost_usd
+        (``estimated_usage``: answers whose usage was counted from the text); usage
+        served from the cache (no HTTP call, not paid again): cached_prompt_tokens,
+        cached_completion_tokens, cached_cost_usd (what those answers cost when paid)."""
+        return self.usage.stats()
+
+    def flush_reports(self) -> None:
+        """Send what the job's limiter has not heard yet (before the caller raises)."""
+        self._thread.run(self._limits.flush())
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the backend's loop (tests and endpoint_check use it)."""
+        return self._thread.run(coro)
 
     def close(self) -> None:
         """Close the HTTP client and stop the loop thread (idempotent)."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._on_loop():
-            self._loop.call_soon(self._loop.stop)
-            return
-        try:
-            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=10)
-        except Exception as e:  # closing must not mask the caller's own error
-            log.debug("closing the HTTP client failed: %s", type(e).__name__)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        if not self._thread.is_alive():
-            self._loop.close()
-        _log_scrub.register(self._url_secrets, add=False)
+        if not self._thread.closed:
+            self._thread.stop(self._shutdown)
+            log_scrub.register(self._url_secrets, add=False)
 
     async def _shutdown(self) -> None:
-        # Calls still running (from other threads) end as cancelled instead of hanging.
-        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if self._limits is not None:
-            try:  # hand back what was over-reserved, for the job's other clients
-                await asyncio.wait_for(self._limits.close(), 5)
-            except Exception as e:
-                log.debug("returning token corrections failed: %s", type(e).__name__)
+        await cancel_others()
+        try:  # hand back what was over-reserved, and the last news, to the job
+            await asyncio.wait_for(self._limits.close(), 5)
+        except Exception as e:
+            log.debug("reporting to the job's limiter failed: %s", type(e).__name__)
         await self._client.close()
 
     def __enter__(self) -> OpenAIBackend:
@@ -600,36 +259,25 @@ class OpenAIBackend:
     def _scrub(self, text: str) -> str:
         """``text`` without the API key or any credential inside ``llm.base_url``."""
         secret = getattr(self, "_secret", None)
-        if secret and secret.value:
-            text = text.replace(secret.value, "***")
-        for value in getattr(self, "_url_secrets", ()):
-            text = text.replace(value, "***")
-        return text
+        return scrub(text, ((secret.value,) if secret else ()) + tuple(self._url_secrets))
 
     def _count(self, **deltas: float) -> None:
-        with self._stats_lock:
-            for k, v in deltas.items():
-                if k == "cost_usd":
-                    self._cost += v
-                else:
-                    self._counts[k] += int(v)
+        self.usage.count(**deltas)
 
-    def _body(self, req: LLMRequest) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": self.model, "messages": [dict(m) for m in req.messages]}
-        if self.reasoning:  # reasoning models refuse max_tokens and any non-default temperature
-            body["max_completion_tokens"] = req.max_tokens
-        else:
-            body["temperature"] = req.temperature
-            body["max_tokens"] = req.max_tokens
-        if req.seed is not None:
-            body["seed"] = req.seed
-        return body
+    def body(self, req: LLMRequest) -> dict[str, Any]:
+        """The body sent for ``req``, which the cache key hashes too."""
+        return request_body(self.model, req, self.reasoning)
+
+    _body = body  # the name evaluate/ uses for its cache checks
 
     def _served(self, req: LLMRequest, prompt: int, completion: int, cost: float) -> LLMResult:
         """A result answered without an HTTP call: nothing paid, the served usage reported."""
-        self._count(cache_hits=1, cached_prompt_tokens=prompt, cached_completion_tokens=completion)
-        with self._stats_lock:
-            self._cached_cost += cost
+        self._count(
+            cache_hits=1,
+            cached_prompt_tokens=prompt,
+            cached_completion_tokens=completion,
+            cached_cost_usd=cost,
+        )
         return LLMResult(
             key=req.key,
             text=None,
@@ -639,15 +287,12 @@ class OpenAIBackend:
             cached_cost_usd=cost,
         )
 
-    def _cost_of(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return (prompt_tokens * self._price[0] + completion_tokens * self._price[1]) / 1e6
-
     async def _complete_many(self, requests: list[LLMRequest]) -> list[LLMResult]:
         return list(await asyncio.gather(*(self._complete(r) for r in requests)))
 
     async def _complete(self, req: LLMRequest) -> LLMResult:
         self._count(requests=1)
-        body = self._body(req)
+        body = self.body(req)
         if self.cache is None:
             return await self._call(req, body, None)
 
@@ -658,14 +303,15 @@ class OpenAIBackend:
         else:  # an object store: a round trip, kept off the event loop
             entry = await asyncio.to_thread(self.cache.get, key)
         if entry is not None:
-            prompt = _int(entry.get("prompt_tokens"))
-            completion = _int(entry.get("completion_tokens"))
+            prompt, completion = Answer(None, None, entry).tokens()
             cost = entry.get("cost_usd")
             if not isinstance(cost, (int, float)):  # entries of format 1 hold no cost
-                cost = self._cost_of(prompt, completion)
+                cost = cost_usd(self._price, prompt, completion)
             result = self._served(req, prompt, completion, float(cost))
             result.text = entry["text"]
             result.finish_reason = entry.get("finish_reason")
+            if result.finish_reason in ("length", "content_filter"):
+                result.failure = CONTENT
             return result
         pending = self._inflight.get(key)
         if pending is not None:
@@ -679,7 +325,7 @@ class OpenAIBackend:
                 result = self._served(
                     req, first.prompt_tokens, first.completion_tokens, first.cost_usd
                 )
-                result.text = first.text
+                result.text, result.failure = first.text, first.failure
                 result.finish_reason = first.finish_reason
                 return result
             return await self._call(req, body, key)  # the first failed: try on our own
@@ -699,49 +345,70 @@ class OpenAIBackend:
         """2.-4.: HTTP attempts with retries, then the result (and its cache entry)."""
         start = time.monotonic()
         estimate = estimate_prompt_tokens(req.messages) + req.max_tokens
-        attempts = 0
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.cfg.max_attempts),
-            wait=self._wait,
-            retry=retry_if_exception(is_retryable),
-            before_sleep=lambda state: self._before_sleep(req, state),
-            reraise=True,
-        )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    attempts += 1
-                    if attempts > 1:
-                        self._count(retries=1)
-                    text, usage, finish = await self._attempt(body, estimate, attempts > 1)
-        except Exception as e:
-            error = describe(e)
-            param = refused_parameter(e)
-            if param is not None:
-                error += f" ({parameter_hint(param, self.reasoning)})"
-            return self._failed(req, self._scrub(error), attempts, start)
+        attempts, dropped = 0, False
+        while True:
+            if self._fatal is not None:  # the endpoint refused this run: no more calls
+                return self._failed(req, self._fatal, FATAL, attempts, start)
+            attempts += 1
+            if attempts > 1:
+                self._count(retries=1)
+            try:
+                answer = await self._attempt(body, estimate, attempts > 1)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                if not dropped and self._drop_stream(e):
+                    attempts, dropped = attempts - 1, True
+                    continue
+                kind = kind_of(e)
+                if kind != TRANSIENT or attempts >= self.cfg.max_attempts:
+                    error = self._scrub(error_text(e, self.reasoning))
+                    self._limits.record(failure=kind, message=error[:500])
+                    return self._failed(req, error, kind, attempts, start)
+                self._limits.record(failure=kind)
+                wait = self._backoff(e, attempts)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug(
+                        "request %s attempt %d failed (%s); retrying in %.2fs",
+                        req.key, attempts, self._scrub(describe(e)), wait,
+                    )  # fmt: skip
+                await asyncio.sleep(wait)
+        return await self._answered(req, answer, key, attempts, start)
 
-        prompt_tokens = _int(usage.get("prompt_tokens"))
-        completion_tokens = _int(usage.get("completion_tokens"))
-        cost = self._cost_of(prompt_tokens, completion_tokens)
+    async def _answered(
+        self, req: LLMRequest, answer: Answer, key: str | None, attempts: int, start: float
+    ) -> LLMResult:
+        """4. An answer that arrived: its usage and cost, its content check, the cache."""
+        prompt_tokens, completion_tokens = answer.tokens()
+        cost = cost_usd(self._price, prompt_tokens, completion_tokens)
         self._count(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost_usd=cost)
-        common = dict(
+        if answer.estimated:
+            self._count(estimated_usage=1)
+        self._limits.record(answers=1)
+        text, finish = answer.text, answer.finish_reason
+        result = LLMResult(
             key=req.key,
+            text=text,
+            finish_reason=finish,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             cost_usd=cost,
             attempts=attempts,
             latency_s=time.monotonic() - start,
+            usage_estimated=answer.estimated,
         )
-        if not text:  # paid for, but nothing to parse: the stage rejects it
-            error = f"empty_completion: the model returned no text (finish_reason={finish})"
+        problem = content_failure(text, finish, answer.refusal)
+        if problem is not None:  # paid for, but unusable: the stage rejects it
             if finish == "length" and self.reasoning:
-                error += "; a reasoning model's thinking counts against llm.max_tokens: raise it"
-            self._count(failures=1)
-            with self._stats_lock:
-                self._errors["empty_completion"] += 1
-            log.warning("request %s: %s", req.key, error)
-            return LLMResult(text=None, error=error, **common)
+                problem += "; a reasoning model's thinking counts against llm.max_tokens: raise it"
+            self._limits.record(failure=CONTENT)
+            result.failure, result.error = CONTENT, problem
+            if not text or answer.refusal:
+                result.text = None
+                self.usage.failed(problem.split(":", 1)[0], CONTENT)
+                log.warning("request %s: %s", req.key, problem)
+                return result
         if key is not None and self.cache is not None:
             entry = {
                 "model": self.model,
@@ -755,185 +422,70 @@ class OpenAIBackend:
                 self.cache.put(key, entry)
             else:
                 await asyncio.to_thread(self.cache.put, key, entry)
-        return LLMResult(text=text, finish_reason=finish, **common)
+        return result
 
-    async def _attempt(
-        self, body: dict[str, Any], estimate: int, retry: bool
-    ) -> tuple[str | None, dict, Any]:
-        """One HTTP call: (content, usage, finish_reason); raises on any failure."""
+    async def _attempt(self, body: dict[str, Any], estimate: int, retry: bool) -> Answer:
+        """One HTTP call; raises on any failure, after giving back its token reservation."""
+        await self._limits.gate()  # the job's pause, if a server asked for one
         await self._slots.acquire(retry)
         try:
-            if self._limits is not None:
-                await self._limits.acquire(estimate)
+            await self._limits.acquire(estimate)
             self._count(http_calls=1)
-            # post() with a plain body: the same request chat.completions.create sends,
-            # without its per-call type transform (a large share of the CPU per call).
-            response = await asyncio.wait_for(
-                self._client.post("/chat/completions", body=body, cast_to=httpx.Response),
-                timeout=self.cfg.timeout_s,
-            )
+            try:
+                if self.stream:
+                    answer = await streamed_attempt(self._client, body, self.timeouts)
+                else:
+                    answer = await plain_attempt(self._client, body, self.cfg.timeout_s)
+            except BaseException:
+                self._limits.correct(-estimate)  # nothing served: the reservation returns
+                raise
         finally:
             self._slots.release()
-        try:
-            data = json.loads(response.content)
-            choice = data["choices"][0]
-            content = choice["message"].get("content")
-            usage = data.get("usage") or {}
-            if not isinstance(usage, dict) or not (content is None or isinstance(content, str)):
-                raise TypeError("unexpected field types")
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
-            raise MalformedResponse(
-                f"HTTP {response.status_code} body is not a chat completion ({type(e).__name__})"
-            ) from None
-        if self._limits is not None and usage:
-            used = _int(usage.get("prompt_tokens")) + _int(usage.get("completion_tokens"))
-            self._limits.correct(used - estimate)
-        return content, usage, choice.get("finish_reason")
+        if answer.usage:
+            self._limits.correct(sum(answer.tokens()) - estimate)
+        return answer
 
-    def _wait(self, state: RetryCallState) -> float:
-        """Retry-After when the server sent one, else jittered exponential backoff."""
-        exc = state.outcome.exception() if state.outcome else None
-        if isinstance(exc, openai.APIStatusError):
-            after = retry_after_s(exc.response.headers)
-            if after is not None:
-                after = min(after, MAX_RETRY_AFTER_S)
-                return after + random.uniform(0, min(1.0, 0.1 * after))
-        initial, cap = self.cfg.backoff_initial_s, self.cfg.backoff_max_s
-        base = min(cap, initial * 2 ** (state.attempt_number - 1))
-        return min(cap, base + random.uniform(0, base))
+    def _drop_stream(self, exc: Exception) -> bool:
+        """``llm.stream=auto`` on a server that refuses streaming: whole answers from now
+        on (one log line). True when the attempt should simply be made again."""
+        if self.cfg.stream != "auto":
+            return False
+        if refused_parameter(exc, ("stream_options", "stream")) is None:
+            return False
+        if not self.stream:
+            return True  # another request already switched (and said so)
+        self.stream = False
+        log.warning(
+            "%s refuses streamed requests (%s): sending whole answers instead, each within "
+            "llm.timeout_s=%gs (llm.stream=auto).",
+            self.base_url, self._scrub(describe(exc))[:200], self.cfg.timeout_s,
+        )  # fmt: skip
+        return True
 
-    def _before_sleep(self, req: LLMRequest, state: RetryCallState) -> None:
-        if log.isEnabledFor(logging.DEBUG):
-            exc = state.outcome.exception() if state.outcome else None
-            wait = state.next_action.sleep if state.next_action else 0.0
-            log.debug(
-                "request %s attempt %d failed (%s); retrying in %.2fs",
-                req.key,
-                state.attempt_number,
-                self._scrub(describe(exc)) if exc else "?",
-                wait,
-            )
+    def _backoff(self, exc: Exception, attempt: int) -> float:
+        """The wait before the next attempt; a server's Retry-After pauses the whole job."""
+        wait, pause = retry_wait(exc, attempt, self.cfg.backoff_initial_s, self.cfg.backoff_max_s)
+        if pause is not None:
+            self._limits.pause(pause)
+        return wait
 
-    def _failed(self, req: LLMRequest, error: str, attempts: int, start: float) -> LLMResult:
-        self._count(failures=1)
-        with self._stats_lock:
-            self._errors[error.split(":", 1)[0]] += 1
-        log.warning("request %s failed after %d attempt(s): %s", req.key, attempts, error)
+    def _failed(
+        self, req: LLMRequest, error: str, kind: str, attempts: int, start: float
+    ) -> LLMResult:
+        self.usage.failed(error.split(":", 1)[0], kind)
+        if kind == FATAL and self._fatal is None:
+            self._fatal = error[:500]
+            log.error("%s refused request %s: %s", self.base_url, req.key, error)
+        elif kind != FATAL:
+            log.warning("request %s failed after %d attempt(s): %s", req.key, attempts, error)
         return LLMResult(
             key=req.key,
             text=None,
             error=error[:500],
+            failure=kind,
             attempts=attempts,
             latency_s=time.monotonic() - start,
         )
-
-    # -- reachability -------------------------------------------------------------------
-
-    async def _check(self, timeout_s: float) -> dict[str, Any]:
-        client = self._client.with_options(timeout=timeout_s, max_retries=0)
-        start = time.monotonic()
-        models: list[str] = []
-        problem = None
-        try:
-            # 1. The served models, where the server lists them.
-            try:
-                page = await self._check_call(client.models.list, start + timeout_s)
-                models = [m.id for m in page.data]
-            except openai.APIStatusError as e:
-                if e.status_code not in (404, 405, 501):  # no /models route: probe below
-                    raise
-            if models and self.model not in models:
-                shown = ", ".join(models[:20]) + (" ..." if len(models) > 20 else "")
-                problem = (
-                    f"{self.base_url} does not list model {self.model!r}; it serves: {shown}. "
-                    "Set llm.model to one of them."
-                )
-            else:
-                # 2. One token, asked with the parameters real requests use: a server that
-                # refuses them (max_tokens vs max_completion_tokens) fails here, not later.
-                probe = self._body(
-                    LLMRequest(
-                        key="check",
-                        task="check",
-                        ability="",
-                        # A fresh question each time: never a repeat of an answered request.
-                        messages=({"role": "user", "content": f"ping {uuid.uuid4().hex[:8]}"},),
-                        temperature=self.cfg.temperature,
-                        max_tokens=1,
-                    )
-                )
-                await self._check_call(
-                    lambda: client.post("/chat/completions", body=probe, cast_to=httpx.Response),
-                    start + timeout_s,
-                )
-        except Exception as e:
-            problem = self._endpoint_problem(e)
-        if problem:  # raised out here so the SDK's exception (and its text) is not chained
-            raise EndpointError(problem)
-        return {
-            "base_url": self.base_url,
-            "model": self.model,
-            "models": len(models),
-            "latency_s": round(time.monotonic() - start, 3),
-        }
-
-    async def _check_call(self, call: Callable[[], Awaitable[T]], deadline: float) -> T:
-        """``call()`` until it succeeds, fails for good, or ``deadline`` passes: a 429 or
-        5xx at start-up is retried (after Retry-After when it fits), not fatal."""
-        attempt = 0
-        while True:
-            attempt += 1
-            left = deadline - time.monotonic()
-            try:
-                return await asyncio.wait_for(call(), max(0.01, left))
-            except openai.APIStatusError as e:  # unreachable or refused: fail at once
-                if not is_retryable(e):
-                    raise
-                wait = retry_after_s(e.response.headers) or min(2.0, 0.1 * 2**attempt)
-                if time.monotonic() + wait >= deadline:
-                    raise
-                await asyncio.sleep(wait)
-
-    def _endpoint_problem(self, exc: Exception) -> str:
-        """What went wrong reaching the endpoint, and what to do, for an EndpointError."""
-        var, url = self.cfg.api_key_env, self.base_url
-        if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
-            return (
-                f"{url} refused the API key in ${var} (HTTP {exc.status_code}): set {var} to "
-                "a valid key for this endpoint (llm.api_key_env names the variable)."
-            )
-        if isinstance(exc, openai.NotFoundError):
-            return (
-                f"{url} does not serve model {self.model!r} (HTTP 404): check llm.model and "
-                "llm.base_url (it usually ends in /v1)."
-            )
-        param = refused_parameter(exc)
-        if param is not None:
-            return self._scrub(
-                f"{url} refused a request for model {self.model!r} ({describe(exc)}): "
-                + parameter_hint(param, self.reasoning)
-            )
-        if isinstance(exc, openai.APIStatusError):
-            return self._scrub(f"{url} answered {describe(exc)}: check the server's log.")
-        if isinstance(exc, (openai.APIConnectionError, asyncio.TimeoutError, TimeoutError)):
-            what = "did not answer in time" if is_timeout(exc) else "is unreachable"
-            return (
-                f"the LLM endpoint {url} {what}: check llm.base_url, that the server is "
-                "running (e.g. `vllm serve <model> --port 8000`) and reachable from this "
-                "machine."
-            )
-        return self._scrub(f"checking {url} failed: {describe(exc)}")
-
-
-def is_timeout(exc: BaseException) -> bool:
-    return isinstance(exc, (openai.APITimeoutError, asyncio.TimeoutError, TimeoutError))
-
-
-def _int(value: Any) -> int:
-    try:
-        return int(value or 0)
-    except (TypeError, ValueError):
-        return 0
 
 
 def _in_ray_actor() -> bool:

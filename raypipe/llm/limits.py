@@ -23,9 +23,11 @@ same buckets in-process: then the limits hold for that one client.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +41,10 @@ LEASE_S = 0.25
 FLUSH_S = 0.1
 #: Most requests one lease serves when only a token limit is set.
 MAX_LEASE_REQUESTS = 64
+#: The in-flight limit is halved at most once per this many seconds.
+CUT_HOLD_S = 1.0
+#: Failure kinds counted by the limiter (raypipe.llm.failures.KINDS without "none").
+FAILURE_KINDS = ("transient", "content", "fatal")
 
 
 class TokenBucket:
@@ -50,16 +56,22 @@ class TokenBucket:
     a give-back (``adjust`` with a negative amount) wakes the one waiting.
     """
 
-    def __init__(self, per_minute: float) -> None:
+    def __init__(
+        self,
+        per_minute: float,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+    ) -> None:
         self.rate = per_minute / 60.0
         self.capacity = max(1.0, self.rate)
         self.tokens = self.capacity
-        self.stamp = time.monotonic()
+        self._clock, self._sleep = clock, sleep
+        self.stamp = clock()
         self._lock = asyncio.Lock()
         self._given_back = asyncio.Event()
 
     def _refill(self) -> None:
-        now = time.monotonic()
+        now = self._clock()
         self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
 
@@ -69,12 +81,14 @@ class TokenBucket:
             self._refill()
             while self.tokens < need:
                 self._given_back.clear()
-                try:
-                    await asyncio.wait_for(
-                        self._given_back.wait(), (need - self.tokens) / self.rate
-                    )
-                except asyncio.TimeoutError:
-                    pass
+                # Until the bucket refills enough, or a give-back arrives first.
+                refilled = asyncio.ensure_future(self._sleep((need - self.tokens) / self.rate))
+                given = asyncio.ensure_future(self._given_back.wait())
+                _, pending = await asyncio.wait(
+                    {refilled, given}, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in pending:
+                    task.cancel()
                 self._refill()
             self.tokens -= n
 
@@ -87,27 +101,62 @@ class TokenBucket:
 
 
 class JobLimiter:
-    """The job's request and token buckets (runs as one async Ray actor, ``num_cpus=0``).
+    """The job's LLM load control (one async Ray actor, ``num_cpus=0``, per job).
 
-    Leases are granted in arrival order: a lease waits until both buckets hold it.
+    It holds, for every LLM client of the job:
+
+    - the request and token buckets (``llm.requests_per_minute``/``tokens_per_minute``);
+      leases are granted in arrival order, each once both buckets hold it;
+    - the pause: a ``Retry-After`` (or a 429 without one: ``DEFAULT_429_PAUSE_S``) that
+      any client received holds every lease, and every client's next attempt, until it
+      has passed, so the other actors stop hitting 429 too;
+    - the in-flight limit per client (``limit``), adaptive: additive increase,
+      multiplicative decrease (AIMD). Each answer adds ``1/limit`` (one more request in
+      flight per limit's worth of answers, as TCP grows its window); transient failures
+      halve it, at most once per ``CUT_HOLD_S`` (a burst of failures is one signal),
+      never below 1 nor above ``llm.concurrency``;
+    - the job's outage detector (:meth:`llm_stats`): seconds since the last successful
+      answer and the count of each failure kind.
+
+    ``clock`` and ``sleep`` are injectable so tests can drive time by hand.
     """
 
-    def __init__(self, requests_per_minute: float | None, tokens_per_minute: float | None):
-        self._requests = TokenBucket(requests_per_minute) if requests_per_minute else None
-        self._tokens = TokenBucket(tokens_per_minute) if tokens_per_minute else None
+    def __init__(
+        self,
+        requests_per_minute: float | None,
+        tokens_per_minute: float | None,
+        concurrency: int = 32,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+    ):
+        self._clock, self._sleep = clock, sleep
+        buckets = dict(clock=clock, sleep=sleep)
+        self._requests = (
+            TokenBucket(requests_per_minute, **buckets) if requests_per_minute else None
+        )
+        self._tokens = TokenBucket(tokens_per_minute, **buckets) if tokens_per_minute else None
         self._lock = asyncio.Lock()
         self._granted = [0, 0.0, 0.0]  # requests, tokens, token corrections (for stats)
+        self.concurrency = concurrency
+        self.limit = float(concurrency)
+        self._last_cut = -float("inf")
+        self._pause_until = -float("inf")
+        self._started = clock()
+        self._last_success: float | None = None
+        self._answers = 0
+        self._failures: Counter[str] = Counter({k: 0 for k in FAILURE_KINDS})
+        self._pauses = 0
+        self._fatal: str | None = None
 
     async def lease(self, requests: int, tokens: float, correction: float = 0.0) -> None:
         """Wait until ``requests`` and ``tokens`` are granted; first book ``correction``
         (reported usage minus estimate, summed over the client's answers since its last call).
         """
-        if correction and self._tokens is not None:
-            self._tokens.adjust(correction)
-            self._granted[2] += correction
+        self._correct(correction)
         if requests <= 0 and tokens <= 0:
             return
         async with self._lock:  # one lease at a time: first come, first served
+            await self._paused()
             if self._requests is not None and requests > 0:
                 await self._requests.acquire(requests)
             if self._tokens is not None and tokens > 0:
@@ -115,16 +164,91 @@ class JobLimiter:
         self._granted[0] += requests
         self._granted[1] += tokens
 
+    def report(
+        self,
+        answers: int = 0,
+        failures: dict[str, int] | None = None,
+        pause_s: float = 0.0,
+        correction: float = 0.0,
+        fatal: str | None = None,
+    ) -> dict[str, float]:
+        """A client's news since its last report: answers, failures by kind, a pause it
+        was asked for, token corrections, the message of a fatal failure. Returns the
+        pause left and the in-flight limit."""
+        now = self._clock()
+        if fatal and self._fatal is None:
+            self._fatal = fatal
+        self._correct(correction)
+        if answers:
+            self._answers += answers
+            self._last_success = now
+            self.limit = min(float(self.concurrency), self.limit + answers / self.limit)
+        for kind, n in (failures or {}).items():
+            self._failures[kind] += n
+        if (failures or {}).get("transient") and now - self._last_cut >= CUT_HOLD_S:
+            self.limit = max(1.0, self.limit / 2)
+            self._last_cut = now
+        if pause_s > 0 and now + pause_s > self._pause_until:
+            self._pause_until = now + pause_s
+            self._pauses += 1
+        return {"pause_s": max(0.0, self._pause_until - now), "limit": self.limit}
+
+    def llm_stats(self) -> dict[str, Any]:
+        """The job's outage detector, as the manifest embeds it."""
+        now = self._clock()
+        since = self._last_success if self._last_success is not None else self._started
+        return {
+            "answers": self._answers,
+            "failures": dict(self._failures),
+            "seconds_since_success": round(now - since, 3),
+            "any_success": self._last_success is not None,
+            "pauses": self._pauses,
+            "in_flight_limit": round(self.limit, 2),
+            "fatal_error": self._fatal,
+        }
+
     def stats(self) -> dict[str, float]:
         """Permits granted so far: requests, tokens, and the sum of token corrections."""
         return dict(zip(("requests", "tokens", "token_corrections"), self._granted))
+
+    def _correct(self, correction: float) -> None:
+        if correction and self._tokens is not None:
+            self._tokens.adjust(correction)
+            self._granted[2] += correction
+
+    async def _paused(self) -> None:
+        while (left := self._pause_until - self._clock()) > 0:
+            await self._sleep(left)
+
+
+class InProcess:
+    """A :class:`JobLimiter` in this process, called the way a Ray actor handle is
+    (``handle.lease.remote(...)``): what a backend uses when no job limiter is given."""
+
+    def __init__(self, limiter: JobLimiter) -> None:
+        self.limiter = limiter
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.limiter, name)
+
+        class _Call:
+            @staticmethod
+            def remote(*args: Any, **kwargs: Any) -> Any:
+                result = method(*args, **kwargs)
+                return result if inspect.isawaitable(result) else _done(result)
+
+        return _Call
+
+
+async def _done(value: Any) -> Any:
+    return value
 
 
 @dataclass(frozen=True)
 class LimiterHandle:
     """What clients receive: the limiter actor and the limits it enforces (picklable)."""
 
-    actor: Any  # ray.actor.ActorHandle of a JobLimiter
+    actor: Any  # ray.actor.ActorHandle of a JobLimiter, or an InProcess one
     requests_per_minute: float | None
     tokens_per_minute: float | None
 
@@ -142,26 +266,41 @@ class LimiterHandle:
             return float("inf")
         return max(1.0, self.tokens_per_minute / 60 * LEASE_S)
 
-    def stats(self, timeout_s: float = 30.0) -> dict[str, float]:
+    def _get(self, method: str, timeout_s: float) -> Any:
+        if isinstance(self.actor, InProcess):
+            return getattr(self.actor.limiter, method)()
         import ray
 
-        return ray.get(self.actor.stats.remote(), timeout=timeout_s)
+        return ray.get(getattr(self.actor, method).remote(), timeout=timeout_s)
+
+    def stats(self, timeout_s: float = 30.0) -> dict[str, float]:
+        return self._get("stats", timeout_s)
+
+    def llm_stats(self, timeout_s: float = 30.0) -> dict[str, Any]:
+        """The job's outage detector (:meth:`JobLimiter.llm_stats`)."""
+        return self._get("llm_stats", timeout_s)
+
+
+def local_limiter(cfg: LLMConfig) -> LimiterHandle:
+    """A limiter for one process (its limits then hold for that process alone)."""
+    limiter = JobLimiter(cfg.requests_per_minute, cfg.tokens_per_minute, cfg.concurrency)
+    return LimiterHandle(InProcess(limiter), cfg.requests_per_minute, cfg.tokens_per_minute)
 
 
 def start_limiter(cfg: LLMConfig) -> LimiterHandle | None:
-    """Start the job's limiter actor (call after ``ray.init``); None when nothing to limit.
+    """Start the job's limiter actor (call after ``ray.init``); None unless ``cfg.backend``
+    is ``openai``.
 
-    None when ``cfg.backend`` is not ``openai`` or neither ``requests_per_minute`` nor
-    ``tokens_per_minute`` is set. Keep the handle alive for the whole job: the actor
-    lives as long as the caller holds it. If the actor dies, Ray restarts it (with full
-    buckets) and retries the leases in flight.
+    Keep the handle alive for the whole job: the actor lives as long as the caller holds
+    it. If the actor dies, Ray restarts it (with full buckets and fresh statistics) and
+    retries the leases in flight.
     """
-    if cfg.backend != "openai" or not (cfg.requests_per_minute or cfg.tokens_per_minute):
+    if cfg.backend != "openai":
         return None
     import ray
 
     actor_cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(JobLimiter)
-    actor = actor_cls.remote(cfg.requests_per_minute, cfg.tokens_per_minute)
+    actor = actor_cls.remote(cfg.requests_per_minute, cfg.tokens_per_minute, cfg.concurrency)
     return LimiterHandle(actor, cfg.requests_per_minute, cfg.tokens_per_minute)
 
 
@@ -185,6 +324,13 @@ class Leases:
         self._pump: asyncio.Task[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
         self.lease_calls = 0  # calls to the limiter that asked for permits
+        self._answers = 0  # news not yet reported: answers, failures by kind, a pause
+        self._failures: Counter[str] = Counter()
+        self._pause_s = 0.0
+        self._fatal: str | None = None
+        self._pause_until = -float("inf")  # time.monotonic() until which attempts wait
+        self.limit = float("inf")  # the job's in-flight limit per client, as last heard
+        self.on_limit: Callable[[float], None] | None = None
 
     async def acquire(self, tokens: float) -> None:
         if not self._waiters and self._has(tokens):
@@ -204,15 +350,41 @@ class Leases:
             raise
 
     def correct(self, extra_tokens: float) -> None:
-        """Book the difference between the reported usage and the estimate, job-wide.
+        """Book the difference between the reported usage and the estimate, job-wide
+        (a failed attempt books minus its whole reservation: it is given back).
 
         Sent on its own call, not with the next lease: that lease may be the one
         waiting for the tokens this correction gives back.
         """
         if self._limit_tokens and extra_tokens:
             self._correction += extra_tokens
-            if self._flusher is None:
-                self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
+            self._report_soon()
+
+    def record(self, answers: int = 0, failure: str | None = None, message: str = "") -> None:
+        """An answer arrived, or an attempt failed with ``failure`` (its kind; a fatal
+        one with the server's ``message``, reported at once)."""
+        self._answers += answers
+        if failure is not None:
+            self._failures[failure] += 1
+        if failure == "fatal" and message:
+            self._fatal = self._fatal or message
+        self._report_soon(at_once=failure == "fatal")
+
+    def pause(self, seconds: float) -> None:
+        """The server asked to wait (Retry-After, or a bare 429): this client waits at
+        once, and the job's other clients from their next report or lease on."""
+        self._pause_until = max(self._pause_until, time.monotonic() + seconds)
+        self._pause_s = max(self._pause_s, seconds)
+        self._report_soon(at_once=True)
+
+    async def gate(self) -> None:
+        """Wait out the job's pause, as this client last heard of it."""
+        while (left := self._pause_until - time.monotonic()) > 0:
+            await asyncio.sleep(left)
+
+    async def flush(self) -> None:
+        """Report now what is not yet reported."""
+        await self._flush()
 
     async def close(self) -> None:
         """Send the corrections still held (a client that stops gives back what it over-reserved)."""
@@ -297,21 +469,45 @@ class Leases:
         finally:
             self._pump = None
 
-    async def _flush_soon(self) -> None:
+    def _report_soon(self, at_once: bool = False) -> None:
+        if self._flusher is None:
+            delay = 0.0 if at_once else FLUSH_S
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_soon(delay))
+
+    async def _flush_soon(self, delay: float) -> None:
         try:
-            await asyncio.sleep(FLUSH_S)  # gather the corrections of many answers
+            await asyncio.sleep(delay)  # gather the news of many answers
             await self._flush()
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the limiter restarts with full buckets: nothing to undo
-            log.warning("could not send token usage to the job's LLM rate limiter: %r", e)
+            log.warning("could not report to the job's LLM limiter: %r", e)
         finally:
             self._flusher = None
 
     async def _flush(self) -> None:
-        while self._correction:
-            correction, self._correction = self._correction, 0.0
-            await self.handle.actor.lease.remote(0, 0.0, correction)
+        while self._correction or self._answers or self._failures or self._pause_s:
+            news = dict(
+                answers=self._answers,
+                failures=dict(self._failures),
+                pause_s=self._pause_s,
+                correction=self._correction,
+                fatal=self._fatal,
+            )
+            self._answers, self._failures, self._pause_s = 0, Counter(), 0.0
+            self._correction = 0.0
+            reply = await self.handle.actor.report.remote(**news)
+            self._hear(reply)
+
+    def _hear(self, reply: dict[str, float]) -> None:
+        """Apply the job's state from a report's reply: its pause and in-flight limit."""
+        if reply.get("pause_s", 0) > 0:
+            self._pause_until = max(self._pause_until, time.monotonic() + reply["pause_s"])
+        limit = reply.get("limit")
+        if limit is not None and limit != self.limit:
+            self.limit = limit
+            if self.on_limit is not None:
+                self.on_limit(limit)
 
 
 class LimiterError(RuntimeError):

@@ -1,0 +1,245 @@
+"""One HTTP attempt of a chat completion, streamed or not, timed by its progress.
+
+A streamed attempt (``llm.stream``) fails only when it makes no progress: no first
+token within ``first_token_s`` (a reasoning model streams nothing while it thinks, so
+its default is longer), or no chunk within ``idle_s`` once tokens flow; an optional
+``deadline_s`` bounds the whole attempt. A long answer at a slow token rate therefore
+completes however long it takes, and a stalled one fails (transient) in about
+``idle_s``. Usage comes from the final chunk (``stream_options.include_usage``); a
+server that sends none gets its usage counted from the text and marked estimated.
+
+A non-streamed attempt (``llm.stream=off``, or ``auto`` after a server refused
+streaming) waits at most ``llm.timeout_s`` for the whole answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import openai
+
+from raypipe.config import LLMConfig
+from raypipe.errors import EndpointError
+from raypipe.llm.failures import MalformedResponse, StreamError, StreamTimeout
+
+
+def _sdk_httpx() -> Any:
+    """The HTTP library module the installed openai SDK is built on (httpx2, or httpx)."""
+    base = next(c for c in openai.DefaultAsyncHttpxClient.__mro__ if c.__name__ == "AsyncClient")
+    return sys.modules[base.__module__.split(".")[0]]
+
+
+httpx = _sdk_httpx()
+PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+#: Fields a streamed request adds to the body (not part of it: see request_body).
+STREAM_FIELDS = {"stream": True, "stream_options": {"include_usage": True}}
+
+
+@dataclass
+class Answer:
+    """What one successful attempt returned."""
+
+    text: str | None
+    finish_reason: str | None
+    usage: dict[str, Any] = field(default_factory=dict)
+    refusal: str | None = None
+    #: usage counted from the text (the server sent none)
+    estimated: bool = False
+
+    def tokens(self) -> tuple[int, int]:
+        """(prompt, completion) tokens of the usage; 0 for what is missing or malformed."""
+        return _int(self.usage.get("prompt_tokens")), _int(self.usage.get("completion_tokens"))
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Progress limits of one streamed attempt, in seconds (``None``: no limit)."""
+
+    first_token_s: float
+    idle_s: float
+    deadline_s: float | None = None
+
+
+def estimate_tokens(text: str) -> int:
+    """About 4 characters per token, as OpenAI's guidance has it."""
+    return max(1, len(text) // 4) if text else 0
+
+
+def estimate_prompt_tokens(messages: tuple[dict[str, str], ...] | list[dict[str, str]]) -> int:
+    """About 4 characters per token plus a few per message."""
+    return 3 + sum(4 + len(str(m.get("content") or "")) // 4 for m in messages)
+
+
+def http_client(cfg: LLMConfig, timeout_s: float) -> Any:
+    """The HTTP layer under the openai client (``llm.http_transport``): aiohttp costs
+    about half the CPU per request of httpx; httpx honours the proxy variables."""
+    conc = cfg.concurrency
+    limits = httpx.Limits(max_connections=max(1000, conc), max_keepalive_connections=max(100, conc))
+    transport = cfg.http_transport
+    if transport == "auto":
+        transport = "httpx" if any(os.environ.get(v) for v in PROXY_VARS) else "aiohttp"
+    aio = getattr(openai, "DefaultAioHttpClient", None)
+    if transport == "aiohttp":
+        try:
+            if aio is None:
+                raise RuntimeError("this openai version has no aiohttp transport")
+            return aio(limits=limits, timeout=timeout_s)
+        except RuntimeError as e:  # aiohttp (or the SDK's adapter) missing
+            if cfg.http_transport == "aiohttp":
+                raise EndpointError(
+                    f"llm.http_transport=aiohttp is not available ({e}): install "
+                    "aiohttp, or set llm.http_transport=httpx."
+                ) from None
+    return openai.DefaultAsyncHttpxClient(limits=limits, timeout=timeout_s)
+
+
+async def plain_attempt(client: Any, body: dict[str, Any], timeout_s: float) -> Answer:
+    """A non-streamed attempt: the whole answer within ``timeout_s``."""
+    # post() with a plain body: the same request chat.completions.create sends,
+    # without its per-call type transform (a large share of the CPU per call).
+    response = await asyncio.wait_for(
+        client.post("/chat/completions", body=body, cast_to=httpx.Response), timeout=timeout_s
+    )
+    return parse_completion(response.content, response.status_code)
+
+
+def parse_completion(content: bytes, status: int) -> Answer:
+    """A whole (non-streamed) chat completion body; MalformedResponse if it is none."""
+    try:
+        data = json.loads(content)
+        choice = data["choices"][0]
+        message = choice["message"]
+        text = message.get("content")
+        usage = data.get("usage") or {}
+        if not isinstance(usage, dict) or not (text is None or isinstance(text, str)):
+            raise TypeError("unexpected field types")
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+        raise MalformedResponse(
+            f"HTTP {status} body is not a chat completion ({type(e).__name__})"
+        ) from None
+    return Answer(text, choice.get("finish_reason"), usage, message.get("refusal"))
+
+
+class _Clock:
+    """The progress limits of one streamed attempt, from its start."""
+
+    def __init__(self, limits: Timeouts) -> None:
+        self.limits = limits
+        self.start = time.monotonic()
+        self.deadline = self.start + limits.deadline_s if limits.deadline_s else None
+
+    def next_wait(self, first: bool) -> tuple[float, str]:
+        """How long the next step may take, and what it is called when it does not come."""
+        if first:
+            left, what = self.limits.first_token_s - (time.monotonic() - self.start), "first"
+        else:
+            left, what = self.limits.idle_s, "idle"
+        if self.deadline is not None and self.deadline - time.monotonic() < left:
+            left, what = self.deadline - time.monotonic(), "deadline"
+        return max(0.0, left), what
+
+    def timed_out(self, what: str) -> StreamTimeout:
+        limits = self.limits
+        if what == "first":
+            text = f"no first token within {limits.first_token_s:g} s (llm.first_token_timeout_s)"
+        elif what == "idle":
+            text = f"the stream stalled for {limits.idle_s:g} s (llm.idle_timeout_s)"
+        else:
+            text = f"the answer took longer than {limits.deadline_s:g} s (llm.deadline_s)"
+        return StreamTimeout(text)
+
+    async def within(self, awaitable: Any, first: bool) -> Any:
+        left, what = self.next_wait(first)
+        try:
+            return await asyncio.wait_for(awaitable, left)
+        except asyncio.TimeoutError:
+            raise self.timed_out(what) from None
+
+
+class _Collector:
+    """The answer, gathered chunk by chunk."""
+
+    def __init__(self) -> None:
+        self.pieces: list[str] = []
+        self.refusal: list[str] = []
+        self.finish: str | None = None
+        self.usage: dict[str, Any] = {}
+        self.started = False  # a first token (or reasoning, refusal, finish) arrived
+
+    def add(self, chunk: Any) -> None:
+        if not isinstance(chunk, dict):
+            raise MalformedResponse(f"a stream chunk is not a JSON object: {chunk!r:.80}")
+        if chunk.get("error"):
+            raise StreamError(str(chunk["error"])[:300])
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                self.pieces.append(delta["content"])
+            if delta.get("refusal"):
+                self.refusal.append(delta["refusal"])
+            # Reasoning text counts as progress (it is not part of the answer).
+            if delta.get("content") or delta.get("refusal") or _reasoning(delta):
+                self.started = True
+            if choice.get("finish_reason"):
+                self.finish, self.started = choice["finish_reason"], True
+
+    def answer(self, messages: Any) -> Answer:
+        text = "".join(self.pieces) if self.pieces else None
+        answer = Answer(text, self.finish, self.usage, "".join(self.refusal) or None)
+        if not self.usage:  # counted from the text, and marked so
+            answer.estimated = True
+            answer.usage = {
+                "prompt_tokens": estimate_prompt_tokens(messages or ()),
+                "completion_tokens": estimate_tokens(text or ""),
+            }
+        return answer
+
+
+async def streamed_attempt(client: Any, body: dict[str, Any], limits: Timeouts) -> Answer:
+    """A streamed attempt: chunks until the end, each within the progress limits."""
+    clock = _Clock(limits)
+    request = client.post(
+        "/chat/completions",
+        body={**body, **STREAM_FIELDS},
+        cast_to=object,
+        stream=True,
+        stream_cls=openai.AsyncStream[object],
+    )
+    stream = await clock.within(request, first=True)
+    try:
+        response = stream.response
+        if "event-stream" not in response.headers.get("content-type", ""):
+            # A server that ignores "stream" answers whole: read it as such.
+            content = await clock.within(response.aread(), first=True)
+            return parse_completion(content, response.status_code)
+        collected = _Collector()
+        chunks = stream.__aiter__()
+        while True:
+            try:
+                chunk = await clock.within(chunks.__anext__(), first=not collected.started)
+            except StopAsyncIteration:
+                break
+            collected.add(chunk)
+    finally:
+        await stream.close()
+    return collected.answer(body.get("messages"))
+
+
+def _reasoning(delta: dict[str, Any]) -> bool:
+    return bool(delta.get("reasoning_content") or delta.get("reasoning"))
