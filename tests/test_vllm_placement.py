@@ -13,7 +13,7 @@ import pytest
 
 from raypipe.config import GenerateConfig, load_config
 from raypipe.errors import ConfigError
-from raypipe.llm.vllm_backend import deployment_options, service_name, worker_request
+from raypipe.llm.vllm import deployment_options, service_name, worker_request
 from raypipe.placement import actor_resources
 
 REPO = Path(__file__).resolve().parents[1]

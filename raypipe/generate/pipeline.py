@@ -319,7 +319,7 @@ def stream(cfg: GenerateConfig, run: dict[str, Any], tally: Tally) -> dict[str, 
                     tally.add(batch)
         except Exception as e:
             if cfg.llm.backend == "vllm":
-                from raypipe.llm.vllm_backend import engine_failure
+                from raypipe.llm.vllm import engine_failure
 
                 error = engine_failure(e, cfg.llm)
                 if error is not None:
@@ -484,7 +484,7 @@ def _generate(cfg, store, catalog, cache, limiter, service, timings, t_start) ->
 
 
 def start_engine_service(cfg: GenerateConfig):
-    """``llm.backend: vllm``: the run's :class:`~raypipe.llm.vllm_backend.EngineService`
+    """``llm.backend: vllm``: the run's :class:`~raypipe.llm.vllm.EngineService`
     actor (on the driver's node; it reserves nothing and starts the engines only when a
     request needs them), else None."""
     if cfg.llm.backend != "vllm":
@@ -492,7 +492,7 @@ def start_engine_service(cfg: GenerateConfig):
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from raypipe.llm.vllm_backend import EngineService
+    from raypipe.llm.vllm import EngineService
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     return (
@@ -515,7 +515,7 @@ def vllm_writers(cfg: GenerateConfig, args: tuple, cache: str | None, service) -
     import ray
 
     from raypipe.generate.engine import check_cache
-    from raypipe.llm.vllm_backend import engine_failure
+    from raypipe.llm.vllm import engine_failure
 
     second, second_kwargs = second_writer(cfg)
     checked = check_cache(cfg, args, cache, second, second_kwargs)

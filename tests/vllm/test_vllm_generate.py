@@ -38,7 +38,7 @@ from raypipe.llm import structured
 from raypipe.llm.cache import request_key
 from raypipe.llm.parsing import parse_dialogue, parse_prompts
 from raypipe.llm.templates import dialogue_request, prompt_request
-from raypipe.llm.vllm_backend import cache_body, engine_failure, service_name
+from raypipe.llm.vllm import cache_body, engine_failure, service_name
 from raypipe.schema import validate_samples
 
 pytestmark = pytest.mark.vllm
@@ -295,7 +295,7 @@ def engine(ray_vllm, resumed):
     """The engines the jobs used, reached as the keyword banks and the writers served
     from OUT/cache reach them: VLLMBackend -> the run's EngineService actor -> Serve. No
     cache: every request is generated. The engines are stopped at the end."""
-    from raypipe.llm.vllm_backend import EngineService, VLLMBackend
+    from raypipe.llm.vllm import EngineService, VLLMBackend
 
     cfg = load_config(GenerateConfig, PRESET).llm
     service = ray.remote(EngineService).options(num_cpus=0).remote(cfg.model_dump())
