@@ -492,14 +492,10 @@ def start_engine_service(cfg: GenerateConfig):
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from raypipe.llm.vllm import EngineService
+    from raypipe.llm.vllm.service import start_service
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    return (
-        ray.remote(EngineService)
-        .options(num_cpus=0, scheduling_strategy=here)
-        .remote(cfg.llm.model_dump())
-    )
+    return start_service(cfg.llm, scheduling_strategy=here)
 
 
 def vllm_writers(cfg: GenerateConfig, args: tuple, cache: str | None, service) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from raypipe.llm.cache import ResponseCache, request_key
 from raypipe.llm.vllm.checks import check_model
 from raypipe.llm.vllm.failures import engine_failure
 from raypipe.llm.vllm.request import cache_body, chat_ids, eos_ids, sampling_params
-from raypipe.llm.vllm.service import EngineService
+from raypipe.llm.vllm.service import start_service
 from raypipe.llm.vllm.settings import model_path
 
 
@@ -158,9 +158,7 @@ class VLLMBackend:
             from ray import serve
 
             if self._service is None:
-                self._service = (
-                    ray.remote(EngineService).options(num_cpus=0).remote(self.cfg.model_dump())
-                )
+                self._service = start_service(self.cfg)
                 self._own_service = True
             app = ray.get(self._service.ensure.remote())
             self._handle = serve.get_app_handle(app)

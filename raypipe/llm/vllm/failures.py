@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from raypipe.config import LLMConfig
 from raypipe.errors import ModelError
 from raypipe.llm.vllm.settings import DEPLOYMENT
@@ -64,31 +66,69 @@ def engine_failure(exc: BaseException, cfg: LLMConfig, engine: bool = False) -> 
     return None
 
 
+#: Exception lines that only wrap the engine's own error (skipped by :func:`root_cause`).
+WRAPPERS = (
+    "Engine core initialization failed",
+    "See root cause above",
+    "Traceback (most recent call last)",
+    "RayTaskError",
+    "ActorDiedError",
+    "RayActorError",
+    "DeploymentUnavailableError",
+)
+_RAISED = re.compile(r"(?<![\w.])((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception)): (\S.*)$")
+
+
+def root_cause(text: str) -> str | None:
+    """The engine's own error in ``text`` (a traceback, Serve's message, a worker log):
+    the last exception line (``SomeError: message``) that is not one of the lines that
+    only wrap it (:data:`WRAPPERS`), innermost first where one line nests several
+    (``RuntimeError: ValueError: ...``), without its log prefix; None if there is none."""
+    found = None
+    for line in text.splitlines():
+        line = line.strip()
+        start = 0
+        while (m := _RAISED.search(line, start)) is not None:
+            start = m.start(2)
+            if not any(w in m.group(0) for w in WRAPPERS) and not _RAISED.search(m.group(2)):
+                found = f"{m.group(1).rsplit('.', 1)[-1]}: {m.group(2).strip()}"
+    return found
+
+
 def start_failure(cfg: LLMConfig, app: str, error: BaseException) -> ModelError:
     """What to do when the engines of ``app`` could not start (Serve gave up after
-    ``engine_restarts + 1`` tries, or the deployment failed)."""
-    import re
-
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    detail = lines[0][:300] if lines else type(error).__name__
-    # Serve's message holds the constructor's traceback: its last exception line says why.
-    raised = [line for line in lines if re.match(r"^[\w.]+(Error|Exception): ", line)]
-    if raised and raised[-1] not in detail:
-        detail += " ... " + raised[-1][:300]
+    ``engine_restarts + 1`` tries, or the deployment failed), with the engine's own error
+    (:func:`root_cause`: Serve's message holds the constructor's traceback, and the
+    replica adds what the engine logged, see raypipe.llm.vllm.server)."""
+    text = str(error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = lines[0][:300] if lines else type(error).__name__
+    cause = root_cause(text)
     tries = cfg.vllm.engine_restarts + 1
     tried = "once" if tries == 1 else f"{tries} times"
+    if cause:
+        own = f"The engine's own error: {cause[:500]}."
+    else:
+        own = (
+            "The engine's own error is in the worker log above (log_to_driver=true shows it) "
+            "or under Ray's session logs (/tmp/ray/session_latest/logs)."
+        )
+    if cause and "kv cache" in cause.lower():
+        # vLLM reserves gpu_memory_utilization of the device for weights + KV cache.
+        hint = (
+            "The engine's share of memory does not hold its weights and KV cache: raise "
+            "llm.vllm.gpu_memory_utilization (on CPU: the share of RAM), or lower "
+            "llm.vllm.max_model_len, or use a smaller model."
+        )
+    else:
+        hint = (
+            "Usual causes: too little memory for weights + KV cache (llm.vllm."
+            "gpu_memory_utilization, llm.vllm.max_model_len, llm.vllm.tensor_parallel_size), "
+            "a dtype the device lacks (llm.vllm.dtype), no node with the engine's resources "
+            "(llm.vllm.gpus_per_worker, resources, accelerator_type)."
+        )
     return ModelError(
         f"the vLLM engines for llm.model={cfg.model!r} could not start (Serve application "
-        f"{app!r}, tried {tried}: {detail}). The engine's own error "
-        "is in the worker log above (log_to_driver=true shows it) or under Ray's session "
-        "logs (/tmp/ray/session_latest/logs). Usual causes: too little memory for weights "
-        "+ KV cache (lower llm.vllm.gpu_memory_utilization or llm.vllm.max_model_len, or "
-        "raise llm.vllm.tensor_parallel_size), a dtype the device lacks (llm.vllm.dtype), "
-        "no node with the engine's resources (llm.vllm.gpus_per_worker, resources, "
-        "accelerator_type). Nothing was rendered for it: fix the setting and run again."
+        f"{app!r}, tried {tried}: {first}). {own} {hint} Nothing was rendered for it: fix "
+        "the setting and run again."
     )
-
-
-# ---------------------------------------------------------------------------------------
-# The engines (a Serve application) and the backend object
-# ---------------------------------------------------------------------------------------

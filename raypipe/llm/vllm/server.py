@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
+from raypipe.llm.vllm.failures import root_cause
 from raypipe.llm.vllm.request import decode
+
+#: Bytes of the replica's own log read back for a failed engine start.
+LOG_TAIL_BYTES = 256 * 1024
 
 
 class EngineServer:
@@ -15,8 +21,19 @@ class EngineServer:
     def __init__(self, path: str, kwargs: dict[str, Any]):
         import vllm
 
-        args = vllm.AsyncEngineArgs(model=path, **kwargs)
-        self.engine = vllm.AsyncLLMEngine.from_engine_args(args)
+        logs = _own_logs()
+        try:
+            args = vllm.AsyncEngineArgs(model=path, **kwargs)
+            self.engine = vllm.AsyncLLMEngine.from_engine_args(args)
+        except Exception as e:
+            # vLLM's engine core runs in a child process: its error is only logged there
+            # (to this replica's log files, which it inherits), and the parent raises
+            # "Engine core initialization failed. See root cause above". Read it back,
+            # so that Serve's message, and the run's, carry the engine's own line.
+            cause = root_cause(_logged_since(logs))
+            if cause and cause not in str(e):
+                raise RuntimeError(f"the vLLM engine could not start: {cause}") from e
+            raise
         self._tokenizer = None
 
     async def _run(self, prompt_ids, params: dict[str, Any]):
@@ -73,3 +90,31 @@ class EngineServer:
         engine = getattr(self, "engine", None)
         if engine is not None and hasattr(engine, "shutdown"):
             engine.shutdown()  # its engine-core process, which Ray does not track
+
+
+def _own_logs() -> list[tuple[Path, int]]:
+    """This process's stdout and stderr where they are files (Ray's worker log files),
+    with their sizes now."""
+    logs = []
+    for fd in (1, 2):
+        try:
+            path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+            if path.is_file():
+                logs.append((path, path.stat().st_size))
+        except OSError:  # not Linux, or not a file: no log to read back
+            continue
+    return logs
+
+
+def _logged_since(logs: list[tuple[Path, int]]) -> str:
+    """What was written to ``logs`` since their sizes were taken (the last
+    :data:`LOG_TAIL_BYTES` of it)."""
+    text = []
+    for path, size in logs:
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(size, path.stat().st_size - LOG_TAIL_BYTES))
+                text.append(f.read().decode("utf-8", "replace"))
+        except OSError:
+            continue
+    return "\n".join(text)
