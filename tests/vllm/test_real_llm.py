@@ -56,6 +56,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+#: Servers started by this module (the vllm backend's test stops them first).
+SERVERS: list[VLLMServer] = []
+
+
 class VLLMServer:
     """vLLM's OpenAI-compatible server (``vllm.entrypoints.openai.api_server``) in its
     own process group, logging to a file."""
@@ -104,6 +108,7 @@ class VLLMServer:
 def server(smollm2, tmp_path_factory):
     """One vLLM server for the module, serving SmolLM2 as ``smollm2``."""
     srv = VLLMServer(smollm2, tmp_path_factory.mktemp("vllm-server") / "server.log")
+    SERVERS.append(srv)
     try:
         ready_s = srv.wait_ready(SERVER_READY_S)
         print(f"vLLM's server ready in {ready_s:.0f} s")
@@ -177,13 +182,12 @@ def test_openai_backend_with_free_text_ends_cleanly(server, ray_vllm, tmp_path):
         assert r.manifest["counts"]["accepted"] == 4
 
 
-def test_vllm_backend_with_structured_output_on_the_same_weights(
-    smollm2, server, ray_vllm, tmp_path
-):
+def test_vllm_backend_with_structured_output_on_the_same_weights(smollm2, ray_vllm, tmp_path):
     """The same 13 rows with the run's own engine on the same weights. The server is
     stopped first: its KV cache and the engine's would not both fit beside the other
     vLLM tests on a 2-core CI machine."""
-    server.stop()
+    for server in SERVERS:
+        server.stop()
     r = run("demo-vllm.yaml", tmp_path / "out", ray_vllm, f"llm.model={smollm2}",
             "llm.vllm.gpu_memory_utilization=0.15")  # fmt: skip
     report("vllm, structured output on", r)
