@@ -82,6 +82,7 @@ def test_engine_pool_size_and_the_application_name():
     assert service_name(scaled) != name
     assert service_name(config("llm.vllm.max_model_len=2048").llm) != name
     assert service_name(config("llm.vllm.keep_engines=true").llm) == name
+    assert service_name(config("llm.vllm.deploy_timeout_s=5").llm) == name  # how long to wait
 
 
 def test_engine_placement_errors_say_what_to_do():
