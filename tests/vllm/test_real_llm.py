@@ -26,7 +26,7 @@ from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 import pytest
-from smollm2 import RealModelUnavailable, smollm2_dir
+from smollm2 import SERVER_KEY_ENV, RealModelUnavailable, smollm2_dir
 
 #: Each test runs one generation job (RUN_LIMIT_S) on a 2-core machine; pytest's default
 #: 600 s would cut a slow machine's run short of the job's own limit.
@@ -121,9 +121,10 @@ def run(preset: str, out: Path, ray_vllm, *overrides: str) -> SimpleNamespace:
     """jobs/generate.py on ``preset``, joined to the session's Ray cluster."""
     env = {**os.environ, "RAY_ADDRESS": ray_vllm.get_runtime_context().gcs_address,
            "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-           "RAY_USAGE_STATS_ENABLED": "0", "OPENAI_API_KEY": "not-checked-by-this-server"}  # fmt: skip
+           "RAY_USAGE_STATS_ENABLED": "0"}  # fmt: skip
     cmd = [sys.executable, str(REPO / "jobs" / "generate.py"), "--config",
-           str(REPO / "jobs" / "configs" / preset), "--out", str(out), *COMMON, *overrides]  # fmt: skip
+           str(REPO / "jobs" / "configs" / preset), "--out", str(out), *COMMON,
+           f"llm.api_key_env={SERVER_KEY_ENV}", *overrides]  # fmt: skip
     start = time.time()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=RUN_LIMIT_S)
     manifest_path = out / "manifest.json"
