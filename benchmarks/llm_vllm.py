@@ -5,12 +5,12 @@
 
 Both sides get the same chat requests (the writers' prompt and dialogue templates for
 all 13 abilities, structured output on, each request with its own seed) and the same
-engine settings (``raypipe.llm.vllm_backend.engine_kwargs`` of the preset's ``llm``):
+engine settings (``raypipe.llm.vllm.engine_kwargs`` of the preset's ``llm``):
 
 - pipeline: the rows raypipe's request stage makes (chat-template token ids, sampling
-  parameters) through :func:`raypipe.llm.vllm_backend.build_engine_processor` in one
+  parameters) through :func:`raypipe.llm.vllm.build_engine_processor` in one
   Ray Data execution, consumed as they stream out, to the run's engines (a Serve
-  application, :class:`raypipe.llm.vllm_backend.EngineService`);
+  application, :class:`raypipe.llm.vllm.EngineService`);
 - bare: one ``vllm.LLM`` in this process, one ``llm.chat(conversations, params)`` call
   (``bare_tokens_per_s``); then, for reference, the same requests as token ids made
   before the window through ``llm.generate`` on the warm engine
@@ -69,7 +69,7 @@ def run_pipeline(cfg, requests) -> dict:
     import ray
     from transformers import AutoTokenizer
 
-    from raypipe.llm.vllm_backend import (
+    from raypipe.llm.vllm import (
         EngineService,
         build_engine_processor,
         chat_ids,
@@ -114,7 +114,7 @@ def run_bare(cfg, requests) -> dict:
     import vllm
     from vllm.sampling_params import StructuredOutputsParams
 
-    from raypipe.llm.vllm_backend import engine_kwargs, model_path, sampling_params
+    from raypipe.llm.vllm import engine_kwargs, model_path, sampling_params
 
     kwargs = engine_kwargs(cfg)
     kwargs.pop("disable_log_stats", None)
@@ -131,7 +131,7 @@ def run_bare(cfg, requests) -> dict:
     window = time.time() - t
     # The same requests again as token ids made outside the window (as the pipeline's
     # request stage makes them), on the now warm engine: where the time of chat goes.
-    from raypipe.llm.vllm_backend import chat_ids
+    from raypipe.llm.vllm import chat_ids
 
     tok = llm.get_tokenizer()
     prompts = [{"prompt_token_ids": chat_ids(tok, r.messages)} for r in requests]

@@ -117,7 +117,16 @@ class VLLMConfig(Config):
         description="Leave the engines up when the run ends, for the next run with the same "
         "model and engine settings on the same cluster (it finds and uses them instead of "
         "loading the model again). Stop them with `serve shutdown` (Ray's CLI). A run always "
-        "uses engines it finds up, whether it stops them or not.",
+        "uses engines it finds up, and deletes only engines it started (or took over from "
+        "a run that started them) once no other live run uses them.",
+    )
+    deploy_timeout_s: float = Field(
+        1800.0,
+        gt=0,
+        description="Longest wait for engines of the same name that are DEPLOYING or "
+        "UNHEALTHY when the run needs them (another run on the cluster is starting them, or "
+        "Serve is replacing an engine); then the run fails, leaving them alone. Engines this "
+        "run starts itself are bounded by engine_restarts instead.",
     )
 
     @model_validator(mode="after")

@@ -9,10 +9,10 @@ no node can meet yet is what makes a Ray autoscaler add nodes of a type that can
 
 vLLM engines (``llm.vllm``: ``cpus_per_worker``, ``gpus_per_worker``, ``resources``,
 ``accelerator_type``) get one engine worker's request from :func:`actor_resources` too
-(:func:`raypipe.llm.vllm_backend.worker_request`), which the engines' Serve deployment
+(:func:`raypipe.llm.vllm.worker_request`), which the engines' Serve deployment
 takes as its replicas' actor options, or for a tensor-parallel engine as one
 placement-group bundle per rank with ``accelerator_type`` as a label resource
-(:func:`raypipe.llm.vllm_backend.deployment_options`). The writers' request and answer
+(:func:`raypipe.llm.vllm.deployment_options`). The writers' request and answer
 halves around the engines are LLM-client actors
 (``llm_actor_cpus``, ``llm_actor_resources``).
 

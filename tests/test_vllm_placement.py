@@ -13,7 +13,7 @@ import pytest
 
 from raypipe.config import GenerateConfig, load_config
 from raypipe.errors import ConfigError
-from raypipe.llm.vllm_backend import deployment_options, service_name, worker_request
+from raypipe.llm.vllm import deployment_options, service_name, worker_request
 from raypipe.placement import actor_resources
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,6 +82,7 @@ def test_engine_pool_size_and_the_application_name():
     assert service_name(scaled) != name
     assert service_name(config("llm.vllm.max_model_len=2048").llm) != name
     assert service_name(config("llm.vllm.keep_engines=true").llm) == name
+    assert service_name(config("llm.vllm.deploy_timeout_s=5").llm) == name  # how long to wait
 
 
 def test_engine_placement_errors_say_what_to_do():

@@ -11,7 +11,7 @@ appends three stages where the other backends have one (raypipe.generate.text):
    prompt too long for ``max_model_len`` still crosses the engine stage (Ray Data has one
    path for every row) as a one-token placeholder whose output is ignored: no persisted
    answer is generated again.
-2. The Ray Data LLM processor (:func:`raypipe.llm.vllm_backend.build_engine_processor`)
+2. The Ray Data LLM processor (:func:`raypipe.llm.vllm.build_engine_processor`)
    that sends each row to the run's engines: one Serve application of
    ``llm.vllm.min_engines..max_engines`` engines (``app``), shared by every writer.
 3. :class:`EngineAnswers`: the engine's text and token counts become results, new answers
@@ -39,7 +39,7 @@ import pyarrow as pa
 
 from raypipe.generate.stage import Stage, add_stage
 from raypipe.llm.base import LLMRequest, LLMResult
-from raypipe.llm.vllm_backend import VLLMBackend, decode, finish_reason, sampling_params
+from raypipe.llm.vllm import VLLMBackend, decode, finish_reason, sampling_params
 
 #: What the engine stage reads (the engine's ``method`` and its ``request_kwargs``: the
 #: prompt's token ids and sampling parameters) and carries (``rp_payload``: the row, its
@@ -176,7 +176,7 @@ def add_vllm_writer(ds, writer: type, cfg, app: str | None = None, service=None,
     its answer half (see the module docstring). Without ``app``, the writer is served from
     OUT/cache (:class:`CacheServed`), with ``service`` (the run's EngineService actor) for
     what the cache does not answer."""
-    from raypipe.llm.vllm_backend import build_engine_processor
+    from raypipe.llm.vllm import build_engine_processor
     from raypipe.placement import actor_resources
 
     kwargs = {"writer": writer, "writer_kwargs": writer_kwargs}

@@ -323,7 +323,7 @@ def stream(cfg: GenerateConfig, run: dict[str, Any], tally: Tally) -> dict[str, 
             if fatal is not None:  # the endpoint refused the run: its message, no traceback
                 raise LLMFatalError(str(fatal)) from None
             if cfg.llm.backend == "vllm":
-                from raypipe.llm.vllm_backend import engine_failure
+                from raypipe.llm.vllm import engine_failure
 
                 error = engine_failure(e, cfg.llm)
                 if error is not None:
@@ -564,7 +564,7 @@ def resolve_structured_output(cfg: GenerateConfig, answered: bool | None) -> Gen
 
 
 def start_engine_service(cfg: GenerateConfig):
-    """``llm.backend: vllm``: the run's :class:`~raypipe.llm.vllm_backend.EngineService`
+    """``llm.backend: vllm``: the run's :class:`~raypipe.llm.vllm.EngineService`
     actor (on the driver's node; it reserves nothing and starts the engines only when a
     request needs them), else None."""
     if cfg.llm.backend != "vllm":
@@ -572,14 +572,10 @@ def start_engine_service(cfg: GenerateConfig):
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from raypipe.llm.vllm_backend import EngineService
+    from raypipe.llm.vllm.service import start_service
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    return (
-        ray.remote(EngineService)
-        .options(num_cpus=0, scheduling_strategy=here)
-        .remote(cfg.llm.model_dump())
-    )
+    return start_service(cfg.llm, scheduling_strategy=here)
 
 
 def vllm_writers(cfg: GenerateConfig, args: tuple, cache: str | None, service) -> dict[str, Any]:
@@ -595,7 +591,7 @@ def vllm_writers(cfg: GenerateConfig, args: tuple, cache: str | None, service) -
     import ray
 
     from raypipe.generate.engine import check_cache
-    from raypipe.llm.vllm_backend import engine_failure
+    from raypipe.llm.vllm import engine_failure
 
     second, second_kwargs = second_writer(cfg)
     checked = check_cache(cfg, args, cache, second, second_kwargs)

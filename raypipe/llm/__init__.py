@@ -42,7 +42,7 @@ def make_backend(
 
         return OfflineBackend(cfg, catalog)
     if cfg.backend == "vllm":
-        from raypipe.llm.vllm_backend import VLLMBackend
+        from raypipe.llm.vllm import VLLMBackend
 
         return VLLMBackend(cfg, cache_dir)
     raise ValueError(f"unknown llm.backend {cfg.backend!r}")  # the config's Literal forbids it

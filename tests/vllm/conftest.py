@@ -45,6 +45,11 @@ def ray_vllm(tiny_dir):
     actor and light stages reserving fractions of them (as the demo-vllm preset does)."""
     import ray
 
+    # The key the real_llm tier's openai runs send to vLLM's server (which checks none):
+    # actors read it from their node's environment, here the raylet's, so it is set first.
+    from smollm2 import SERVER_KEY_ENV
+
+    os.environ.setdefault(SERVER_KEY_ENV, "not-checked-by-vllms-server")
     if not ray.is_initialized():
         ray.init(
             num_cpus=2,

@@ -38,7 +38,7 @@ from raypipe.llm import structured
 from raypipe.llm.cache import request_key
 from raypipe.llm.parsing import parse_dialogue, parse_prompts
 from raypipe.llm.templates import dialogue_request, prompt_request
-from raypipe.llm.vllm_backend import cache_body, engine_failure, service_name
+from raypipe.llm.vllm import cache_body, engine_failure, service_name
 from raypipe.schema import validate_samples
 
 pytestmark = pytest.mark.vllm
@@ -297,19 +297,23 @@ def test_driver_cache_check_is_exact_about_each_writer(resumed, tmp_path):
 def engine(ray_vllm, resumed):
     """The engines the jobs used, reached as the keyword banks and the writers served
     from OUT/cache reach them: VLLMBackend -> the run's EngineService actor -> Serve. No
-    cache: every request is generated. The engines are stopped at the end."""
-    from raypipe.llm.vllm_backend import EngineService, VLLMBackend
+    cache: every request is generated. The fixture deletes the engines at the end: the
+    service found them running (the killed run started them), so it leaves them up."""
+    from ray import serve
+
+    from raypipe.llm.vllm import VLLMBackend
+    from raypipe.llm.vllm.service import start_service
 
     cfg = load_config(GenerateConfig, PRESET).llm
-    service = ray.remote(EngineService).options(num_cpus=0).remote(cfg.model_dump())
+    service = start_service(cfg)
     backend = VLLMBackend(cfg)
     backend.attach(service)
     yield backend
     stopped = ray.get(service.stop.remote())
     ray.kill(service)
-    from ray import serve
-
-    assert stopped["app"] not in serve.status().applications  # deleted
+    # Found running (the killed run started them): a run never deletes such engines.
+    assert stopped["found_running"] and stopped["app"] in serve.status().applications
+    serve.delete(stopped["app"])
 
 
 def writer_requests(per_ability: int = 4) -> list:
@@ -595,6 +599,28 @@ def test_engines_that_cannot_start_fail_the_run_before_any_rendering(ray_vllm, t
     message = str(info.value)
     assert "tried once" in message and "no_such_engine_argument" in message, message
     assert "llm.vllm.gpu_memory_utilization" in message and "run again" in message
+    assert not data_parts(tmp_path)
+    assert service_name(cfg.llm) not in serve.status().applications
+
+
+def test_an_engine_without_memory_for_its_kv_cache_fails_with_the_engines_own_error(
+    ray_vllm, tmp_path
+):
+    """vLLM's engine core (a child process of the replica) only logs why it failed;
+    the replica reads that line back, so the run's error quotes it instead of pointing at
+    the worker log. Here: a share of memory too small for the KV cache."""
+    from ray import serve
+
+    cfg = vllm_config("llm.vllm.gpu_memory_utilization=0.0001", "llm.vllm.engine_restarts=0")
+    with pytest.raises(ModelError, match="could not start") as info:
+        generate(cfg, str(tmp_path))
+    message = str(info.value)
+    print(message)
+    # vLLM's line: "Available memory on node 0 (.../... GiB) on kv cache allocation is
+    # less than requested memory for kv (-0.71/0.0 GiB) ..." (its type differs by version).
+    own = message.split("The engine's own error: ", 1)[-1]
+    assert "on kv cache allocation is less than requested memory for kv" in own, message
+    assert "raise llm.vllm.gpu_memory_utilization" in message
     assert not data_parts(tmp_path)
     assert service_name(cfg.llm) not in serve.status().applications
 
