@@ -13,9 +13,9 @@ from raypipe.config import GenerateConfig, LLMConfig, load_config
 from raypipe.errors import ConfigError
 from raypipe.llm import structured
 from raypipe.llm.cache import request_key
+from raypipe.llm.request_body import request_body
 from raypipe.llm.templates import benchmark_request, dialogue_request, prompt_request
 from raypipe.llm.vllm import (
-    cache_body,
     engine_kwargs,
     finish_reason,
     sampling_params,
@@ -109,11 +109,11 @@ def test_cache_key_is_the_openai_backends_key_for_the_same_request(monkeypatch):
     )
     backend = OpenAIBackend(cfg, None)
     try:
-        assert request_key(cache_body("m", req)) == request_key(backend._body(req))
+        assert request_key(request_body("m", req)) == request_key(backend._body(req))
     finally:
         backend.close()
     # A schema is part of the request, so of its key.
-    assert request_key(cache_body("m", color_prompts())) != request_key(cache_body("m", req))
+    assert request_key(request_body("m", color_prompts())) != request_key(request_body("m", req))
 
 
 def test_sampling_params_and_finish_reason():

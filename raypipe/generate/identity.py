@@ -79,6 +79,7 @@ FIELD_CLASS: dict[str, str] = {
     "llm.vllm.accelerator_type": OPERATIONAL,
     "llm.vllm.engine_restarts": OPERATIONAL,
     "llm.vllm.keep_engines": OPERATIONAL,
+    "llm.vllm.deploy_timeout_s": OPERATIONAL,
     # Render: the model and everything that changes pixels are identity
     "render.model": IDENTITY,
     "render.dtype": IDENTITY,

@@ -37,8 +37,9 @@ from raypipe.generate.text import keyword_for, seed_bank, stable_seed
 from raypipe.llm import structured
 from raypipe.llm.cache import request_key
 from raypipe.llm.parsing import parse_dialogue, parse_prompts
+from raypipe.llm.request_body import request_body
 from raypipe.llm.templates import dialogue_request, prompt_request
-from raypipe.llm.vllm import cache_body, engine_failure, service_name
+from raypipe.llm.vllm import engine_failure, service_name
 from raypipe.schema import validate_samples
 
 pytestmark = pytest.mark.vllm
@@ -273,8 +274,8 @@ def test_driver_cache_check_is_exact_about_each_writer(resumed, tmp_path):
                                for j in range(k)]}  # fmt: skip
     (prompt,) = PromptWriter(negative_prompt="", **common).prepare([item])
     cache = ResponseCache(out / "cache")
-    dialogue_key = request_key(cache_body(cfg.llm.model, dialogue))
-    prompt_key = request_key(cache_body(cfg.llm.model, prompt))
+    dialogue_key = request_key(request_body(cfg.llm.model, dialogue))
+    prompt_key = request_key(request_body(cfg.llm.model, prompt))
     assert cache.get(dialogue_key) is not None and cache.get(prompt_key) is not None
 
     path = Path(cache.path(dialogue_key))

@@ -44,7 +44,6 @@ from raypipe.llm.vllm.checks import check_model
 from raypipe.llm.vllm.failures import engine_failure, start_failure
 from raypipe.llm.vllm.processor import build_engine_processor
 from raypipe.llm.vllm.request import (
-    cache_body,
     chat_ids,
     decode,
     eos_ids,
@@ -67,7 +66,7 @@ from raypipe.llm.vllm.settings import (
 
 __all__ = [
     "APP_PREFIX", "DEPLOYMENT", "EngineServer", "EngineService", "VLLMBackend",
-    "build_engine_processor", "cache_body", "chat_ids", "check_model", "decode",
+    "build_engine_processor", "chat_ids", "check_model", "decode",
     "deployment_options", "engine_failure", "engine_kwargs", "engines_use_gpu",
     "eos_ids", "finish_reason", "model_path", "sampling_params", "service_name",
     "start_failure", "worker_bundle", "worker_request",

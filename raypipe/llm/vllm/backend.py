@@ -8,9 +8,10 @@ from typing import Any
 from raypipe.config import LLMConfig
 from raypipe.llm.base import LLMRequest, LLMResult
 from raypipe.llm.cache import ResponseCache, request_key
+from raypipe.llm.request_body import request_body
 from raypipe.llm.vllm.checks import check_model
 from raypipe.llm.vllm.failures import engine_failure
-from raypipe.llm.vllm.request import cache_body, chat_ids, eos_ids, sampling_params
+from raypipe.llm.vllm.request import chat_ids, eos_ids, sampling_params
 from raypipe.llm.vllm.service import start_service
 from raypipe.llm.vllm.settings import model_path
 
@@ -74,7 +75,7 @@ class VLLMBackend:
         return self._max_len
 
     def key(self, req: LLMRequest) -> str:
-        return request_key(cache_body(self.model, req))
+        return request_key(request_body(self.model, req))
 
     def cached(self, req: LLMRequest) -> dict[str, Any] | None:
         return self.cache.get(self.key(req)) if self.cache is not None else None

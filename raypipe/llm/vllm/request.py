@@ -1,5 +1,6 @@
-"""One request to a vLLM engine: the body the cache key hashes, the sampling parameters
-and prompt token ids the engine takes, and how its answer is read back."""
+"""One request to a vLLM engine: the sampling parameters and prompt token ids the engine
+takes, and how its answer is read back. Its cache key hashes the same body the ``openai``
+backend sends (:func:`raypipe.llm.request_body.request_body`)."""
 
 from __future__ import annotations
 
@@ -7,25 +8,6 @@ import json
 from typing import Any
 
 from raypipe.llm.base import LLMRequest
-
-
-def cache_body(model: str, req: LLMRequest) -> dict[str, Any]:
-    """What the cache key hashes: the chat-completion body the ``openai`` backend sends
-    for ``req`` (reasoning off), plus the schema as ``response_format`` when it has one."""
-    body: dict[str, Any] = {
-        "model": model,
-        "messages": [dict(m) for m in req.messages],
-        "temperature": req.temperature,
-        "max_tokens": req.max_tokens,
-    }
-    if req.seed is not None:
-        body["seed"] = req.seed
-    if req.response_schema is not None:
-        body["response_format"] = {
-            "type": "json_schema",
-            "json_schema": {"name": req.task, "schema": req.response_schema},
-        }
-    return body
 
 
 def sampling_params(req: LLMRequest) -> dict[str, Any]:
