@@ -149,9 +149,9 @@ def training(monkeypatch):
         return SimpleNamespace(export_dir=str(export))
 
     monkeypatch.setattr("raypipe.generate.pipeline.generate", lambda cfg, out: {})
-    monkeypatch.setattr("raypipe.train.loop.preflight", lambda cfg, sources: (cfg, sources))
-    monkeypatch.setattr("raypipe.train.loop.setup", fake_setup)
-    monkeypatch.setattr("raypipe.train.loop.main", fake_fit)
+    monkeypatch.setattr("raypipe.train.trainer.preflight", lambda cfg, sources: (cfg, sources))
+    monkeypatch.setattr("raypipe.train.trainer.setup", fake_setup)
+    monkeypatch.setattr("raypipe.train.trainer.main", fake_fit)
     return fits
 
 
