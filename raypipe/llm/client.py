@@ -166,6 +166,10 @@ class OpenAIBackend:
         t = self.timeouts
         return max(self.cfg.timeout_s, t.first_token_s, t.idle_s, t.deadline_s or 0) + IO_MARGIN_S
 
+    def first_answer_s(self) -> float:
+        """How long a request may wait for an answer to start (first token, or whole)."""
+        return self.timeouts.first_token_s if self.stream else self.cfg.timeout_s
+
     # -- public API ---------------------------------------------------------------------
 
     def complete_batch(self, requests: list[LLMRequest]) -> list[LLMResult]:
@@ -183,7 +187,8 @@ class OpenAIBackend:
     def check(self, timeout_s: float = 10.0) -> dict[str, Any]:
         """Fail fast, before a long run, if the endpoint is unreachable, refuses the key,
         does not serve ``llm.model`` or refuses the parameters real requests carry
-        (:mod:`raypipe.llm.endpoint_check`).
+        (:mod:`raypipe.llm.endpoint_check`). ``timeout_s`` bounds reaching the server;
+        the probes that generate get a real request's limits (:meth:`first_answer_s`).
 
         Returns:
             ``{"base_url", "model", "models", "latency_s", "stream", "structured_output"}``:

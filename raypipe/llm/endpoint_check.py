@@ -78,10 +78,14 @@ async def check(backend: OpenAIBackend, timeout_s: float) -> dict[str, Any]:
             )
         else:
             # 2. One token, asked with the parameters and the transport real requests use.
-            await _probe(backend, client, _ping(backend, 1), deadline)
+            # A probe generates, so a busy server may take as long to start answering it
+            # as a real request: it gets a real request's limits, not the listing's.
+            probe = backend._client.with_options(max_retries=0)
+            allowance = max(timeout_s, backend.first_answer_s())
+            await _probe(backend, probe, _ping(backend, 1), time.monotonic() + allowance)
             # 3. Structured output, where asked for.
             if backend.cfg.structured_output is not False:
-                structured = await _structured(backend, client, deadline)
+                structured = await _structured(backend, probe, time.monotonic() + allowance)
     except Exception as e:
         problem = endpoint_problem(backend, e)
     if problem:  # raised out here so the SDK's exception (and its text) is not chained
