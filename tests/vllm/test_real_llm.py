@@ -36,6 +36,14 @@ REPO = Path(__file__).resolve().parents[2]
 NAME = "smollm2"  # the server's --served-model-name: what llm.model sends
 SERVER_READY_S = 300
 RUN_LIMIT_S = 1080
+#: What vLLM's CPU build needs to serve raypipe's requests, as the vllm backend sets for
+#: its own engines (raypipe.llm.vllm.settings): every prompt prefilled in one step (a
+#: seeded request prefilled in chunks kills the engine: "CPU Generator does not use
+#: offset"), and llguidance for JSON schemas (xgrammar cannot compile their bounded
+#: string patterns).
+CPU_SERVER_ARGS = ["--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096",
+                   "--structured-outputs-config",
+                   '{"backend": "guidance", "disable_any_whitespace": true}']  # fmt: skip
 #: The demo's light sizing (tiny images, one render actor) with one row per ability.
 COMMON = ["num_samples=13", "part_max_seconds=2", "log_to_driver=false"]
 
@@ -71,7 +79,7 @@ class VLLMServer:
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
                "--model", str(model), "--served-model-name", NAME, "--host", "127.0.0.1",
                "--port", str(self.port), "--dtype", "float32", "--max-model-len", "4096",
-               "--enforce-eager"]  # fmt: skip
+               "--enforce-eager", *CPU_SERVER_ARGS]  # fmt: skip
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"}
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
