@@ -33,6 +33,8 @@ NODE_KEYS = {
     "RAYPIPE_TEST_KEY": "sk-test-sentinel-0123456789",
     "RAYPIPE_STREAM_TEST_KEY": "sk-stream-test-0123456789",
     "RAYPIPE_CONTRACT_TEST_KEY": "sk-contract-SENTINEL-5b1f0c",
+    "RAYPIPE_OUT_TEST_KEY": "sk-raypipe_out_test_key",  # tests/test_out_folder.py
+    "RAYPIPE_OUT_SECOND_KEY": "sk-raypipe_out_second_key",
 }
 
 

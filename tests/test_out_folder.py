@@ -232,13 +232,13 @@ def test_a_new_field_without_a_class_is_caught():
     from raypipe.generate.identity import unclassified
 
     class MoreLLM(LLMConfig):
-        stream: bool = Field(False, description="a field added later")
+        sparkle: bool = Field(False, description="a field added later")
 
     class More(GenerateConfig):
         llm: MoreLLM = Field(default_factory=MoreLLM)
         shiny: int = Field(0, description="another")
 
-    assert unclassified(More) == ["llm.stream", "shiny"]
+    assert unclassified(More) == ["llm.sparkle", "shiny"]
 
 
 def test_a_changed_identity_is_refused_before_any_request(ray_local, tiny_dir, tmp_path):
