@@ -47,7 +47,7 @@ def test_eval_tiny_runs_end_to_end_and_resumes(ray_local, tiny_dir, tmp_path, ca
     # The tuned model is the training recipe's export, with its lineage.
     tuned = scores["models"]["tuned"]
     assert Path(tuned["path"]) == out / "train" / "export"
-    (source,) = tuned["lineage"]["sources"]
+    (source,) = tuned["lineage"]["datasets"]
     assert source["path"] == str(out / "train-data" / "data") and source["manifest"]
     assert summary["trained_model"] == str(out / "train" / "export")
 
