@@ -20,6 +20,21 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 
+#: Fixtures that make a test an integration test: Ray, servers, subprocess jobs.
+INTEGRATION_FIXTURES = frozenset(
+    {"ray_local", "ray_vllm", "s3_server", "llm_server", "head", "jobs"}
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark each test that uses Ray, a server or a subprocess job ``integration``;
+    the rest are unit tests (``-m "not integration"`` runs them in about a minute)."""
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & INTEGRATION_FIXTURES or item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """Tiny models for this test session, built once (see raypipe.testing)."""
