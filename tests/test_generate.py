@@ -236,6 +236,7 @@ def _job_env(tiny_dir: Path) -> dict[str, str]:
     return env
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("when", ["after_parts", "prompt_phase"])
 def test_killed_job_resumes_without_loss_duplicates_or_repaid_requests(tiny_dir, tmp_path, when):
     """A real SIGKILL of the job's whole process group: after some rows are written, or
@@ -332,6 +333,7 @@ def test_killed_job_resumes_without_loss_duplicates_or_repaid_requests(tiny_dir,
     assert len(answered_before) >= 2
 
 
+@pytest.mark.integration
 def test_driver_memory_stays_flat_with_10x_rows(tiny_dir, tmp_path):
     """Rows stream through the workers: the driver's peak RSS does not grow with N."""
     probe = (

@@ -311,6 +311,7 @@ def test_cosine_schedule_with_warmup_matches_transformers():
 # --- the job -----------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_job_fails_before_starting_ray_on_bad_inputs(tiny_dir, tmp_path):
     def job(*args):
         return subprocess.run(
