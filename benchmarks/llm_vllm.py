@@ -43,8 +43,8 @@ PRESET = ROOT / "jobs" / "configs" / "demo-vllm.yaml"
 def make_requests(n: int):
     from raypipe.abilities import load_catalog
     from raypipe.generate.text import keyword_for, seed_bank, stable_seed
-    from raypipe.llm import structured
-    from raypipe.llm.templates import dialogue_request, prompt_request
+    from raypipe.llm import tasks
+    from raypipe.llm.tasks import dialogue_request, prompt_request
 
     catalog = list(load_catalog().items())
     out, i = [], 0
@@ -60,7 +60,7 @@ def make_requests(n: int):
             prompt = f"(({kws[0]})), {name} photo, soft light, detailed, high quality"
             q = ability.questions[c % len(ability.questions)]
             req = dialogue_request(ability, prompt, q, key=f"d/{i}", seed=stable_seed(0, i))
-        out.append(structured.with_schema(req))
+        out.append(tasks.with_schema(req))
         i += 1
     return out
 

@@ -24,7 +24,7 @@ from raypipe.generate.budget import (
     estimate,
     format_estimate,
 )
-from raypipe.llm.templates import dialogue_request, keyword_request, prompt_request
+from raypipe.llm.tasks import dialogue_request, keyword_request, prompt_request
 from raypipe.llm.transport import estimate_prompt_tokens
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,8 +19,7 @@ from raypipe.llm.curation import (
     save_curated,
 )
 from raypipe.llm.offline import OfflineBackend
-from raypipe.llm.parsing import check_prompt
-from raypipe.llm.templates import prompt_request
+from raypipe.llm.tasks import check_prompt, prompt_request
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,10 @@ virtual environment first on PATH, dashboard on 127.0.0.1) takes two jobs submit
 `--working-dir .`: the demo preset with a small N, which must end SUCCEEDED with its rows
 in OUT, and one with a mistyped override, which must end FAILED with the error (and its
 suggestion) in `ray job logs`. The package Ray uploaded must leave out the virtual
-environments and run outputs (.rayignore, .gitignore). The head is stopped whatever
+environments and run outputs (.rayignore, .gitignore). A third job sends its LLM requests
+to a loopback server with an API key the head's node environment holds, as the README's
+cluster section has `ray start` export it: the key must appear in no job info, log or
+file of OUT or of the head's session. The head is stopped whatever
 happens, by killing exactly the processes it started: `ray stop` would stop every Ray
 on the machine, including the session's shared one.
 """
@@ -28,6 +31,9 @@ from ray_cluster import ray_head  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 N = 13  # one row per ability
+#: The node's API key: made here, so not even the uploaded tests/ folder holds it.
+KEY_ENV = "RAYPIPE_SUBMIT_TEST_KEY"
+SENTINEL = f"sk-submit-SENTINEL-{uuid.uuid4().hex}"
 
 pytestmark = pytest.mark.slow
 
@@ -41,11 +47,13 @@ def head():
         TOKENIZERS_PARALLELISM="false",
         PYTHONUNBUFFERED="1",
     )
+    # What cluster.yaml does with ~/.raypipe/env: `ray start` runs with the key exported.
+    env[KEY_ENV] = SENTINEL
     with ray_head(num_cpus=2, env=env, cwd=REPO) as h:
         yield h
 
 
-def submit(head, submission_id: str, out: Path, tiny_dir: Path, *extra: str, wait=True):
+def submit(head, submission_id: str, out: Path, tiny_dir: Path, *extra: str, wait=True, n=N):
     runtime_env = {"env_vars": {"RAYPIPE_TINY_DIR": str(tiny_dir)}}
     return head.ray(
         "job",
@@ -64,7 +72,7 @@ def submit(head, submission_id: str, out: Path, tiny_dir: Path, *extra: str, wai
         "--out",
         str(out),
         "--num-samples",
-        str(N),
+        str(n),
         "render.width=32",
         "render.height=32",
         *extra,
@@ -157,3 +165,45 @@ def test_uploaded_package_leaves_out_environments_and_run_outputs(jobs):
         assert not list(pkg.rglob("*.egg-info"))
         size = sum(f.stat().st_size for f in pkg.rglob("*") if f.is_file())
         assert size < 20 * 2**20, f"package of {size / 2**20:.1f} MiB: something large travels"
+
+
+def test_the_node_key_reaches_the_llm_but_no_job_info_log_or_file(
+    head, tiny_dir, tmp_path, llm_server
+):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_generate import template_responder
+
+    server = llm_server(responder=template_responder(), api_key=SENTINEL, lifetime_s=600)
+    job_id, out = f"rp-key-{uuid.uuid4().hex[:8]}", tmp_path / "out"
+    res = submit(
+        head, job_id, out, tiny_dir, "llm.backend=openai", f"llm.base_url={server.url}",
+        f"llm.api_key_env={KEY_ENV}", "llm.model=test-model", "abilities=[color]",
+        "extra_keywords_per_ability=0", n=2,
+    )  # fmt: skip
+    assert res.returncode == 0, f"{res.stdout[-4000:]}\n{res.stderr[-3000:]}"
+    assert head.wait_job(job_id)["status"] == "SUCCEEDED"
+    # The key was used: every request the server saw carried it, and none was refused.
+    chats = [ev for ev in server.events if ev.hash]
+    assert chats and server.unauthorized == 0
+    assert {ev.authorization for ev in chats} == {f"Bearer {SENTINEL}"}
+    assert len(pq.read_table(out / "data")) == 2
+
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(head.dashboard)
+    seen = {
+        "ray job submit": res.stdout + res.stderr,
+        "job info": client.get_job_info(job_id).model_dump_json(),
+        "job list": json.dumps([j.model_dump() for j in client.list_jobs()], default=str),
+        "ray job list": head.ray("job", "list", timeout_s=60).stdout,
+        "ray job logs": client.get_job_logs(job_id),
+        "ray list actors": head.ray("list", "actors", "--detail", timeout_s=60).stdout,
+    }
+    assert "wrote 2 rows" in seen["ray job logs"]  # the logs were read
+    for where, text in seen.items():
+        assert SENTINEL not in text, where
+    files = [p for root in (out, head.temp_dir) for p in root.rglob("*") if p.is_file()]
+    assert any(p.name == "manifest.json" for p in files)
+    assert any(p.suffix == ".log" for p in files)  # the session's logs
+    leaked = [str(p) for p in files if SENTINEL.encode() in p.read_bytes()]
+    assert not leaked, leaked

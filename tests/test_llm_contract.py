@@ -225,6 +225,34 @@ def test_the_in_flight_limit_is_cut_on_transient_failures_and_grows_back():
     assert limiter.llm_stats()["seconds_since_success"] == 42.0
 
 
+def test_the_limiters_counts_survive_its_restart():
+    """Ray restarts a dead limiter actor empty; the clients' running totals, sent with
+    their next report, give it back the job's counts, and it says it restarted."""
+    from raypipe.llm.limits import InProcess, Leases, LimiterHandle
+
+    async def run() -> None:
+        clock = FakeClock()
+        first = JobLimiter(None, None, clock=clock.now, sleep=clock.sleep, restarted=False)
+        handle = LimiterHandle(InProcess(first), None, None)
+        client = Leases(handle)
+        client.record(answers=3)
+        client.record(failure="transient")
+        await client.flush()
+        assert first.llm_stats()["answers"] == 3 and not first.llm_stats()["restarted"]
+        # The actor dies; Ray starts a new one behind the same handle.
+        handle.actor.limiter = second = JobLimiter(
+            None, None, clock=clock.now, sleep=clock.sleep, restarted=True
+        )
+        client.record(answers=2)
+        await client.flush()
+        stats = second.llm_stats()
+        assert stats["answers"] == 5 and stats["failures"]["transient"] == 1
+        assert stats["restarted"]
+        await client.close()
+
+    asyncio.run(run())
+
+
 def test_a_failed_attempts_token_reservation_returns(llm_server):
     """Through the backend: an attempt answered 500 gives its tokens back, so after one
     failed and one answered attempt the bucket holds all but the reported usage."""

@@ -10,16 +10,14 @@ import pytest
 from raypipe.abilities import ABILITIES, QUESTION_TYPES, load_catalog
 from raypipe.llm.base import LLMRequest
 from raypipe.llm.offline import OfflineBackend
-from raypipe.llm.parsing import (
+from raypipe.llm.tasks import (
+    benchmark_request,
+    dialogue_request,
+    keyword_request,
     parse_benchmark,
     parse_dialogue,
     parse_keywords,
     parse_prompts,
-)
-from raypipe.llm.templates import (
-    benchmark_request,
-    dialogue_request,
-    keyword_request,
     prompt_request,
 )
 from raypipe.matching import emphasized_keywords

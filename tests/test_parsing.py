@@ -1,4 +1,4 @@
-"""Golden tests for raypipe.llm.parsing on realistic model outputs.
+"""Golden tests for the LLM task parsers (raypipe.llm.tasks) on realistic model outputs.
 
 Each case is a text a real chat model could return for one of raypipe's templates; the
 parser must accept it (and extract the right content) or reject it with the right reason.
@@ -9,15 +9,15 @@ from __future__ import annotations
 import pytest
 
 from raypipe.abilities import load_catalog
-from raypipe.llm.parsing import (
+from raypipe.llm.tasks import (
     check_prompt,
     detect_refusal,
-    extract_fields,
     parse_benchmark,
     parse_dialogue,
     parse_keywords,
     parse_prompts,
 )
+from raypipe.llm.tasks.common import extract_fields
 from raypipe.matching import emphasized_keywords, mentions_keyword, strip_emphasis
 
 

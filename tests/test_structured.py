@@ -11,10 +11,10 @@ import pytest
 from raypipe.abilities import load_catalog
 from raypipe.config import GenerateConfig, LLMConfig, load_config
 from raypipe.errors import ConfigError
-from raypipe.llm import structured
+from raypipe.llm import tasks as structured
 from raypipe.llm.cache import request_key
 from raypipe.llm.request_body import request_body
-from raypipe.llm.templates import benchmark_request, dialogue_request, prompt_request
+from raypipe.llm.tasks import benchmark_request, dialogue_request, prompt_request
 from raypipe.llm.vllm import (
     engine_kwargs,
     finish_reason,
@@ -31,7 +31,7 @@ def color_prompts():
 
 def test_prompt_schema_carries_each_keyword_and_fits_max_tokens():
     req = color_prompts()
-    assert req.messages[-1]["content"].endswith(structured.JSON_INSTRUCTIONS["prompts"])
+    assert req.messages[-1]["content"].endswith(structured.prompts.JSON_INSTRUCTION)
     items = req.response_schema["properties"]["prompts"]["prefixItems"]
     assert len(items) == 5
     good = "((navy blue)), old sailing boat, calm harbour, golden hour, photo, 8k"
@@ -57,14 +57,14 @@ def test_structured_prompts_are_checked_like_text_prompts():
             "((teal)), I'm sorry, I can't help with that request today",
         ]
     }
-    parsed = structured.parse_prompts(json.dumps(answer), req.params["keywords"])
+    parsed = structured.parse_prompts_json(json.dumps(answer), req.params["keywords"])
     assert parsed[0].prompt == "((crimson)), vintage car, city street, dramatic light, 8k"
     assert [p.reason for p in parsed] == [None, "too_short", None, "refusal", "missing_prompt"]
-    bad = structured.parse_prompts('{"prompts": ["((crimson)), a', KWS)
+    bad = structured.parse_prompts_json('{"prompts": ["((crimson)), a', KWS)
     assert {p.reason for p in bad} == {"invalid_json"}
     # Raw tabs and line breaks inside strings, as a random-weight model writes them.
     raw = '{"prompts":["((crimson)),\tred car on a\nwet street, night, neon, photo"]}'
-    assert structured.parse_prompts(raw, KWS[:1])[0].ok
+    assert structured.parse_prompts_json(raw, KWS[:1])[0].ok
 
 
 def test_structured_dialogue_and_benchmark_go_through_the_same_checks():
@@ -76,11 +76,11 @@ def test_structured_dialogue_and_benchmark_go_through_the_same_checks():
     desc = "The car is painted a deep crimson that shines under the street lights at night."
     assert re.fullmatch(pattern, desc)
     assert not re.fullmatch(pattern, "A red car parked on a street at night, shining brightly.")
-    ok = structured.parse_dialogue(json.dumps({"prompt": prompt, "description": desc}), prompt)
+    ok = structured.parse_dialogue_json(json.dumps({"prompt": prompt, "description": desc}), prompt)
     assert ok.ok and ok.description == desc
-    short = structured.parse_dialogue('{"prompt": "x", "description": "crimson car."}', prompt)
+    short = structured.parse_dialogue_json('{"prompt": "x", "description": "crimson car."}', prompt)
     assert short.reason == "too_short"
-    assert structured.parse_dialogue('{"prompt": "x"}', prompt).reason == "invalid_json"
+    assert structured.parse_dialogue_json('{"prompt": "x"}', prompt).reason == "invalid_json"
 
     bench = structured.with_schema(benchmark_request(CATALOG["color"], prompt, "yes_no", key="b"))
     props = bench.response_schema["properties"]
@@ -88,7 +88,7 @@ def test_structured_dialogue_and_benchmark_go_through_the_same_checks():
     assert re.fullmatch(props["response"]["pattern"], "Yes, the car is crimson.")
     answer = {"prompt": prompt, "question": "Is the car crimson?",
               "response": "Yes, the car is crimson.", "keywords": "yes"}  # fmt: skip
-    item = structured.parse_benchmark(json.dumps(answer), "yes_no")
+    item = structured.parse_benchmark_json(json.dumps(answer), "yes_no")
     assert item.ok and item.answer_keywords == ("yes",)
 
 

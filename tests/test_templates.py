@@ -8,13 +8,13 @@ import dataclasses
 import pytest
 
 from raypipe.abilities import ABILITIES, QUESTION_TYPES, load_catalog
-from raypipe.llm.templates import (
-    QUESTION_TYPE_HINTS,
+from raypipe.llm.tasks import (
     benchmark_request,
     dialogue_request,
     keyword_request,
     prompt_request,
 )
+from raypipe.llm.tasks.benchmark_items import QUESTION_TYPE_HINTS
 
 
 @pytest.fixture(scope="module")

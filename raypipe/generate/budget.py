@@ -4,7 +4,7 @@
     print(format_estimate(est))
 
 No HTTP call and no model: the LLM requests are rendered with the real templates
-(:mod:`raypipe.llm.templates`) and measured; GPU time comes from a FLOP model of the
+(:mod:`raypipe.llm.tasks`) and measured; GPU time comes from a FLOP model of the
 render settings. Every figure has two columns:
 
 - ``planned``: the rows still missing from each ability's quota, if none is rejected;
@@ -32,8 +32,8 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from raypipe.config import GenerateConfig
-from raypipe.llm.parsing import MAX_PROMPT_CHARS
-from raypipe.llm.templates import dialogue_request, keyword_request, prompt_request
+from raypipe.llm.tasks import dialogue_request, keyword_request, prompt_request
+from raypipe.llm.tasks.common import MAX_PROMPT_CHARS
 
 if TYPE_CHECKING:
     from raypipe.abilities import Ability

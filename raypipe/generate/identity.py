@@ -176,12 +176,9 @@ def _digest(obj: Any) -> str:
 
 def templates_digest() -> str:
     """A digest of the LLM request templates (their text changes what is asked)."""
-    from raypipe.llm import templates
+    from raypipe.llm.tasks import template_texts
 
-    texts = {
-        k: v for k, v in vars(templates).items() if k.isupper() and isinstance(v, (str, int))
-    }
-    return _digest(texts)
+    return _digest(template_texts())
 
 
 def dataset_identity(cfg: GenerateConfig, catalog: dict[str, Any]) -> dict[str, Any]:

@@ -18,22 +18,20 @@ import pyarrow as pa
 from raypipe.abilities import Ability, load_catalog
 from raypipe.config import LLMConfig
 from raypipe.generate.stage import Stage
-from raypipe.llm import make_backend, structured
+from raypipe.llm import make_backend, tasks
 from raypipe.llm.base import LLMRequest, LLMResult
 from raypipe.llm.failures import FATAL, LLMFatalError, fatal_message
-from raypipe.llm.parsing import (
-    emphasized_keywords,
+from raypipe.llm.tasks import (
+    benchmark_request,
+    dialogue_request,
+    keyword_request,
     parse_benchmark,
     parse_dialogue,
     parse_keywords,
     parse_prompts,
-)
-from raypipe.llm.templates import (
-    benchmark_request,
-    dialogue_request,
-    keyword_request,
     prompt_request,
 )
+from raypipe.matching import emphasized_keywords
 from raypipe.schema import is_rejected, reject, row_seed, rows_to_table, update_meta
 
 #: Stage of rows handed back unmade at ``max_usd`` (see raypipe.generate.planner).
@@ -97,7 +95,7 @@ def expand_keyword_bank(
     bank or a few rounds in a row add nothing. ``start`` is a bank an earlier run left
     short; ``attempt`` (its retry number) goes into the request keys, so a retry sends
     new requests instead of being served the answers that fell short. With
-    ``structured_output`` the requests carry a JSON schema (raypipe.llm.structured).
+    ``structured_output`` the requests carry a JSON schema (raypipe.llm.tasks).
     """
     bank = list(start) if start else seed_bank(ability)
     rejects: list[dict[str, Any]] = []
@@ -110,7 +108,7 @@ def expand_keyword_bank(
             ability, n, list(bank), key=key, seed=stable_seed(seed, key), temperature=temperature
         )
         if structured_output:
-            req = structured.with_schema(req)
+            req = tasks.with_schema(req)
         (res,) = backend.complete_batch([req])
         stop_if_fatal([res], backend)
         round_ += 1
@@ -120,7 +118,7 @@ def expand_keyword_bank(
             stale += 1
             continue
         if req.response_schema:
-            parsed = structured.parse_keywords_json(res.text, ability, existing=bank)
+            parsed = tasks.parse_keywords_json(res.text, ability, existing=bank)
         else:
             parsed = parse_keywords(res.text, ability, existing=bank)
         for reason, raw in parsed.rejects:
@@ -206,7 +204,7 @@ class LLMStage(Stage):
 
     def request(self, req: LLMRequest) -> LLMRequest:
         """``req`` as this run sends it: with its JSON schema under ``llm.structured_output``."""
-        return structured.with_schema(req) if self.cfg.structured_on() else req
+        return tasks.with_schema(req) if self.cfg.structured_on() else req
 
     @staticmethod
     def failure(res: LLMResult) -> str | None:
@@ -315,7 +313,7 @@ class PromptWriter(LLMStage):
             if failure is not None:
                 parsed = None
             elif req.response_schema:
-                parsed = structured.parse_prompts(res.text, list(it["chunk_keywords"]))
+                parsed = tasks.parse_prompts_json(res.text, list(it["chunk_keywords"]))
             else:
                 parsed = parse_prompts(res.text, list(it["chunk_keywords"]))
             failed = [p for p in range(k) if parsed is None or parsed[p].reason]
@@ -410,7 +408,7 @@ class DialogueWriter(LLMStage):
                 continue
             keyword = (r["keywords"] or [""])[0]
             if req.response_schema:
-                parsed = structured.parse_dialogue(res.text, r["prompt"], keyword)
+                parsed = tasks.parse_dialogue_json(res.text, r["prompt"], keyword)
             else:
                 parsed = parse_dialogue(res.text, r["prompt"], keyword)
             if parsed.reason:
@@ -489,7 +487,7 @@ class BenchmarkItemWriter(LLMStage):
                 reject(r, "benchmark", failure, res.text or "")
                 continue
             if req.response_schema:
-                parsed = structured.parse_benchmark(res.text, qtype)
+                parsed = tasks.parse_benchmark_json(res.text, qtype)
             else:
                 parsed = parse_benchmark(res.text, qtype)
             if parsed.reason:

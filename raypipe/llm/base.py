@@ -58,7 +58,7 @@ class LLMRequest:
     seed: int | None = None
     max_tokens: int = 1024
     #: JSON schema the answer must follow (``llm.structured_output``; see
-    #: raypipe.llm.structured), or None for the text templates.
+    #: raypipe.llm.tasks), or None for the text templates.
     response_schema: dict[str, Any] | None = None
 
 

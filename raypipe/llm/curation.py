@@ -27,8 +27,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from raypipe.llm.parsing import check_prompt, parse_prompts
-from raypipe.llm.templates import prompt_request
+from raypipe.llm.tasks import check_prompt, parse_prompts, prompt_request
 from raypipe.matching import emphasized_keywords, strip_emphasis
 
 if TYPE_CHECKING:

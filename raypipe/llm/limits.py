@@ -26,6 +26,7 @@ import asyncio
 import inspect
 import logging
 import time
+import uuid
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -118,6 +119,12 @@ class JobLimiter:
     - the job's outage detector (:meth:`llm_stats`): seconds since the last successful
       answer and the count of each failure kind.
 
+    The counts survive a restart of the actor (``max_restarts``): each client sends its
+    own running totals with every report (:class:`Leases`), so a restarted limiter has the
+    whole count of every client from that client's next report on (a client that ended
+    before the restart is not counted again; ``llm_stats()["restarted"]`` then says the
+    counts may be short).
+
     ``clock`` and ``sleep`` are injectable so tests can drive time by hand.
     """
 
@@ -128,8 +135,10 @@ class JobLimiter:
         concurrency: int = 32,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        restarted: bool | None = None,
     ):
         self._clock, self._sleep = clock, sleep
+        self._restarted = _was_restarted() if restarted is None else restarted
         buckets = dict(clock=clock, sleep=sleep)
         self._requests = (
             TokenBucket(requests_per_minute, **buckets) if requests_per_minute else None
@@ -147,6 +156,7 @@ class JobLimiter:
         self._failures: Counter[str] = Counter({k: 0 for k in FAILURE_KINDS})
         self._pauses = 0
         self._fatal: str | None = None
+        self._totals: dict[str, dict[str, Any]] = {}  # client -> its running totals
 
     async def lease(self, requests: int, tokens: float, correction: float = 0.0) -> None:
         """Wait until ``requests`` and ``tokens`` are granted; first book ``correction``
@@ -171,11 +181,16 @@ class JobLimiter:
         pause_s: float = 0.0,
         correction: float = 0.0,
         fatal: str | None = None,
+        client: str | None = None,
+        totals: dict[str, Any] | None = None,
     ) -> dict[str, float]:
         """A client's news since its last report: answers, failures by kind, a pause it
-        was asked for, token corrections, the message of a fatal failure. Returns the
-        pause left and the in-flight limit."""
+        was asked for, token corrections, the message of a fatal failure, and (with
+        ``client``) its running ``totals`` of answers and failures since it started.
+        Returns the pause left and the in-flight limit."""
         now = self._clock()
+        if client is not None and totals is not None:
+            self._totals[client] = totals
         if fatal and self._fatal is None:
             self._fatal = fatal
         self._correct(correction)
@@ -197,9 +212,16 @@ class JobLimiter:
         """The job's outage detector, as the manifest embeds it."""
         now = self._clock()
         since = self._last_success if self._last_success is not None else self._started
+        # What this actor heard, or what the clients say they sent: each is a lower
+        # bound of the truth (the first falls short after a restart).
+        answers = sum(t.get("answers", 0) for t in self._totals.values())
+        failures = Counter()
+        for t in self._totals.values():
+            failures.update(t.get("failures", {}))
         return {
-            "answers": self._answers,
-            "failures": dict(self._failures),
+            "answers": max(self._answers, answers),
+            "failures": {k: max(n, failures[k]) for k, n in self._failures.items()},
+            "restarted": self._restarted,
             "seconds_since_success": round(now - since, 3),
             "any_success": self._last_success is not None,
             "pauses": self._pauses,
@@ -219,6 +241,18 @@ class JobLimiter:
     async def _paused(self) -> None:
         while (left := self._pause_until - self._clock()) > 0:
             await self._sleep(left)
+
+
+def _was_restarted() -> bool:
+    """Whether this process is a limiter actor that Ray restarted (False outside Ray)."""
+    try:
+        import ray
+
+        if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+            return False
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # no Ray, or its state API unreachable: say nothing false
+        return False
 
 
 class InProcess:
@@ -292,8 +326,8 @@ def start_limiter(cfg: LLMConfig) -> LimiterHandle | None:
     is ``openai``.
 
     Keep the handle alive for the whole job: the actor lives as long as the caller holds
-    it. If the actor dies, Ray restarts it (with full buckets and fresh statistics) and
-    retries the leases in flight.
+    it. If the actor dies, Ray restarts it (with full buckets) and retries the leases in
+    flight; the clients' next reports restore its counts (see :class:`JobLimiter`).
     """
     if cfg.backend != "openai":
         return None
@@ -328,6 +362,8 @@ class Leases:
         self._failures: Counter[str] = Counter()
         self._pause_s = 0.0
         self._fatal: str | None = None
+        self.client = uuid.uuid4().hex  # names this client's totals at the limiter
+        self._totals: dict[str, Any] = {"answers": 0, "failures": Counter()}
         self._pause_until = -float("inf")  # time.monotonic() until which attempts wait
         self.limit = float("inf")  # the job's in-flight limit per client, as last heard
         self.on_limit: Callable[[float], None] | None = None
@@ -364,8 +400,10 @@ class Leases:
         """An answer arrived, or an attempt failed with ``failure`` (its kind; a fatal
         one with the server's ``message``, reported at once)."""
         self._answers += answers
+        self._totals["answers"] += answers
         if failure is not None:
             self._failures[failure] += 1
+            self._totals["failures"][failure] += 1
         if failure == "fatal" and message:
             self._fatal = self._fatal or message
         self._report_soon(at_once=failure == "fatal")
@@ -493,6 +531,8 @@ class Leases:
                 pause_s=self._pause_s,
                 correction=self._correction,
                 fatal=self._fatal,
+                client=self.client,
+                totals={**self._totals, "failures": dict(self._totals["failures"])},
             )
             self._answers, self._failures, self._pause_s = 0, Counter(), 0.0
             self._correction = 0.0

@@ -34,11 +34,10 @@ from raypipe.errors import ModelError
 from raypipe.generate.pipeline import count_ids, generate
 from raypipe.generate.store import OutputStore
 from raypipe.generate.text import keyword_for, seed_bank, stable_seed
-from raypipe.llm import structured
+from raypipe.llm import tasks as structured
 from raypipe.llm.cache import request_key
-from raypipe.llm.parsing import parse_dialogue, parse_prompts
 from raypipe.llm.request_body import request_body
-from raypipe.llm.templates import dialogue_request, prompt_request
+from raypipe.llm.tasks import dialogue_request, parse_dialogue, parse_prompts, prompt_request
 from raypipe.llm.vllm import engine_failure, service_name
 from raypipe.schema import validate_samples
 
@@ -346,12 +345,12 @@ def rates(requests, results) -> dict[str, float]:
             continue
         if req.task == "prompts":
             kws = req.params["keywords"]
-            parsed = (structured.parse_prompts if req.response_schema else parse_prompts)(
+            parsed = (structured.parse_prompts_json if req.response_schema else parse_prompts)(
                 res.text, kws
             )
             reasons = [p.reason for p in parsed if p.reason]
         else:
-            fn = structured.parse_dialogue if req.response_schema else parse_dialogue
+            fn = structured.parse_dialogue_json if req.response_schema else parse_dialogue
             reasons = [fn(res.text, req.params["prompt"], req.params["keyword"]).reason] or []
             reasons = [r for r in reasons if r]
         fmt += any(structured.is_format_reason(r) for r in reasons)
