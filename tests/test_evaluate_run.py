@@ -18,7 +18,7 @@ from raypipe.abilities import load_catalog  # noqa: E402
 from raypipe.errors import ConfigError  # noqa: E402
 from raypipe.evaluate.run import Plan, load_evaluate_config  # noqa: E402
 
-PRESET = "jobs/configs/eval-tiny.yaml"
+PRESET = "raypipe/configs/evaluate/eval-tiny.yaml"
 #: Smaller than the preset's own run, for the test's time: one training row per ability,
 #: one epoch, one benchmark item per ability.
 FAST = [
@@ -96,16 +96,16 @@ def test_eval_tiny_runs_end_to_end_and_resumes(ray_local, tiny_dir, tmp_path, ca
 def test_bad_presets_fail_before_any_work(tmp_path):
     cfg = load_evaluate_config(PRESET, ["models.other=/no/such/llava"])
     with pytest.raises(Exception, match="does not exist"):
-        Plan(cfg, Path("jobs/configs"), tmp_path)
+        Plan(cfg, Path("raypipe/configs/evaluate"), tmp_path)
     cfg = load_evaluate_config(PRESET, ["training=null"])
     with pytest.raises(ConfigError, match="no `training` recipe"):
-        Plan(cfg, Path("jobs/configs"), tmp_path)
+        Plan(cfg, Path("raypipe/configs/evaluate"), tmp_path)
     cfg = load_evaluate_config(PRESET, ["real=[{images: /nope, items: /nope.jsonl}]"])
     with pytest.raises(ConfigError, match="images /nope does not exist"):
-        Plan(cfg, Path("jobs/configs"), tmp_path)
+        Plan(cfg, Path("raypipe/configs/evaluate"), tmp_path)
     cfg = load_evaluate_config(PRESET, ["benchmark=missing.yaml"])
     with pytest.raises(ConfigError, match="does not exist"):
-        Plan(cfg, Path("jobs/configs"), tmp_path)
+        Plan(cfg, Path("raypipe/configs/evaluate"), tmp_path)
     with pytest.raises(ConfigError, match="models"):
         load_evaluate_config(PRESET, ["models={}"])
     assert not any(tmp_path.iterdir())  # nothing was written
