@@ -51,6 +51,11 @@ def resolve(spec: str | Path, kind: str) -> Path:
     import difflib
 
     known = names(kind)
+    if not known:  # a broken install: the package data did not come with it
+        raise ConfigError(
+            f"no {kind} presets in {folder(kind)}: this raypipe installation lacks its "
+            "package data; reinstall raypipe, or give the path of a YAML file."
+        )
     close = difflib.get_close_matches(path.stem, known, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise ConfigError(
