@@ -95,10 +95,12 @@ def format_summary(result) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from raypipe.train.config import load_train_config
+
+    # The preset first: a wrong name or field fails before torch and Ray are imported.
+    cfg = load_train_config(args.config, args.overrides)
     from raypipe.train.trainer import main as run
     from raypipe.train.trainer import preflight, setup
 
-    cfg = load_train_config(args.config, args.overrides)
     # 1. Check data and model before starting anything heavy (Ray included).
     cfg, sources = preflight(cfg, args.data)
     start_ray()
