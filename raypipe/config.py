@@ -1,9 +1,10 @@
 """Typed configs, YAML presets and dotted command-line overrides.
 
 Every config is a pydantic model that forbids unknown fields, so a typo in a preset
-or an override fails at once with the field's path. Presets are YAML files,
-shipped in ``raypipe/configs/<kind>/`` (:mod:`raypipe.presets`) and named by preset name or
-path; a preset may name another with ``base: other.yaml`` and override parts of it. Overrides look like ``render.batch_size=8`` (values parsed as YAML).
+or an override fails at once with the field's path. Presets are YAML files, shipped in
+``raypipe/configs/<kind>/`` (:mod:`raypipe.presets`) and named by preset name or path; a
+preset may name another with ``base: other.yaml`` and override parts of it. Overrides
+look like ``render.batch_size=8`` (values parsed as YAML).
 """
 
 from __future__ import annotations
