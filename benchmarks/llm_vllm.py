@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESET = ROOT / "jobs" / "configs" / "demo-vllm.yaml"
+PRESET = ROOT / "raypipe" / "configs" / "generate" / "demo-vllm.yaml"
 
 
 def make_requests(n: int):

@@ -101,7 +101,7 @@ def one(n: int, out: str, traced: bool = True) -> dict:
     port = int(server.stdout.readline().split()[1])
     cfg = load_config(
         GenerateConfig,
-        ROOT / "jobs" / "configs" / "demo.yaml",
+        ROOT / "raypipe" / "configs" / "generate" / "demo.yaml",
         ["log_to_driver=false", "progress=false", f"num_samples={n}", "part_max_seconds=5",
          "render.width=32", "render.height=32", "render.steps=1",
          "llm.backend=openai", f"llm.base_url=http://127.0.0.1:{port}/v1",

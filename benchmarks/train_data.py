@@ -40,7 +40,7 @@ def one(n: int, work: Path) -> dict:
     out = work / f"data-{n}"
     write_fixture_run(str(out), n, seed=0, image_size=32)
     cfg = load_train_config(
-        str(ROOT / "jobs" / "configs" / "tiny.yaml"),
+        str(ROOT / "raypipe" / "configs" / "train" / "tiny.yaml"),
         ["num_workers=2", "global_batch_size=16", "micro_batch_size=8", "epochs=1",
          "export=false", "checkpoint_every_steps=null", f"report_every={10**6}",
          "data.deterministic_order=true", "log_every=1000"],

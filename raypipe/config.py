@@ -1,9 +1,10 @@
 """Typed configs, YAML presets and dotted command-line overrides.
 
 Every config is a pydantic model that forbids unknown fields, so a typo in a preset
-or an override fails at once with the field's path. Presets are YAML files in
-``jobs/configs/``; a preset may name another with ``base: other.yaml`` and override
-parts of it. Overrides look like ``render.batch_size=8`` (values parsed as YAML).
+or an override fails at once with the field's path. Presets are YAML files, shipped in
+``raypipe/configs/<kind>/`` (:mod:`raypipe.presets`) and named by preset name or path; a
+preset may name another with ``base: other.yaml`` and override parts of it. Overrides
+look like ``render.batch_size=8`` (values parsed as YAML).
 """
 
 from __future__ import annotations
@@ -708,9 +709,9 @@ def read_yaml_preset(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str
     """Read a preset, resolving ``base:`` (relative to the preset's folder)."""
     path = Path(path)
     if not path.is_file():
-        folder = path.parent if str(path.parent) not in ("", ".") else Path("jobs/configs")
+        folder = path.parent
         known = sorted(p.name for p in folder.glob("*.yaml")) if folder.is_dir() else []
-        hint = f" Presets in {folder}: {', '.join(known)}." if known else ""
+        hint = f" YAML files in {folder}: {', '.join(known)}." if known else ""
         raise ConfigError(f"config file {path} does not exist.{hint}")
     if path.resolve() in _seen:
         raise ConfigError(f"{path}: `base:` chain loops back to itself")
@@ -892,7 +893,13 @@ def build_config(cls: type[T], data: dict[str, Any], source: str = "config") -> 
 
 
 def load_config(cls: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
-    """Preset file (optional) + dotted overrides -> validated config."""
+    """Preset (optional: a preset name of ``cls``'s kind, or a path) + dotted overrides
+    -> validated config."""
+    if path:
+        from raypipe import presets
+
+        kind = presets.KIND_OF.get(cls.__name__)
+        path = presets.resolve(path, kind) if kind else Path(path)
     data = read_yaml_preset(path) if path else {}
     data = apply_overrides(data, list(overrides), cls)
     return build_config(cls, data, source=str(path or "overrides"))

@@ -59,7 +59,7 @@ def test_render_pool_makes_the_autoscaler_add_nodes(fake_cluster, tmp_path):
         sys.executable,
         str(REPO / "jobs" / "generate.py"),
         "--config",
-        str(REPO / "jobs" / "configs" / "demo.yaml"),
+        str(REPO / "raypipe" / "configs" / "generate" / "demo.yaml"),
         "--out",
         str(out),
         "num_samples=78",
@@ -131,7 +131,7 @@ def test_device_auto_asks_for_gpus_the_autoscaler_can_add(fake_cluster):
 def test_placement_fields_reach_every_pool_request():
     cfg = load_config(
         GenerateConfig,
-        REPO / "jobs" / "configs" / "demo.yaml",
+        REPO / "raypipe" / "configs" / "generate" / "demo.yaml",
         [
             "render.resources={render_slot: 1}",
             "quality.resources={cpu_pool: 0.5}",

@@ -294,12 +294,9 @@ def test_dry_run_bad_config_is_a_user_error(tmp_path):
 
 
 def _job():
-    import importlib.util
+    from raypipe.jobs import generate
 
-    spec = importlib.util.spec_from_file_location("generate_job", ROOT / "jobs" / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return generate
 
 
 def _run_manifest(accepted: int, stopped, missing=()) -> dict:

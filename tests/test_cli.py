@@ -15,7 +15,7 @@ from raypipe.config import GenerateConfig, apply_overrides, build_config, iter_f
 from raypipe.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "jobs" / "configs" / "demo.yaml"
+DEMO = REPO / "raypipe" / "configs" / "generate" / "demo.yaml"
 RAYPIPE = Path(sys.executable).parent / "raypipe"
 
 
@@ -56,10 +56,10 @@ def test_generate_help_lists_presets_abilities_and_every_field():
     out = res.stdout
     assert out.startswith("usage: raypipe generate ")
     presets = out.split("presets (--config", 1)[1].split("abilities (", 1)[0]
-    for name in ("demo.yaml", "sd15-openai.yaml", "turbo-local-llm.yaml"):
+    for name in ("demo", "sd15-openai", "turbo-local-llm"):
         assert re.search(rf"^  {re.escape(name)} ", presets, re.M), presets
-    for name in ("tiny.yaml", "eval-tiny.yaml"):  # training / evaluation presets
-        assert name + " " not in presets
+    for name in ("tiny", "eval-tiny", "base"):  # training / evaluation presets, the base
+        assert not re.search(rf"^  {re.escape(name)} ", presets, re.M), presets
     abilities = out.split("abilities (", 1)[1].split("config fields", 1)[0]
     catalog = load_catalog()
     for name in ABILITIES:
@@ -143,3 +143,47 @@ def test_dict_keys_may_contain_dots():
     assert re.search(r"total USD +\$0\.0000", free.stdout)
     assert "acme-1.5 at 1000 / 1000 USD per million tokens" in paid.stdout
     assert not re.search(r"total USD +\$0\.0000", paid.stdout)
+
+
+def test_presets_by_name_and_kind(tmp_path, monkeypatch):
+    from raypipe import presets
+    from raypipe.evaluate.config import EvaluateConfig, is_evaluation_preset
+    from raypipe.train.config import TrainConfig
+
+    assert "demo" in presets.names("generate") and "base" not in presets.names("generate")
+    assert presets.names("train") == ["llava15-7b-stage1", "llava15-7b-stage2", "tiny"]
+    assert presets.names("evaluate") == ["eval-tiny"]
+    # A name loads the preset of the config's kind; `base:` chains resolve in its folder.
+    by_name = load_config(GenerateConfig, "demo")
+    assert by_name == load_config(GenerateConfig, DEMO) == load_config(GenerateConfig, "demo.yaml")
+    assert load_config(TrainConfig, "tiny").name == "tiny"
+    assert load_config(EvaluateConfig, "eval-tiny").benchmark == "eval-tiny-bench"
+    # A name of another kind, or a typo: the presets of this kind, and the closest one.
+    with pytest.raises(ConfigError, match=r"no generate preset named 'tiny'.*demo"):
+        load_config(GenerateConfig, "tiny")
+    with pytest.raises(ConfigError, match=r"Did you mean 'demo'\?"):
+        load_config(GenerateConfig, "dmeo")
+    # A path is a path, from any folder; a file in the working folder wins over a name.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo.yaml").write_text("base: " + str(DEMO) + "\nseed: 7\n")
+    assert load_config(GenerateConfig, "demo.yaml").seed == 7
+    assert load_config(GenerateConfig, "demo").seed == 0
+    assert is_evaluation_preset("eval-tiny") and not is_evaluation_preset("eval-tiny-bench")
+
+
+def test_every_preset_loads_with_its_base_chain():
+    from raypipe import presets
+    from raypipe.evaluate.config import EvaluateConfig, benchmark_config
+    from raypipe.evaluate.run import Plan
+    from raypipe.train.config import TrainConfig
+
+    models = {"generate": GenerateConfig, "train": TrainConfig, "evaluate": EvaluateConfig}
+    for kind, model in models.items():
+        for name in presets.names(kind):
+            load_config(model, name)  # raises on a broken `base:` or an unknown field
+    # The evaluation preset names generation and training presets of their own kinds.
+    ev = load_config(EvaluateConfig, "eval-tiny")
+    folder = presets.folder("evaluate")
+    assert benchmark_config(ev, folder).benchmark_question_mix
+    plan = Plan(ev, folder, Path("unused"))
+    assert plan.train_cfg.name == "tiny" and plan.train_gen_cfg == load_config(GenerateConfig, "demo")

@@ -3,7 +3,6 @@ per ability, saved in a file the catalog loader reads back."""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import shutil
 from pathlib import Path
@@ -117,9 +116,8 @@ def test_saved_file_reloads_through_the_catalog(catalog, backend, tmp_path):
 
 
 def test_curate_job(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("curate_job", REPO / "jobs" / "curate.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    from raypipe.jobs import curate as job
+
     assert job.main(["--abilities", "color,hair", "--out", str(tmp_path)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["color.curated.yaml", "hair.curated.yaml"]
     assert job.main(["--abilities", "colour", "--out", str(tmp_path)]) == 2

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 def _cfg(**over) -> GenerateConfig:
     extra = [f"{k}={v}" for k, v in over.items()]
     return load_config(
-        GenerateConfig, "jobs/configs/eval-tiny-bench.yaml", ["abilities=[color,animal]", *extra]
+        GenerateConfig, "raypipe/configs/generate/eval-tiny-bench.yaml", ["abilities=[color,animal]", *extra]
     )
 
 

@@ -353,11 +353,9 @@ def test_endpoint_failures_are_rows_with_errors(llm_server, api_key):
 def test_predict_then_score_jobs_compare_two_models(ray_local, tiny_llava, bench, tmp_path):
     """jobs/evaluate.py predict (two names for the tiny LLaVA) -> score -> the report."""
     import json
-    import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-    import evaluate as job
+    from raypipe.jobs import evaluate as job
 
     pred = tmp_path / "pred"
     args = ["predict", "--bench", bench, "--model", f"a={tiny_llava}", "--model", f"b={tiny_llava}"]

@@ -6,15 +6,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-
-import evaluate as job  # noqa: E402
+from raypipe.jobs import evaluate as job
 
 ABILITIES = ["color", "animal", "vehicle"]
 

@@ -156,8 +156,8 @@ def training(monkeypatch):
 
 
 def recipe_plan(out: Path, overrides: list[str]) -> SimpleNamespace:
-    gen = load_config(GenerateConfig, "jobs/configs/demo.yaml", [])
-    train = load_train_config("jobs/configs/tiny.yaml", overrides)
+    gen = load_config(GenerateConfig, "raypipe/configs/generate/demo.yaml", [])
+    train = load_train_config("raypipe/configs/train/tiny.yaml", overrides)
     return SimpleNamespace(out=out, train_gen_cfg=gen, train_cfg=train)
 
 

@@ -1,24 +1,21 @@
-"""``jobs/evaluate.py run`` with the eval-tiny preset: training data, a tuned export, a
+"""``raypipe evaluate run`` with the eval-tiny preset: training data, a tuned export, a
 synthetic benchmark of all 13 abilities, two models, scores, report and chart, on CPU."""
 
 from __future__ import annotations
 
 import io
 import json
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-import evaluate as evaluate_job  # noqa: E402
+from raypipe.abilities import load_catalog
+from raypipe.errors import ConfigError
+from raypipe.evaluate.run import Plan, load_evaluate_config
+from raypipe.jobs import evaluate as evaluate_job
 
-from raypipe.abilities import load_catalog  # noqa: E402
-from raypipe.errors import ConfigError  # noqa: E402
-from raypipe.evaluate.run import Plan, load_evaluate_config  # noqa: E402
-
-PRESET = "jobs/configs/eval-tiny.yaml"
+PRESET = "raypipe/configs/evaluate/eval-tiny.yaml"
 #: Smaller than the preset's own run, for the test's time: one training row per ability,
 #: one epoch, one benchmark item per ability.
 FAST = [
@@ -96,16 +93,19 @@ def test_eval_tiny_runs_end_to_end_and_resumes(ray_local, tiny_dir, tmp_path, ca
 def test_bad_presets_fail_before_any_work(tmp_path):
     cfg = load_evaluate_config(PRESET, ["models.other=/no/such/llava"])
     with pytest.raises(Exception, match="does not exist"):
-        Plan(cfg, Path("jobs/configs"), tmp_path)
+        Plan(cfg, Path("raypipe/configs/evaluate"), tmp_path)
     cfg = load_evaluate_config(PRESET, ["training=null"])
     with pytest.raises(ConfigError, match="no `training` recipe"):
-        Plan(cfg, Path("jobs/configs"), tmp_path)
+        Plan(cfg, Path("raypipe/configs/evaluate"), tmp_path)
     cfg = load_evaluate_config(PRESET, ["real=[{images: /nope, items: /nope.jsonl}]"])
     with pytest.raises(ConfigError, match="images /nope does not exist"):
-        Plan(cfg, Path("jobs/configs"), tmp_path)
+        Plan(cfg, Path("raypipe/configs/evaluate"), tmp_path)
     cfg = load_evaluate_config(PRESET, ["benchmark=missing.yaml"])
+    with pytest.raises(ConfigError, match="no generate preset named 'missing.yaml'"):
+        Plan(cfg, Path("raypipe/configs/evaluate"), tmp_path)
+    cfg = load_evaluate_config(PRESET, ["benchmark=sub/missing.yaml"])
     with pytest.raises(ConfigError, match="does not exist"):
-        Plan(cfg, Path("jobs/configs"), tmp_path)
+        Plan(cfg, Path("raypipe/configs/evaluate"), tmp_path)
     with pytest.raises(ConfigError, match="models"):
         load_evaluate_config(PRESET, ["models={}"])
     assert not any(tmp_path.iterdir())  # nothing was written
@@ -126,3 +126,7 @@ def test_build_takes_an_evaluation_preset(monkeypatch):
     assert evaluate_job.run_build(args) == 0
     assert seen["cfg"].seed == 1000 and seen["cfg"].benchmark_question_mix
     assert seen["per_ability"] == 3
+    # By preset name, from any folder: the evaluation preset (not the generation one).
+    args = evaluate_job.parse_args(["build", "--config", "eval-tiny", "--out", "x"])
+    assert evaluate_job.run_build(args) == 0
+    assert seen["cfg"].seed == 1000

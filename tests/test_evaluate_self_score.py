@@ -108,7 +108,7 @@ def test_build_rejects_them_with_a_reason_and_keeps_the_bank(tmp_path, monkeypat
         return {"accepted": len(SAMPLES)}
 
     monkeypatch.setattr("raypipe.generate.pipeline.generate", fake_generate)
-    cfg = load_config(GenerateConfig, "jobs/configs/demo.yaml", ["abilities=[color]"])
+    cfg = load_config(GenerateConfig, "raypipe/configs/generate/demo.yaml", ["abilities=[color]"])
     out = str(tmp_path / "bench")
     report = build_benchmark(cfg, out, per_ability=3, max_attempts=2)
 

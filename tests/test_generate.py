@@ -22,7 +22,7 @@ from raypipe.generate.pipeline import generate
 from raypipe.schema import SAMPLE_SCHEMA, validate_samples
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "jobs" / "configs" / "demo.yaml"
+DEMO = REPO / "raypipe" / "configs" / "generate" / "demo.yaml"
 sys.path.insert(0, str(Path(__file__).parent))
 from llm_server import LLMServer  # noqa: E402
 
@@ -188,7 +188,7 @@ def test_bad_inputs_fail_before_rendering(tmp_path):
     with pytest.raises(CatalogError, match="unknown|known"):
         generate(demo_config("abilities=[colour]"), str(tmp_path / "a"))
     with pytest.raises(ConfigError, match="does not exist"):
-        load_config(GenerateConfig, REPO / "jobs" / "configs" / "nope.yaml")
+        load_config(GenerateConfig, REPO / "raypipe" / "configs" / "generate" / "nope.yaml")
     with pytest.raises(ConfigError, match="render.batchsize"):
         demo_config("render.batchsize=3")
     os.environ.pop("RAYPIPE_MISSING_KEY", None)

@@ -46,6 +46,8 @@ def head():
         HF_HUB_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
         PYTHONUNBUFFERED="1",
+        # the jobs' drivers find the `raypipe` console script of this environment
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
     )
     # What cluster.yaml does with ~/.raypipe/env: `ray start` runs with the key exported.
     env[KEY_ENV] = SENTINEL
@@ -53,7 +55,15 @@ def head():
         yield h
 
 
-def submit(head, submission_id: str, out: Path, tiny_dir: Path, *extra: str, wait=True, n=N):
+#: the two entry points a job may name: a checkout's script and the installed command
+SCRIPT = ("python", "jobs/generate.py", "--config", "raypipe/configs/generate/demo.yaml")
+COMMAND = ("raypipe", "generate", "--config", "demo")
+
+
+def submit(
+    head, submission_id: str, out: Path, tiny_dir: Path, *extra: str, wait=True, n=N,
+    entry=SCRIPT,
+):  # fmt: skip
     runtime_env = {"env_vars": {"RAYPIPE_TINY_DIR": str(tiny_dir)}}
     return head.ray(
         "job",
@@ -65,10 +75,7 @@ def submit(head, submission_id: str, out: Path, tiny_dir: Path, *extra: str, wai
         json.dumps(runtime_env),
         *([] if wait else ["--no-wait"]),
         "--",
-        "python",
-        "jobs/generate.py",
-        "--config",
-        "jobs/configs/demo.yaml",
+        *entry,
         "--out",
         str(out),
         "--num-samples",
@@ -93,7 +100,9 @@ def jobs(head, tiny_dir, tmp_path_factory):
     (marker / "marker.txt").write_text("run output: must not be uploaded\n")
     try:
         bad_id, good_id = f"rp-bad-{run}", f"rp-good-{run}"
-        bad = submit(head, bad_id, tmp / "bad", tiny_dir, "render.batchsize=3", wait=False)
+        bad = submit(
+            head, bad_id, tmp / "bad", tiny_dir, "render.batchsize=3", wait=False, entry=COMMAND
+        )
         assert bad.returncode == 0, bad.stdout + bad.stderr
         t = time.time()
         good = submit(head, good_id, tmp / "good", tiny_dir)
@@ -132,6 +141,7 @@ def test_demo_job_succeeds_and_writes_its_rows(head, jobs):
 
 
 def test_bad_override_fails_the_job_with_its_error_in_the_logs(head, jobs):
+    # This job runs `raypipe generate --config demo` (the console script, a preset name).
     job_id, _, out = jobs["bad"]
     info = head.wait_job(job_id)
     assert info["status"] == "FAILED", info
@@ -151,7 +161,7 @@ def test_uploaded_package_leaves_out_environments_and_run_outputs(jobs):
     for pkg in packages:
         top = {p.name for p in pkg.iterdir()}
         assert {"raypipe", "jobs", "pyproject.toml"} <= top, top
-        assert (pkg / "jobs" / "configs" / "demo.yaml").is_file()
+        assert (pkg / "raypipe" / "configs" / "generate" / "demo.yaml").is_file()
         leaked = sorted(
             n for n in top if n.startswith((".venv", "venv", ".git")) and n != ".gitignore"
         )

@@ -39,13 +39,13 @@ SMALL = ("abilities=[color,animal]", "num_samples=4", "part_max_rows=2")
 
 
 def load_job():
-    from raypipe.cli import load_job as load
+    from raypipe.jobs import generate
 
-    return load("generate")
+    return generate
 
 
 def job_args(out: str, *overrides: str) -> list[str]:
-    return ["--config", str(REPO / "jobs/configs/demo.yaml"), "--out", out, *overrides]
+    return ["--config", str(REPO / "raypipe/configs/generate/demo.yaml"), "--out", out, *overrides]
 
 
 def openai(server: LLMServer, key_env: str = KEY, *more: str) -> list[str]:

@@ -127,11 +127,11 @@ def test_sampling_params_and_finish_reason():
 
 
 def test_vllm_config_and_engine_kwargs():
-    cfg = load_config(GenerateConfig, "jobs/configs/demo-vllm.yaml").llm
+    cfg = load_config(GenerateConfig, "raypipe/configs/generate/demo-vllm.yaml").llm
     kwargs = engine_kwargs(cfg)
     assert kwargs["max_num_seqs"] == cfg.vllm.batch_size
     assert kwargs["enable_chunked_prefill"] is False  # CPU engines: see engine_kwargs
-    gpu = load_config(GenerateConfig, "jobs/configs/sd15-vllm.yaml").llm
+    gpu = load_config(GenerateConfig, "raypipe/configs/generate/sd15-vllm.yaml").llm
     assert "enable_chunked_prefill" not in engine_kwargs(gpu)
     with pytest.raises(ConfigError, match="structured_output needs llm.backend=openai or vllm"):
         load_config(GenerateConfig, None, ["llm.backend=offline", "llm.structured_output=true"])
@@ -140,7 +140,7 @@ def test_vllm_config_and_engine_kwargs():
 def test_engine_gpu_seconds_price_the_llm_per_1000_samples():
     from raypipe.generate.pipeline import llm_engine_usage
 
-    cfg = load_config(GenerateConfig, "jobs/configs/sd15-vllm.yaml")
+    cfg = load_config(GenerateConfig, "raypipe/configs/generate/sd15-vllm.yaml")
     service = {"engines_started": 2, "engine_s": 400.0, "found_running": False}
     usage = llm_engine_usage(cfg, {}, service)
     assert usage == {

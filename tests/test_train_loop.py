@@ -84,7 +84,7 @@ def _stage2_config(**over) -> TrainConfig:
         "epochs=4",
         "report_every=16",  # each report waits for Ray Train's ~2 s poll
     ]
-    return load_train_config("jobs/configs/tiny.yaml", base + [f"{k}={v}" for k, v in over.items()])
+    return load_train_config("raypipe/configs/train/tiny.yaml", base + [f"{k}={v}" for k, v in over.items()])
 
 
 @pytest.fixture(scope="module")

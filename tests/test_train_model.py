@@ -67,12 +67,12 @@ def test_batch_arithmetic_errors_say_what_to_do():
     with pytest.raises(ConfigError, match="name the model"):
         build_config(TrainConfig, {"model": {"vision_tower": "x"}})
     with pytest.raises(ConfigError, match="lr"):
-        load_train_config("jobs/configs/tiny.yaml", ["lr=-1"])
+        load_train_config("raypipe/configs/train/tiny.yaml", ["lr=-1"])
 
 
 def test_presets_carry_llava15_hyperparameters():
-    s1 = load_train_config("jobs/configs/llava15-7b-stage1.yaml")
-    s2 = load_train_config("jobs/configs/llava15-7b-stage2.yaml")
+    s1 = load_train_config("raypipe/configs/train/llava15-7b-stage1.yaml")
+    s2 = load_train_config("raypipe/configs/train/llava15-7b-stage2.yaml")
     assert s1.model.vision_tower == "openai/clip-vit-large-patch14-336"
     assert s1.model.llm == "lmsys/vicuna-7b-v1.5" and s1.model.projector == "mlp2x_gelu"
     assert (s1.stage, s1.lr, s1.global_batch_size) == (1, 1e-3, 256)
@@ -81,7 +81,7 @@ def test_presets_carry_llava15_hyperparameters():
     for cfg in (s1, s2):
         assert cfg.epochs == 1 and cfg.warmup_ratio == 0.03 and cfg.weight_decay == 0
         assert cfg.use_gpu and cfg.compute_dtype == "bf16" and cfg.grad_accum_steps == 1
-    tiny = load_train_config("jobs/configs/tiny.yaml")
+    tiny = load_train_config("raypipe/configs/train/tiny.yaml")
     assert not tiny.use_gpu and tiny.num_workers == 2 and tiny.worker_cpus < 1
 
 
@@ -315,7 +315,7 @@ def test_cosine_schedule_with_warmup_matches_transformers():
 def test_job_fails_before_starting_ray_on_bad_inputs(tiny_dir, tmp_path):
     def job(*args):
         return subprocess.run(
-            [sys.executable, "jobs/train.py", "--config", "jobs/configs/tiny.yaml", *args],
+            [sys.executable, "jobs/train.py", "--config", "raypipe/configs/train/tiny.yaml", *args],
             capture_output=True,
             text=True,
             timeout=120,

@@ -36,7 +36,7 @@ from raypipe.train.sources import DROP_OUTSIDE, DataSource, image_location, json
 
 
 def _cfg(*over: str):
-    return load_train_config("jobs/configs/tiny.yaml", list(over))
+    return load_train_config("raypipe/configs/train/tiny.yaml", list(over))
 
 
 def _add_part(data: Path) -> str:

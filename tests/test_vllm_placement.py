@@ -17,7 +17,7 @@ from raypipe.llm.vllm import deployment_options, service_name, worker_request
 from raypipe.placement import actor_resources
 
 REPO = Path(__file__).resolve().parents[1]
-PRESET = REPO / "jobs" / "configs" / "demo-vllm.yaml"
+PRESET = REPO / "raypipe" / "configs" / "generate" / "demo-vllm.yaml"
 PLACED = [
     "llm.vllm.gpus_per_worker=1",
     "llm.vllm.cpus_per_worker=2",

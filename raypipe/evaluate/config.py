@@ -81,8 +81,8 @@ class EvaluateConfig(Config):
 
     benchmark: str | None = Field(
         None,
-        description="Generation preset that builds the synthetic benchmark (a path relative "
-        "to this preset); none: real-image benchmarks only.",
+        description="Generation preset that builds the synthetic benchmark (a preset name, "
+        "or a path relative to this preset); none: real-image benchmarks only.",
     )
     benchmark_overrides: list[str] = Field(
         default_factory=list, description="dotted.field=value overrides of that preset."
@@ -114,7 +114,12 @@ class EvaluateConfig(Config):
 
 
 def is_evaluation_preset(path: str | Path) -> bool:
-    """True if ``path`` is an evaluation preset (it names ``models``), not a generation one."""
+    """True if ``path`` is an evaluation preset (it names ``models``), not a generation one.
+    A preset name is an evaluation preset if raypipe ships an evaluation preset so named."""
+    from raypipe import presets
+
+    if presets.is_name(path) and not Path(path).is_file():
+        return Path(path).stem in presets.names("evaluate")
     data = read_yaml_preset(path)
     return "models" in data
 
@@ -125,9 +130,17 @@ def load_evaluate_config(path: str | Path, overrides: list[str] = ()) -> Evaluat
 
 
 def preset_path(folder: Path, name: str) -> Path:
-    """A preset named in an evaluation preset: relative to that preset's folder."""
+    """A preset named in an evaluation preset: a file relative to that preset's folder,
+    else a preset name (``demo``), which ``load_config`` looks up among the presets of
+    the config's kind (``raypipe/configs/generate``, ``.../train``)."""
+    from raypipe.presets import is_name
+
     path = Path(name)
-    return path if path.is_absolute() else folder / path
+    if path.is_absolute():
+        return path
+    if (folder / path).is_file() or not is_name(name):
+        return folder / path
+    return path
 
 
 def benchmark_config(cfg: EvaluateConfig, folder: Path, extra: list[str] = ()) -> GenerateConfig:

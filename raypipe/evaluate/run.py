@@ -1,7 +1,7 @@
 """The whole comparison from one preset: (training data and a tuned model,) benchmarks,
-predictions of every model on every benchmark, scores (``jobs/evaluate.py run``).
+predictions of every model on every benchmark, scores (``raypipe evaluate run``).
 
-An evaluation preset (:class:`EvaluateConfig`, e.g. ``jobs/configs/eval-tiny.yaml``)
+An evaluation preset (:class:`EvaluateConfig`, e.g. the ``eval-tiny`` preset)
 names a generation preset that builds the synthetic benchmark, real-image benchmarks
 to import, the models to compare and, optionally, a training recipe (a generation preset
 for the training data and a training preset) whose export is the model called
@@ -286,7 +286,7 @@ def predict_step(
 
 
 def run_evaluation(
-    cfg: EvaluateConfig, out: str | Path, preset_dir: str | Path = "jobs/configs"
+    cfg: EvaluateConfig, out: str | Path, preset_dir: str | Path = "."
 ) -> dict[str, Any]:
     """Run (or resume) the whole evaluation into ``out``; returns a summary."""
     import ray

@@ -1,7 +1,7 @@
-"""Typed config for LLaVA tuning (``jobs/train.py``): model, stage, data, scale, optimiser.
+"""Typed config for LLaVA tuning (``raypipe train``): model, stage, data, scale, optimiser.
 
-Presets live in ``jobs/configs/`` (``tiny.yaml``, ``llava15-7b-stage1.yaml``,
-``llava15-7b-stage2.yaml``) and load with :func:`raypipe.config.load_config` plus dotted
+Presets live in ``raypipe/configs/train/`` (``tiny``, ``llava15-7b-stage1``,
+``llava15-7b-stage2``) and load with :func:`raypipe.config.load_config` plus dotted
 overrides such as ``global_batch_size=64`` or ``model.projector=linear``.
 """
 

@@ -131,7 +131,7 @@ def run(preset: str, out: Path, ray_vllm, *overrides: str) -> SimpleNamespace:
            "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
            "RAY_USAGE_STATS_ENABLED": "0"}  # fmt: skip
     cmd = [sys.executable, str(REPO / "jobs" / "generate.py"), "--config",
-           str(REPO / "jobs" / "configs" / preset), "--out", str(out), *COMMON,
+           str(REPO / "raypipe" / "configs" / "generate" / preset), "--out", str(out), *COMMON,
            f"llm.api_key_env={SERVER_KEY_ENV}", *overrides]  # fmt: skip
     start = time.time()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=RUN_LIMIT_S)

@@ -44,7 +44,7 @@ from raypipe.schema import validate_samples
 pytestmark = pytest.mark.vllm
 
 REPO = Path(__file__).resolve().parents[2]
-PRESET = REPO / "jobs" / "configs" / "demo-vllm.yaml"
+PRESET = REPO / "raypipe" / "configs" / "generate" / "demo-vllm.yaml"
 N = 26  # the preset's two rows per ability
 # Small parts, and at most 10 rows out at once: the engines answer faster than the CPU
 # renders, and with the preset's window (all 26 rows) every answer would be in the cache
