@@ -72,13 +72,8 @@ MODULE_SIZE_EXCEPTIONS: dict[str, str] = {
     "raypipe/generate/text.py":
         "keyword banks, prompts and dialogues in one stage module; one module per LLM "
         "task (llm/tasks/)",
-    "raypipe/llm/client.py":
-        "one line over since the endpoint work of issue 20; its retry loop is the next to "
-        "move out",
     "raypipe/llm/limits.py":
         "the limiter actor and the per-process limiter; split along the two",
-    "raypipe/llm/parsing.py":
-        "the parsers of every LLM task; each moves next to its request (llm/tasks/)",
     "raypipe/testing.py":
         "tiny builders and fixture writers together; the builders become raypipe/tiny.py, "
         "the writers move to tests/",

@@ -1,5 +1,4 @@
-"""The ``openai`` backend: any OpenAI-compatible chat endpoint (OpenAI, vLLM's server,
-SGLang, ...).
+"""The ``openai`` backend: any OpenAI-compatible chat endpoint (OpenAI, vLLM, SGLang...).
 
 Stages call the synchronous :meth:`OpenAIBackend.complete_batch` from plain code
 inside Ray actors; one ``openai.AsyncOpenAI`` client lives on a private event loop
