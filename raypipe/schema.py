@@ -1,6 +1,6 @@
 """Parquet schemas: the single source of truth for column names.
 
-What each column means: docs/architecture.md, "Data contract".
+What each column means: docs/data-contract.md.
 """
 
 from __future__ import annotations

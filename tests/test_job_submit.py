@@ -6,8 +6,8 @@ virtual environment first on PATH, dashboard on 127.0.0.1) takes two jobs submit
 in OUT, and one with a mistyped override, which must end FAILED with the error (and its
 suggestion) in `ray job logs`. The package Ray uploaded must leave out the virtual
 environments and run outputs (.rayignore, .gitignore). A third job sends its LLM requests
-to a loopback server with an API key the head's node environment holds, as the README's
-cluster section has `ray start` export it: the key must appear in no job info, log or
+to a loopback server with an API key the head's node environment holds, as docs/cluster.md
+has `ray start` export it: the key must appear in no job info, log or
 file of OUT or of the head's session. The head is stopped whatever
 happens, by killing exactly the processes it started: `ray stop` would stop every Ray
 on the machine, including the session's shared one.

@@ -1,4 +1,4 @@
-"""The output directory of a generation run, local or a URI (docs/architecture.md, "Data contract").
+"""The output directory of a generation run, local or a URI (docs/data-contract.md).
 
 ``OUT`` may be a local path or any URI pyarrow understands (``s3://``, ``gs://``, ...).
 Parts, plan logs, banks and the manifest are written whole or not at all

@@ -46,7 +46,7 @@ def read_api_key(cfg: LLMConfig, given: Secret | None = None) -> Secret:
         raise EndpointError(
             f"the environment variable {cfg.api_key_env} (llm.api_key_env) is not set: "
             f"export {cfg.api_key_env}=<your API key> before running (on a cluster: on every "
-            "node, see the README's cluster section), or point llm.api_key_file at a file "
+            "node, see docs/cluster.md), or point llm.api_key_file at a file "
             "holding it. A local vLLM server started without --api-key accepts any "
             "non-empty value."
         )

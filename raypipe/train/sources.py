@@ -2,8 +2,7 @@
 
 Three formats:
 
-- ``raypipe``: a generation run's Parquet (``OUT/data/*.parquet``; docs/architecture.md,
-  "Data contract"); the path may be OUT, OUT/data or one file.
+- ``raypipe``: a generation run's Parquet (``OUT/data/*.parquet``; docs/data-contract.md); the path may be OUT, OUT/data or one file.
 - ``llava_json``: LLaVA's ``[{"id", "image", "conversations"}]`` JSON (or JSON lines) with
   image paths relative to an image folder (default: the JSON's folder).
 - ``stablellava``: StableLLaVA release rows ``{"id", "image", "prompt", "question",
@@ -215,7 +214,7 @@ def _check_parquet(name: str, fs: pafs.FileSystem, files: list[str]) -> int:
     if missing:
         raise ConfigError(
             f"data source {name!r} lacks columns {missing}: not raypipe samples "
-            f"(docs/architecture.md, \"Data contract\"); columns found: {schema.names}"
+            f"(docs/data-contract.md); columns found: {schema.names}"
         )
     return sum(pq.read_metadata(f, filesystem=fs).num_rows for f in files)
 
