@@ -161,7 +161,7 @@ def real_size_llava15_processor(tokenizer):
     """The processor of LLaVA-1.5 (336 px CLIP preprocessing, 576 ``<image>`` tokens)."""
     from transformers import LlavaProcessor
 
-    from raypipe.testing import LLAMA_CHAT_TEMPLATE, tiny_clip_image_processor
+    from raypipe.tiny import LLAMA_CHAT_TEMPLATE, tiny_clip_image_processor
 
     return LlavaProcessor(
         image_processor=tiny_clip_image_processor(336),
@@ -180,7 +180,7 @@ def build_real_size_llava15(path: Path) -> Path:
     import torch
     from transformers import GenerationConfig, LlavaForConditionalGeneration
 
-    from raypipe.testing import build_tiny_llama_tokenizer
+    from raypipe.tiny import build_tiny_llama_tokenizer
 
     if (path / ".complete").exists():
         return path

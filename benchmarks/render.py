@@ -122,7 +122,7 @@ def build_real_size_sd15(path: Path) -> Path:
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from raypipe.testing import build_clip_tokenizer
+    from raypipe.tiny import build_clip_tokenizer
 
     if (path / ".complete").exists():
         return path

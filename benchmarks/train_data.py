@@ -30,10 +30,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # fixture_data: the test suite's fixture writers
 
 
 def one(n: int, work: Path) -> dict:
-    from raypipe.testing import write_fixture_run
+    from fixture_data import write_fixture_run
+
     from raypipe.train.config import load_train_config
     from raypipe.train.trainer import fit
 

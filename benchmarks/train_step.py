@@ -52,6 +52,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# fixture_data: the test suite's fixture writers
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import torch  # noqa: E402
 
@@ -98,13 +100,13 @@ def build_cpu_model(folder: Path, smoke: bool) -> Path:
     """Random-weight LLaVA + processor saved to ``folder`` (tiny tokenizer, 32 px CLIP)."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    from raypipe import testing
+    from raypipe import tiny
 
     if (folder / "config.json").exists():
         return folder
-    tokenizer = testing.build_tiny_llama_tokenizer(folder / "_tokenizer")
-    vision = testing.tiny_clip_vision_config(32)
-    text = testing.tiny_llama_config(len(tokenizer), tokenizer)
+    tokenizer = tiny.build_tiny_llama_tokenizer(folder / "_tokenizer")
+    vision = tiny.tiny_clip_vision_config(32)
+    text = tiny.tiny_llama_config(len(tokenizer), tokenizer)
     if not smoke:
         text.hidden_size, text.intermediate_size, text.num_hidden_layers = 256, 688, 4
         vision.hidden_size, vision.intermediate_size = 64, 256
@@ -120,12 +122,12 @@ def build_cpu_model(folder: Path, smoke: bool) -> Path:
     )
     LlavaForConditionalGeneration(config).save_pretrained(folder)
     LlavaProcessor(
-        image_processor=testing.tiny_clip_image_processor(32),
+        image_processor=tiny.tiny_clip_image_processor(32),
         tokenizer=tokenizer,
         patch_size=vision.patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
-        chat_template=testing.LLAMA_CHAT_TEMPLATE,
+        chat_template=tiny.LLAMA_CHAT_TEMPLATE,
     ).save_pretrained(folder)
     return folder
 
@@ -261,8 +263,9 @@ def cpu_step_rows(parquet: Path, cfg) -> list[list[dict]]:
 
 
 def run_cpu(args) -> dict:
+    from fixture_data import write_fixture_parquet
+
     from raypipe.config import build_config
-    from raypipe.testing import write_fixture_parquet
     from raypipe.train.config import TrainConfig
     from raypipe.train.encoding import SampleEncoder, collate
 

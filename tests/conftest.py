@@ -37,7 +37,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    """Tiny models for this test session, built once (see raypipe.testing)."""
+    """Tiny models for this test session, built once (see raypipe.tiny)."""
     path = tmp_path_factory.mktemp("tiny")
     os.environ["RAYPIPE_TINY_DIR"] = str(path)
     return path

@@ -265,7 +265,7 @@ def test_dry_run_calls_nothing_and_writes_nothing(tmp_path):
 
 
 def test_dry_run_counts_what_out_holds(tmp_path):
-    from raypipe.testing import write_fixture_parquet
+    from fixture_data import write_fixture_parquet
 
     out = tmp_path / "OUT"
     write_fixture_parquet(out / "data", 20)  # 20 accepted "color" rows

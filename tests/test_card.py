@@ -6,12 +6,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from fixture_data import write_fixture_parquet
 
 from raypipe.generate import card
 from raypipe.generate.card import preview_size, size_category, write_card
 from raypipe.generate.store import OutputStore
 from raypipe.schema import REJECT_SCHEMA, SAMPLE_SCHEMA
-from raypipe.testing import write_fixture_parquet
 
 ABILITIES = ("color", "animal", "plant")
 N = 30  # 10 per ability; 8 rows per part -> 4 parts

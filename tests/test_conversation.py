@@ -49,7 +49,7 @@ PARTS_TEMPLATE = (
 def processor(tiny_dir):
     from transformers import AutoProcessor
 
-    from raypipe.testing import resolve_tiny
+    from raypipe.tiny import resolve_tiny
 
     return AutoProcessor.from_pretrained(resolve_tiny("raypipe-tiny/tiny-llava"))
 

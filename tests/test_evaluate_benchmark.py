@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+from fixture_data import write_fixture_run
 from PIL import Image
 
 from raypipe.abilities import ABILITIES
@@ -29,7 +30,6 @@ from raypipe.evaluate.items import (
 )
 from raypipe.evaluate.overlap import overlap_filter, read_training_prompts
 from raypipe.schema import REJECT_COLUMNS
-from raypipe.testing import write_fixture_run
 
 
 def image_bytes(colour: tuple[int, int, int], fmt: str = "PNG", size=(24, 16)) -> bytes:

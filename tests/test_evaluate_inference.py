@@ -23,7 +23,7 @@ from raypipe.evaluate.items import items_to_table, read_benchmark, write_benchma
 from raypipe.evaluate.predict_local import LlavaPredictor, predict_local
 from raypipe.evaluate.predict_openai import image_data_url, predict_openai
 from raypipe.evaluate.report import score_rows, scores
-from raypipe.testing import resolve_tiny
+from raypipe.tiny import resolve_tiny
 
 KEY_ENV = "RAYPIPE_TEST_VISION_KEY"
 SENTINEL = "sk-raypipe-VISION-SENTINEL-91c3e7"

@@ -4,7 +4,7 @@ Layers, lower first: top-level plumbing (``raypipe/*.py``, ``raypipe/abilities``
 ``llm`` < ``generate``, ``train`` < ``evaluate`` < the command (``cli.py``,
 ``raypipe/jobs``). A module imports its own layer or lower ones; ``generate`` and
 ``train`` never import each other (what both need moves down a layer); the tiny-model
-builders (``tiny.py``, ``testing.py``) sit beside ``llm`` and import no job package.
+builders (``tiny.py``) sit beside ``llm`` and import no job package.
 
 Sizes: a module at most 500 physical lines, a function at most 80
 (``end_lineno - lineno + 1``; a method is named ``Class.method``, a nested function
@@ -28,7 +28,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "raypipe"
 
 RANK = {"plumbing": 0, "tiny": 1, "llm": 1, "generate": 2, "train": 2, "evaluate": 3, "cli": 4}
 JOB_PACKAGES = {"generate", "train", "evaluate", "cli"}
-TINY_MODULES = {"raypipe.tiny", "raypipe.testing"}
+TINY_MODULES = {"raypipe.tiny"}
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 80
 
@@ -43,12 +43,6 @@ LAYER_EXCEPTIONS: dict[tuple[str, str], str] = {
     ("raypipe.llm.vllm.settings", "raypipe.generate.render"):
         "resolve_pretrained (hub id or folder, checked) is one of the model resolvers; goes "
         "with the one resolver in raypipe/models.py",
-    ("raypipe.testing", "raypipe.generate.store"):
-        "write_fixture_run is a fixture writer, writing OUT as the pipeline does; goes when "
-        "fixture writers move to tests/",
-    ("raypipe.testing", "raypipe.train.conversation"):
-        "the tiny chat LLM carries the Vicuna template that training renders with; goes "
-        "when chat templates move down to raypipe/chat_templates.py",
 }  # fmt: skip
 
 #: module path, relative to the repository -> why it stays for now
@@ -74,12 +68,6 @@ MODULE_SIZE_EXCEPTIONS: dict[str, str] = {
         "task (llm/tasks/)",
     "raypipe/llm/limits.py":
         "the limiter actor and the per-process limiter; split along the two",
-    "raypipe/testing.py":
-        "tiny builders and fixture writers together; the builders become raypipe/tiny.py, "
-        "the writers move to tests/",
-    "raypipe/train/conversation.py":
-        "chat templates and label masking together; templates move to "
-        "raypipe/chat_templates.py",
 }  # fmt: skip
 
 #: "path::qualified.name" -> why it stays for now
@@ -266,8 +254,8 @@ def fake(tmp_path) -> Path:
         "raypipe/generate/__init__.py": "",
         "raypipe/generate/pipeline.py": "from raypipe.llm.base import B\nfrom ..train import step\n",
         "raypipe/train/__init__.py": "",
-        "raypipe/train/step.py": "from raypipe import testing\n",
-        "raypipe/testing.py": "from raypipe.llm import base\nfrom raypipe.evaluate.run import r\n",
+        "raypipe/train/step.py": "from raypipe import tiny\n",
+        "raypipe/tiny.py": "from raypipe.llm import base\nfrom raypipe.evaluate.run import r\n",
         "raypipe/evaluate/run.py": "from raypipe.train.step import s\nfrom raypipe.cli import m\n",
         "raypipe/cli.py": "from raypipe.jobs import run\nfrom raypipe.evaluate import run\n",
         "raypipe/jobs/run.py": "import raypipe.generate.pipeline\n",
@@ -285,13 +273,13 @@ def test_the_layer_check_names_every_import_against_the_layers(fake):
             "llm may not import generate (a higher layer)",
         ("raypipe.generate.pipeline", "raypipe.train.step"):
             "generate and train never import each other",
-        ("raypipe.testing", "raypipe.evaluate.run"): "the tiny builders import no job package",
+        ("raypipe.tiny", "raypipe.evaluate.run"): "the tiny builders import no job package",
         ("raypipe.evaluate.run", "raypipe.cli"): "evaluate may not import cli (a higher layer)",
     }  # fmt: skip
     # relative imports resolve to the module they name; allowed ones are not reported
     assert ("raypipe.llm.base", "raypipe.errors") in imports(fake)
     assert ("raypipe.llm", "raypipe.llm.base") in imports(fake)
-    assert ("raypipe.train.step", "raypipe.testing") in imports(fake)
+    assert ("raypipe.train.step", "raypipe.tiny") in imports(fake)
 
 
 def test_the_size_checks_count_lines_as_stated(fake):

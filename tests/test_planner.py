@@ -160,7 +160,7 @@ def test_max_usd_stops_planning_and_unmade_rows_are_not_missing(tmp_path):
 
 @pytest.mark.parametrize("threshold", [0.8, 1.0])
 def test_dedup_seeds_from_prompts_already_in_out(tmp_path, threshold):
-    from raypipe.testing import write_fixture_parquet
+    from fixture_data import write_fixture_parquet
 
     write_fixture_parquet(tmp_path / "data", 1)
     data = pa.concat_tables(

@@ -20,7 +20,7 @@ from raypipe.generate.quality import (
 )
 from raypipe.matching import mentions_any
 from raypipe.schema import reject, row_seed, rows_to_table
-from raypipe.testing import build_tiny_safety_checker, build_tiny_sd, resolve_tiny
+from raypipe.tiny import build_tiny_safety_checker, build_tiny_sd, resolve_tiny
 
 
 def png(pixels: np.ndarray) -> bytes:

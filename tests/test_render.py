@@ -253,7 +253,7 @@ def build_tiny_sdxl(path, tokenizer_dir):
     )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from raypipe.testing import build_clip_tokenizer, tiny_clip_text_config
+    from raypipe.tiny import build_clip_tokenizer, tiny_clip_text_config
 
     tok = build_clip_tokenizer(tokenizer_dir)
     torch.manual_seed(0)
@@ -320,7 +320,7 @@ def test_sdxl_layout_renders_long_and_plain_prompts(renderer, tmp_path):
 def test_pipeline_safety_checker_never_blacks_out_images(cfg, tmp_path):
     import numpy as np
 
-    from raypipe.testing import build_tiny_safety_checker, build_tiny_sd
+    from raypipe.tiny import build_tiny_safety_checker, build_tiny_sd
 
     # A pipeline shipped with a checker that flags every image: had the render stage run
     # it, every image would come back black.

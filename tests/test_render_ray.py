@@ -15,7 +15,7 @@ from raypipe.config import QualityConfig, RenderConfig
 from raypipe.generate.quality import QualityCheck, RenderAndCheck, add_image_stages
 from raypipe.generate.render import Renderer, add_render
 from raypipe.schema import row_seed, rows_to_table
-from raypipe.testing import resolve_tiny
+from raypipe.tiny import resolve_tiny
 
 
 def crash_once_renderer(markers: str) -> type[Renderer]:

@@ -10,14 +10,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
-
-from raypipe.errors import ConfigError
-from raypipe.testing import (
+from fixture_data import (
     write_fixture_llava_json,
     write_fixture_parquet,
     write_fixture_stablellava_json,
 )
+from PIL import Image
+
+from raypipe.errors import ConfigError
 from raypipe.train.conversation import (
     DROP_NO_IMAGE_TOKEN,
     DROP_NOTHING_TO_SUPERVISE,

@@ -27,13 +27,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from fixture_data import write_fixture_llava_json, write_fixture_run, write_fixture_stablellava_json
 
 from raypipe.config import build_config
-from raypipe.testing import (
-    write_fixture_llava_json,
-    write_fixture_run,
-    write_fixture_stablellava_json,
-)
 from raypipe.train.config import TrainConfig, load_train_config
 from raypipe.train.sources import DROP_OUTSIDE
 from raypipe.train.trainer import fit
@@ -166,7 +162,7 @@ def test_checkpoints_are_sharded_and_describe_the_run(run_2w):
 def test_stage2_export_loads_with_plain_transformers_and_keeps_the_tower(run_2w, parquet):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from raypipe.testing import resolve_tiny
+    from raypipe.tiny import resolve_tiny
     from raypipe.train.encoding import SampleEncoder, collate
     from raypipe.train.step import token_loss_sum
 

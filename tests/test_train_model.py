@@ -113,7 +113,7 @@ def test_composed_linear_projector_is_one_trainable_linear(tiny_dir):
     # The vision tower and LLM carry the weights of their checkpoints.
     from transformers import AutoModelForCausalLM
 
-    from raypipe.testing import resolve_tiny
+    from raypipe.tiny import resolve_tiny
 
     llm = AutoModelForCausalLM.from_pretrained(resolve_tiny("raypipe-tiny/tiny-llama"))
     assert torch.equal(
@@ -327,7 +327,7 @@ def test_job_fails_before_starting_ray_on_bad_inputs(tiny_dir, tmp_path):
     empty.write_text("[]")
     out = job("--data", str(empty), "--out", str(tmp_path / "o"))
     assert out.returncode == 2 and "nothing to train on" in out.stderr
-    from raypipe.testing import write_fixture_llava_json
+    from fixture_data import write_fixture_llava_json
 
     data = write_fixture_llava_json(tmp_path / "d", 2)
     out = job("--data", str(data), "--out", str(tmp_path / "o"), "model.llava=/no/such/model")

@@ -17,11 +17,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from fixture_data import write_fixture_run
 
 from raypipe.config import redacted
 from raypipe.errors import ConfigError
 from raypipe.lease import LEASE_FILE
-from raypipe.testing import write_fixture_run
 from raypipe.train.checkpoint import latest_checkpoint
 from raypipe.train.config import load_train_config
 from raypipe.train.dcp_reader import UnsafeCheckpointError, safe_load
@@ -314,7 +314,8 @@ def test_outside_rows_get_one_reason_whether_or_not_the_target_exists(tmp_path):
 
 
 def test_parquet_image_paths_stay_in_the_data_folder_in_both_readers(tmp_path):
-    from raypipe.testing import write_fixture_parquet
+    from fixture_data import write_fixture_parquet
+
     from raypipe.train.reading import _stage_parquet_batch
     from raypipe.train.shards import ShardReader
     from raypipe.train.sources import check_sources

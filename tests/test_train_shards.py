@@ -7,8 +7,8 @@ import math
 
 import numpy as np
 import pytest
+from fixture_data import write_fixture_run
 
-from raypipe.testing import write_fixture_run
 from raypipe.train.shards import (
     ShardReader,
     build_index,

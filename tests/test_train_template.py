@@ -16,14 +16,13 @@ import pytest
 from PIL import Image
 from test_conversation import MULTI as _CONVERSATION_MULTI
 
+from raypipe.chat_templates import PLAIN_CHAT_TEMPLATE, VICUNA_V1_CHAT_TEMPLATE
 from raypipe.config import build_config
 from raypipe.errors import ConfigError
 from raypipe.train.config import TrainConfig
 from raypipe.train.conversation import (
     DROP_EMPTY_ANSWER,
     IGNORE_INDEX,
-    PLAIN_CHAT_TEMPLATE,
-    VICUNA_V1_CHAT_TEMPLATE,
     ConversationRenderer,
     Rendered,
     chat_template_for,
@@ -61,7 +60,7 @@ def process_group(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """A raypipe generation run (OUT with manifest.json) and a LLaVA JSON."""
-    from raypipe.testing import write_fixture_llava_json, write_fixture_run
+    from fixture_data import write_fixture_llava_json, write_fixture_run
 
     root = tmp_path_factory.mktemp("datasets")
     run = write_fixture_run(str(root / "run"), 6)
@@ -251,14 +250,14 @@ def test_export_writes_lineage_and_model_card(exports, dataset):
 def tokenizer(tiny_dir):
     from transformers import AutoProcessor
 
-    from raypipe.testing import resolve_tiny
+    from raypipe.tiny import resolve_tiny
 
     return AutoProcessor.from_pretrained(resolve_tiny("raypipe-tiny/tiny-llava")).tokenizer
 
 
 def test_tiny_models_template_takes_list_content(tokenizer):
     """The tiny models' template (once ``'USER: ' + content``) reads parts as strings."""
-    from raypipe.testing import LLAMA_CHAT_TEMPLATE
+    from raypipe.tiny import LLAMA_CHAT_TEMPLATE
 
     assert tokenizer.chat_template == LLAMA_CHAT_TEMPLATE == VICUNA_V1_CHAT_TEMPLATE
     parts = tokenizer.apply_chat_template(
@@ -350,7 +349,7 @@ def test_empty_answer_turn_drops_the_row_with_its_reason(tokenizer, template, an
 
 
 def test_sample_encoder_reports_empty_answers(tiny_dir):
-    from raypipe.testing import resolve_tiny
+    from raypipe.tiny import resolve_tiny
     from raypipe.train.encoding import SampleEncoder
 
     encoder = SampleEncoder(resolve_tiny("raypipe-tiny/tiny-llava"), "vicuna_v1", 128)
@@ -389,7 +388,8 @@ def test_dataset_lineage_finds_the_run_manifest(dataset, tmp_path):
 
 
 def test_dataset_lineage_on_s3(s3_server):
-    from raypipe.testing import write_fixture_run
+    from fixture_data import write_fixture_run
+
     from raypipe.train.export import dataset_lineage
 
     bucket = s3_server.make_bucket("lineage")

@@ -199,7 +199,7 @@ def _has_chat_template(folder: Path) -> bool:
 def check_local_model(model_dir: str | Path) -> Path:
     """The folder of a LLaVA checkpoint that :func:`predict_local` can run; ModelError
     saying what to give instead when it is not one. Reads only small JSON files."""
-    from raypipe.testing import resolve_tiny
+    from raypipe.tiny import resolve_tiny
 
     given = str(model_dir)
     folder = Path(resolve_tiny(given)).expanduser()

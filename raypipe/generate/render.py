@@ -86,12 +86,12 @@ def check_render_model(cfg: RenderConfig) -> str:
 def resolve_pretrained(model: str, marker: str, field: str) -> str:
     """A hub id or folder -> what ``from_pretrained`` loads, checked without loading.
 
-    ``raypipe-tiny/<name>`` ids are built (see raypipe.testing). A folder must contain
+    ``raypipe-tiny/<name>`` ids are built (see raypipe.tiny). A folder must contain
     ``marker`` (``model_index.json`` for diffusers, ``config.json`` for transformers);
     a hub id must be cached when offline, else ``marker`` is fetched. ``field`` names
     the config field in error messages.
     """
-    from raypipe.testing import resolve_tiny
+    from raypipe.tiny import resolve_tiny
 
     resolved = resolve_tiny(model)
     path = Path(resolved).expanduser()

@@ -30,7 +30,7 @@ def load_processor(model_dir: str):
     """The model's ``LlavaProcessor`` (``raypipe-tiny/...`` ids resolve to tiny models)."""
     from transformers import AutoProcessor
 
-    from raypipe.testing import resolve_tiny
+    from raypipe.tiny import resolve_tiny
 
     try:
         processor = AutoProcessor.from_pretrained(resolve_tiny(model_dir))

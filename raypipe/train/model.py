@@ -29,7 +29,7 @@ VOCAB_MULTIPLE = 64
 
 def resolve_model_id(model_id: str) -> str:
     """``raypipe-tiny/<name>`` -> a built local folder; anything else unchanged."""
-    from raypipe.testing import resolve_tiny
+    from raypipe.tiny import resolve_tiny
 
     return resolve_tiny(model_id)
 

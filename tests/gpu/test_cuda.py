@@ -27,7 +27,7 @@ if DEVICE == "cuda" and not torch.cuda.is_available():
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from raypipe.testing import build_tiny_llava, build_tiny_sd
+    from raypipe.tiny import build_tiny_llava, build_tiny_sd
 
     root = tmp_path_factory.mktemp("gpu-models")
     return {"sd": build_tiny_sd(root / "sd"), "llava": build_tiny_llava(root / "llava")}
@@ -87,7 +87,7 @@ def test_quality_gates_run_on_the_render_gpu(models, tmp_path):
 
     from raypipe.config import QualityConfig, RenderConfig
     from raypipe.generate.quality import RenderAndCheck
-    from raypipe.testing import build_tiny_clip, build_tiny_safety_checker
+    from raypipe.tiny import build_tiny_clip, build_tiny_safety_checker
 
     render = RenderConfig(
         model=str(models["sd"]),
@@ -128,8 +128,8 @@ def test_quality_gates_run_on_the_render_gpu(models, tmp_path):
 
 def test_fsdp2_bf16_training_lowers_the_loss(models, tmp_path):
     import torch.distributed as dist
+    from fixture_data import write_fixture_parquet
 
-    from raypipe.testing import write_fixture_parquet
     from raypipe.train.config import load_train_config
     from raypipe.train.encoding import SampleEncoder, collate
     from raypipe.train.step import build_optimizer, token_loss_sum

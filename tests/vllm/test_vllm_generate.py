@@ -626,7 +626,7 @@ def test_an_engine_without_memory_for_its_kv_cache_fails_with_the_engines_own_er
 
 
 def test_model_without_a_chat_template_is_refused(tiny_dir, tmp_path):
-    from raypipe.testing import resolve_tiny
+    from raypipe.tiny import resolve_tiny
 
     model = tmp_path / "no-chat"
     shutil.copytree(resolve_tiny("raypipe-tiny/tiny-chat-llm"), model)
