@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from raypipe.generate.render import resolve_device
+    from raypipe.models import resolve_device
 
     device = resolve_device("auto", field="device")
     threads = args.threads or 1

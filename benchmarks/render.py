@@ -66,9 +66,8 @@ from raypipe.generate.render import (  # noqa: E402
     EXTENSIONS,
     Renderer,
     check_render_model,
-    resolve_device,
-    resolve_dtype,
 )
+from raypipe.models import resolve_device, resolve_dtype  # noqa: E402
 from raypipe.schema import WORK_SCHEMA, row_seed, rows_to_table, update_meta  # noqa: E402
 
 #: Dense fp16/bf16 tensor-core peak, FLOP/s, by a substring of the GPU name.

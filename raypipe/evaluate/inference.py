@@ -199,10 +199,10 @@ def _has_chat_template(folder: Path) -> bool:
 def check_local_model(model_dir: str | Path) -> Path:
     """The folder of a LLaVA checkpoint that :func:`predict_local` can run; ModelError
     saying what to give instead when it is not one. Reads only small JSON files."""
-    from raypipe.tiny import resolve_tiny
+    from raypipe.models import resolve_id
 
     given = str(model_dir)
-    folder = Path(resolve_tiny(given)).expanduser()
+    folder = Path(resolve_id(given)).expanduser()
     hint = (
         "Give a folder written by save_pretrained: a raypipe export (OUT/export of "
         "jobs/train.py), a downloaded llava-hf checkpoint (e.g. llava-hf/llava-1.5-7b-hf), "

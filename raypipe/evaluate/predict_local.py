@@ -51,7 +51,7 @@ _ROW = "_row"  # input position, carried through the pool to restore the items' 
 
 
 def _resolve_device(device: str) -> str:
-    from raypipe.generate.render import resolve_device
+    from raypipe.models import resolve_device
 
     return resolve_device(device, field="device")
 

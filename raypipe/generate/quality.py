@@ -44,10 +44,10 @@ from raypipe.generate.render import (
     add_render,
     render_pool_args,
     render_uses_gpu,
-    resolve_pretrained,
 )
 from raypipe.generate.stage import Stage, add_stage
 from raypipe.matching import mentions_any, phrase_key, strip_emphasis
+from raypipe.models import resolve_pretrained
 from raypipe.placement import actor_resources
 from raypipe.schema import is_rejected, reject, rows_to_table, update_meta
 

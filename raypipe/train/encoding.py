@@ -30,10 +30,10 @@ def load_processor(model_dir: str):
     """The model's ``LlavaProcessor`` (``raypipe-tiny/...`` ids resolve to tiny models)."""
     from transformers import AutoProcessor
 
-    from raypipe.tiny import resolve_tiny
+    from raypipe.models import resolve_id
 
     try:
-        processor = AutoProcessor.from_pretrained(resolve_tiny(model_dir))
+        processor = AutoProcessor.from_pretrained(resolve_id(model_dir))
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load a processor from {model_dir!r}: {exc}") from exc
     for attr in ("image_processor", "tokenizer", "patch_size", "image_token"):

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from raypipe.errors import ModelError
+from raypipe.models import resolve_id
 
 if TYPE_CHECKING:
     import torch
@@ -27,17 +28,10 @@ if TYPE_CHECKING:
 VOCAB_MULTIPLE = 64
 
 
-def resolve_model_id(model_id: str) -> str:
-    """``raypipe-tiny/<name>`` -> a built local folder; anything else unchanged."""
-    from raypipe.tiny import resolve_tiny
-
-    return resolve_tiny(model_id)
-
-
 def _load_config(field: str, model_id: str):
     from transformers import AutoConfig
 
-    path = resolve_model_id(model_id)
+    path = resolve_id(model_id)
     try:
         return AutoConfig.from_pretrained(path)
     except Exception as e:  # transformers raises OSError/ValueError/EnvironmentError variants
@@ -103,14 +97,14 @@ def build_processor(spec: ModelSpec):
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, LlavaProcessor
 
     if spec.llava is not None:
-        processor = AutoProcessor.from_pretrained(resolve_model_id(spec.llava))
+        processor = AutoProcessor.from_pretrained(resolve_id(spec.llava))
         _prepare_tokenizer(processor.tokenizer, spec.image_token)
         return processor
     vision = _load_config("vision_tower", spec.vision_tower)
     vision = getattr(vision, "vision_config", None) or vision
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_id(spec.llm))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_id(spec.llm))
     _prepare_tokenizer(tokenizer, spec.image_token)
-    image_processor = AutoImageProcessor.from_pretrained(resolve_model_id(spec.vision_tower))
+    image_processor = AutoImageProcessor.from_pretrained(resolve_id(spec.vision_tower))
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -191,9 +185,9 @@ def _compose(spec: ModelSpec, tokenizer, seed: int, on_meta: bool):
     if on_meta:
         return model
     vision = CLIPVisionModel.from_pretrained(
-        resolve_model_id(spec.vision_tower), dtype=torch.float32
+        resolve_id(spec.vision_tower), dtype=torch.float32
     )
-    llm = AutoModelForCausalLM.from_pretrained(resolve_model_id(spec.llm), dtype=torch.float32)
+    llm = AutoModelForCausalLM.from_pretrained(resolve_id(spec.llm), dtype=torch.float32)
     if llm.get_input_embeddings().num_embeddings != config.text_config.vocab_size:
         llm.resize_token_embeddings(config.text_config.vocab_size)
     model.model.vision_tower = vision
@@ -222,7 +216,7 @@ def build_model(cfg: TrainConfig, *, on_meta: bool = False):
     processor = build_processor(spec)
     tokenizer = processor.tokenizer
     if spec.llava is not None:
-        path = resolve_model_id(spec.llava)
+        path = resolve_id(spec.llava)
         if on_meta:
             config = AutoConfig.from_pretrained(path)
             vocab = config.text_config.vocab_size
@@ -337,6 +331,5 @@ __all__ = [
     "is_linear_projector",
     "parameter_counts",
     "part_of",
-    "resolve_model_id",
     "unwrap",
 ]

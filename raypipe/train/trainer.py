@@ -82,7 +82,8 @@ def preflight(cfg: TrainConfig, sources) -> tuple[TrainConfig, list]:
     missing path, an empty dataset, an unknown format, a model id that does not resolve.
     ``raypipe-tiny/<name>`` ids come back as built local folders, so workers never build.
     """
-    from raypipe.train.model import check_model_source, resolve_model_id
+    from raypipe.models import resolve_id
+    from raypipe.train.model import check_model_source
     from raypipe.train.sources import check_sources
 
     # 1. Data sources exist, are readable and not empty
@@ -98,7 +99,7 @@ def preflight(cfg: TrainConfig, sources) -> tuple[TrainConfig, list]:
     check_model_source(cfg)
     model = cfg.model.model_copy(
         update={
-            key: resolve_model_id(value)
+            key: resolve_id(value)
             for key in ("llava", "vision_tower", "llm")
             if (value := getattr(cfg.model, key)) is not None
         }

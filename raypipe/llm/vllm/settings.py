@@ -15,7 +15,7 @@ CPU_MAX_PREFILL_TOKENS = 8192
 
 def model_path(cfg: LLMConfig) -> str:
     """``llm.model`` as the engines load it: a folder, or a hub id (checked, not loaded)."""
-    from raypipe.generate.render import resolve_pretrained
+    from raypipe.models import resolve_pretrained
 
     return resolve_pretrained(cfg.model, "config.json", "llm.model")
 
