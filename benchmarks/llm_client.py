@@ -32,9 +32,9 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
-from raypipe.config import LLMConfig
 from raypipe.llm.base import LLMRequest
 from raypipe.llm.client import OpenAIBackend
+from raypipe.llm.config import LLMConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY_ENV = "RAYPIPE_BENCH_KEY"

@@ -161,7 +161,8 @@ def main() -> None:
     os.environ.setdefault("RAYPIPE_TINY_DIR", str(Path(tempfile.gettempdir()) / "raypipe-tiny"))
     import ray
 
-    from raypipe.config import GenerateConfig, load_config
+    from raypipe.config import load_config
+    from raypipe.generate.config import GenerateConfig
 
     cfg = load_config(GenerateConfig, args.config).llm
     requests = make_requests(n)

@@ -61,7 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from raypipe.config import RenderConfig  # noqa: E402
+from raypipe.generate.config import RenderConfig  # noqa: E402
 from raypipe.generate.render import (  # noqa: E402
     EXTENSIONS,
     Renderer,

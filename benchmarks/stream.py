@@ -89,7 +89,8 @@ def one(n: int, out: str, traced: bool = True) -> dict:
     import raypipe.generate.quality  # noqa: F401
     import raypipe.llm.client  # noqa: F401
     import raypipe.llm.limits  # noqa: F401
-    from raypipe.config import GenerateConfig, load_config
+    from raypipe.config import load_config
+    from raypipe.generate.config import GenerateConfig
     from raypipe.generate.pipeline import generate
     from raypipe.generate.render import check_render_model
 
@@ -216,7 +217,7 @@ def main() -> None:
     if args.one:
         return print(json.dumps(one(int(args.one[0]), args.one[1], not args.untraced)))
 
-    from raypipe.config import RenderConfig
+    from raypipe.generate.config import RenderConfig
     from raypipe.generate.render import check_render_model
 
     n = 10 if args.smoke_test else args.n

@@ -15,8 +15,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from ray_cluster import ray_head  # noqa: E402
 
-from raypipe.config import GenerateConfig, RenderConfig, load_config  # noqa: E402
+from raypipe.config import load_config  # noqa: E402
 from raypipe.errors import ConfigError  # noqa: E402
+from raypipe.generate.config import GenerateConfig, RenderConfig  # noqa: E402
 from raypipe.placement import actor_resources, check_resources, node_type_gpus  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from raypipe.abilities import load_catalog
-from raypipe.config import GenerateConfig
 from raypipe.generate.budget import (
     DEFAULT_SUSTAINED_TFLOPS,
     UNET_TFLOP_512,
@@ -24,6 +23,7 @@ from raypipe.generate.budget import (
     estimate,
     format_estimate,
 )
+from raypipe.generate.config import GenerateConfig
 from raypipe.llm.tasks import dialogue_request, keyword_request, prompt_request
 from raypipe.llm.transport import estimate_prompt_tokens
 

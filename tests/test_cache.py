@@ -9,11 +9,11 @@ import uuid
 import pytest
 from llm_server import make_requests
 
-from raypipe.config import LLMConfig
 from raypipe.errors import ConfigError
 from raypipe.llm import make_backend
 from raypipe.llm.cache import ENTRY_FORMAT, ResponseCache, request_key
 from raypipe.llm.client import OpenAIBackend
+from raypipe.llm.config import LLMConfig
 
 KEY_ENV = "RAYPIPE_TEST_LLM_KEY"
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from raypipe.abilities import ABILITIES, load_catalog
-from raypipe.config import GenerateConfig, apply_overrides, build_config, iter_fields, load_config
+from raypipe.config import apply_overrides, build_config, iter_fields, load_config
 from raypipe.errors import ConfigError
+from raypipe.generate.config import GenerateConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "raypipe" / "configs" / "generate" / "demo.yaml"

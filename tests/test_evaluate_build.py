@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from raypipe.config import GenerateConfig, load_config
+from raypipe.config import load_config
 from raypipe.evaluate.build import build_benchmark
 from raypipe.evaluate.items import read_benchmark, read_benchmark_report
+from raypipe.generate.config import GenerateConfig
 
 pytestmark = pytest.mark.slow
 

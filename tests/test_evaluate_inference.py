@@ -16,13 +16,13 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from raypipe.config import LLMConfig
 from raypipe.errors import ModelError
 from raypipe.evaluate.inference import PREDICTION_COLUMNS, check_local_model, parse_model
 from raypipe.evaluate.items import items_to_table, read_benchmark, write_benchmark
 from raypipe.evaluate.predict_local import LlavaPredictor, predict_local
 from raypipe.evaluate.predict_openai import image_data_url, predict_openai
 from raypipe.evaluate.report import score_rows, scores
+from raypipe.llm.config import LLMConfig
 from raypipe.tiny import resolve_tiny
 
 KEY_ENV = "RAYPIPE_TEST_VISION_KEY"

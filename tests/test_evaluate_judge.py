@@ -12,7 +12,6 @@ import time
 
 import pytest
 
-from raypipe.config import LLMConfig
 from raypipe.errors import ConfigError, EndpointError
 from raypipe.evaluate.judge import (
     JUDGE_MAX_TOKENS,
@@ -24,6 +23,7 @@ from raypipe.evaluate.judge import (
 )
 from raypipe.evaluate.report import score_rows, scores
 from raypipe.evaluate.score import agreement
+from raypipe.llm.config import LLMConfig
 
 KEY_ENV = "RAYPIPE_TEST_JUDGE_KEY"
 SENTINEL = "sk-raypipe-JUDGE-SENTINEL-4d2b8e"

@@ -13,11 +13,12 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from raypipe.config import GenerateConfig, load_config
+from raypipe.config import load_config
 from raypipe.evaluate import run as run_mod
 from raypipe.evaluate.config import PredictSettings
 from raypipe.evaluate.inference import EvalModel
 from raypipe.evaluate.items import write_benchmark
+from raypipe.generate.config import GenerateConfig
 from raypipe.train.config import load_train_config
 
 

@@ -11,9 +11,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from PIL import Image
 
-from raypipe.config import GenerateConfig, load_config
+from raypipe.config import load_config
 from raypipe.evaluate.build import build_benchmark, self_score
 from raypipe.evaluate.items import read_benchmark, read_benchmark_rejects, read_benchmark_report
+from raypipe.generate.config import GenerateConfig
 from raypipe.schema import SAMPLE_SCHEMA, rows_to_table
 
 

@@ -16,8 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from raypipe.config import GenerateConfig, load_config
+from raypipe.config import load_config
 from raypipe.errors import CatalogError, ConfigError, EndpointError
+from raypipe.generate.config import GenerateConfig
 from raypipe.generate.pipeline import generate
 from raypipe.schema import SAMPLE_SCHEMA, validate_samples
 

@@ -18,12 +18,13 @@ import pytest
 from fake_clock import FakeClock
 from llm_server import BAD_CONTENTS, STANDARD_FAULTS, http_date, make_requests
 
-from raypipe.config import LLMConfig, is_reasoning_model, redact_url, redacted
+from raypipe.config import redact_url, redacted
 from raypipe.errors import EndpointError
 from raypipe.llm import make_backend
 from raypipe.llm.base import LLMRequest
 from raypipe.llm.cache import ResponseCache, request_key
 from raypipe.llm.client import OpenAIBackend, httpx, retry_after_s
+from raypipe.llm.config import LLMConfig, is_reasoning_model
 from raypipe.llm.limits import TokenBucket
 from raypipe.llm.slots import Slots
 

@@ -16,10 +16,10 @@ import pytest
 from fake_clock import FakeClock
 from llm_server import make_requests
 
-from raypipe.config import LLMConfig
 from raypipe.errors import EndpointError
 from raypipe.llm.base import Secret
 from raypipe.llm.client import OpenAIBackend, httpx
+from raypipe.llm.config import LLMConfig
 from raypipe.llm.failures import (
     FATAL,
     TRANSIENT,

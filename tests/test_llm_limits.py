@@ -9,9 +9,9 @@ import pytest
 from fake_clock import FakeClock
 from llm_server import make_requests
 
-from raypipe.config import LLMConfig
 from raypipe.llm import make_backend
 from raypipe.llm.base import LLMRequest
+from raypipe.llm.config import LLMConfig
 from raypipe.llm.limits import JobLimiter, LimiterHandle, start_limiter
 
 KEY_ENV = "RAYPIPE_TEST_LLM_KEY"

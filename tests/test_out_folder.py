@@ -228,8 +228,9 @@ def test_every_config_field_has_a_class():
 def test_a_new_field_without_a_class_is_caught():
     from pydantic import Field
 
-    from raypipe.config import GenerateConfig, LLMConfig
+    from raypipe.generate.config import GenerateConfig
     from raypipe.generate.identity import unclassified
+    from raypipe.llm.config import LLMConfig
 
     class MoreLLM(LLMConfig):
         sparkle: bool = Field(False, description="a field added later")

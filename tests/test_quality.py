@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from raypipe.config import QualityConfig, RenderConfig
 from raypipe.errors import ConfigError, ModelError
+from raypipe.generate.config import QualityConfig, RenderConfig
 from raypipe.generate.quality import (
     QualityCheck,
     RenderAndCheck,

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from raypipe.config import RenderConfig
 from raypipe.errors import ConfigError, ModelError
+from raypipe.generate.config import RenderConfig
 from raypipe.generate.emphasis import CHUNK_TOKENS, encode_chunks, tokenize_chunks
 from raypipe.generate.render import Renderer, check_render_model, encode_image
 from raypipe.matching import parse_emphasis, strip_emphasis

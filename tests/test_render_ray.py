@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from raypipe.config import QualityConfig, RenderConfig
+from raypipe.generate.config import QualityConfig, RenderConfig
 from raypipe.generate.quality import QualityCheck, RenderAndCheck, add_image_stages
 from raypipe.generate.render import Renderer, add_render
 from raypipe.schema import row_seed, rows_to_table

@@ -9,10 +9,12 @@ import re
 import pytest
 
 from raypipe.abilities import load_catalog
-from raypipe.config import GenerateConfig, LLMConfig, load_config
+from raypipe.config import load_config
 from raypipe.errors import ConfigError
+from raypipe.generate.config import GenerateConfig
 from raypipe.llm import tasks as structured
 from raypipe.llm.cache import request_key
+from raypipe.llm.config import LLMConfig
 from raypipe.llm.request_body import request_body
 from raypipe.llm.tasks import benchmark_request, dialogue_request, prompt_request
 from raypipe.llm.vllm import (

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from raypipe.config import GenerateConfig, load_config
+from raypipe.config import load_config
 from raypipe.errors import ConfigError
+from raypipe.generate.config import GenerateConfig
 from raypipe.llm.vllm import deployment_options, service_name, worker_request
 from raypipe.placement import actor_resources
 

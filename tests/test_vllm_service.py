@@ -12,8 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from raypipe.config import LLMConfig
 from raypipe.errors import ModelError
+from raypipe.llm.config import LLMConfig
 from raypipe.llm.vllm import service as service_module
 from raypipe.llm.vllm.failures import root_cause, start_failure
 from raypipe.llm.vllm.service import USERS_NAMESPACE, EngineService

@@ -28,8 +28,8 @@ from collections import Counter
 from typing import Any
 
 from raypipe import storage
-from raypipe.config import GenerateConfig
 from raypipe.evaluate.items import OVERLAP_STAGE
+from raypipe.generate.config import GenerateConfig
 
 #: Rejects ``stage`` of generated items that do not score their own answer.
 SELF_SCORE_STAGE = "self_score"

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from raypipe.config import Config, GenerateConfig, load_config, read_yaml_preset
+from raypipe.config import Config, load_config, read_yaml_preset
 from raypipe.errors import ConfigError
+from raypipe.generate.config import GenerateConfig
 
 __all__ = [
     "PREDICTION_SETTINGS",

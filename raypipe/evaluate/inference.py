@@ -44,8 +44,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from raypipe.config import LLMConfig, redact_url
+from raypipe.config import redact_url
 from raypipe.errors import ConfigError, ModelError
+from raypipe.llm.config import LLMConfig
 
 log = logging.getLogger(__name__)
 

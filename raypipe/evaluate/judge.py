@@ -51,7 +51,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from raypipe.config import LLMConfig
 from raypipe.errors import ConfigError, EndpointError
 from raypipe.evaluate.score import (
     agreement,
@@ -62,6 +61,7 @@ from raypipe.evaluate.score import (
 from raypipe.llm import make_backend
 from raypipe.llm.base import LLMRequest, Secret
 from raypipe.llm.cache import request_key
+from raypipe.llm.config import LLMConfig
 
 if TYPE_CHECKING:
     from raypipe.llm.limits import LimiterHandle
@@ -333,7 +333,7 @@ def judge_rows(
 
     Args:
         rows: prediction rows (dicts, or a pyarrow Table read row by row).
-        llm_cfg: the judge's ``llm`` config (an :class:`~raypipe.config.LLMConfig` or
+        llm_cfg: the judge's ``llm`` config (an :class:`~raypipe.llm.config.LLMConfig` or
             its fields); ``backend`` must be ``openai``.
         cache_dir: where answers are cached (a folder or a URI, as ``make_backend``
             takes); None: no cache.

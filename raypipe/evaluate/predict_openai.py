@@ -17,7 +17,6 @@ from typing import Any
 
 import pyarrow as pa
 
-from raypipe.config import LLMConfig
 from raypipe.errors import ConfigError
 from raypipe.evaluate.inference import (
     PREDICTION_COLUMNS,
@@ -28,6 +27,7 @@ from raypipe.evaluate.inference import (
     prediction_table,
 )
 from raypipe.llm.base import LLMRequest, Secret
+from raypipe.llm.config import LLMConfig
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from raypipe.config import GenerateConfig, load_config
+from raypipe.config import load_config
 from raypipe.errors import ConfigError
 from raypipe.evaluate.config import (  # the preset's types, importable from here too
     EvaluateConfig,
@@ -46,6 +46,7 @@ from raypipe.evaluate.config import (  # the preset's types, importable from her
     load_evaluate_config,
     preset_path,
 )
+from raypipe.generate.config import GenerateConfig
 
 log = logging.getLogger(__name__)
 
@@ -231,8 +232,8 @@ def score_all(
         apply_review(rows, marks)
     summary = None
     if judge:
-        from raypipe.config import LLMConfig
         from raypipe.evaluate.judge import judge_rows, judge_summary
+        from raypipe.llm.config import LLMConfig
 
         model, sep, base_url = judge.partition("@")
         if not model or not sep or not base_url:

@@ -31,7 +31,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from raypipe.config import GenerateConfig
+from raypipe.generate.config import GenerateConfig
 from raypipe.llm.tasks import dialogue_request, keyword_request, prompt_request
 from raypipe.llm.tasks.common import MAX_PROMPT_CHARS
 

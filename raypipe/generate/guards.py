@@ -15,8 +15,8 @@ import logging
 import os
 from typing import Any
 
-from raypipe.config import GenerateConfig
 from raypipe.errors import ConfigError
+from raypipe.generate.config import GenerateConfig
 from raypipe.generate.store import OutputStore
 from raypipe.storage import tmp_name
 

@@ -1,6 +1,6 @@
 """One dataset per OUT: which config fields say what the rows mean, and the check.
 
-Every :class:`~raypipe.config.GenerateConfig` field, nested ones included, is either
+Every :class:`~raypipe.generate.config.GenerateConfig` field, nested ones included, is either
 *identity* (changing it changes what a row with a given id is: the seed, the models,
 the render and quality settings, the LLM's sampling, ...) or *operational* (how fast,
 where and how much: batch sizes, actors, timeouts, limits, ``num_samples``). The table
@@ -22,8 +22,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from raypipe.config import GenerateConfig, iter_fields
+from raypipe.config import iter_fields
 from raypipe.errors import IdentityChanged
+from raypipe.generate.config import GenerateConfig
 
 IDENTITY = "identity"
 OPERATIONAL = "operational"

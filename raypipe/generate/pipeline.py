@@ -30,8 +30,9 @@ from collections import Counter, defaultdict
 from typing import Any
 
 from raypipe.abilities import load_catalog
-from raypipe.config import GenerateConfig, redacted
+from raypipe.config import redacted
 from raypipe.errors import ConfigError
+from raypipe.generate.config import GenerateConfig
 from raypipe.generate.guards import check_shared_out, lease_lost, nothing_to_add, take_lease
 from raypipe.generate.identity import check_identity, record_identity
 from raypipe.generate.store import OutputStore

@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from raypipe.config import QualityConfig, RenderConfig
 from raypipe.errors import ConfigError, ModelError
+from raypipe.generate.config import QualityConfig, RenderConfig
 from raypipe.generate.render import (
     Renderer,
     add_render,

@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from raypipe.config import RenderConfig
 from raypipe.errors import ConfigError, ModelError
+from raypipe.generate.config import RenderConfig
 from raypipe.generate.emphasis import TokenChunks, encode_chunks, pad_chunks, tokenize_chunks
 from raypipe.generate.stage import Stage, add_stage
 from raypipe.models import OFFLINE_HINT, resolve_device, resolve_dtype, resolve_pretrained

@@ -16,10 +16,10 @@ from typing import Any
 import pyarrow as pa
 
 from raypipe.abilities import Ability, load_catalog
-from raypipe.config import LLMConfig
 from raypipe.generate.stage import Stage
 from raypipe.llm import make_backend, tasks
 from raypipe.llm.base import LLMRequest, LLMResult
+from raypipe.llm.config import LLMConfig
 from raypipe.llm.failures import FATAL, LLMFatalError, fatal_message
 from raypipe.llm.tasks import (
     benchmark_request,

@@ -22,7 +22,8 @@ import logging
 import sys
 
 from raypipe.abilities import MIN_ITEMS, load_catalog
-from raypipe.config import GenerateConfig, load_config
+from raypipe.config import load_config
+from raypipe.generate.config import GenerateConfig
 from raypipe.jobs import guarded
 from raypipe.llm.curation import curate_ability, save_curated
 

@@ -140,9 +140,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_build(args) -> int:
-    from raypipe.config import GenerateConfig, load_config
+    from raypipe.config import load_config
     from raypipe.evaluate.build import build_benchmark
     from raypipe.evaluate.run import benchmark_config, is_evaluation_preset, load_evaluate_config
+    from raypipe.generate.config import GenerateConfig
 
     overrides = list(args.overrides)
     if args.abilities:

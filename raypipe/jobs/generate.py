@@ -28,8 +28,9 @@ import argparse
 import logging
 import sys
 
-from raypipe.config import GenerateConfig, load_config
+from raypipe.config import load_config
 from raypipe.errors import EXIT_RESUMABLE
+from raypipe.generate.config import GenerateConfig
 from raypipe.jobs import guarded, start_ray
 from raypipe.jobs.help import HelpParser, generate_epilog
 

@@ -82,7 +82,7 @@ def generate_epilog() -> str:
     """The presets, the abilities and every GenerateConfig field (for ``--help``)."""
     from raypipe import presets
     from raypipe.abilities import load_catalog
-    from raypipe.config import GenerateConfig
+    from raypipe.generate.config import GenerateConfig
 
     lines = [presets.listing("generate")]
     catalog = load_catalog()

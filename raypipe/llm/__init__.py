@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from raypipe.config import LLMConfig
 from raypipe.llm.base import LLMBackend, Secret
+from raypipe.llm.config import LLMConfig
 
 if TYPE_CHECKING:
     from raypipe.abilities import Ability

@@ -27,8 +27,7 @@ error="<reason>: <detail>", failure=<kind>)``. A ``fatal`` one (401, 403, 404, 4
 ...) makes every later request of this backend fail the same way at once, and the
 caller stops the run (:class:`~raypipe.llm.failures.LLMFatalError`).
 
-The API key is read in this process and kept out of every message and log line
-(:mod:`raypipe.llm.credentials`).
+The key is read in this process, kept out of messages and logs (:mod:`.credentials`).
 """
 
 from __future__ import annotations
@@ -43,10 +42,11 @@ from typing import Any, TypeVar
 
 import openai
 
-from raypipe.config import LLMConfig, redact_url, url_secrets
+from raypipe.config import redact_url, url_secrets
 from raypipe.llm import endpoint_check
 from raypipe.llm.base import LLMRequest, LLMResult, Secret
 from raypipe.llm.cache import ResponseCache, request_key
+from raypipe.llm.config import LLMConfig
 from raypipe.llm.credentials import log_scrub, read_api_key, scrub, split_base_url
 from raypipe.llm.failures import (
     CONTENT,

@@ -18,9 +18,9 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
-from raypipe.config import LLMConfig
 from raypipe.errors import EndpointError
 from raypipe.llm.base import Secret
+from raypipe.llm.config import LLMConfig
 
 
 def read_api_key(cfg: LLMConfig, given: Secret | None = None) -> Secret:

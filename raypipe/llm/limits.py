@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from raypipe.config import LLMConfig
+from raypipe.llm.config import LLMConfig
 
 log = logging.getLogger(__name__)
 

@@ -43,7 +43,7 @@ from raypipe.llm.tasks import TASKS
 
 if TYPE_CHECKING:
     from raypipe.abilities import Ability
-    from raypipe.config import LLMConfig
+    from raypipe.llm.config import LLMConfig
 
 __all__ = ["INJECT_FAULTS", "MODEL_NAME", "OfflineBackend"]
 

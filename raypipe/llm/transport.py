@@ -24,8 +24,8 @@ from typing import Any
 
 import openai
 
-from raypipe.config import LLMConfig
 from raypipe.errors import EndpointError
+from raypipe.llm.config import LLMConfig
 from raypipe.llm.failures import MalformedResponse, StreamError, StreamTimeout
 
 

@@ -55,7 +55,7 @@ def work_rows(n: int):
 
 
 def test_render_half_precision_is_finite_and_reproducible(models):
-    from raypipe.config import RenderConfig
+    from raypipe.generate.config import RenderConfig
     from raypipe.generate.render import Renderer
 
     dtype = "float16" if DEVICE == "cuda" else "float32"
@@ -85,7 +85,7 @@ def test_quality_gates_run_on_the_render_gpu(models, tmp_path):
     checker in the same actor, on the same device (fp16 on CUDA)."""
     import json
 
-    from raypipe.config import QualityConfig, RenderConfig
+    from raypipe.generate.config import QualityConfig, RenderConfig
     from raypipe.generate.quality import RenderAndCheck
     from raypipe.tiny import build_tiny_clip, build_tiny_safety_checker
 

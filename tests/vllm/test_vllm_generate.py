@@ -29,8 +29,9 @@ import pytest
 import ray
 
 from raypipe.abilities import load_catalog
-from raypipe.config import GenerateConfig, load_config
+from raypipe.config import load_config
 from raypipe.errors import ModelError
+from raypipe.generate.config import GenerateConfig
 from raypipe.generate.pipeline import count_ids, generate
 from raypipe.generate.store import OutputStore
 from raypipe.generate.text import keyword_for, seed_bank, stable_seed

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from raypipe.config import LLMConfig
 from raypipe.llm.base import LLMRequest, LLMResult
 from raypipe.llm.cache import ResponseCache, request_key
+from raypipe.llm.config import LLMConfig
 from raypipe.llm.request_body import request_body
 from raypipe.llm.vllm.checks import check_model
 from raypipe.llm.vllm.failures import engine_failure

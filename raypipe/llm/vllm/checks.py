@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from raypipe.config import LLMConfig
 from raypipe.errors import ConfigError, ModelError
+from raypipe.llm.config import LLMConfig
 from raypipe.llm.vllm.settings import engines_use_gpu, model_path
 
 log = logging.getLogger(__name__)

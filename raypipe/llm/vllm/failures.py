@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-from raypipe.config import LLMConfig
 from raypipe.errors import ModelError
+from raypipe.llm.config import LLMConfig
 from raypipe.llm.vllm.settings import DEPLOYMENT
 
 #: What names an actor that holds a vLLM engine in Ray's errors: a replica of the engine

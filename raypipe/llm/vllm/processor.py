@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from raypipe.config import LLMConfig
+from raypipe.llm.config import LLMConfig
 from raypipe.llm.vllm.settings import DEPLOYMENT
 
 #: Ray Data's own default for async stages is 4 batches at once per task; raypipe hands

@@ -26,8 +26,8 @@ from typing import Any
 
 import ray
 
-from raypipe.config import LLMConfig
 from raypipe.errors import ModelError
+from raypipe.llm.config import LLMConfig
 from raypipe.llm.vllm.failures import start_failure
 from raypipe.llm.vllm.server import EngineServer
 from raypipe.llm.vllm.settings import (

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from raypipe.config import LLMConfig
+from raypipe.llm.config import LLMConfig
 from raypipe.placement import actor_resources
 
 #: Tokens one CPU engine step may prefill when llm.vllm.max_model_len is not set.
