@@ -231,19 +231,61 @@ def estimate(
     ``tokens_per_request``, ``llm``, ``gpu``, ``usd``, ``max_usd`` and ``notes``.
     """
     done_rows = done_rows or {}
-    saved = set(banks_saved)
     names = list(catalog)
     quota = _quotas(cfg, names)
-    k = cfg.prompts_per_request
     cols = ("planned", "worst_case")
 
     # 1. Rows per ability.
+    abilities, rows = _rows(cfg, quota, done_rows)
+
+    # 2. Requests and tokens, per ability from its own rendered requests.
+    requests, tokens, per_request = _requests_and_tokens(cfg, catalog, abilities, set(banks_saved))
+
+    # 3. LLM cost.
+    price, price_note = _llm_price(cfg)
+    llm_usd = {
+        col: (tokens["prompt"][col] * price[0] + tokens["completion"][col] * price[1]) / 1e6
+        if price
+        else 0.0
+        for col in cols
+    }
+
+    # 4. GPU time and cost.
+    rendered = {"planned": rows["to_make"], "worst_case": rows["worst_case"]}
+    gpu = _gpu(cfg, rendered, gpu_tflops, gpu_s_per_image)
+
+    # 5. Totals and warnings.
+    usd = {col: llm_usd[col] + (gpu["usd"][col] if gpu["usd"] else 0.0) for col in cols}
+    return {
+        "num_samples": cfg.num_samples,
+        "prompts_per_request": cfg.prompts_per_request,
+        "replace_budget": cfg.replace_budget,
+        "abilities": abilities,
+        "rows": rows,
+        "requests": requests,
+        "tokens": tokens,
+        "tokens_per_request": per_request,
+        "llm": {
+            "backend": cfg.llm.backend,
+            "model": cfg.llm.model,
+            "price_usd_per_m": list(price) if price else None,
+            "usd": llm_usd,
+        },
+        "gpu": gpu,
+        "usd": usd,
+        "max_usd": cfg.max_usd,
+        "notes": _notes(cfg, price_note, gpu, llm_usd, rows),
+    }
+
+
+def _rows(cfg: GenerateConfig, quota: dict[str, int], done_rows: dict[str, int]):
+    """Per ability: quota, rows already accepted, rows to make and replacements; totals."""
     abilities: dict[str, dict[str, int]] = {}
-    for name in names:
+    for name, wanted in quota.items():
         accepted = int(done_rows.get(name, 0))
-        to_make = max(0, quota[name] - accepted)
+        to_make = max(0, wanted - accepted)
         abilities[name] = {
-            "quota": quota[name],
+            "quota": wanted,
             "accepted": accepted,
             "to_make": to_make,
             "replace": _replacements(cfg, to_make),
@@ -255,8 +297,14 @@ def estimate(
         "replace": sum(a["replace"] for a in abilities.values()),
     }
     rows["worst_case"] = rows["to_make"] + rows["replace"]
+    return abilities, rows
 
-    # 2. Requests and tokens, per ability from its own rendered requests.
+
+def _requests_and_tokens(cfg, catalog, abilities, saved: set[str]):
+    """Requests per task and tokens per kind ({planned, worst_case}), and the largest
+    request of each task, from each ability's own rendered sample requests."""
+    cols = ("planned", "worst_case")
+    k = cfg.prompts_per_request
     requests = {t: dict.fromkeys(cols, 0) for t in (*TASKS, "total")}
     tokens = {kind: dict.fromkeys(cols, 0) for kind in ("prompt", "completion")}
     per_request: dict[str, dict[str, int]] = {}
@@ -286,22 +334,10 @@ def estimate(
                 requests["total"][col] += count
                 tokens["prompt"][col] += count * p_tok
                 tokens["completion"][col] += count * c_tok
+    return requests, tokens, per_request
 
-    # 3. LLM cost.
-    price, price_note = _llm_price(cfg)
-    llm_usd = {
-        col: (tokens["prompt"][col] * price[0] + tokens["completion"][col] * price[1]) / 1e6
-        if price
-        else 0.0
-        for col in cols
-    }
 
-    # 4. GPU time and cost.
-    rendered = {"planned": rows["to_make"], "worst_case": rows["worst_case"]}
-    gpu = _gpu(cfg, rendered, gpu_tflops, gpu_s_per_image)
-
-    # 5. Totals and warnings.
-    usd = {col: llm_usd[col] + (gpu["usd"][col] if gpu["usd"] else 0.0) for col in cols}
+def _notes(cfg: GenerateConfig, price_note: str, gpu: dict, llm_usd: dict, rows: dict) -> list:
     notes = [price_note]
     if gpu["usd"] is None:
         notes.append("GPU cost not counted: set gpu_hour_usd=<USD per GPU-hour>")
@@ -314,26 +350,7 @@ def estimate(
         )
     if rows["to_make"] == 0:
         notes.append("every ability has its quota: nothing to make")
-    return {
-        "num_samples": cfg.num_samples,
-        "prompts_per_request": k,
-        "replace_budget": cfg.replace_budget,
-        "abilities": abilities,
-        "rows": rows,
-        "requests": requests,
-        "tokens": tokens,
-        "tokens_per_request": per_request,
-        "llm": {
-            "backend": cfg.llm.backend,
-            "model": cfg.llm.model,
-            "price_usd_per_m": list(price) if price else None,
-            "usd": llm_usd,
-        },
-        "gpu": gpu,
-        "usd": usd,
-        "max_usd": cfg.max_usd,
-        "notes": notes,
-    }
+    return notes
 
 
 # ------------------------------------------------------------------------------------

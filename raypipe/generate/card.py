@@ -155,12 +155,23 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def _body(store: OutputStore, manifest: dict[str, Any], has_preview: bool) -> str:
-    counts = manifest.get("counts", {})
-    cfg = manifest.get("config", {})
-    render = cfg.get("render", {})
-    models = manifest.get("models", {})
-    accepted, wanted = counts.get("accepted", 0), manifest.get("num_samples", "?")
-    out = store.uri
+    parts = _intro(has_preview)
+    parts += _models_and_counts(manifest)
+    parts += _load_and_columns(store.uri, manifest.get("config", {}))
+    versions = manifest.get("versions", {})
+    if versions:
+        parts += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + "."]
+    parts += [
+        "",
+        "## License",
+        "",
+        "Not set: fill in `license:` at the top of this file before sharing the data.",
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def _intro(has_preview: bool) -> list[str]:
     parts = [
         "# Synthetic visual-instruction data (StableLLaVA method)",
         "",
@@ -176,8 +187,15 @@ def _body(store: OutputStore, manifest: dict[str, Any], has_preview: bool) -> st
     ]
     if has_preview:
         parts += ["![A few rows per ability](preview.png)", ""]
+    return parts
 
-    parts += [
+
+def _models_and_counts(manifest: dict[str, Any]) -> list[str]:
+    counts = manifest.get("counts", {})
+    render = manifest.get("config", {}).get("render", {})
+    models = manifest.get("models", {})
+    accepted, wanted = counts.get("accepted", 0), manifest.get("num_samples", "?")
+    parts = [
         "## Models",
         "",
         _table(
@@ -228,7 +246,11 @@ def _body(store: OutputStore, manifest: dict[str, Any], has_preview: bool) -> st
             f"{llm.get('cost_usd', 0.0):.4f} USD.",
         ]
 
-    parts += [
+    return parts
+
+
+def _load_and_columns(out: str, cfg: dict[str, Any]) -> list[str]:
+    return [
         "",
         "## Load",
         "",
@@ -263,17 +285,6 @@ def _body(store: OutputStore, manifest: dict[str, Any], has_preview: bool) -> st
         "",
         "The full config (secrets redacted), package versions and timings are in `manifest.json`.",
     ]
-    versions = manifest.get("versions", {})
-    if versions:
-        parts += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + "."]
-    parts += [
-        "",
-        "## License",
-        "",
-        "Not set: fill in `license:` at the top of this file before sharing the data.",
-        "",
-    ]
-    return "\n".join(parts)
 
 
 def _config_summary(cfg: dict[str, Any]) -> str:

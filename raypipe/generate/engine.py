@@ -265,7 +265,6 @@ def check_cache(
     """
     from raypipe.generate.planner import Planner
     from raypipe.generate.text import PromptWriter
-    from raypipe.schema import is_rejected
 
     name = writer_stage(second)
     if cache_dir is None:  # llm.cache=false: nothing is answered
@@ -297,7 +296,17 @@ def check_cache(
         return out
     results = [backend.served(r, e) for r, e in zip(requests, entries)]
     rows = prompts.finish(items, requests, results).to_pylist()
-    writer = second(**common, **second_kwargs)
+    requests_n, missing = _second_writer_unanswered(
+        planner, second(**common, **second_kwargs), rows, stored
+    )
+    out[name] = {"requests": requests_n, "unanswered": missing}
+    return out
+
+
+def _second_writer_unanswered(planner, writer, rows: list[dict], stored: set) -> tuple[int, int]:
+    """(requests, unanswered) of the second writer over the prompt writer's ``rows``."""
+    from raypipe.schema import is_rejected
+
     todo = [r for r in rows if not is_rejected(r)]
     keys = [writer.backend.key(r) for r in writer.prepare(todo)]
     # Rows rejected at dedup send no request. Dedup costs about as much as the rest
@@ -323,5 +332,4 @@ def check_cache(
             break
     if not missing:
         missing = sum(e is None for e in read_entries(writer.backend.cache, keys))
-    out[name] = {"requests": len(keys), "unanswered": missing}
-    return out
+    return len(keys), missing
