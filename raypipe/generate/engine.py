@@ -211,15 +211,11 @@ def writer_stage(writer: type) -> str:
 
 def stored_keys(cache) -> set[str]:
     """The request keys of every entry in ``cache`` (a ResponseCache), in one listing."""
-    import pyarrow.fs as pafs
+    from raypipe import storage
 
-    selector = pafs.FileSelector(cache.root, recursive=True, allow_not_found=True)
     return {
-        info.base_name[: -len(".json")]
-        for info in cache.fs.get_file_info(selector)
-        if info.type == pafs.FileType.File
-        and info.base_name.endswith(".json")
-        and not info.base_name.startswith(".")
+        path.rsplit("/", 1)[-1][: -len(".json")]
+        for path in storage.list_files(cache.fs, cache.root, ".json")
     }
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -34,9 +33,7 @@ class OutputStore:
 
     def __init__(self, uri: str, fence: Callable[[], None] | None = None):
         self.uri = uri.rstrip("/")
-        self.fs, self.root = pafs.FileSystem.from_uri(
-            self.uri if "://" in self.uri else str(Path(self.uri).resolve())
-        )
+        self.fs, self.root = storage.open_location(self.uri)
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
         #: Called before every publish; raises (LeaseLost) when this run no longer holds OUT.
         self.fence = fence
@@ -85,14 +82,7 @@ class OutputStore:
         return final
 
     def _parts(self, sub: str) -> list[str]:
-        sel = pafs.FileSelector(self.path(sub), allow_not_found=True)
-        return sorted(
-            info.path
-            for info in self.fs.get_file_info(sel)
-            if info.type == pafs.FileType.File
-            and info.base_name.endswith(".parquet")
-            and not storage.is_hidden(info.base_name)
-        )
+        return storage.list_files(self.fs, self.path(sub), ".parquet", recursive=False)
 
     def read_columns(self, sub: str, columns: list[str]) -> pa.Table:
         """Only the named columns of every part (images are never read for bookkeeping)."""

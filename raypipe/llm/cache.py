@@ -76,7 +76,7 @@ class ResponseCache:
             self.root = str(Path(location))
         else:
             try:
-                self.fs, self.root = pafs.FileSystem.from_uri(self.location)
+                self.fs, self.root = storage.open_location(self.location)
             except (ValueError, OSError) as e:
                 raise ConfigError(
                     f"LLM cache location {redact_url(self.location)} is not a filesystem "
@@ -145,14 +145,7 @@ class ResponseCache:
         storage.publish(self.fs, self.path(key), payload, tmp_folder=self.root)
 
     def __len__(self) -> int:
-        selector = pafs.FileSelector(self.root, recursive=True, allow_not_found=True)
-        return sum(
-            1
-            for info in self.fs.get_file_info(selector)
-            if info.type == pafs.FileType.File
-            and info.base_name.endswith(".json")
-            and not storage.is_hidden(info.base_name)
-        )
+        return len(storage.list_files(self.fs, self.root, ".json"))
 
     def _show(self, path: str) -> str:
         return path if self.is_local else f"{self.fs.type_name}://{path}"
