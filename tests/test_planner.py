@@ -218,7 +218,7 @@ def test_pulls_wait_while_the_in_flight_window_is_full(tmp_path):
     t.join(0.5)
     assert t.is_alive() and not got, "a pull went out past the window"
     p.report([(a, i, None) for a, i in first[:40]])  # 40 rows decided: room for one pull
-    t.join(5)
+    t.join(60)  # an event: the pull returns once there is room (60 s: a bound, not a timing)
     assert not t.is_alive() and len(got[0]) == 40
     assert not {r for r in got[0]} & set(first)
 
