@@ -103,7 +103,7 @@ def test_device_auto_asks_for_gpus_the_autoscaler_can_add(fake_cluster):
     probe = (
         "import json, ray\n"
         "ray.init()\n"
-        "from raypipe.config import RenderConfig\n"
+        "from raypipe.generate.config import RenderConfig\n"
         "from raypipe.generate.render import render_pool_args, render_uses_gpu\n"
         "from raypipe.placement import cluster_gpu_capacity\n"
         "for device in ('auto', 'cpu'):\n"
