@@ -31,18 +31,10 @@ about ``--max-new-tokens`` tokens per item; their answers are compared item by i
     ``processor(images, texts)``, decoded with ``batch_decode``, one warm-up batch
     first, untimed; ``--threads`` torch threads; the model loaded once, in the driver.
 
-The passes alternate, bare first: bare, then ``--rounds`` times (pipeline, bare), so
-every pipeline pass lies between two bare passes and a change in the machine's load
-during the run weighs on both sides alike (the bare passes run while Ray is up and
-idle). Each side's figure is its items over its timed seconds, all passes together;
-the per-pass figures are in the output too.
-
-Ray starts its workers at niceness 15 by default (``RAY_worker_niceness``): on a CPU
-machine busy with other work its actor then gets a fraction of the CPU time the bare
-loop in the driver gets, and the ratio measures the machine's load rather than the
-pipeline. The benchmark starts Ray's workers at the bare loop's niceness, 0
-(``--ray-niceness``; ``RAY_worker_niceness`` in the environment wins); ``--ray-niceness
-15`` measures Ray's default.
+The passes alternate, bare first (:func:`common.alternate`; the bare passes run while
+Ray is up and idle). Each side's figure is its items over its timed seconds, all passes
+together (``*_by_pass``: each). Ray's workers run at the bare loop's niceness, 0
+(``--ray-niceness``; Ray's own default is 15).
 
 The last line printed is one JSON object: items (timed, per path),
 pipeline_items_per_s, bare_items_per_s, ratio (= pipeline / bare), and the settings; on
@@ -53,20 +45,18 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common
+import pyarrow as pa
+from real_size import build_real_size_llava15
 
-import pyarrow as pa  # noqa: E402
-
-from raypipe.evaluate.inference import check_local_model  # noqa: E402
-from raypipe.evaluate.items import items_to_table  # noqa: E402
-from raypipe.evaluate.predict_local import (  # noqa: E402
+from raypipe.evaluate.inference import check_local_model
+from raypipe.evaluate.items import items_to_table
+from raypipe.evaluate.predict_local import (
     LlavaPredictor,
     block_rows,
     model_dtype,
@@ -114,93 +104,6 @@ def make_items(n: int, size: int = 32) -> pa.Table:
             }
         )
     return items_to_table(rows)
-
-
-def real_size_llava15_config(tokenizer):
-    """LLaVA-1.5-7B's published config: CLIP ViT-L/14 at 336 px (576 image tokens), the
-    mlp2x_gelu projector, a 32-layer Llama-2-7B with LLaVA-1.5's 32064-token vocabulary;
-    special token ids from ``tokenizer``."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    vision = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
-        projection_dim=768,
-        hidden_act="quick_gelu",
-    )
-    text = LlamaConfig(
-        vocab_size=32064,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-5,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return LlavaConfig(
-        vision_config=vision.to_dict(),
-        text_config=text.to_dict(),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        projector_hidden_act="gelu",
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-        image_seq_length=576,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-
-
-def real_size_llava15_processor(tokenizer):
-    """The processor of LLaVA-1.5 (336 px CLIP preprocessing, 576 ``<image>`` tokens)."""
-    from transformers import LlavaProcessor
-
-    from raypipe.tiny import LLAMA_CHAT_TEMPLATE, tiny_clip_image_processor
-
-    return LlavaProcessor(
-        image_processor=tiny_clip_image_processor(336),
-        tokenizer=tokenizer,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by "default"
-        chat_template=LLAMA_CHAT_TEMPLATE,
-    )
-
-
-def build_real_size_llava15(path: Path) -> Path:
-    """Random-weight LLaVA-1.5-7B (:func:`real_size_llava15_config`) saved in fp16, with
-    raypipe's small offline tokenizer, whose ids all fall inside the 32064-token
-    vocabulary: fine for timing. Needs a CUDA GPU (the weights are initialised there)."""
-    import torch
-    from transformers import GenerationConfig, LlavaForConditionalGeneration
-
-    from raypipe.tiny import build_tiny_llama_tokenizer
-
-    if (path / ".complete").exists():
-        return path
-    if not torch.cuda.is_available():
-        raise SystemExit("--real-size-llava15 needs a CUDA GPU (about 14 GB of fp16 weights)")
-    tokenizer = build_tiny_llama_tokenizer(path / "_tokenizer_build")
-    torch.manual_seed(0)
-    with torch.device("cuda"):  # random init on the GPU: seconds instead of minutes
-        model = LlavaForConditionalGeneration(real_size_llava15_config(tokenizer)).half()
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model.save_pretrained(path, safe_serialization=True)
-    real_size_llava15_processor(tokenizer).save_pretrained(path)
-    del model
-    torch.cuda.empty_cache()
-    (path / ".complete").write_text("ok\n")
-    return path
 
 
 # ---------------------------------------------------------------------------------------
@@ -285,19 +188,6 @@ def window(rows: list[dict], closed_at: float) -> tuple[float, list[dict]]:
     return closed_at - first, [r for r in rows if r["bench_end"] > first]
 
 
-def start_ray(device: str, threads: int) -> None:
-    import ray
-
-    ray.init(
-        num_cpus=threads + 1,  # the actor's CPUs + one for Ray Data's own tasks
-        num_gpus=1 if device == "cuda" else 0,
-        include_dashboard=False,
-        log_to_driver=False,
-        _temp_dir=tempfile.mkdtemp(prefix="rp-bench-", dir="/tmp"),
-    )
-    ray.data.DataContext.get_current().enable_progress_bars = False
-
-
 def ray_pipeline(folder: str, items: pa.Table, args, device: str, threads: int):
     """One predict_local call (a fresh actor pool): (window seconds, timed rows)."""
     rows = predict_local(
@@ -347,20 +237,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--items", type=int, default=1024, help="items per path")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"])
-    p.add_argument("--threads", type=int, help="CPU: torch threads per path (default 1)")
-    p.add_argument("--rounds", type=int, default=2, help="pipeline passes (bare: one more)")
-    p.add_argument("--no-ray", action="store_true", help="call the predictor in-process")
-    p.add_argument(
-        "--ray-niceness", type=int, default=0, help="niceness of Ray's workers (Ray's own: 15)"
-    )
-    p.add_argument("--smoke-test", action="store_true", help="8 items, 4 tokens: seconds")
+    common.add_pass_args(p, smoke="8 items, 4 tokens: seconds", what="predictor")
     args = p.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("RAY_worker_niceness", str(args.ray_niceness))
+    common.bench_env(args.ray_niceness)
     if args.smoke_test:
         args.items, args.batch_size, args.max_new_tokens, args.rounds = 8, 4, 4, 1
 
@@ -379,31 +258,26 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         folder = str(check_local_model(args.model))
     items = make_items(args.items + args.batch_size)  # + one warm-up batch
-    try:
-        import ray  # noqa: F401
-
-        have_ray = not args.no_ray
-    except ImportError:
-        have_ray = False
-
+    have_ray = common.ray_wanted(args.no_ray)
     dtype = model_dtype(args.dtype, device)
     bare = BareLoop(folder, args.batch_size, args.max_new_tokens, device, dtype)
     if have_ray:
-        start_ray(device, threads)
+        common.start_ray(threads + 1, 1 if device == "cuda" else 0)  # + one for Ray Data
         how = "ray-data"
 
-        def pipeline(items):
+        def pipeline(_: int):
             return ray_pipeline(folder, items, args, device, threads)
     else:
-        pipeline = InProcess(folder, args, device, threads)
+        in_process = InProcess(folder, args, device, threads)
         how = "in-process" + ("" if args.no_ray else " (ray not installed)")
-    # Bare, then (pipeline, bare) x rounds: each pipeline pass lies between two bare
-    # passes, so a change in the machine's load during the run weighs on both sides.
-    bare_passes, pipe_passes = [bare.timed_pass(items)], []
+
+        def pipeline(_: int):
+            return in_process(items)
+
     try:
-        for _ in range(args.rounds):
-            pipe_passes.append(pipeline(items))
-            bare_passes.append(bare.timed_pass(items))
+        bare_passes, pipe_passes = common.alternate(
+            lambda: bare.timed_pass(items), pipeline, args.rounds
+        )
     finally:
         if have_ray:
             import ray
@@ -436,13 +310,12 @@ def main(argv: list[str] | None = None) -> dict:
         "max_new_tokens": args.max_new_tokens,
         "dtype": str(dtype).removeprefix("torch."),
         "threads": threads if device == "cpu" else None,
-        "ray_worker_niceness": int(os.environ["RAY_worker_niceness"]) if have_ray else None,
+        "ray_worker_niceness": common.niceness(have_ray),
         "torch": torch.__version__,
     }
     if device == "cuda":
         result.update(gpu=torch.cuda.get_device_name(), items_per_s=round(pipeline_ips, 3))
-    print(json.dumps(result))
-    return result
+    return common.emit(result)
 
 
 if __name__ == "__main__":

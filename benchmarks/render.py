@@ -23,18 +23,11 @@ steps, guidance and image encoding, and write the images to Parquet.
     list of per-row generators, PNG/JPEG/WebP encoding with Pillow, one Parquet file
     written at the end; one warm-up batch first, untimed.
 
-The passes alternate, bare first: bare, then ``--rounds`` times (pipeline, bare), with
-Ray up (and idle) during the bare passes too, so a change in the machine's load and
-Ray's own processes fall on both sides; pipeline_ips and bare_ips are over
-all passes of a side (``*_by_pass`` gives each one). A single pass of each, one after
-the other, gave ratios from 0.75 to 1.09 in three runs on an idle 2-core machine.
-
-Ray starts its workers at niceness 15 by default (``RAY_worker_niceness``): on a CPU
-machine busy with other work the render actor then gets less CPU time than the bare
-loop in the driver, and the ratio measures the machine's load rather than the stage.
-The benchmark starts Ray's workers at the bare loop's niceness, 0 (``--ray-niceness``;
-``RAY_worker_niceness`` in the environment wins); ``--ray-niceness 15`` measures Ray's
-default. (On a GPU the denoising runs on the device, where niceness does not reach.)
+The passes alternate, bare first (:func:`common.alternate`), with Ray up (and idle)
+during the bare passes too, so the machine's load and Ray's own processes fall on both
+sides; pipeline_ips and bare_ips are over all passes of a side (``*_by_pass``: each).
+Ray's workers run at the bare loop's niceness, 0 (``--ray-niceness``; Ray's own default
+is 15, which on a busy CPU machine measures the load rather than the stage).
 
 The last line printed is one JSON object: images (timed, per path), pipeline_ips,
 bare_ips, ratio (= pipeline / bare), device; on CUDA also images_per_s (the
@@ -51,38 +44,19 @@ import io
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common
+import pyarrow as pa
+import pyarrow.parquet as pq
+from real_size import build_real_size_sd15, sd15_mfu
 
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-
-from raypipe.generate.config import RenderConfig  # noqa: E402
-from raypipe.generate.render import (  # noqa: E402
-    EXTENSIONS,
-    Renderer,
-    check_render_model,
-)
-from raypipe.models import resolve_device, resolve_dtype  # noqa: E402
-from raypipe.schema import WORK_SCHEMA, row_seed, rows_to_table, update_meta  # noqa: E402
-
-#: Dense fp16/bf16 tensor-core peak, FLOP/s, by a substring of the GPU name.
-PEAK_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10": 125e12,
-    "L4": 121e12,
-    "V100": 125e12,
-    "T4": 65e12,
-}
-SD15_UNET_FLOPS_512 = 803e9
-SD15_VAE_DECODE_FLOPS_512 = 2.5e12
+from raypipe.generate.config import RenderConfig
+from raypipe.generate.render import EXTENSIONS, Renderer, check_render_model
+from raypipe.models import resolve_device, resolve_dtype
+from raypipe.schema import WORK_SCHEMA, row_seed, rows_to_table, update_meta
 
 SUBJECTS = ["vintage car", "golden retriever", "bowl of ramen", "firefighter", "sunflower"]
 COLOURS = ["crimson", "teal", "golden", "olive", "navy", "beige", "maroon", "silver"]
@@ -104,79 +78,6 @@ def make_rows(n: int) -> list[dict]:
             }
         )
     return rows
-
-
-def build_real_size_sd15(path: Path) -> Path:
-    """Random-weight SD 1.5 from its published config, saved in fp16 (no download).
-
-    The text encoder is CLIP ViT-L/14's (49408 vocab); the tokenizer is raypipe's small
-    offline one, whose ids all fall inside that vocabulary: fine for timing.
-    """
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from raypipe.tiny import build_clip_tokenizer
-
-    if (path / ".complete").exists():
-        return path
-    tokenizer = build_clip_tokenizer(path / "_tokenizer_build")
-    torch.manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):  # random init on the GPU: seconds instead of a minute
-        unet = UNet2DConditionModel(
-            sample_size=64,
-            block_out_channels=(320, 640, 1280, 1280),
-            layers_per_block=2,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=768,
-            attention_head_dim=8,
-        )
-        vae = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=2,
-            latent_channels=4,
-            sample_size=512,
-        )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=49408,
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                max_position_embeddings=77,
-                hidden_act="quick_gelu",
-                projection_dim=768,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
-    )
-    pipe = StableDiffusionPipeline(
-        unet=unet.half(),
-        vae=vae.half(),
-        text_encoder=text_encoder.half(),
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(path, safe_serialization=True)
-    (path / ".complete").write_text("ok\n")
-    return path
 
 
 # ---------------------------------------------------------------------------------------
@@ -262,18 +163,6 @@ def window(table: pa.Table, closed_at: float) -> tuple[float, int, int]:
     return closed_at - first, timed, rejected
 
 
-def start_ray(threads: int) -> None:
-    import ray
-
-    ray.init(
-        num_cpus=threads + 1,  # the actor's CPUs + one for reading and writing
-        include_dashboard=False,
-        log_to_driver=False,
-        _temp_dir=tempfile.mkdtemp(prefix="rp-bench-", dir="/tmp"),
-    )
-    ray.data.DataContext.get_current().enable_progress_bars = False
-
-
 def ray_pipeline(cfg: RenderConfig, rows: list[dict], out: Path):
     import ray
 
@@ -301,27 +190,6 @@ def in_process(cfg: RenderConfig, rows: list[dict], out: Path):
 # ---------------------------------------------------------------------------------------
 
 
-def mfu_figures(cfg: RenderConfig, model: str, ips: float) -> dict:
-    import torch
-
-    name = torch.cuda.get_device_name()
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-    index = json.loads((Path(model) / "unet" / "config.json").read_text())
-    sd15 = (
-        tuple(index.get("block_out_channels", ())) == (320, 640, 1280, 1280)
-        and index.get("cross_attention_dim") == 768
-    )
-    out = {"gpu": name, "peak_tflops": peak and peak / 1e12, "images_per_s": round(ips, 3)}
-    if not (sd15 and peak):
-        out["mfu"] = None
-        return out
-    scale = cfg.width * cfg.height / (512 * 512)
-    guided = 2 if cfg.guidance_scale > 1 else 1
-    flops = (cfg.steps * guided * SD15_UNET_FLOPS_512 + SD15_VAE_DECODE_FLOPS_512) * scale
-    out.update(tflop_per_image=round(flops / 1e12, 2), mfu=round(ips * flops / peak, 4))
-    return out
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -334,21 +202,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--size", type=int, help="width = height (default 64 tiny, 512 SD 1.5)")
     p.add_argument("--format", default="png", choices=["png", "jpeg", "webp"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"])
     p.add_argument("--batch-invariant", default="off", choices=["auto", "on", "off"])
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA)")
-    p.add_argument("--threads", type=int, help="CPU: torch threads per path (default 1)")
-    p.add_argument("--no-ray", action="store_true", help="call the Renderer in-process")
-    p.add_argument("--rounds", type=int, default=2, help="pipeline passes (bare: one more)")
-    p.add_argument(
-        "--ray-niceness", type=int, default=0, help="niceness of Ray's workers (Ray's own: 15)"
-    )
-    p.add_argument("--smoke-test", action="store_true", help="4 images, 1 step: seconds")
+    common.add_pass_args(p, smoke="4 images, 1 step: seconds", what="Renderer")
     args = p.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_worker_niceness", str(args.ray_niceness))
+    common.bench_env(args.ray_niceness)
     if args.smoke_test:
         args.images, args.batch_size, args.steps, args.rounds = 4, 2, 1, 1
 
@@ -383,30 +241,20 @@ def main(argv: list[str] | None = None) -> dict:
         cpus_per_actor=threads,
     )
     rows = make_rows(args.images + args.batch_size)  # + one warm-up batch
-    try:
-        import ray  # noqa: F401
-
-        have_ray = not args.no_ray
-    except ImportError:
-        have_ray = False
-
+    have_ray = common.ray_wanted(args.no_ray)
     how = "ray-data" if have_ray else "in-process" + ("" if args.no_ray else " (ray not installed)")
-    # Bare, then (pipeline, bare) x rounds, with Ray up (and idle) during the bare passes
-    # too: a change in the machine's load, and Ray's own share of the CPU, fall on both
-    # sides of the ratio.
-    bare_passes, pipe_passes = [], []
+
+    def pipeline(i: int):
+        out = work / f"pipeline-{i}"
+        out.mkdir(parents=True)
+        return (ray_pipeline if have_ray else in_process)(cfg, rows, out)
+
     try:
-        if have_ray:
-            start_ray(threads)
-        bare_passes.append(bare_loop(cfg, model, rows, work))
-        for i in range(args.rounds):
-            out = work / f"pipeline-{i}"
-            out.mkdir(parents=True)
-            if have_ray:
-                pipe_passes.append(ray_pipeline(cfg, rows, out))
-            else:
-                pipe_passes.append(in_process(cfg, rows, out))
-            bare_passes.append(bare_loop(cfg, model, rows, work))
+        if have_ray:  # up (and idle) during the bare passes too
+            common.start_ray(threads + 1)  # the actor's CPUs + one for reading and writing
+        bare_passes, pipe_passes = common.alternate(
+            lambda: bare_loop(cfg, model, rows, work), pipeline, args.rounds
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if have_ray:
@@ -438,16 +286,15 @@ def main(argv: list[str] | None = None) -> dict:
         "format": args.format,
         "rejected": rejected,
         "threads": threads if device == "cpu" else None,
-        "ray_worker_niceness": int(os.environ["RAY_worker_niceness"]) if have_ray else None,
+        "ray_worker_niceness": common.niceness(have_ray),
         "torch": torch.__version__,
     }
     if device == "cuda":
-        result.update(mfu_figures(cfg, model, pipeline_ips))
+        result.update(sd15_mfu(cfg, model, pipeline_ips))
         result["bare_mfu"] = (
             round(result["mfu"] * bare_ips / pipeline_ips, 4) if result.get("mfu") else None
         )
-    print(json.dumps(result))
-    return result
+    return common.emit(result)
 
 
 if __name__ == "__main__":

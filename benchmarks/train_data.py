@@ -20,17 +20,13 @@ The last line printed is one JSON object: the 5N run's figures, and both runs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # fixture_data: the test suite's fixture writers
+import common  # the checkout and tests/ (fixture_data) on sys.path
 
 
 def one(n: int, work: Path) -> dict:
@@ -42,7 +38,7 @@ def one(n: int, work: Path) -> dict:
     out = work / f"data-{n}"
     write_fixture_run(str(out), n, seed=0, image_size=32)
     cfg = load_train_config(
-        str(ROOT / "raypipe" / "configs" / "train" / "tiny.yaml"),
+        str(common.ROOT / "raypipe" / "configs" / "train" / "tiny.yaml"),
         ["num_workers=2", "global_batch_size=16", "micro_batch_size=8", "epochs=1",
          "export=false", "checkpoint_every_steps=null", f"report_every={10**6}",
          "data.deterministic_order=true", "log_every=1000"],
@@ -70,22 +66,20 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=512, help="rows of the small run (large: 5N)")
     ap.add_argument("--smoke-test", action="store_true", help="N=64")
     args = ap.parse_args()
-    for var, value in (("HF_HUB_OFFLINE", "1"), ("RAY_AUTH_MODE", "disabled"),
-                       ("RAY_USAGE_STATS_ENABLED", "0")):  # fmt: skip
-        os.environ.setdefault(var, value)
+    common.bench_env()
     import ray
 
     n = 64 if args.smoke_test else args.n
     work = Path(tempfile.mkdtemp(prefix="rp-train-data-"))
     os.environ.setdefault("RAYPIPE_TINY_DIR", str(work / "tiny"))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    common.start_ray(2)
     try:
         small = one(n, work)
         large = one(5 * n, work)
     finally:
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps({**{k: v for k, v in large.items()}, "small": small, "large": large}))
+    common.emit({**large, "small": small, "large": large})
 
 
 if __name__ == "__main__":

@@ -42,7 +42,6 @@ mfu (null on CPU) and the settings.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -51,30 +50,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-# fixture_data: the test suite's fixture writers
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-import torch  # noqa: E402
-
-#: Llama-2-7B / Vicuna-7B and CLIP ViT-L/14-336 shapes.
-LLAMA_7B = dict(
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    vocab_size=32064,
-    max_position_embeddings=4096,
-)
-CLIP_L_336 = dict(
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_attention_heads=16,
-    num_hidden_layers=24,
-    image_size=336,
-    patch_size=14,
-    projection_dim=768,
-)
+import common
+import torch
+from real_size import auto_llm_layers, build_llava15_train_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -130,43 +108,6 @@ def build_cpu_model(folder: Path, smoke: bool) -> Path:
         chat_template=tiny.LLAMA_CHAT_TEMPLATE,
     ).save_pretrained(folder)
     return folder
-
-
-def auto_llm_layers(free_bytes: int) -> int:
-    """Llama-7B layers that fit next to the rest, at 16 bytes per parameter + headroom."""
-    d, ff, vocab = LLAMA_7B["hidden_size"], LLAMA_7B["intermediate_size"], LLAMA_7B["vocab_size"]
-    per_layer = 4 * d * d + 3 * d * ff
-    fixed = 2 * vocab * d + 304_000_000 + 21_000_000  # embeddings + head, CLIP-L, projector
-    budget = 0.85 * free_bytes - 14e9  # activations, logits, workspace
-    return max(1, min(32, int((budget / 16 - fixed) // per_layer)))
-
-
-def build_gpu_model(layers: int, device: str = "cuda"):
-    """Random-weight LLaVA-1.5-shaped model on the GPU (fp32 weights), stage 2."""
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-    )
-
-    from raypipe.train.model import apply_freeze_policy
-
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(**CLIP_L_336).to_dict(),
-        text_config=LlamaConfig(num_hidden_layers=layers, **LLAMA_7B).to_dict(),
-        image_token_index=32000,
-        image_seq_length=576,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-        pad_token_id=32001,
-    )
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlavaForConditionalGeneration(config)
-    model.config.use_cache = False
-    apply_freeze_policy(model, 2)
-    return model
 
 
 def synthetic_batch(batch: int, seq_len: int, config) -> dict[str, torch.Tensor]:
@@ -309,13 +250,7 @@ def run_cpu(args) -> dict:
 
         from raypipe.train.trainer import fit
 
-        ray.init(
-            num_cpus=os.cpu_count(),
-            include_dashboard=False,
-            log_to_driver=False,
-            _temp_dir=tempfile.mkdtemp(prefix="rp-ray-", dir="/tmp"),
-        )
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        common.start_ray(os.cpu_count())
         out = fit(cfg, [str(parquet)], tempfile.mkdtemp(prefix="raypipe-train-bench-"))
         ray_tps = out.tokens_per_s
         result["ray_final_loss"] = out.final_loss
@@ -363,7 +298,7 @@ def run_gpu(args) -> dict:
     micro = args.micro_batch or 16
     steps = args.steps or (3 if args.smoke_test else 10)
     ac = not args.no_activation_checkpointing
-    model = build_gpu_model(layers)
+    model = build_llava15_train_model(layers)
     params = sum(p.numel() for p in model.parameters())
     parallelize_llava(model, device=device, mixed_precision="bf16", activation_checkpointing=ac)
     batches = [synthetic_batch(micro, args.seq_len, model.config) for _ in range(2)]
@@ -396,8 +331,7 @@ def run_gpu(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    common.bench_env()
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
@@ -413,7 +347,7 @@ def main(argv=None) -> int:
         except ImportError:
             args.no_ray = True
         result = run_cpu(args)
-    print(json.dumps(result))
+    common.emit(result)
     return 0 if all(not isinstance(v, float) or math.isfinite(v) for v in result.values()) else 1
 
 
