@@ -28,9 +28,10 @@ from test_generate import (  # noqa: E402
     template_responder,
 )
 
+from raypipe.abilities import load_catalog  # noqa: E402
 from raypipe.generate.pipeline import count_ids, generate  # noqa: E402
 from raypipe.generate.store import OutputStore  # noqa: E402
-from raypipe.generate.text import keyword_for  # noqa: E402
+from raypipe.generate.text import keyword_for, seed_bank  # noqa: E402
 from raypipe.schema import sample_id  # noqa: E402
 
 PROMPT_MARK = "Keywords to use, one per prompt:"
@@ -122,10 +123,10 @@ def _bad_positions_responder(bad: set[str], refuse_after_first: bool = False):
 def test_partly_malformed_answer_keeps_good_rows_and_replaces_the_rest(
     ray_local, tiny_dir, tmp_path
 ):
-    # One 5-prompt answer with 2 malformed prompts (positions 1 and 3 of chunk 0).
-    bank_path = tmp_path / "probe"
-    generate(demo_config("abilities=[color]", "num_samples=1"), str(bank_path))
-    bank = OutputStore(str(bank_path)).read_json("keywords/color.json")["keywords"]
+    # One 5-prompt answer with 2 malformed prompts (positions 1 and 3 of chunk 0). The
+    # bank is the seed bank (extra_keywords_per_ability is 0): no run needed to read it.
+    assert demo_config().extra_keywords_per_ability == 0
+    bank = seed_bank(load_catalog(None, names=["color"])["color"])
     bad = {keyword_for(bank, 0, "color", i) for i in (1, 3)}
 
     # The same run: 3 good rows kept, the 2 replacements sent as new requests, accepted.
