@@ -156,3 +156,64 @@ def test_engine_gpu_seconds_price_the_llm_per_1000_samples():
     assert reused["engines"] == 0 and reused["found_running"] and reused["gpu_s"] == 50.0
     assert llm_engine_usage(cfg, {})["engines"] == 0  # served from OUT/cache
     assert llm_engine_usage(load_config(GenerateConfig, None), {}) is None
+
+
+def _bounds(req) -> list[int]:
+    """Every string bound in a request's schema (maxLength, a pattern's {m,n}): what the
+    completion limit sizes."""
+    found: list[int] = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "maxLength" in node:
+                found.append(node["maxLength"])
+            if isinstance(node.get("pattern"), str):
+                found.extend(int(n) for n in re.findall(r"\{\d+,(\d+)\}", node["pattern"]))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(req.response_schema)
+    return found
+
+
+def test_llm_max_tokens_caps_each_tasks_limit_and_the_schema_fits_the_cap():
+    prompts = prompt_request(CATALOG["color"], KWS, key="p/0", seed=7)
+    dialogue = dialogue_request(CATALOG["color"], "((teal)) car", "What colour?", key="d/x")
+    own = prompts.max_tokens  # what k=5 prompts may need
+    assert own > 256 and dialogue.max_tokens > 256
+
+    # The default limit (1024) is above every task's own: requests go out unchanged.
+    default = LLMConfig(backend="openai", model="m", structured_output=False)
+    assert structured.for_run(prompts, default) == prompts
+
+    capped = LLMConfig(backend="openai", model="m", max_tokens=256, structured_output=True)
+    sent = structured.for_run(prompts, capped)
+    assert sent.max_tokens == 256 and structured.for_run(dialogue, capped).max_tokens == 256
+    # the structured answer's string bounds shrink to fit the cap
+    uncapped = structured.for_run(prompts, default, structured=True)
+    assert sent.response_schema and sum(_bounds(sent)) < sum(_bounds(uncapped))
+    assert request_key(request_body("m", sent)) != request_key(request_body("m", prompts))
+
+
+def test_a_reasoning_model_gets_llm_max_tokens_for_its_thinking():
+    prompts = prompt_request(CATALOG["color"], KWS, key="p/0", seed=7)
+    cfg = LLMConfig(backend="openai", model="o3-mini", max_tokens=8000, structured_output=True)
+    sent = structured.for_run(prompts, cfg)
+    assert sent.max_tokens == 8000  # sent as max_completion_tokens: thinking + answer
+    assert request_body("o3-mini", sent, reasoning=True)["max_completion_tokens"] == 8000
+    # the answer's own bounds still follow the task's limit
+    assert _bounds(sent) == _bounds(structured.with_schema(prompts))
+
+
+def test_the_dry_run_counts_the_limit_the_run_sends():
+    from raypipe.generate.budget import estimate
+
+    cfg = load_config(GenerateConfig, None, ["num_samples=10", "abilities=[color]"])
+    small = cfg.model_copy(update={"llm": cfg.llm.model_copy(update={"max_tokens": 100})})
+    full = estimate(cfg, {"color": CATALOG["color"]})["tokens_per_request"]
+    capped = estimate(small, {"color": CATALOG["color"]})["tokens_per_request"]
+    assert full["prompts"]["completion"] > 100 and capped["prompts"]["completion"] == 100
+    assert capped["dialogue"]["completion"] == 100

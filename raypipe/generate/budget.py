@@ -32,7 +32,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from raypipe.generate.config import GenerateConfig
-from raypipe.llm.tasks import dialogue_request, keyword_request, prompt_request
+from raypipe.llm.tasks import dialogue_request, for_run, keyword_request, prompt_request
 from raypipe.llm.tasks.common import MAX_PROMPT_CHARS
 
 if TYPE_CHECKING:
@@ -120,7 +120,8 @@ def _sample_requests(cfg: GenerateConfig, ability: Ability) -> dict[str, LLMRequ
         out["keywords"] = keyword_request(
             ability, min(KEYWORDS_PER_REQUEST, extra), bank, "budget/keywords"
         )
-    return out
+    # As the run sends them: each task's limit capped by llm.max_tokens (no schema here).
+    return {task: for_run(req, cfg.llm, structured=False) for task, req in out.items()}
 
 
 # ------------------------------------------------------------------------------------

@@ -219,7 +219,7 @@ def keyword_banks(
                 cfg.llm.temperature,
                 start=saved["keywords"] if same else None,
                 attempt=attempts,
-                structured_output=cfg.llm.structured_on(),
+                llm=cfg.llm,
             )
             attempts += 1
             rejects.extend(rej)

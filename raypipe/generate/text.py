@@ -87,7 +87,7 @@ def expand_keyword_bank(
     per_request: int = 50,
     start: list[str] | None = None,
     attempt: int = 0,
-    structured_output: bool = False,
+    llm: LLMConfig | None = None,
 ) -> tuple[list[str], list[dict[str, Any]]]:
     """Seed keywords plus ``extra`` LLM-listed ones (paper section 4.3).
 
@@ -95,7 +95,8 @@ def expand_keyword_bank(
     bank or a few rounds in a row add nothing. ``start`` is a bank an earlier run left
     short; ``attempt`` (its retry number) goes into the request keys, so a retry sends
     new requests instead of being served the answers that fell short. With
-    ``structured_output`` the requests carry a JSON schema (raypipe.llm.tasks).
+    ``llm`` (the run's LLM settings) the requests get their completion limit capped
+    and, under structured output, a JSON schema (:func:`raypipe.llm.tasks.for_run`).
     """
     bank = list(start) if start else seed_bank(ability)
     rejects: list[dict[str, Any]] = []
@@ -107,8 +108,8 @@ def expand_keyword_bank(
         req = keyword_request(
             ability, n, list(bank), key=key, seed=stable_seed(seed, key), temperature=temperature
         )
-        if structured_output:
-            req = tasks.with_schema(req)
+        if llm is not None:
+            req = tasks.for_run(req, llm)
         (res,) = backend.complete_batch([req])
         stop_if_fatal([res], backend)
         round_ += 1
@@ -203,8 +204,9 @@ class LLMStage(Stage):
         return self.finish(rows, requests, [None if r is None else next(answers) for r in requests])
 
     def request(self, req: LLMRequest) -> LLMRequest:
-        """``req`` as this run sends it: with its JSON schema under ``llm.structured_output``."""
-        return tasks.with_schema(req) if self.cfg.structured_on() else req
+        """``req`` as this run sends it: its completion limit capped by ``llm.max_tokens``,
+        with its JSON schema under ``llm.structured_output`` (:func:`tasks.for_run`)."""
+        return tasks.for_run(req, self.cfg)
 
     @staticmethod
     def failure(res: LLMResult) -> str | None:
