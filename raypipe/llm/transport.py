@@ -168,8 +168,8 @@ class _Clock:
             text = f"the answer took longer than {limits.deadline_s:g} s (llm.deadline_s)"
         return StreamTimeout(text)
 
-    async def within(self, awaitable: Any, first: bool, since: float | None = None) -> Any:
-        left, what = self.next_wait(first, since)
+    async def within(self, awaitable: Any, first: bool) -> Any:
+        left, what = self.next_wait(first)
         try:
             return await asyncio.wait_for(awaitable, left)
         except asyncio.TimeoutError:
