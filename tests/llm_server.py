@@ -116,6 +116,10 @@ class LLMServer:
         stall_s: a streamed answer for which ``stall_fn(hash, attempt)`` is true stops
             for this long after its first word (then goes on).
         stall_fn: ``(request_hash, attempt) -> bool``; None = no stalls.
+        stream_fault_fn: ``(request_hash, attempt) -> fault | None`` for a streamed answer
+            after its first word: ``"bad_json"`` (a ``data:`` line that is not JSON),
+            ``"error_event"`` (an ``{"error": ...}`` event, as vLLM sends mid-stream) or
+            ``"cut"`` (the connection closes without the rest of the body).
         no_stream_usage: streamed answers carry no usage chunk, as some servers do.
         refuse_stream: answer 400 to ``stream_options`` (a server without streaming usage).
         refuse_response_format: answer 400 to ``response_format`` (no structured output).
@@ -143,6 +147,7 @@ class LLMServer:
         token_s: float = 0.0,
         stall_s: float = 0.0,
         stall_fn: Callable[[str, int], bool] | None = None,
+        stream_fault_fn: Callable[[str, int], str | None] | None = None,
         no_stream_usage: bool = False,
         refuse_stream: bool = False,
         refuse_response_format: bool = False,
@@ -171,6 +176,7 @@ class LLMServer:
         self.token_s = token_s
         self.stall_s = stall_s
         self.stall_fn = stall_fn
+        self.stream_fault_fn = stream_fault_fn
         self.no_stream_usage = no_stream_usage
         self.refuse_stream = refuse_stream
         self.refuse_response_format = refuse_response_format
@@ -542,17 +548,35 @@ class _Handler(BaseHTTPRequestHandler):
         if words:
             words[-1] = words[-1][:-1]
         stall = llm.stall_s and llm.stall_fn is not None and llm.stall_fn(digest, attempt)
+        fault = llm.stream_fault_fn(digest, attempt) if llm.stream_fault_fn else None
         for i, word in enumerate(words):
             if i:
                 llm.wait(llm.token_s)
             send({"content": word})
             if i == 0 and stall:
                 llm.wait(llm.stall_s)
+            if i == 0 and fault:
+                self._stream_fault(fault)
+                return
         send({}, choice["finish_reason"])
         if (body.get("stream_options") or {}).get("include_usage") and not llm.no_stream_usage:
             send({}, usage=answer["usage"])
         self._chunk(b"data: [DONE]\n\n")
         self._chunk(b"")
+
+    def _stream_fault(self, fault: str) -> None:
+        if fault == "bad_json":
+            self._chunk(b'data: {"choices": [{"delta": {"content": "cut\n\n')
+        elif fault == "error_event":
+            error = {"error": {"message": "engine died", "type": "InternalServerError"}}
+            self._chunk(f"event: error\ndata: {json.dumps(error)}\n\n".encode())
+        elif fault != "cut":
+            raise ValueError(f"unknown stream fault {fault!r}")
+        if fault == "cut":
+            self.close_connection = True  # no last chunk: the body ends mid-stream
+        else:
+            self._chunk(b"data: [DONE]\n\n")
+            self._chunk(b"")
 
     def _chunk(self, data: bytes) -> None:
         self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")

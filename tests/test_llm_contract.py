@@ -29,6 +29,7 @@ from raypipe.llm.failures import (
     kind_of,
 )
 from raypipe.llm.limits import CUT_HOLD_S, JobLimiter, TokenBucket
+from raypipe.llm.transport import _Events
 
 KEY_ENV = "RAYPIPE_CONTRACT_TEST_KEY"
 SENTINEL = "sk-contract-SENTINEL-5b1f0c"
@@ -151,6 +152,39 @@ def test_usage_is_counted_and_marked_when_the_stream_carries_none(llm_server):
     with OpenAIBackend(make_cfg(server)) as llm:
         (res,) = llm.complete_batch(make_requests(1))
     assert res.ok and res.usage_estimated and res.completion_tokens > 0
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [("bad_json", "bad_response"), ("error_event", "stream_error"), ("cut", "connection")],
+)
+def test_a_broken_stream_is_a_transient_failure_and_retried(llm_server, fault, reason):
+    """A non-JSON event, an error event and a disconnect mid-stream: each fails the
+    attempt as transient (never fatal); the retry answers."""
+    server = llm_server(responder=words(5), stream_fault_fn=lambda d, a: fault if a == 0 else None)
+    with OpenAIBackend(make_cfg(server, max_attempts=3)) as llm:
+        (res,) = llm.complete_batch(make_requests(1))
+        stats = llm.stats()
+    assert res.ok and res.attempts == 2 and res.text == "w0 w1 w2 w3 w4", res
+    assert stats["retries"] == 1 and stats["failure_kinds"] == {}
+    server2 = llm_server(responder=words(5), stream_fault_fn=lambda d, a: fault)
+    with OpenAIBackend(make_cfg(server2, max_attempts=2)) as llm:
+        (res,) = llm.complete_batch(make_requests(1))
+    assert res.failure == TRANSIENT and res.error.startswith(reason), res.error
+
+
+def test_server_sent_events_are_read_across_blocks_and_line_ends():
+    """Events split anywhere between reads, CRLF or CR line ends, comments, ``event:``
+    fields and a multi-line ``data:`` all give the same chunks; nothing after [DONE]."""
+    stream = (
+        b': keep-alive\r\n\r\nevent: chunk\r\ndata: {"a": 1}\r\n\r\n'
+        b'data:{"b":\r\ndata: 2}\r\rdata: [DONE]\n\ndata: {"c": 3}\n\n'
+    )
+    for size in (1, 2, 3, 7, len(stream)):
+        events, got = _Events(), []
+        for i in range(0, len(stream), size):
+            got += events.feed(stream[i : i + size])
+        assert got == [{"a": 1}, {"b": 2}] and events.done, size
 
 
 def test_stream_auto_falls_back_once_on_a_server_that_refuses_it(llm_server, caplog):
