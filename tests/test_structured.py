@@ -179,7 +179,7 @@ def _bounds(req) -> list[int]:
     return found
 
 
-def test_llm_max_tokens_caps_each_tasks_limit_and_the_schema_fits_the_cap():
+def test_llm_max_tokens_caps_free_text_limits_and_structured_answers_keep_their_bounds():
     prompts = prompt_request(CATALOG["color"], KWS, key="p/0", seed=7)
     dialogue = dialogue_request(CATALOG["color"], "((teal)) car", "What colour?", key="d/x")
     own = prompts.max_tokens  # what k=5 prompts may need
@@ -189,13 +189,18 @@ def test_llm_max_tokens_caps_each_tasks_limit_and_the_schema_fits_the_cap():
     default = LLMConfig(backend="openai", model="m", structured_output=False)
     assert structured.for_run(prompts, default) == prompts
 
-    capped = LLMConfig(backend="openai", model="m", max_tokens=256, structured_output=True)
+    capped = LLMConfig(backend="openai", model="m", max_tokens=256, structured_output=False)
     sent = structured.for_run(prompts, capped)
     assert sent.max_tokens == 256 and structured.for_run(dialogue, capped).max_tokens == 256
-    # the structured answer's string bounds shrink to fit the cap
-    uncapped = structured.for_run(prompts, default, structured=True)
-    assert sent.response_schema and sum(_bounds(sent)) < sum(_bounds(uncapped))
     assert request_key(request_body("m", sent)) != request_key(request_body("m", prompts))
+
+    # Structured: the schema bounds the answer within the task's own limit, which stays.
+    on = capped.model_copy(update={"structured_output": True})
+    for req in (prompts, dialogue):
+        sent = structured.for_run(req, on)
+        assert sent.max_tokens == req.max_tokens
+        assert sent.response_schema == structured.with_schema(req).response_schema
+        assert all(n >= 0 for n in _bounds(sent))
 
 
 def test_a_reasoning_model_gets_llm_max_tokens_for_its_thinking():

@@ -113,21 +113,22 @@ def for_run(req: LLMRequest, llm: Any, structured: bool | None = None) -> LLMReq
     """``req`` as a run with LLM settings ``llm`` (an ``LLMConfig``) sends it.
 
     A task sets the completion limit its answer needs (``max_tokens``: k prompts, one
-    dialogue, ...). ``llm.max_tokens`` caps it, and a structured request's string bounds
-    then fit the capped limit. A reasoning model's thinking counts against the limit
-    too, so for one the limit sent is ``llm.max_tokens`` where that is larger (the
-    schema's bounds still follow the task's own limit: they bound the answer).
+    dialogue, ...). A free-text request's limit is capped by ``llm.max_tokens``. A
+    structured request keeps its task's limit: its schema bounds every string so the
+    whole answer ends within that limit, and bounds sized to a smaller one could not
+    hold the answer's required parts. A reasoning model's thinking counts against the
+    limit too, so for one the limit sent is ``llm.max_tokens`` where that is larger.
     ``structured`` defaults to ``llm.structured_on()``.
     """
     structured = llm.structured_on() if structured is None else structured
+    if structured:
+        req = with_schema(req)
     if llm.reasoning_on():
-        req = with_schema(req) if structured else req
         limit = max(req.max_tokens, llm.max_tokens)
+    elif structured:
+        limit = req.max_tokens
     else:
         limit = min(req.max_tokens, llm.max_tokens)
-        if limit != req.max_tokens:
-            req = dataclasses.replace(req, max_tokens=limit)
-        req = with_schema(req) if structured else req
     return req if limit == req.max_tokens else dataclasses.replace(req, max_tokens=limit)
 
 
