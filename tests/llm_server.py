@@ -85,6 +85,7 @@ class _Event:
     fault: str | None  # "unsupported_param" for a refused reasoning-model parameter
     query: str = ""  # the request URL's query string (e.g. "api-key=...")
     authorization: str = ""  # the Authorization header sent
+    user_agent: str = ""  # who sent it: raypipe's own streams, or the openai SDK
 
 
 class LLMServer:
@@ -453,7 +454,8 @@ class _Handler(BaseHTTPRequestHandler):
         query = self.path.split("?", 1)[1] if "?" in self.path else ""
         with llm._lock:
             auth = self.headers.get("Authorization", "")
-            llm.events.append(_Event(now, digest, attempt, fault, query, auth))
+            agent = self.headers.get("User-Agent", "")
+            llm.events.append(_Event(now, digest, attempt, fault, query, auth, agent))
             if fault:
                 llm.fault_counts[fault] += 1
         if refused:  # answered at once, as a real server validates before queueing

@@ -180,7 +180,8 @@ def test_client_errors_fail_at_once(llm_server, status):
 )
 def test_retryable_faults_end_as_failures_after_max_attempts(llm_server, fault, kind):
     server = llm_server(fault_fn=lambda h, a, b: fault, hang_s=2.0)
-    cfg = make_cfg(server, max_attempts=3, timeout_s=0.3)
+    # A hang outlasts both limits: the whole answer's (unstreamed) and the first token's.
+    cfg = make_cfg(server, max_attempts=3, timeout_s=0.3, first_token_timeout_s=0.3)
     with OpenAIBackend(cfg, None) as llm:
         (result,) = llm.complete_batch(make_requests(1))
     assert not result.ok and result.error.startswith(f"{kind}: "), result.error
@@ -615,6 +616,9 @@ def test_both_http_transports_handle_faults(llm_server, transport):
         results = llm.complete_batch(make_requests(40))
     assert all(r.ok for r in results)
     assert server.stats()["faults"].get("hang", 0) > 0
+    # Streamed requests over aiohttp are raypipe's own; over httpx, the openai SDK's.
+    agents = {e.user_agent.split("/")[0] for e in server.events}
+    assert agents == ({"raypipe"} if transport == "aiohttp" else {"AsyncOpenAI"}), agents
 
 
 def test_inside_a_ray_actor(ray_local, llm_server):

@@ -1,26 +1,22 @@
 """The ``openai`` backend: any OpenAI-compatible chat endpoint (OpenAI, vLLM, SGLang...).
 
-Stages call the synchronous :meth:`OpenAIBackend.complete_batch` from plain code
-inside Ray actors; one ``openai.AsyncOpenAI`` client lives on a private event loop
-(:mod:`raypipe.llm.loop_thread`). Async callers use :meth:`acomplete`/:meth:`acomplete_many`.
+Stages call :meth:`OpenAIBackend.complete_batch` from plain code in Ray actors; the HTTP
+clients live on a private event loop (:mod:`.loop_thread`); async callers use ``acomplete*``.
 
 Per request, in order:
 
-1. the response cache (a local folder or a URI; a hit costs nothing, makes no HTTP
-   call and reports the tokens it served as ``cached_*``); the key hashes the body
-   that is sent (:func:`raypipe.llm.request_body.request_body`);
+1. the response cache (a folder or a URI; a hit makes no HTTP call and reports its
+   tokens as ``cached_*``); the key hashes the body sent (:mod:`.request_body`);
 2. the job's pause (a ``Retry-After`` any client of the job received), an in-flight
    slot (the job's adaptive limit, at most ``llm.concurrency``), then permits from the
    request- and token-per-minute limits; all three come from the job's limiter
    (:mod:`raypipe.llm.limits`), or an in-process one when none is given;
-3. one HTTP attempt (:mod:`raypipe.llm.transport`), streamed and timed by its progress
-   unless ``llm.stream=off``; a failed attempt gives its token reservation back, and is
-   retried if transient (:mod:`raypipe.llm.failures`) after the server's
-   ``Retry-After`` (which pauses the whole job) or a jittered exponential backoff, up
-   to ``llm.max_attempts``;
-4. the answer's text, token usage and cost (``llm.prices``) into an
-   :class:`~raypipe.llm.base.LLMResult` with its ``failure`` kind; answers with text
-   go to the cache.
+3. one HTTP attempt (:mod:`.transport`: streamed over aiohttp, or by the openai SDK),
+   timed by its progress unless ``llm.stream=off``; a failed attempt gives its token
+   reservation back and is retried if transient (:mod:`.failures`) after the server's
+   ``Retry-After`` (pausing the whole job) or a jittered backoff, to ``llm.max_attempts``;
+4. text, usage and cost (``llm.prices``) into an :class:`~raypipe.llm.base.LLMResult`
+   with its ``failure`` kind; answers with text go to the cache.
 
 Nothing is raised for one request: a failure comes back as ``LLMResult(text=None,
 error="<reason>: <detail>", failure=<kind>)``. A ``fatal`` one (401, 403, 404, 400
@@ -68,6 +64,7 @@ from raypipe.llm.slots import Slots
 from raypipe.llm.transport import (
     Answer,
     Timeouts,
+    direct_streams,
     estimate_prompt_tokens,
     http_client,
     httpx,
@@ -159,6 +156,7 @@ class OpenAIBackend:
             timeout=self._io_timeout(),
             http_client=http_client(self.cfg, self._io_timeout()),
         )
+        self._direct = direct_streams(cfg, self._client, query, headers, self._io_timeout())
 
     def _io_timeout(self) -> float:
         """The HTTP library's own read timeout: beyond every limit raypipe applies itself."""
@@ -231,6 +229,8 @@ class OpenAIBackend:
         except Exception as e:
             log.debug("reporting to the job's limiter failed: %s", type(e).__name__)
         await self._client.close()
+        if self._direct is not None:
+            await self._direct.close()
 
     def __enter__(self) -> OpenAIBackend:
         return self
@@ -437,7 +437,7 @@ class OpenAIBackend:
             self._count(http_calls=1)
             try:
                 if self.stream:
-                    answer = await streamed_attempt(self._client, body, self.timeouts)
+                    answer = await streamed_attempt(self._client, body, self.timeouts, self._direct)
                 else:
                     answer = await plain_attempt(self._client, body, self.cfg.timeout_s)
             except BaseException:

@@ -261,8 +261,10 @@ class LLMConfig(Config):
     )
     http_transport: Literal["auto", "aiohttp", "httpx"] = Field(
         "auto",
-        description="HTTP layer under the openai client. `aiohttp` costs about half the CPU "
-        "per request of `httpx`; `httpx` honours HTTP(S)_PROXY. `auto`: aiohttp unless a "
+        description="HTTP layer. `aiohttp`: streamed requests go straight over aiohttp (half "
+        "the client CPU per request of the openai SDK's path), whole ones through "
+        "the SDK over aiohttp; `httpx`: everything through the SDK over httpx, which honours "
+        "HTTP(S)_PROXY. `auto`: aiohttp unless a "
         "proxy variable is set.",
     )
 

@@ -22,9 +22,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlencode
 
 import anyio
 import openai
+
+try:  # the openai SDK's aiohttp extra; without it every request goes through httpx
+    import aiohttp
+except ImportError:  # pragma: no cover - the package depends on openai[aiohttp]
+    aiohttp = None
 
 from raypipe.errors import EndpointError
 from raypipe.llm.config import LLMConfig
@@ -88,14 +94,19 @@ def estimate_prompt_tokens(messages: tuple[dict[str, str], ...] | list[dict[str,
     return 3 + sum(4 + len(str(m.get("content") or "")) // 4 for m in messages)
 
 
+def transport_of(cfg: LLMConfig) -> str:
+    """``llm.http_transport`` resolved: ``auto`` is aiohttp unless a proxy variable is set."""
+    if cfg.http_transport != "auto":
+        return cfg.http_transport
+    return "httpx" if any(os.environ.get(v) for v in PROXY_VARS) else "aiohttp"
+
+
 def http_client(cfg: LLMConfig, timeout_s: float) -> Any:
     """The HTTP layer under the openai client (``llm.http_transport``): aiohttp costs
     about half the CPU per request of httpx; httpx honours the proxy variables."""
     conc = cfg.concurrency
     limits = httpx.Limits(max_connections=max(1000, conc), max_keepalive_connections=max(100, conc))
-    transport = cfg.http_transport
-    if transport == "auto":
-        transport = "httpx" if any(os.environ.get(v) for v in PROXY_VARS) else "aiohttp"
+    transport = transport_of(cfg)
     aio = getattr(openai, "DefaultAioHttpClient", None)
     if transport == "aiohttp":
         try:
@@ -263,13 +274,17 @@ class _Collector:
         return answer
 
 
-async def streamed_attempt(client: Any, body: dict[str, Any], limits: Timeouts) -> Answer:
+async def streamed_attempt(
+    client: Any, body: dict[str, Any], limits: Timeouts, direct: DirectStreams | None = None
+) -> Answer:
     """A streamed attempt: events until the end, each within the progress limits.
 
-    The openai SDK sends the request (auth, headers, its status errors) and hands back
-    the raw response; the events are read here, a few dict lookups each: a third less
-    client CPU per request than the SDK's own stream objects (benchmarks/RESULTS.md)."""
+    Sent by ``direct`` where there is one (aiohttp), else by the openai SDK, which
+    hands back the raw response; the events are read here, a few dict lookups each: a
+    third less client CPU per request than the SDK's own stream objects."""
     clock = _Clock(limits)
+    if direct is not None:
+        return await direct.attempt(body, clock)
     request = client.post(
         "/chat/completions", body={**body, **STREAM_FIELDS}, cast_to=httpx.Response, stream=True
     )
@@ -281,7 +296,7 @@ async def streamed_attempt(client: Any, body: dict[str, Any], limits: Timeouts) 
             return parse_completion(content, response.status_code)
         collected = _Collector()
         try:
-            await _read(response, clock, collected)
+            await _read(response.aiter_bytes(), clock, collected)
         except httpx.TimeoutException as e:
             raise openai.APITimeoutError(request=response.request) from e
         except TRANSPORT_ERRORS as e:  # a disconnect mid-stream: transient, as before it
@@ -291,15 +306,115 @@ async def streamed_attempt(client: Any, body: dict[str, Any], limits: Timeouts) 
     return collected.answer(body.get("messages"))
 
 
+#: The openai SDK's exception class for each HTTP status (as its client raises them).
+STATUS_ERRORS = {
+    400: openai.BadRequestError,
+    401: openai.AuthenticationError,
+    403: openai.PermissionDeniedError,
+    404: openai.NotFoundError,
+    409: openai.ConflictError,
+    422: openai.UnprocessableEntityError,
+    429: openai.RateLimitError,
+}
+
+
+def status_error(response: Any) -> openai.APIStatusError:
+    """The openai SDK's exception for an error response (an httpx response, body read),
+    with the message and body its client gives it."""
+    text = response.text.strip()
+    try:
+        body: Any = json.loads(text)
+        message = f"Error code: {response.status_code} - {body}"
+    except ValueError:
+        body, message = text or None, text or f"Error code: {response.status_code}"
+    data = body.get("error", body) if isinstance(body, dict) else body
+    status = response.status_code
+    cls = STATUS_ERRORS.get(status) or (
+        openai.InternalServerError if status >= 500 else openai.APIStatusError
+    )
+    return cls(message, response=response, body=data)
+
+
+def direct_streams(
+    cfg: LLMConfig, client: Any, query: dict[str, str], headers: dict[str, str], read_s: float
+) -> DirectStreams | None:
+    """Streamed attempts over aiohttp where ``llm.http_transport`` resolves to it."""
+    if transport_of(cfg) != "aiohttp" or aiohttp is None:
+        return None
+    return DirectStreams(client, query, headers, max(1000, cfg.concurrency), read_s)
+
+
+class DirectStreams:
+    """Streamed attempts sent straight over aiohttp (``llm.http_transport``: aiohttp, or
+    auto without a proxy): the request the SDK's client sends (its base URL, default
+    query and headers, its key as Bearer auth), without the SDK's per-request option
+    models and the httpx layer it puts over aiohttp, about a third of the client's CPU
+    per request (benchmarks/RESULTS.md). Errors are the SDK's own exception classes, so
+    the failure table reads them unchanged. Made and closed on the client's loop."""
+
+    def __init__(
+        self, client: Any, query: dict[str, str], headers: dict[str, str], connections: int,
+        read_timeout_s: float,
+    ) -> None:  # fmt: skip
+        url = f"{str(client.base_url).rstrip('/')}/chat/completions"
+        self.url = f"{url}?{urlencode(query)}" if query else url
+        self.headers = {
+            "Authorization": f"Bearer {client.api_key}",
+            "Content-Type": "application/json",
+            "Accept": "text/event-stream",
+            "User-Agent": "raypipe",
+            **headers,  # Basic auth from the URL's user:password@ replaces the Bearer key
+        }
+        connector = aiohttp.TCPConnector(limit=connections, ssl=httpx.create_ssl_context())
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=read_timeout_s)
+        self.session = aiohttp.ClientSession(connector=connector, timeout=timeout)
+
+    def __repr__(self) -> str:  # never the headers: they hold the key
+        return f"DirectStreams({self.url.split('?')[0]!r})"
+
+    async def attempt(self, body: dict[str, Any], clock: _Clock) -> Answer:
+        data = json.dumps({**body, **STREAM_FIELDS}).encode()
+        try:
+            post = self.session.post(self.url, data=data, headers=self.headers)
+            response = await clock.within(post, first=True)
+            try:
+                if response.status >= 400:
+                    content = await clock.within(response.read(), first=True)
+                    raise status_error(self._response(response.status, response.headers, content))
+                if "event-stream" not in response.headers.get("content-type", ""):
+                    content = await clock.within(response.read(), first=True)
+                    return parse_completion(content, response.status)
+                collected = _Collector()
+                await _read(response.content.iter_any(), clock, collected)
+            finally:
+                response.release()
+        except aiohttp.ServerTimeoutError as e:  # the socket's own read limit
+            raise openai.APITimeoutError(request=self._response(0).request) from e
+        except (aiohttp.ClientError, OSError) as e:  # refused, reset, cut mid-stream
+            if isinstance(e, TimeoutError):
+                raise
+            raise openai.APIConnectionError(request=self._response(0).request) from e
+        return collected.answer(body.get("messages"))
+
+    def _response(self, status: int, headers: Any = (), content: bytes = b"") -> Any:
+        request = httpx.Request("POST", self.url.split("?")[0])
+        return httpx.Response(
+            status, headers=list(dict(headers).items()), content=content, request=request
+        )
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
 #: After ``[DONE]``, how long the rest of the body (HTTP/1.1's last chunk) may take.
 DRAIN_S = 2.0
 
 
-async def _read(response: Any, clock: _Clock, collected: _Collector) -> None:
+async def _read(stream: Any, clock: _Clock, collected: _Collector) -> None:
     """Feed ``collected`` the stream's events until ``[DONE]`` or its end; the body after
     ``[DONE]`` is read too, so that the connection is kept for the next request. A block
     without an event (a comment, a keep-alive) is no progress: the idle limit runs on."""
-    events, blocks = _Events(), response.aiter_bytes().__aiter__()
+    events, blocks = _Events(), stream.__aiter__()
     since: float | None = None
     what, timer = "first", _Timer()
     try:
