@@ -590,6 +590,18 @@ def http_date(seconds_from_now: float) -> str:
     return email.utils.formatdate(time.time() + seconds_from_now, usegmt=True)
 
 
+def loopback_cfg(server: Any, **fields: Any):
+    """An ``openai``-backend :class:`~raypipe.llm.config.LLMConfig` for ``server`` (a
+    loopback server, or a base URL): model ``test-model``, priced; ``fields`` set the
+    rest and win. Test modules bind their own defaults with ``functools.partial``."""
+    from raypipe.llm.config import LLMConfig  # here: the server runs without raypipe
+
+    url = server if isinstance(server, str) else server.url
+    base = {"backend": "openai", "model": "test-model", "base_url": url,
+            "prices": {"test-model": (1.0, 2.0)}}  # fmt: skip
+    return LLMConfig(**{**base, **fields})
+
+
 def make_requests(n: int, tag: str = "r", **over: Any) -> list[LLMRequest]:
     """``n`` distinct chat requests keyed ``{tag}/00000``, ``{tag}/00001``, ...
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import uuid
 
 import pytest
-from llm_server import make_requests
+from llm_server import loopback_cfg, make_requests
 
 from raypipe.errors import ConfigError
 from raypipe.llm import make_backend
@@ -23,17 +24,9 @@ def api_key(monkeypatch):
     monkeypatch.setenv(KEY_ENV, "sk-cache-test")
 
 
-def make_cfg(server, **over) -> LLMConfig:
-    fields = dict(
-        backend="openai",
-        model="test-model",
-        base_url=server.url,
-        api_key_env=KEY_ENV,
-        timeout_s=5.0,
-        backoff_initial_s=0.01,
-        prices={"test-model": (1.0, 2.0)},
-    )
-    return LLMConfig(**{**fields, **over})
+make_cfg = functools.partial(
+    loopback_cfg, api_key_env=KEY_ENV, timeout_s=5.0, backoff_initial_s=0.01
+)
 
 
 def test_hits_report_served_usage_apart_from_paid_usage(llm_server, tmp_path):

@@ -3,6 +3,7 @@ keyword scorer, unparseable answers, the cache, empty predictions, failing fast.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -11,6 +12,7 @@ import threading
 import time
 
 import pytest
+from llm_server import loopback_cfg
 
 from raypipe.errors import ConfigError, EndpointError
 from raypipe.evaluate.judge import (
@@ -23,7 +25,6 @@ from raypipe.evaluate.judge import (
 )
 from raypipe.evaluate.report import score_rows, scores
 from raypipe.evaluate.score import agreement
-from raypipe.llm.config import LLMConfig
 
 KEY_ENV = "RAYPIPE_TEST_JUDGE_KEY"
 SENTINEL = "sk-raypipe-JUDGE-SENTINEL-4d2b8e"
@@ -36,21 +37,10 @@ def api_key(monkeypatch):
     return SENTINEL
 
 
-def make_cfg(url: str, **over) -> LLMConfig:
-    fields = dict(
-        backend="openai",
-        model="test-model",
-        base_url=url,
-        api_key_env=KEY_ENV,
-        concurrency=8,
-        max_attempts=2,
-        timeout_s=2.0,
-        backoff_initial_s=0.01,
-        backoff_max_s=0.05,
-        prices={"test-model": (1.0, 2.0)},
-    )
-    fields.update(over)
-    return LLMConfig(**fields)
+make_cfg = functools.partial(
+    loopback_cfg, api_key_env=KEY_ENV, concurrency=8, max_attempts=2, timeout_s=2.0,
+    backoff_initial_s=0.01, backoff_max_s=0.05,
+)  # fmt: skip
 
 
 def field(messages: list[dict], name: str) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import logging
 import pickle
@@ -16,7 +17,7 @@ from pathlib import Path
 import openai
 import pytest
 from fake_clock import FakeClock
-from llm_server import BAD_CONTENTS, STANDARD_FAULTS, http_date, make_requests
+from llm_server import BAD_CONTENTS, STANDARD_FAULTS, http_date, loopback_cfg, make_requests
 
 from raypipe.config import redact_url, redacted
 from raypipe.errors import EndpointError
@@ -39,21 +40,10 @@ def api_key(monkeypatch):
     return SENTINEL
 
 
-def make_cfg(server, **over) -> LLMConfig:
-    fields = dict(
-        backend="openai",
-        model="test-model",
-        base_url=server.url,
-        api_key_env=KEY_ENV,
-        concurrency=32,
-        max_attempts=6,
-        timeout_s=2.0,
-        backoff_initial_s=0.01,
-        backoff_max_s=0.2,
-        prices={"test-model": (1.0, 2.0)},
-    )
-    fields.update(over)
-    return LLMConfig(**fields)
+make_cfg = functools.partial(
+    loopback_cfg, api_key_env=KEY_ENV, concurrency=32, max_attempts=6, timeout_s=2.0,
+    backoff_initial_s=0.01, backoff_max_s=0.2,
+)  # fmt: skip
 
 
 def user_text(body: dict) -> str:

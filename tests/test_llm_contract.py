@@ -5,6 +5,7 @@ on the openai backend, budgets and the API key's path."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import pickle
 import sys
@@ -14,12 +15,11 @@ from pathlib import Path
 import openai
 import pytest
 from fake_clock import FakeClock
-from llm_server import make_requests
+from llm_server import loopback_cfg, make_requests
 
 from raypipe.errors import EndpointError
 from raypipe.llm.base import Secret
 from raypipe.llm.client import OpenAIBackend, httpx
-from raypipe.llm.config import LLMConfig
 from raypipe.llm.failures import (
     FATAL,
     TRANSIENT,
@@ -40,17 +40,7 @@ def api_key(monkeypatch):
     monkeypatch.setenv(KEY_ENV, SENTINEL)
 
 
-def make_cfg(server, **over) -> LLMConfig:
-    fields = dict(
-        backend="openai",
-        model="test-model",
-        base_url=server.url,
-        api_key_env=KEY_ENV,
-        backoff_initial_s=0.05,
-        cache=False,
-        prices={"test-model": (1.0, 2.0)},
-    )
-    return LLMConfig(**{**fields, **over})
+make_cfg = functools.partial(loopback_cfg, api_key_env=KEY_ENV, backoff_initial_s=0.05, cache=False)
 
 
 def words(n: int):

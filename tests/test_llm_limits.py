@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 
 import pytest
 from fake_clock import FakeClock
-from llm_server import make_requests
+from llm_server import loopback_cfg, make_requests
 
 from raypipe.llm import make_backend
 from raypipe.llm.base import LLMRequest
@@ -23,19 +24,14 @@ def api_key(monkeypatch):
     monkeypatch.setenv(KEY_ENV, KEY)
 
 
-def make_cfg(server, **over) -> LLMConfig:
-    fields = dict(
-        backend="openai",
-        model="test-model",
-        base_url=server.url,
-        api_key_env=KEY_ENV,
-        concurrency=32,
-        timeout_s=10.0,
-        backoff_initial_s=0.05,
-        cache=False,
-        prices={"test-model": (1.0, 2.0)},
-    )
-    return LLMConfig(**{**fields, **over})
+make_cfg = functools.partial(
+    loopback_cfg,
+    api_key_env=KEY_ENV,
+    concurrency=32,
+    timeout_s=10.0,
+    backoff_initial_s=0.05,
+    cache=False,
+)
 
 
 def client_actor(ray, cpus: float = 0.25):
