@@ -116,7 +116,7 @@ def build_stream(cfg: GenerateConfig, run: dict[str, Any], tickets: int):
         plan_source(planner, tickets),
         override_num_blocks=tickets,
         concurrency=1,
-        ray_remote_args={"num_cpus": 0},
+        num_cpus=0,
     )
     llm = dict(
         llm=cfg.llm.model_dump(),
