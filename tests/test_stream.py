@@ -6,6 +6,7 @@ server, the shared Ray of the session and, for URIs, a real S3 server on 127.0.0
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -289,9 +290,33 @@ def test_a_run_that_outruns_its_read_tasks_continues_in_a_new_execution(
     cfg = demo_config("abilities=[color,animal]", "num_samples=20")
     manifest = generate(cfg, str(tmp_path))
     assert manifest["runs"][-1]["stream_executions"] == 2
+    run = manifest["runs"][-1]
+    per_call = {int(n): c for n, c in run["render"]["rows_per_call"].items()}
+    assert sum(n * c for n, c in per_call.items()) == run["images_rendered"] == 20
+    assert run["render"]["calls"] == sum(per_call.values())
+    assert run["render"]["full_batch_calls"] == per_call.get(cfg.render.batch_size, 0)
     ids = [r["id"] for r in read_data(tmp_path)]
     assert len(ids) == 20 and len(set(ids)) == 20
     assert manifest["counts"]["balanced"] and manifest["counts"]["accepted"] == 20
+
+
+def test_the_manifest_counts_render_calls_and_rows_per_call():
+    """Rows carry the size of the pipeline call that rendered them; the tally turns them
+    into calls, full-batch calls and a histogram that sums to the images rendered."""
+    import pyarrow as pa
+
+    from raypipe.generate.pipeline import Tally
+
+    sizes = [4] * 8 + [3] * 3 + [1]  # two full calls of 4, one of 3, one of 1
+    metas = [json.dumps({"render_s": 0.1, "render_call_rows": n}) for n in sizes]
+    metas.append(json.dumps({}))  # a row rejected before rendering
+    n = len(metas)
+    tally = Tally()
+    tally.add(pa.table({"ability": ["color"] * n, "reject_stage": [None] * n,
+                        "reject_reason": [None] * n, "meta": metas}))  # fmt: skip
+    calls = tally.render_calls(batch_size=4)
+    assert calls == {"calls": 4, "full_batch_calls": 2, "rows_per_call": {"1": 1, "3": 1, "4": 2}}
+    assert tally.rendered == 12
 
 
 def test_the_driver_collects_cyclic_garbage_while_the_stream_runs():

@@ -376,6 +376,7 @@ class Tally:
         self.stages: dict[str, Counter] = defaultdict(Counter)  # the same, per LLM stage
         self.rendered = 0
         self.render_s = 0.0
+        self.call_rows: Counter = Counter()  # rows per pipeline call -> rows rendered
 
     def add(self, batch) -> None:
         for ability, stage, reason, meta in zip(
@@ -389,7 +390,18 @@ class Tally:
             if "render_s" in m:
                 self.rendered += 1
                 self.render_s += m["render_s"]
+                self.call_rows[m.get("render_call_rows", 0)] += 1
             count_usage(m, self.llm, self.stages)
+
+    def render_calls(self, batch_size: int) -> dict[str, Any]:
+        """The render pool's pipeline calls: how many, how many of ``batch_size`` rows,
+        and a histogram of rows per call (it sums to the images rendered)."""
+        calls = {n: -(-rows // n) for n, rows in sorted(self.call_rows.items()) if n}
+        return {
+            "calls": sum(calls.values()),
+            "full_batch_calls": calls.get(batch_size, 0),
+            "rows_per_call": {str(n): c for n, c in calls.items()},
+        }
 
 
 def count_usage(
@@ -802,6 +814,7 @@ def build_manifest(
         "images_rendered": tally.rendered,
         "images_per_s": tally.rendered / timings["stream_s"] if timings.get("stream_s") else 0.0,
         "render_busy_s": tally.render_s,
+        "render": tally.render_calls(cfg.render.batch_size),
         "gpu_s_per_accepted_image": gpu_s / accepted_now if accepted_now and gpu else None,
         "usd_per_1000_accepted": {
             "llm": llm_usd * per_k if per_k and llm_usd is not None else None,

@@ -224,7 +224,8 @@ class Renderer(Stage):
     ``missing_seed``). Output columns: ``image`` (``{"bytes", "path": "<id>.<ext>"}``), ``width``,
     ``height``, ``sd_model``, ``negative_prompt`` (what the model got), ``meta`` (merged:
     ``steps``, ``guidance``, ``render_s`` per image, ``scheduler``, ``dtype``,
-    ``prompt_chunks``, ``render_node``: the Ray node that rendered it). Rows whose image comes out with NaN pixels are rejected
+    ``prompt_chunks``, ``render_node``: the Ray node that rendered it, ``render_call_rows``:
+    the rows of its pipeline call). Rows whose image comes out with NaN pixels are rejected
     (``render``/``nan_image``); already-rejected rows pass through untouched.
     """
 
@@ -342,6 +343,7 @@ class Renderer(Stage):
                 steps=self.cfg.steps,
                 guidance=self.cfg.guidance_scale,
                 render_s=round(per_image, 4),
+                render_call_rows=len(rows),  # the size of the pipeline call it was in
                 scheduler=self.scheduler_name,
                 dtype=str(self.dtype).removeprefix("torch."),
                 prompt_chunks=chunks,
