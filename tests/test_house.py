@@ -61,8 +61,6 @@ MODULE_SIZE_EXCEPTIONS: dict[str, str] = {
     "raypipe/generate/text.py":
         "keyword banks, prompts and dialogues in one stage module; one module per LLM "
         "task (llm/tasks/)",
-    "raypipe/llm/limits.py":
-        "the limiter actor and the per-process limiter; split along the two",
 }  # fmt: skip
 
 #: "path::qualified.name" -> why it stays for now

@@ -252,7 +252,8 @@ def test_the_in_flight_limit_is_cut_on_transient_failures_and_grows_back():
 def test_the_limiters_counts_survive_its_restart():
     """Ray restarts a dead limiter actor empty; the clients' running totals, sent with
     their next report, give it back the job's counts, and it says it restarted."""
-    from raypipe.llm.limits import InProcess, Leases, LimiterHandle
+    from raypipe.llm.leases import Leases
+    from raypipe.llm.limits import InProcess, LimiterHandle
 
     async def run() -> None:
         clock = FakeClock()

@@ -18,10 +18,9 @@ Per request, in order:
 4. text, usage and cost (``llm.prices``) into an :class:`~raypipe.llm.base.LLMResult`
    with its ``failure`` kind; answers with text go to the cache.
 
-Nothing is raised for one request: a failure comes back as ``LLMResult(text=None,
-error="<reason>: <detail>", failure=<kind>)``. A ``fatal`` one (401, 403, 404, 400
-...) makes every later request of this backend fail the same way at once, and the
-caller stops the run (:class:`~raypipe.llm.failures.LLMFatalError`).
+Nothing is raised for one request: a failure is ``LLMResult(text=None, error="<reason>:
+<detail>", failure=<kind>)``. A ``fatal`` one (401, 403, 404, 400...) fails every later
+request of this backend at once; the caller stops the run (``LLMFatalError``).
 
 The key is read in this process, kept out of messages and logs (:mod:`.credentials`).
 """
@@ -56,7 +55,8 @@ from raypipe.llm.failures import (
     retry_after_s,
     retry_wait,
 )
-from raypipe.llm.limits import Leases, LimiterHandle, local_limiter
+from raypipe.llm.leases import Leases
+from raypipe.llm.limits import LimiterHandle, local_limiter
 from raypipe.llm.loop_thread import LoopThread, cancel_others
 from raypipe.llm.pricing import cost_usd, price_or_zero
 from raypipe.llm.request_body import request_body
