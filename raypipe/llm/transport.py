@@ -389,18 +389,20 @@ class DirectStreams:
             finally:
                 response.release()
         except aiohttp.ServerTimeoutError as e:  # the socket's own read limit
-            raise openai.APITimeoutError(request=self._response(0).request) from e
+            raise openai.APITimeoutError(request=self._request()) from e
         except (aiohttp.ClientError, OSError) as e:  # refused, reset, cut mid-stream
             if isinstance(e, TimeoutError):
                 raise
-            raise openai.APIConnectionError(request=self._response(0).request) from e
+            raise openai.APIConnectionError(request=self._request()) from e
         return collected.answer(body.get("messages"))
 
-    def _response(self, status: int, headers: Any = (), content: bytes = b"") -> Any:
-        request = httpx.Request("POST", self.url.split("?")[0])
-        return httpx.Response(
-            status, headers=list(dict(headers).items()), content=content, request=request
-        )
+    def _request(self) -> Any:
+        """The request as the SDK's exceptions carry it (no query: it may hold a key)."""
+        return httpx.Request("POST", self.url.split("?")[0])
+
+    def _response(self, status: int, headers: Any, content: bytes) -> Any:
+        items = list(dict(headers).items())
+        return httpx.Response(status, headers=items, content=content, request=self._request())
 
     async def close(self) -> None:
         await self.session.close()
