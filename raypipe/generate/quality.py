@@ -139,12 +139,14 @@ class QualityCheck(Stage):
         banks: dict[str, list[str]] | None = None,
         device: str = "cpu",
     ):
-        import torch
-
         self.cfg = cfg
         self.device = device
-        self.dtype = torch.float16 if device == "cuda" else torch.float32
+        self.dtype = None
         self.clip = self.safety = None
+        if cfg.clip_model or cfg.safety_checker:  # without a model the checks need no torch
+            import torch
+
+            self.dtype = torch.float16 if device == "cuda" else torch.float32
         if cfg.clip_model:
             self.clip, self.processor = load_clip(cfg, device, self.dtype)
         if cfg.safety_checker:

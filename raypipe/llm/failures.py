@@ -36,9 +36,10 @@ import asyncio
 import email.utils
 import random
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import openai
+if TYPE_CHECKING:  # imported where used: the offline backend's actors never load the SDK
+    import openai
 
 from raypipe.errors import EndpointError
 
@@ -74,6 +75,8 @@ class StreamError(Exception):
 
 def kind_of(exc: BaseException) -> str:
     """The failure kind of an attempt's exception (see the module's table)."""
+    import openai
+
     if isinstance(exc, openai.APIStatusError):
         code = exc.status_code
         if code == 429 or code >= 500 or code in RETRYABLE_4XX:
@@ -147,6 +150,8 @@ def server_message(exc: openai.APIStatusError) -> str:
 
 def describe(exc: BaseException) -> str:
     """``<reason>: <short detail>`` for an attempt's exception (not yet scrubbed)."""
+    import openai
+
     if isinstance(exc, openai.APIStatusError):
         return f"http_{exc.status_code}: {server_message(exc)}"
     if isinstance(exc, StreamTimeout):
@@ -201,6 +206,8 @@ REFUSAL_WORDS = ("unsupported", "not supported", "unrecognized", "unknown", "ext
 
 def refused_parameter(exc: BaseException, params: tuple[str, ...] = SHAPE_PARAMS) -> str | None:
     """The request parameter among ``params`` that a 400/422 answer refuses, if any."""
+    import openai
+
     if not isinstance(exc, openai.APIStatusError) or exc.status_code not in (400, 422):
         return None
     body = exc.body if isinstance(exc.body, dict) else {}
@@ -232,6 +239,8 @@ def parameter_hint(param: str, reasoning_on: bool) -> str:
 
 
 def is_timeout(exc: BaseException) -> bool:
+    import openai
+
     return isinstance(exc, (openai.APITimeoutError, asyncio.TimeoutError, TimeoutError))
 
 
@@ -244,6 +253,8 @@ def retry_wait(
     for the job, waited with up to 10% jitter; anything else backs off exponentially
     from ``initial_s`` (``llm.backoff_initial_s``) to ``cap_s``, jittered.
     """
+    import openai
+
     after = None
     if isinstance(exc, openai.APIStatusError):
         after = retry_after_s(exc.response.headers)
