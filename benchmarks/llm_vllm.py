@@ -42,7 +42,8 @@ PRESET = ROOT / "raypipe" / "configs" / "generate" / "demo-vllm.yaml"
 
 def make_requests(n: int):
     from raypipe.abilities import load_catalog
-    from raypipe.generate.text import keyword_for, seed_bank, stable_seed
+    from raypipe.generate.keywords import keyword_for, seed_bank
+    from raypipe.generate.llm_stage import stable_seed
     from raypipe.llm import tasks
     from raypipe.llm.tasks import dialogue_request, prompt_request
 

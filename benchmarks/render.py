@@ -169,7 +169,7 @@ def ray_pipeline(cfg: RenderConfig, rows: list[dict], out: Path):
     from raypipe.generate.render import add_render
 
     # One batch per block: the stage renders whole blocks (it has no Ray Data batch
-    # size, see raypipe.generate.stage), cfg.batch_size images per pipeline call.
+    # size, see raypipe.stage), cfg.batch_size images per pipeline call.
     blocks = max(1, len(rows) // cfg.batch_size)
     ds = add_render(ray.data.from_items(rows, override_num_blocks=blocks), cfg, stage=TimedRenderer)
     ds.write_parquet(str(out / "pipeline"))

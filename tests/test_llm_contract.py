@@ -378,7 +378,7 @@ def test_the_key_cannot_be_pickled_and_stage_arguments_do_not_carry_it(llm_serve
         pickle.dumps(Secret(SENTINEL))
     from ray import cloudpickle
 
-    from raypipe.generate.text import LLMStage
+    from raypipe.generate.llm_stage import LLMStage
 
     server = llm_server()
     cfg = make_cfg(server)

@@ -29,7 +29,8 @@ from raypipe.errors import (  # noqa: E402
     LeaseLost,
 )
 from raypipe.generate import guards, pipeline  # noqa: E402
-from raypipe.generate.pipeline import count_ids, generate  # noqa: E402
+from raypipe.generate.manifest import count_ids  # noqa: E402
+from raypipe.generate.pipeline import generate  # noqa: E402
 from raypipe.generate.store import OutputStore  # noqa: E402
 from raypipe.lease import Lease  # noqa: E402
 
@@ -455,5 +456,5 @@ def test_a_run_stopped_at_max_usd_exits_75(monkeypatch, tmp_path):
         },
     }  # fmt: skip
     monkeypatch.setattr(pipeline, "generate", lambda *a, **k: manifest)
-    monkeypatch.setattr(pipeline, "summary_table", lambda m: "")
+    monkeypatch.setattr("raypipe.generate.manifest.summary_table", lambda m: "")
     assert job.main(job_args(str(tmp_path), "max_usd=1")) == 75

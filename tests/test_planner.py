@@ -148,7 +148,7 @@ def test_max_usd_stops_planning_and_unmade_rows_are_not_missing(tmp_path):
     # The LLM stages handed the four rows back unmade.
     p.report([(a, i, "unmade") for a, i in first])
     assert p.finished() and p.pull().num_rows == 0
-    from raypipe.generate.pipeline import count_ids
+    from raypipe.generate.manifest import count_ids
 
     p.status()  # writes the plan log
     ids = count_ids(OutputStore(str(tmp_path)))
@@ -190,7 +190,7 @@ def test_burned_positions_stay_burned_for_a_re_run(tmp_path):
     assert [i for _, i in pulled(again)] == [0, 1]
     again.report([("color", 0, None), ("color", 1, "quality")])
     assert [i for _, i in pulled(again)] == [5]
-    from raypipe.generate.pipeline import count_ids
+    from raypipe.generate.manifest import count_ids
 
     ids = count_ids(OutputStore(str(tmp_path)))
     # The first planner logged rows 0 and 1 (its log is written with the burn); none is in
@@ -229,8 +229,8 @@ def test_the_window_always_fits_one_full_pull(tmp_path):
 
 
 def test_read_tasks_follow_the_rows_expected_not_the_most_that_may_be_planned(tmp_path):
-    from raypipe.generate import planner as planner_mod
-    from raypipe.generate.planner import tickets_for
+    from raypipe.generate import source
+    from raypipe.generate.source import tickets_for
 
     def first(n: int) -> int:
         quota = {"color": n // 2, "animal": n - n // 2}
@@ -238,12 +238,12 @@ def test_read_tasks_follow_the_rows_expected_not_the_most_that_may_be_planned(tm
 
     # Full pulls (8 chunks of 5 rows) for the open rows and half as many replacements
     # (1000 rows: 1500 rows, 300 chunks, 38 pulls), + spares.
-    assert first(1000) == 38 + planner_mod.SPARE_TICKETS
-    assert first(10_000) == 375 + planner_mod.SPARE_TICKETS
+    assert first(1000) == 38 + source.SPARE_TICKETS
+    assert first(10_000) == 375 + source.SPARE_TICKETS
     # Growth with N: one read task per ~27 planned rows (it was one per 10).
     assert (first(10_000) - first(1000)) / 9000 < 1 / 26
     # Never more replacements than the budget allows.
     tight = planner(tmp_path / "tight", {"color": 100}, replace_budget=0.05).status()
-    assert tickets_for(tight, 8, 5) == 3 + planner_mod.SPARE_TICKETS  # 105 rows, 21 chunks
+    assert tickets_for(tight, 8, 5) == 3 + source.SPARE_TICKETS  # 105 rows, 21 chunks
     # A later execution (rejects outran the first) gets room for all it may still plan.
     assert tickets_for(tight, 8, 5, first=False) == 2 * 3 + 64  # as before: 105 rows

@@ -12,12 +12,8 @@ from PIL import Image
 
 from raypipe.errors import ConfigError, ModelError
 from raypipe.generate.config import QualityConfig, RenderConfig
-from raypipe.generate.quality import (
-    QualityCheck,
-    RenderAndCheck,
-    check_quality_models,
-    nsfw_verdicts,
-)
+from raypipe.generate.quality import QualityCheck, RenderAndCheck
+from raypipe.generate.quality_models import check_quality_models, nsfw_verdicts
 from raypipe.matching import mentions_any
 from raypipe.schema import reject, row_seed, rows_to_table
 from raypipe.tiny import build_tiny_safety_checker, build_tiny_sd, resolve_tiny

@@ -30,13 +30,13 @@ EXCEPTIONS = {
         "cluster_gpu_capacity reads the autoscaler's max resources from the GCS "
         "(ray._private.state); the config file is the public fallback."
     ),
-    ("generate/stage.py", "map_batches_internal"): (
+    ("stage.py", "map_batches_internal"): (
         "GPU pools run with batch_size=None because the planner feeds the stream's "
         "source and no stage may wait to fill a batch; full GPU batches need the "
         "stream's fixed plan per execution."
     ),
-    ("generate/stage.py", "unvalidated map_batches"): "the same entry under older Ray.",
-    ("generate/stage.py", "warnings filter"): (
+    ("stage.py", "unvalidated map_batches"): "the same entry under older Ray.",
+    ("stage.py", "warnings filter"): (
         "hides Ray 2.60's ray_remote_args deprecation for max_restarts and "
         "max_task_retries, which have no named parameter yet."
     ),

@@ -6,9 +6,8 @@ import pyarrow as pa
 import pytest
 
 from raypipe.errors import ConfigError
-from raypipe.generate.dedup import DedupStage
-from raypipe.generate.stage import Stage
-from raypipe.generate.text import PromptWriter
+from raypipe.generate.prompts import DedupStage, PromptWriter
+from raypipe.stage import Stage
 
 
 class Upper(Stage):

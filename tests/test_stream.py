@@ -30,9 +30,10 @@ from test_generate import (  # noqa: E402
 )
 
 from raypipe.abilities import load_catalog  # noqa: E402
-from raypipe.generate.pipeline import count_ids, generate  # noqa: E402
+from raypipe.generate.keywords import keyword_for, seed_bank
+from raypipe.generate.manifest import count_ids  # noqa: E402
+from raypipe.generate.pipeline import generate  # noqa: E402
 from raypipe.generate.store import OutputStore  # noqa: E402
-from raypipe.generate.text import keyword_for, seed_bank  # noqa: E402
 from raypipe.schema import sample_id  # noqa: E402
 
 PROMPT_MARK = "Keywords to use, one per prompt:"
@@ -281,12 +282,12 @@ def test_s3_run_killed_and_rerun_elsewhere_pays_nothing_twice(s3_server, tiny_di
 def test_a_run_that_outruns_its_read_tasks_continues_in_a_new_execution(
     ray_local, tiny_dir, tmp_path, monkeypatch
 ):
-    from raypipe.generate import planner
+    from raypipe.generate import source
 
     # No room for replacements or spare pulls: the first execution's one read task
     # carries only the first (ramp-up) pull of one chunk, 5 of the 20 rows.
-    monkeypatch.setattr(planner, "EXPECTED_REPLACEMENTS", 0.0)
-    monkeypatch.setattr(planner, "SPARE_TICKETS", 0)
+    monkeypatch.setattr(source, "EXPECTED_REPLACEMENTS", 0.0)
+    monkeypatch.setattr(source, "SPARE_TICKETS", 0)
     cfg = demo_config("abilities=[color,animal]", "num_samples=20")
     manifest = generate(cfg, str(tmp_path))
     assert manifest["runs"][-1]["stream_executions"] == 2
@@ -305,7 +306,7 @@ def test_the_manifest_counts_render_calls_and_rows_per_call():
     into calls, full-batch calls and a histogram that sums to the images rendered."""
     import pyarrow as pa
 
-    from raypipe.generate.pipeline import Tally
+    from raypipe.generate.manifest import Tally
 
     sizes = [4] * 8 + [3] * 3 + [1]  # two full calls of 4, one of 3, one of 1
     metas = [json.dumps({"render_s": 0.1, "render_call_rows": n}) for n in sizes]

@@ -140,7 +140,7 @@ def test_vllm_config_and_engine_kwargs():
 
 
 def test_engine_gpu_seconds_price_the_llm_per_1000_samples():
-    from raypipe.generate.pipeline import llm_engine_usage
+    from raypipe.generate.manifest import llm_engine_usage
 
     cfg = load_config(GenerateConfig, "raypipe/configs/generate/sd15-vllm.yaml")
     service = {"engines_started": 2, "engine_s": 400.0, "found_running": False}

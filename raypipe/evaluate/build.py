@@ -2,7 +2,7 @@
 
 :func:`build_benchmark` runs the generation job with ``benchmark_question_mix`` set: the
 same planner, prompt writer, dedup, SD render pool and quality checks as training
-data, but the dialogue stage is :class:`raypipe.generate.text.BenchmarkItemWriter`,
+data, but the dialogue stage is :class:`raypipe.generate.dialogues.BenchmarkItemWriter`,
 which writes a yes/no, wh- or either-or question per image with its reference response
 and answer keywords. The generation run lives in ``BENCH/generation`` (a normal OUT:
 resumable, with its manifest, rejects and cache). Its samples become benchmark items,

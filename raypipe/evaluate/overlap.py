@@ -10,7 +10,7 @@ the training data), per ability:
    two prompts overlap strongly: the Jaccard similarity of their content words (stems,
    stopwords and both keywords left out) is at least ``threshold``.
 2. ``near_duplicate_prompt``: the item's prompt repeats a training prompt, exactly or
-   nearly (:class:`raypipe.generate.dedup.NearDuplicateIndex`, word-bigram Jaccard at
+   nearly (:class:`raypipe.similarity.NearDuplicateIndex`, word-bigram Jaccard at
    least ``near_duplicate_threshold``).
 
 Training rows are indexed by ability and by the stems of their keywords, so an item is
@@ -32,7 +32,6 @@ import pyarrow.parquet as pq
 
 from raypipe.errors import ConfigError
 from raypipe.evaluate.items import KEYWORD_OVERLAP, NEAR_DUPLICATE, OVERLAP_STAGE, RAW_MAX
-from raypipe.generate.dedup import NearDuplicateIndex, jaccard, shingles
 from raypipe.matching import (
     STOPWORDS,
     emphasized_keywords,
@@ -42,6 +41,7 @@ from raypipe.matching import (
     words,
 )
 from raypipe.schema import SAMPLE_SCHEMA
+from raypipe.similarity import NearDuplicateIndex, jaccard, shingles
 from raypipe.train.sources import parquet_files
 
 __all__ = ["overlap_filter", "read_training_prompts"]

@@ -2,7 +2,7 @@
 
 Local inference (:func:`predict_local`): the items go into Ray Data in blocks of
 ``batch_size`` rows and through an actor pool of :class:`LlavaPredictor` (appended with
-:func:`raypipe.generate.stage.add_stage`; each actor loads the model once). Each actor
+:func:`raypipe.stage.add_stage`; each actor loads the model once). Each actor
 asks Ray for one GPU when it runs on CUDA, else for a fraction of a CPU (0.5, with
 ``threads`` torch threads, 1 by default), as the project's other CPU pools do. Prompts are
 the model's own chat template applied to
@@ -31,7 +31,7 @@ from raypipe.evaluate.inference import (
     items_table,
     prediction_table,
 )
-from raypipe.generate.stage import Stage, add_stage
+from raypipe.stage import Stage, add_stage
 
 __all__ = [
     "BATCHES_PER_BLOCK",

@@ -53,7 +53,7 @@ TASKS = ("keywords", "prompts", "dialogue")
 
 #: Keywords asked for per keyword-bank request (``expand_keyword_bank``'s per_request).
 KEYWORDS_PER_REQUEST = 50
-#: Unproductive keyword requests in a row after which a bank stops growing (text.py's
+#: Unproductive keyword requests in a row after which a bank stops growing (keywords.py's
 #: ``stale < 3``): counted once per bank in the worst case.
 KEYWORD_STALE_ROUNDS = 3
 

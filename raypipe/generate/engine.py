@@ -2,7 +2,7 @@
 
     ds = add_vllm_writer(ds, PromptWriter, cfg, app=app, service=service, **writer_kwargs)
 
-appends three stages where the other backends have one (raypipe.generate.text):
+appends three stages where the other backends have one (raypipe.generate.prompts, raypipe.generate.dialogues):
 
 1. :class:`EngineRequests`: the writer's ``prepare`` half (the same templates, keys and
    seeds), then per request the LLM cache (OUT/cache, keyed as the ``openai`` backend
@@ -33,13 +33,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from typing import Any
 
 import pyarrow as pa
 
-from raypipe.generate.stage import Stage, add_stage
+from raypipe.generate.config import GenerateConfig
 from raypipe.llm.base import LLMRequest, LLMResult
 from raypipe.llm.vllm import VLLMBackend, decode, finish_reason, sampling_params
+from raypipe.stage import Stage, add_stage
 
 #: What the engine stage reads (the engine's ``method`` and its ``request_kwargs``: the
 #: prompt's token ids and sampling parameters) and carries (``rp_payload``: the row, its
@@ -70,7 +72,7 @@ PLACEHOLDER = {"max_tokens": 1, "temperature": 0.0, "seed": None, "structured_ou
 
 
 class _WriterHalf(Stage):
-    """A writer (raypipe.generate.text) built in this actor; its backend is a VLLMBackend."""
+    """A writer (an LLMStage of raypipe.generate.llm_stage) built in this actor; its backend is a VLLMBackend."""
 
     def __init__(self, writer: type, writer_kwargs: dict[str, Any]):
         self.writer = writer(**writer_kwargs)
@@ -171,7 +173,7 @@ class CacheServed(_WriterHalf):
 
 
 def add_vllm_writer(ds, writer: type, cfg, app: str | None = None, service=None, **writer_kwargs):
-    """Append ``writer`` (a raypipe.generate.text LLM stage) on vLLM engines: its request
+    """Append ``writer`` (a raypipe.generate.llm_stage.LLMStage) on vLLM engines: its request
     half, a Ray Data LLM processor sending to the engines of Serve application ``app``,
     its answer half (see the module docstring). Without ``app``, the writer is served from
     OUT/cache (:class:`CacheServed`), with ``service`` (the run's EngineService actor) for
@@ -260,7 +262,7 @@ def check_cache(
     manifest).
     """
     from raypipe.generate.planner import Planner
-    from raypipe.generate.text import PromptWriter
+    from raypipe.generate.prompts import PromptWriter
 
     name = writer_stage(second)
     if cache_dir is None:  # llm.cache=false: nothing is answered
@@ -329,3 +331,69 @@ def _second_writer_unanswered(planner, writer, rows: list[dict], stored: set) ->
     if not missing:
         missing = sum(e is None for e in read_entries(writer.backend.cache, keys))
     return len(keys), missing
+
+
+# ------------------------------------------------------------------------------------
+# The run's engines and which writers use them (called by raypipe.generate.pipeline)
+# ------------------------------------------------------------------------------------
+
+
+def start_engine_service(cfg: GenerateConfig):
+    """``llm.backend: vllm``: the run's :class:`~raypipe.llm.vllm.EngineService`
+    actor (on the driver's node; it reserves nothing and starts the engines only when a
+    request needs them), else None."""
+    if cfg.llm.backend != "vllm":
+        return None
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from raypipe.llm.vllm.service import start_service
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return start_service(cfg.llm, scheduling_strategy=here)
+
+
+def vllm_writers(cfg: GenerateConfig, args: tuple, cache: str | None, service) -> dict[str, Any]:
+    """``llm.backend: vllm``: which writers send their rows to the engines in the stream.
+
+    A writer whose requests (for the rows the run plans first) are all answered in
+    OUT/cache (:func:`raypipe.generate.engine.check_cache`, exact for those rows) does
+    not: it is served from the cache, and sends what the cache does not answer (a
+    replacement row's request) to the run's engines, which start then. A re-run over the
+    same OUT thus loads no model. When a writer needs the engines they are started here,
+    before the stream (an engine that cannot start fails the run before any rendering).
+    """
+    import ray
+
+    from raypipe.generate.pipeline import second_writer
+    from raypipe.llm.vllm import engine_failure
+
+    second, second_kwargs = second_writer(cfg)
+    checked = check_cache(cfg, args, cache, second, second_kwargs)
+    pools = {stage: "cache" if r["unanswered"] == 0 else "engines" for stage, r in checked.items()}
+    apps = {}
+    if "engines" in pools.values():
+        try:
+            app = ray.get(service.ensure.remote())
+        except Exception as e:  # noqa: BLE001 - sorted by engine_failure
+            error = engine_failure(e, cfg.llm, engine=True)
+            if error is None:
+                raise
+            raise error from None
+        apps = {stage: app for stage, kind in pools.items() if kind == "engines"}
+    logging.getLogger("raypipe.generate").info(
+        "vLLM writers: %s (requests not answered in OUT/cache, of the rows planned first: %s)",
+        ", ".join(f"{k} on {v}" for k, v in pools.items()),
+        ", ".join(f"{k} {v['unanswered']}/{v['requests']}" for k, v in checked.items()),
+    )
+    return {"pools": pools, "apps": apps, "service": service, "cache_check": checked}
+
+
+def vllm_writer_report(run: dict[str, Any]) -> dict[str, Any]:
+    """Per writer of a ``vllm`` run: ``on`` (``engines``: its rows went to the engines;
+    ``cache``: served from OUT/cache), the requests of the rows planned first and how many
+    of them the cache did not answer (None: not known)."""
+    return {
+        stage: {"on": kind, **(run.get("cache_check") or {}).get(stage, {})}
+        for stage, kind in run.get("pools", {}).items()
+    }

@@ -37,9 +37,9 @@ import pyarrow as pa
 from raypipe.errors import ConfigError, ModelError
 from raypipe.generate.config import RenderConfig
 from raypipe.generate.emphasis import TokenChunks, encode_chunks, pad_chunks, tokenize_chunks
-from raypipe.generate.stage import Stage, add_stage
 from raypipe.models import OFFLINE_HINT, resolve_device, resolve_dtype, resolve_pretrained
 from raypipe.schema import is_rejected, reject, rows_to_table, update_meta
+from raypipe.stage import Stage, add_stage
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import time
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from raypipe.generate.planner import UNMADE
+from raypipe.generate.llm_stage import UNMADE
 from raypipe.generate.store import OutputStore
 from raypipe.schema import split_accepted
 

@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(GenerateConfig, args.config, overrides)
     if args.dry_run:
         return dry_run(cfg, args)
-    from raypipe.generate.pipeline import generate, summary_table
+    from raypipe.generate.manifest import summary_table
+    from raypipe.generate.pipeline import generate
 
     start_ray(cfg.ray_address, log_to_driver=cfg.log_to_driver)
     manifest = generate(

@@ -32,9 +32,11 @@ from raypipe.abilities import load_catalog
 from raypipe.config import load_config
 from raypipe.errors import ModelError
 from raypipe.generate.config import GenerateConfig
-from raypipe.generate.pipeline import count_ids, generate
+from raypipe.generate.keywords import keyword_for, seed_bank
+from raypipe.generate.llm_stage import stable_seed
+from raypipe.generate.manifest import count_ids
+from raypipe.generate.pipeline import generate
 from raypipe.generate.store import OutputStore
-from raypipe.generate.text import keyword_for, seed_bank, stable_seed
 from raypipe.llm import tasks as structured
 from raypipe.llm.cache import request_key
 from raypipe.llm.request_body import request_body
@@ -244,9 +246,10 @@ def test_driver_cache_check_is_exact_about_each_writer(resumed, tmp_path):
     """check_cache (what decides which writers get engines) against the answers the
     engines stored: every request answered, then one dialogue answer unusable (an entry
     of a newer format is a miss for the stream too), then one prompt answer gone."""
+    from raypipe.generate.dialogues import DialogueWriter
     from raypipe.generate.engine import check_cache
     from raypipe.generate.pipeline import planner_args, quotas
-    from raypipe.generate.text import DialogueWriter, PromptWriter
+    from raypipe.generate.prompts import PromptWriter
     from raypipe.llm.cache import ResponseCache
 
     out = fresh_copy(resumed.out, tmp_path / "again")
@@ -395,8 +398,8 @@ def test_benchmark_item_writer_writes_items_of_each_type_on_the_engine(engine):
     Each row comes out as an item of its drawn question type (question with
     ``<image>``, response, answer keywords) or rejected at ``benchmark`` with a reason;
     structured output leaves no format reject and no answer cut at max_tokens."""
+    from raypipe.generate.dialogues import BenchmarkItemWriter, question_type_for
     from raypipe.generate.engine import CacheServed
-    from raypipe.generate.text import BenchmarkItemWriter, question_type_for
     from raypipe.schema import rows_to_table
 
     cfg = vllm_config()
@@ -533,7 +536,7 @@ def test_a_writer_on_the_engines_lands_in_the_ray_data_plan(ray_vllm, tiny_dir):
     stages' own placement (llm_actor_cpus, llm_actor_resources); the engines themselves
     are the Serve application's (tests/test_vllm_placement.py)."""
     from raypipe.generate.engine import add_vllm_writer
-    from raypipe.generate.text import PromptWriter
+    from raypipe.generate.prompts import PromptWriter
 
     cfg = vllm_config("llm_actor_resources={api_slot: 1}")
     ds = add_vllm_writer(

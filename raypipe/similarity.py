@@ -1,7 +1,8 @@
-"""Exact and near-duplicate prompt detection (MinHash + LSH banding, verified by Jaccard).
+"""Exact and near-duplicate text detection (MinHash + LSH banding, verified by Jaccard).
 
 The StableLLaVA release has only 23% unique prompts; raypipe rejects repeats before any
-GPU time is spent on them. Near duplicates are prompts whose word-shingle sets have a
+GPU time is spent on them (:class:`raypipe.generate.prompts.DedupStage`, decided by the
+planner), and the evaluation set's overlap check uses the same index. Near duplicates are prompts whose word-shingle sets have a
 Jaccard similarity at or above a threshold. MinHash signatures bucketed by bands give
 candidate pairs in near-linear time; each candidate is confirmed with the exact Jaccard.
 """
@@ -9,15 +10,10 @@ candidate pairs in near-linear time; each candidate is confirmed with the exact 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections import defaultdict
 
 import numpy as np
-import pyarrow as pa
-
-from raypipe.generate.stage import Stage
-from raypipe.schema import is_rejected, reject, rows_to_table
 
 _WORD = re.compile(r"[a-z0-9]+")
 _MERSENNE = (1 << 61) - 1
@@ -118,41 +114,3 @@ class NearDuplicateIndex:
         if hit is None:
             self.add(key, prompt)
         return hit
-
-
-class DedupStage(Stage):
-    """Prompt dedup in the stream: one actor that holds rows until the planner decides.
-
-    The decision is the planner's (:meth:`raypipe.generate.planner.Planner.dedup`): a
-    row is compared once every lower-index row of its ability has arrived, so the
-    lowest index wins among repeats whatever order prompts were written in. Rows wait
-    here (prompt text only, no images yet) until then. Input: work rows from the
-    prompt writer; output: the same rows, released in index order, rejected with stage
-    ``dedup`` (``duplicate_prompt`` / ``near_duplicate_prompt``, raw naming the row it
-    repeats) where they repeat an earlier one. Already-rejected rows pass through.
-    Run it as a pool of exactly one actor: rows it holds are released by later blocks.
-    """
-
-    INPUT_COLUMNS = ("id", "ability", "index", "prompt", "reject_stage")
-
-    def __init__(self, planner):
-        self.planner = planner
-        self.held: dict[str, dict] = {}
-
-    def process(self, batch: pa.Table) -> pa.Table:
-        import ray
-
-        rows = batch.to_pylist()
-        for r in rows:
-            self.held[r["id"]] = r
-        light = [
-            (r["id"], r["ability"], r["index"], None if is_rejected(r) else r["prompt"])
-            for r in rows
-        ]
-        released = []
-        for sid, reason, other in ray.get(self.planner.dedup.remote(light)):
-            row = self.held.pop(sid)
-            if reason:
-                reject(row, "dedup", reason, json.dumps({"prompt": row["prompt"], "repeats": other}))
-            released.append(row)
-        return rows_to_table(released)
