@@ -191,15 +191,25 @@ def test_openai_backend_with_free_text_ends_cleanly(server, ray_vllm, tmp_path):
         assert r.manifest["counts"]["accepted"] == 4
 
 
+#: The vllm backend's run: five abilities, one row each (the openai run's 13 rows cover
+#: every ability on the same weights). Five rows are what the planner's first pull holds
+#: (prompts_per_request), so every request goes to the engine in one wave instead of two,
+#: each ending in a tail of long answers at one request's speed.
+VLLM_ABILITIES = ["color", "animal", "scene", "profession", "art_style"]
+
+
 def test_vllm_backend_with_structured_output_on_the_same_weights(smollm2, ray_vllm, tmp_path):
-    """The same 13 rows with the run's own engine on the same weights. The server is
-    stopped first: its KV cache and the engine's would not both fit beside the other
-    vLLM tests on a 2-core CI machine."""
+    """Rows of five abilities with the run's own engine on the same weights (the openai
+    run covers all 13). The server is stopped first: its KV cache and the engine's would
+    not both fit beside the other vLLM tests on a 2-core CI machine."""
     for server in SERVERS:
         server.stop()
+    n = len(VLLM_ABILITIES)
     r = run("demo-vllm.yaml", tmp_path / "out", ray_vllm, f"llm.model={smollm2}",
-            "llm.vllm.gpu_memory_utilization=0.15")  # fmt: skip
+            "llm.vllm.gpu_memory_utilization=0.15", f"num_samples={n}",
+            f"abilities=[{','.join(VLLM_ABILITIES)}]")  # fmt: skip
     report("vllm, structured output on", r)
-    assert_clean(r, wanted=13, abilities=13)
+    assert_clean(r, wanted=n, abilities=n)
+    assert {row["ability"] for row in r.rows} == set(VLLM_ABILITIES)
     engines = r.manifest["runs"][-1]["llm_engines"]
     assert engines["engines"] == 1 and not engines["found_running"], engines
