@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -140,29 +141,6 @@ def test_a_second_run_on_a_leased_out_stops_before_any_request_or_model(
     assert first["m"]["counts"]["balanced"]
 
 
-def test_a_killed_runs_lease_is_taken_over_after_expiry_and_the_resume_is_exact(
-    ray_local, tiny_dir, tmp_path
-):
-    out = tmp_path / "out"
-    cfg = demo_config(*SMALL, "num_samples=6", "lease_ttl_s=1", "lease_renew_s=0.5")
-    generate(cfg, str(out))
-    lost = sorted((out / "data").glob("part-*.parquet"))[0]
-    lost.unlink()  # rows a killed run had in flight
-    Lease(str(out), ttl_s=1, renew_s=0.5).acquire()  # ... and the lease it left
-    with pytest.raises(LeaseHeld, match="in use by another run"):
-        generate(cfg, str(out))
-    time.sleep(1.5)  # the store's clock passes the lease's expiry
-    before = snapshot(out)
-    with pytest.raises(LeaseExpired, match="--take-over-lease"):
-        generate(cfg, str(out))
-    assert snapshot(out) == before
-    manifest = generate(cfg, str(out), take_over_lease=True)
-    ids = ids_in(str(out))
-    assert len(ids) == 6 and len(set(ids)) == 6
-    assert manifest["counts"]["balanced"]
-    assert not (out / "lease.json").exists()  # released at the end
-
-
 def test_a_run_whose_lease_is_taken_over_publishes_nothing_more(ray_local, tiny_dir, tmp_path):
     out = tmp_path / "out"
     hold, gate = threading.Event(), threading.Event()
@@ -261,17 +239,44 @@ def test_a_changed_identity_is_refused_before_any_request(ray_local, tiny_dir, t
     assert json.loads((out / "identity.json").read_text())["fields"]["seed"] == 7
 
 
-def test_operational_changes_proceed_and_a_larger_num_samples_extends(
+def test_operational_changes_extend_and_a_killed_runs_lost_part_and_lease_are_made_good(
     ray_local, tiny_dir, tmp_path
 ):
+    """One OUT through three runs: operational changes proceed and a larger num_samples
+    extends; then a killed run's lost part unbalances the manifest and its lease holds
+    OUT until it expires and is taken over, and the resume makes exactly the lost rows."""
     out = tmp_path / "out"
     generate(demo_config(*SMALL), str(out))
-    manifest = generate(demo_config(*SMALL, "render.batch_size=2", "num_samples=6"), str(out))
+    cfg = demo_config(
+        *SMALL, "render.batch_size=2", "num_samples=6", "lease_ttl_s=1", "lease_renew_s=0.5"
+    )
+    manifest = generate(cfg, str(out))
     ids = ids_in(str(out))
     assert len(ids) == 6 and len(set(ids)) == 6 and manifest["counts"]["balanced"]
     before = snapshot(out)
     smaller = generate(demo_config(*SMALL, "num_samples=2"), str(out))
     assert "nothing to do" in smaller["note"] and snapshot(out) == before
+
+    # A killed run: a part it had written is lost, and it left its lease.
+    parts = sorted((out / "data").glob("part-*.parquet"))
+    assert len(parts) >= 2
+    lost = pq.read_table(parts[0], columns=["id"]).column("id").to_pylist()
+    parts[0].unlink()
+    counted = count_ids(OutputStore(str(out)))
+    assert not counted["balanced"] and counted["missing_ids"] == sorted(lost)
+    Lease(str(out), ttl_s=1, renew_s=0.5).acquire()
+    with pytest.raises(LeaseHeld, match="in use by another run"):
+        generate(cfg, str(out))
+    time.sleep(1.5)  # the store's clock passes the lease's expiry
+    before = snapshot(out)
+    with pytest.raises(LeaseExpired, match="--take-over-lease"):
+        generate(cfg, str(out))
+    assert snapshot(out) == before
+    manifest = generate(cfg, str(out), take_over_lease=True)
+    again = ids_in(str(out))
+    assert len(again) == 6 and set(again) == set(ids)  # exactly the lost rows made again
+    assert manifest["counts"]["balanced"]
+    assert not (out / "lease.json").exists()  # released at the end
 
 
 # ---------------------------------------------------------------------------------------
