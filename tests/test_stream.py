@@ -75,10 +75,10 @@ def test_first_part_is_written_while_prompts_are_still_answered(ray_local, tiny_
                 server,
                 "llm.concurrency=1",
                 "llm_batch_chunks=1",
-                "num_samples=260",
+                "num_samples=130",
                 # A window well under N, as at scale (the default, 256 per render
-                # actor, would hold nearly all 260 rows at once here).
-                "max_rows_in_flight=64",
+                # actor, would hold all 130 rows at once here).
+                "max_rows_in_flight=32",
                 "part_max_seconds=5",
                 "render.width=32",
                 "render.height=32",
@@ -92,7 +92,7 @@ def test_first_part_is_written_while_prompts_are_still_answered(ray_local, tiny_
     print(f"first part at {first_part:.1f}s, last prompt answered at {last_prompt:.1f}s")
     assert first_part < last_prompt, (first_part, last_prompt)
     assert len(parts) > 1  # flushed by age, then more parts
-    assert len(read_data(tmp_path)) == 260 and manifest["counts"]["balanced"]
+    assert len(read_data(tmp_path)) == 130 and manifest["counts"]["balanced"]
 
 
 def _bad_positions_responder(bad: set[str], refuse_after_first: bool = False):
