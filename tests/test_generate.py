@@ -239,9 +239,12 @@ def _job_env(tiny_dir: Path) -> dict[str, str]:
 
 @pytest.mark.integration
 @pytest.mark.parametrize("when", ["after_parts", "prompt_phase"])
-def test_killed_job_resumes_without_loss_duplicates_or_repaid_requests(tiny_dir, tmp_path, when):
+def test_killed_job_resumes_without_loss_duplicates_or_repaid_requests(
+    ray_local, tiny_dir, tmp_path, when
+):
     """A real SIGKILL of the job's whole process group: after some rows are written, or
-    while the first prompts are being answered (nothing written yet)."""
+    while the first prompts are being answered (nothing written yet). The re-run is the
+    same job's ``main`` in this process, on the session's Ray (no second Ray start)."""
     out = tmp_path / "out"
     n = 20  # 2 abilities x 2 prompt requests of 5; the kill comes after 2 parts of 4 rows
     env = _job_env(tiny_dir)
@@ -314,9 +317,10 @@ def test_killed_job_resumes_without_loss_duplicates_or_repaid_requests(tiny_dir,
         in_flight_at_kill |= {e.hash for e in server.events if killed_at <= e.time < resumed_at}
 
         time.sleep(max(0.0, killed_at + 2.5 - time.monotonic()))  # the lease expires
-        rerun = _job_cmd(out, *overrides, "--take-over-lease")
-        done = subprocess.run(rerun, env=env, capture_output=True, timeout=300)
-        assert done.returncode == 0, done.stderr.decode()[-3000:]
+        from raypipe.jobs import generate as generate_job
+
+        rerun = _job_cmd(out, *overrides, "--take-over-lease")[2:]  # from --config on
+        assert generate_job.main(rerun) == 0
 
     rows = read_data(out)
     ids = [r["id"] for r in rows]
