@@ -367,15 +367,26 @@ def test_temporaries_are_cleaned_by_the_next_run_holding_out(tmp_path):
 # ---------------------------------------------------------------------------------------
 
 
-def test_rejects_lost_at_a_kill_are_made_again_once_the_quota_is_met(
+def test_malformed_answers_are_rejected_and_rejects_lost_at_a_kill_are_made_again(
     ray_local, tiny_dir, tmp_path
 ):
     out = tmp_path / "out"
     bad = frozenset({"turquoise", "royal blue"})  # color rows 0 and 1: malformed prompts
     with LLMServer(responder=template_responder(bad), lifetime_s=300) as server:
         args = ["abilities=[color]", "num_samples=6", *openai(server)]
-        generate(demo_config(*args), str(out))
-        rejected = {r["id"] for r in read_rejects(out) if r["stage"] != "keywords"}
+        manifest = generate(demo_config(*args), str(out))
+        # Malformed LLM output is rejected, with its reason and raw text, and replaced.
+        rows, rejects = read_data(out), read_rejects(out)
+        assert len(rows) == 6 and len({r["id"] for r in rows}) == 6
+        prompt_rejects = [r for r in rejects if r["stage"] == "prompts"]
+        assert prompt_rejects, "malformed prompt answers must land in rejects"
+        assert all(r["reason"] and "Sure! Here are" in r["raw"] for r in prompt_rejects)
+        assert not {r["id"] for r in rejects} & {r["id"] for r in rows}
+        assert manifest["counts"]["rejected"] == len(
+            [r for r in rejects if r["stage"] != "keywords"]
+        )
+        assert os.environ[KEY] not in (out / "manifest.json").read_text()
+        rejected = {r["id"] for r in rejects if r["stage"] != "keywords"}
         assert rejected, "the run rejected nothing"
         # A kill with the rejects still buffered and their replacements written:
         for part in (out / "rejects").glob("part-*.parquet"):
