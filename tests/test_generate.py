@@ -326,7 +326,7 @@ def test_driver_memory_stays_flat_with_10x_rows(tiny_dir, tmp_path):
         "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
     )
     peaks = {}
-    for n in (26, 260):
+    for n in (13, 130):  # one row per ability, then ten
         cmd = [
             sys.executable,
             "-c",
@@ -337,6 +337,7 @@ def test_driver_memory_stays_flat_with_10x_rows(tiny_dir, tmp_path):
         assert res.returncode == 0, res.stderr.decode()[-3000:]
         peaks[n] = int(re.search(rb"MAXRSS_KB (\d+)", res.stdout).group(1))
         assert len(read_data(tmp_path / str(n))) == n
-    growth_mb = (peaks[260] - peaks[26]) / 1024
+    growth_mb = (peaks[130] - peaks[13]) / 1024
     print(f"driver peak RSS (KiB) by rows: {peaks}; growth {growth_mb:.1f} MB")
-    assert growth_mb < 120, f"driver peak grew by {growth_mb:.0f} MB for 10x rows: {peaks}"
+    # 60 MB for 117 more rows: the same ~0.5 MB a row as 120 MB for 26 -> 260 rows.
+    assert growth_mb < 60, f"driver peak grew by {growth_mb:.0f} MB for 10x rows: {peaks}"
