@@ -284,9 +284,7 @@ def test_operational_changes_extend_and_a_killed_runs_lost_part_and_lease_are_ma
 # ---------------------------------------------------------------------------------------
 
 
-def test_s3_part_and_cache_writes_failing_half_way_publish_nothing(
-    ray_local, tiny_dir, s3_server
-):
+def test_s3_part_and_cache_writes_failing_half_way_publish_nothing(ray_local, tiny_dir, s3_server):
     from raypipe.llm.cache import ResponseCache
 
     bucket = s3_server.make_bucket("raypipe-half-way")
@@ -331,9 +329,7 @@ def test_local_cache_put_failing_half_way_publishes_nothing(tmp_path):
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
 
 
-def test_the_whole_or_nothing_check_fails_a_put_straight_to_the_final_name(
-    tmp_path, monkeypatch
-):
+def test_the_whole_or_nothing_check_fails_a_put_straight_to_the_final_name(tmp_path, monkeypatch):
     """The check above is worth something: a put writing straight to the final path
     (the mutant of review T1) fails it."""
     from raypipe.llm import cache as cache_module
