@@ -5,7 +5,7 @@ virtual environment first on PATH, dashboard on 127.0.0.1) takes two jobs submit
 `--working-dir .`: the demo preset with a small N, which must end SUCCEEDED with its rows
 in OUT, and one with a mistyped override, which must end FAILED with the error (and its
 suggestion) in `ray job logs`. The package Ray uploaded must leave out the virtual
-environments and run outputs (.rayignore, .gitignore). A third job sends its LLM requests
+environments and run outputs (.rayignore, .gitignore). The demo job sends its LLM requests
 to a loopback server with an API key the head's node environment holds, as docs/cluster.md
 has `ray start` export it: the key must appear in no job info, log or
 file of OUT or of the head's session. The head is stopped whatever
@@ -90,8 +90,13 @@ def submit(
 @pytest.fixture(scope="module")
 def jobs(head, tiny_dir, tmp_path_factory):
     """Both jobs, submitted to the one head: the bad one first (without waiting), then
-    the good one (waiting for it), so they run side by side."""
+    the good one (waiting for it), so they run side by side. The good one asks a
+    loopback LLM server that takes only the node's key."""
+    from llm_server import LLMServer
+    from test_generate import template_responder
+
     tmp = tmp_path_factory.mktemp("jobs")
+    server = LLMServer(responder=template_responder(), api_key=SENTINEL, lifetime_s=600).start()
     run = uuid.uuid4().hex[:8]
     # A run output in the checkout that must not travel with the jobs.
     made_out = not (REPO / "out").exists()
@@ -105,9 +110,14 @@ def jobs(head, tiny_dir, tmp_path_factory):
         )
         assert bad.returncode == 0, bad.stdout + bad.stderr
         t = time.time()
-        good = submit(head, good_id, tmp / "good", tiny_dir)
+        good = submit(
+            head, good_id, tmp / "good", tiny_dir, "llm.backend=openai",
+            f"llm.base_url={server.url}", f"llm.api_key_env={KEY_ENV}", "llm.model=test-model",
+            "extra_keywords_per_ability=0",
+        )  # fmt: skip
         print(f"good job: {time.time() - t:.1f} s")
     finally:
+        server.stop()
         shutil.rmtree(marker, ignore_errors=True)
         if made_out:
             try:
@@ -118,6 +128,7 @@ def jobs(head, tiny_dir, tmp_path_factory):
         "good": (good_id, good, tmp / "good"),
         "bad": (bad_id, bad, tmp / "bad"),
         "packages": head.packages(),
+        "server": server,
     }
 
 
@@ -177,26 +188,16 @@ def test_uploaded_package_leaves_out_environments_and_run_outputs(jobs):
         assert size < 20 * 2**20, f"package of {size / 2**20:.1f} MiB: something large travels"
 
 
-def test_the_node_key_reaches_the_llm_but_no_job_info_log_or_file(
-    head, tiny_dir, tmp_path, llm_server
-):
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_generate import template_responder
-
-    server = llm_server(responder=template_responder(), api_key=SENTINEL, lifetime_s=600)
-    job_id, out = f"rp-key-{uuid.uuid4().hex[:8]}", tmp_path / "out"
-    res = submit(
-        head, job_id, out, tiny_dir, "llm.backend=openai", f"llm.base_url={server.url}",
-        f"llm.api_key_env={KEY_ENV}", "llm.model=test-model", "abilities=[color]",
-        "extra_keywords_per_ability=0", n=2,
-    )  # fmt: skip
+def test_the_node_key_reaches_the_llm_but_no_job_info_log_or_file(head, jobs):
+    job_id, res, out = jobs["good"]
+    server = jobs["server"]
     assert res.returncode == 0, f"{res.stdout[-4000:]}\n{res.stderr[-3000:]}"
     assert head.wait_job(job_id)["status"] == "SUCCEEDED"
     # The key was used: every request the server saw carried it, and none was refused.
     chats = [ev for ev in server.events if ev.hash]
     assert chats and server.unauthorized == 0
     assert {ev.authorization for ev in chats} == {f"Bearer {SENTINEL}"}
-    assert len(pq.read_table(out / "data")) == 2
+    assert len(pq.read_table(out / "data")) == N
 
     from ray.job_submission import JobSubmissionClient
 
@@ -209,7 +210,7 @@ def test_the_node_key_reaches_the_llm_but_no_job_info_log_or_file(
         "ray job logs": client.get_job_logs(job_id),
         "ray list actors": head.ray("list", "actors", "--detail", timeout_s=60).stdout,
     }
-    assert "wrote 2 rows" in seen["ray job logs"]  # the logs were read
+    assert f"wrote {N} rows" in seen["ray job logs"]  # the logs were read
     for where, text in seen.items():
         assert SENTINEL not in text, where
     files = [p for root in (out, head.temp_dir) for p in root.rglob("*") if p.is_file()]

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -141,29 +142,6 @@ def test_a_second_run_on_a_leased_out_stops_before_any_request_or_model(
     assert first["m"]["counts"]["balanced"]
 
 
-def test_a_killed_runs_lease_is_taken_over_after_expiry_and_the_resume_is_exact(
-    ray_local, tiny_dir, tmp_path
-):
-    out = tmp_path / "out"
-    cfg = demo_config(*SMALL, "num_samples=6", "lease_ttl_s=1", "lease_renew_s=0.5")
-    generate(cfg, str(out))
-    lost = sorted((out / "data").glob("part-*.parquet"))[0]
-    lost.unlink()  # rows a killed run had in flight
-    Lease(str(out), ttl_s=1, renew_s=0.5).acquire()  # ... and the lease it left
-    with pytest.raises(LeaseHeld, match="in use by another run"):
-        generate(cfg, str(out))
-    time.sleep(1.5)  # the store's clock passes the lease's expiry
-    before = snapshot(out)
-    with pytest.raises(LeaseExpired, match="--take-over-lease"):
-        generate(cfg, str(out))
-    assert snapshot(out) == before
-    manifest = generate(cfg, str(out), take_over_lease=True)
-    ids = ids_in(str(out))
-    assert len(ids) == 6 and len(set(ids)) == 6
-    assert manifest["counts"]["balanced"]
-    assert not (out / "lease.json").exists()  # released at the end
-
-
 def test_a_run_whose_lease_is_taken_over_publishes_nothing_more(ray_local, tiny_dir, tmp_path):
     out = tmp_path / "out"
     hold, gate = threading.Event(), threading.Event()
@@ -262,17 +240,44 @@ def test_a_changed_identity_is_refused_before_any_request(ray_local, tiny_dir, t
     assert json.loads((out / "identity.json").read_text())["fields"]["seed"] == 7
 
 
-def test_operational_changes_proceed_and_a_larger_num_samples_extends(
+def test_operational_changes_extend_and_a_killed_runs_lost_part_and_lease_are_made_good(
     ray_local, tiny_dir, tmp_path
 ):
+    """One OUT through three runs: operational changes proceed and a larger num_samples
+    extends; then a killed run's lost part unbalances the manifest and its lease holds
+    OUT until it expires and is taken over, and the resume makes exactly the lost rows."""
     out = tmp_path / "out"
     generate(demo_config(*SMALL), str(out))
-    manifest = generate(demo_config(*SMALL, "render.batch_size=2", "num_samples=6"), str(out))
+    cfg = demo_config(
+        *SMALL, "render.batch_size=2", "num_samples=6", "lease_ttl_s=1", "lease_renew_s=0.5"
+    )
+    manifest = generate(cfg, str(out))
     ids = ids_in(str(out))
     assert len(ids) == 6 and len(set(ids)) == 6 and manifest["counts"]["balanced"]
     before = snapshot(out)
     smaller = generate(demo_config(*SMALL, "num_samples=2"), str(out))
     assert "nothing to do" in smaller["note"] and snapshot(out) == before
+
+    # A killed run: a part it had written is lost, and it left its lease.
+    parts = sorted((out / "data").glob("part-*.parquet"))
+    assert len(parts) >= 2
+    lost = pq.read_table(parts[0], columns=["id"]).column("id").to_pylist()
+    parts[0].unlink()
+    counted = count_ids(OutputStore(str(out)))
+    assert not counted["balanced"] and counted["missing_ids"] == sorted(lost)
+    Lease(str(out), ttl_s=1, renew_s=0.5).acquire()
+    with pytest.raises(LeaseHeld, match="in use by another run"):
+        generate(cfg, str(out))
+    time.sleep(1.5)  # the store's clock passes the lease's expiry
+    before = snapshot(out)
+    with pytest.raises(LeaseExpired, match="--take-over-lease"):
+        generate(cfg, str(out))
+    assert snapshot(out) == before
+    manifest = generate(cfg, str(out), take_over_lease=True)
+    again = ids_in(str(out))
+    assert len(again) == 6 and set(again) == set(ids)  # exactly the lost rows made again
+    assert manifest["counts"]["balanced"]
+    assert not (out / "lease.json").exists()  # released at the end
 
 
 # ---------------------------------------------------------------------------------------
@@ -280,9 +285,7 @@ def test_operational_changes_proceed_and_a_larger_num_samples_extends(
 # ---------------------------------------------------------------------------------------
 
 
-def test_s3_part_and_cache_writes_failing_half_way_publish_nothing(
-    ray_local, tiny_dir, s3_server
-):
+def test_s3_part_and_cache_writes_failing_half_way_publish_nothing(ray_local, tiny_dir, s3_server):
     from raypipe.llm.cache import ResponseCache
 
     bucket = s3_server.make_bucket("raypipe-half-way")
@@ -327,9 +330,7 @@ def test_local_cache_put_failing_half_way_publishes_nothing(tmp_path):
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
 
 
-def test_the_whole_or_nothing_check_fails_a_put_straight_to_the_final_name(
-    tmp_path, monkeypatch
-):
+def test_the_whole_or_nothing_check_fails_a_put_straight_to_the_final_name(tmp_path, monkeypatch):
     """The check above is worth something: a put writing straight to the final path
     (the mutant of review T1) fails it."""
     from raypipe.llm import cache as cache_module
@@ -363,15 +364,26 @@ def test_temporaries_are_cleaned_by_the_next_run_holding_out(tmp_path):
 # ---------------------------------------------------------------------------------------
 
 
-def test_rejects_lost_at_a_kill_are_made_again_once_the_quota_is_met(
+def test_malformed_answers_are_rejected_and_rejects_lost_at_a_kill_are_made_again(
     ray_local, tiny_dir, tmp_path
 ):
     out = tmp_path / "out"
     bad = frozenset({"turquoise", "royal blue"})  # color rows 0 and 1: malformed prompts
     with LLMServer(responder=template_responder(bad), lifetime_s=300) as server:
         args = ["abilities=[color]", "num_samples=6", *openai(server)]
-        generate(demo_config(*args), str(out))
-        rejected = {r["id"] for r in read_rejects(out) if r["stage"] != "keywords"}
+        manifest = generate(demo_config(*args), str(out))
+        # Malformed LLM output is rejected, with its reason and raw text, and replaced.
+        rows, rejects = read_data(out), read_rejects(out)
+        assert len(rows) == 6 and len({r["id"] for r in rows}) == 6
+        prompt_rejects = [r for r in rejects if r["stage"] == "prompts"]
+        assert prompt_rejects, "malformed prompt answers must land in rejects"
+        assert all(r["reason"] and "Sure! Here are" in r["raw"] for r in prompt_rejects)
+        assert not {r["id"] for r in rejects} & {r["id"] for r in rows}
+        assert manifest["counts"]["rejected"] == len(
+            [r for r in rejects if r["stage"] != "keywords"]
+        )
+        assert os.environ[KEY] not in (out / "manifest.json").read_text()
+        rejected = {r["id"] for r in rejects if r["stage"] != "keywords"}
         assert rejected, "the run rejected nothing"
         # A kill with the rejects still buffered and their replacements written:
         for part in (out / "rejects").glob("part-*.parquet"):

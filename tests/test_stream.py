@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -77,10 +76,10 @@ def test_first_part_is_written_while_prompts_are_still_answered(ray_local, tiny_
                 server,
                 "llm.concurrency=1",
                 "llm_batch_chunks=1",
-                "num_samples=260",
+                "num_samples=130",
                 # A window well under N, as at scale (the default, 256 per render
-                # actor, would hold nearly all 260 rows at once here).
-                "max_rows_in_flight=64",
+                # actor, would hold all 130 rows at once here).
+                "max_rows_in_flight=32",
                 "part_max_seconds=5",
                 "render.width=32",
                 "render.height=32",
@@ -94,7 +93,7 @@ def test_first_part_is_written_while_prompts_are_still_answered(ray_local, tiny_
     print(f"first part at {first_part:.1f}s, last prompt answered at {last_prompt:.1f}s")
     assert first_part < last_prompt, (first_part, last_prompt)
     assert len(parts) > 1  # flushed by age, then more parts
-    assert len(read_data(tmp_path)) == 260 and manifest["counts"]["balanced"]
+    assert len(read_data(tmp_path)) == 130 and manifest["counts"]["balanced"]
 
 
 def _bad_positions_responder(bad: set[str], refuse_after_first: bool = False):
@@ -178,20 +177,6 @@ def test_reasoning_model_gets_max_completion_tokens(ray_local, tiny_dir, tmp_pat
         refused = server.fault_counts.get("unsupported_param", 0)
     assert len(read_data(tmp_path)) == 3 and manifest["stopped"] is None
     assert refused == 0
-
-
-def test_deleted_part_makes_the_manifest_unbalanced(ray_local, tiny_dir, tmp_path):
-    cfg = demo_config("abilities=[color,animal]", "num_samples=8", "part_max_rows=4")
-    generate(cfg, str(tmp_path))
-    parts = sorted((tmp_path / "data").glob("part-*.parquet"))
-    assert len(parts) >= 2
-    lost = pq.read_table(parts[0], columns=["id"]).column("id").to_pylist()
-    parts[0].unlink()
-    ids = count_ids(OutputStore(str(tmp_path)))
-    assert not ids["balanced"] and ids["missing_ids"] == sorted(lost)
-    # The same command makes exactly the lost rows again.
-    manifest = generate(cfg, str(tmp_path))
-    assert manifest["counts"]["balanced"] and len(read_data(tmp_path)) == 8
 
 
 def test_max_usd_stops_the_run_and_the_rerun_completes_it(ray_local, tiny_dir, tmp_path):
