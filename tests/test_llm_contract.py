@@ -249,6 +249,20 @@ def test_the_in_flight_limit_is_cut_on_transient_failures_and_grows_back():
     assert limiter.llm_stats()["seconds_since_success"] == 42.0
 
 
+def test_the_outage_clock_runs_only_while_transient_failures_come_without_answers():
+    clock = FakeClock()
+    limiter = JobLimiter(None, None, concurrency=16, clock=clock.now, sleep=clock.sleep)
+    limiter.report(answers=3)
+    clock.t += 50.0  # slow answers, no failures: not an outage
+    assert limiter.llm_stats()["outage_s"] == 0.0
+    limiter.report(failures={"transient": 2}, last_error="http_503: upstream down")
+    clock.t += 10.0
+    stats = limiter.llm_stats()
+    assert stats["outage_s"] == 60.0 and stats["last_error"] == "http_503: upstream down"
+    limiter.report(answers=1)  # the endpoint answers again
+    assert limiter.llm_stats()["outage_s"] == 0.0
+
+
 def test_the_limiters_counts_survive_its_restart():
     """Ray restarts a dead limiter actor empty; the clients' running totals, sent with
     their next report, give it back the job's counts, and it says it restarted."""

@@ -144,7 +144,7 @@ def test_max_usd_stops_planning_and_unmade_rows_are_not_missing(tmp_path):
     p.spend(0.5)
     assert p.status()["stopped"] == "max_usd"
     assert not p.finished()  # four rows still in flight
-    assert p.over_budget()
+    assert p.stop_reason() == "max_usd"
     # The LLM stages handed the four rows back unmade.
     p.report([(a, i, "unmade") for a, i in first])
     assert p.finished() and p.pull().num_rows == 0
@@ -247,3 +247,60 @@ def test_read_tasks_follow_the_rows_expected_not_the_most_that_may_be_planned(tm
     assert tickets_for(tight, 8, 5) == 3 + source.SPARE_TICKETS  # 105 rows, 21 chunks
     # A later execution (rejects outran the first) gets room for all it may still plan.
     assert tickets_for(tight, 8, 5, first=False) == 2 * 3 + 64  # as before: 105 rows
+
+
+def _transient(p: Planner, rows: list[int], ability: str = "color") -> list:
+    """The prompt writer handed ``rows`` back: their request failed as transient."""
+    light = [(sample_id(0, ability, i), ability, i, None, "llm_transient") for i in rows]
+    return p.dedup(light)
+
+
+def test_a_transient_failure_is_made_again_keeping_its_place_in_dedup(tmp_path, monkeypatch):
+    import raypipe.generate.planner as planner_module
+
+    monkeypatch.setattr(planner_module, "REQUEUE_S", 0.05)
+    p = planner(tmp_path, {"color": 10})
+    assert sorted(i for _, i in pulled(p)) == list(range(10))
+    # Chunk 0's request failed after its retries: its rows pass dedup untouched (to be
+    # handed back), and chunk 1's rows wait for them, whatever order they came in.
+    assert [r[1] for r in _transient(p, range(5))] == [None] * 5
+    prompts = {i: f"((red)) thing number {i} {'x' * i}" for i in range(10)}
+    prompts[5] = prompts[2]  # row 5 repeats row 2, and arrives first
+    assert p.dedup([(sample_id(0, "color", i), "color", i, prompts[i]) for i in range(5, 10)]) == []
+    p.report([("color", i, "unmade", "llm_transient") for i in range(5)])
+    st = p.status()
+    # Made again under the same ids: no position burned, no replacement budget spent.
+    assert st["requeued"] == 5 and st["planned"] == 10 and st["abilities"]["color"]["burned"] == 0
+    assert pulled(p) == [("color", i) for i in range(5)]  # after a pause
+    out = p.dedup([(sample_id(0, "color", i), "color", i, prompts[i]) for i in range(5)])
+    decided = {sid: reason for sid, reason, _ in out}
+    assert decided[sample_id(0, "color", 5)] == "duplicate_prompt"  # lowest index wins
+    assert decided[sample_id(0, "color", 2)] is None and len(decided) == 10
+    # The replacement of the duplicate is the next free index, as without the outage.
+    p.report([("color", i, None) for i in range(10) if i != 5] + [("color", 5, "dedup")])
+    assert pulled(p) == [("color", 10)]
+
+
+def test_a_halt_sends_handed_back_rows_through_unmade_so_the_rows_behind_are_decided(tmp_path):
+    from raypipe.generate.manifest import count_ids
+
+    p = planner(tmp_path, {"color": 10})
+    pulled(p)
+    _transient(p, range(5))
+    assert p.dedup([(sample_id(0, "color", i), "color", i, f"((red)) p{i}") for i in range(5, 10)]) == []
+    p.halt("llm_outage")
+    assert p.stop_reason() == "llm_outage"
+    # The hand-backs arrive after the halt: each goes through once more, unmade, in order.
+    p.report([("color", i, "unmade", "llm_transient") for i in range(5)])
+    assert pulled(p) == [("color", i) for i in range(5)]
+    light = [(sample_id(0, "color", i), "color", i, None, "llm_outage") for i in range(5)]
+    assert len(p.dedup(light)) == 10  # rows 5-9 are decided now: nothing waits forever
+    p.report([("color", i, "unmade", "llm_outage") for i in range(10)])  # none written
+    assert p.finished() and p.pull().num_rows == 0
+    st = p.status()
+    assert st["stopped"] == "llm_outage"
+    ids = count_ids(OutputStore(str(tmp_path)))
+    assert ids["missing_ids"] == [] and ids["balanced"]
+    # The next run makes the handed-back rows, under the same ids.
+    again = planner(tmp_path, {"color": 10})
+    assert pulled(again) == [("color", i) for i in range(10)]

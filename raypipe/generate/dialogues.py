@@ -69,7 +69,8 @@ class DialogueWriter(LLMStage):
             add_usage(r, "dialogue", usage_meta(res))
             failure = self.failure(res)
             if failure is not None:
-                reject(r, "dialogue", failure, res.text or "")
+                if not self.hand_back(r, res):
+                    reject(r, "dialogue", failure, res.text or "")
                 continue
             keyword = (r["keywords"] or [""])[0]
             if req.response_schema:
@@ -149,7 +150,8 @@ class BenchmarkItemWriter(LLMStage):
             add_usage(r, "benchmark", usage_meta(res))
             failure = self.failure(res)
             if failure is not None:
-                reject(r, "benchmark", failure, res.text or "")
+                if not self.hand_back(r, res):
+                    reject(r, "benchmark", failure, res.text or "")
                 continue
             if req.response_schema:
                 parsed = tasks.parse_benchmark_json(res.text, qtype)

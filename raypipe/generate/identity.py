@@ -63,6 +63,7 @@ FIELD_CLASS: dict[str, str] = {
     "llm.stream": OPERATIONAL,
     "llm.first_token_timeout_s": OPERATIONAL,
     "llm.idle_timeout_s": OPERATIONAL,
+    "llm.outage_stop_s": OPERATIONAL,
     "llm.deadline_s": OPERATIONAL,
     "llm.api_key_file": OPERATIONAL,
     "llm.vllm.dtype": IDENTITY,

@@ -2,8 +2,12 @@
 
 Each stage builds its LLM backend once in ``__init__`` and is a pure
 ``__call__(batch: pyarrow.Table) -> pyarrow.Table`` over work rows (raypipe.schema).
-A request that fails after retries, or whose text does not parse, rejects the rows it
-was for, with the reason and the raw text; nothing is dropped silently. The stages:
+A request whose answer cannot be used (cut at max_tokens, refused, or text that does
+not parse) rejects the rows it was for, with the reason and the raw text; nothing is
+dropped silently. A request that failed as transient after its retries (an outage, not
+the row's content) hands its rows back unmade (stage ``unmade``, reason
+``llm_transient``): the planner plans them again, and the run stops cleanly when the
+endpoint stays down for ``llm.outage_stop_s``. The stages:
 :mod:`raypipe.generate.prompts` and :mod:`raypipe.generate.dialogues`; the keyword banks
 (:mod:`raypipe.generate.keywords`) are written on the driver.
 """
@@ -20,12 +24,15 @@ from raypipe.abilities import load_catalog
 from raypipe.llm import make_backend, tasks
 from raypipe.llm.base import LLMRequest, LLMResult
 from raypipe.llm.config import LLMConfig
-from raypipe.llm.failures import FATAL, LLMFatalError, fatal_message
+from raypipe.llm.failures import FATAL, TRANSIENT, LLMFatalError, fatal_message
 from raypipe.schema import is_rejected, reject
 from raypipe.stage import Stage
 
-#: Stage of rows handed back unmade at ``max_usd`` (see raypipe.generate.planner).
+#: Stage of rows handed back unmade: the run was halted (``max_usd``, ``llm_outage``), or
+#: their request failed as transient (see raypipe.generate.planner).
 UNMADE = "unmade"
+#: Reason of a row handed back after a transient failure (the planner makes it again).
+TRANSIENT_REASON = "llm_transient"
 
 
 def stable_seed(*parts: Any) -> int:
@@ -123,6 +130,14 @@ class LLMStage(Stage):
         return tasks.for_run(req, self.cfg)
 
     @staticmethod
+    def hand_back(row: dict[str, Any], res: LLMResult | None) -> bool:
+        """Hand ``row`` back unmade if ``res`` failed as transient (True if it did)."""
+        if res is None or res.failure != TRANSIENT:
+            return False
+        reject(row, UNMADE, TRANSIENT_REASON, res.error or "")
+        return True
+
+    @staticmethod
     def failure(res: LLMResult) -> str | None:
         """Why ``res`` cannot be used at all (failed, or cut at max_tokens), else None."""
         if not res.ok:
@@ -132,23 +147,25 @@ class LLMStage(Stage):
         return None
 
     def writable(self, rows: list[dict[str, Any]]) -> list[bool]:
-        """Which rows to write: not yet rejected; at ``max_usd`` none (they are handed
-        back unmade, in place)."""
+        """Which rows to write: not yet rejected; once the run is halted none (they are
+        handed back unmade, in place)."""
         todo = [not is_rejected(r) for r in rows]
-        if any(todo) and self.over_budget():
+        stop = self.stop_reason() if any(todo) else None
+        if stop:
             for r, t in zip(rows, todo):
                 if t:
-                    reject(r, UNMADE, "max_usd", "")
+                    reject(r, UNMADE, stop, "")
             todo = [False] * len(rows)
         return todo
 
-    def over_budget(self) -> bool:
-        """Whether the run reached ``max_usd`` (then rows are handed back unmade)."""
+    def stop_reason(self) -> str | None:
+        """Why the run was halted (``max_usd``, ``llm_outage``: rows are then handed back
+        unmade), else None."""
         if self.planner is None:
-            return False
+            return None
         import ray
 
-        return ray.get(self.planner.over_budget.remote())
+        return ray.get(self.planner.stop_reason.remote())
 
     def complete(self, requests: list) -> list[LLMResult]:
         """Answer ``requests``; tell the planner what they paid."""

@@ -303,6 +303,8 @@ def run_report(
         "parts_written": parts,
         "stopped": status["stopped"] if not status["finished"] or status["stopped"] else None,
         "planned": status["planned"],
+        # Rows handed back after a transient LLM failure and made again (an outage).
+        "requeued": status.get("requeued", 0),
         # Ray Data executions of the stream: 1 unless rejects outran the read tasks
         # (source.tickets_for), each further one starting the actor pools again.
         "stream_executions": executions,

@@ -225,6 +225,7 @@ def stream(cfg: GenerateConfig, run: dict[str, Any], tally: Tally) -> dict[str, 
     """Step 4: run the stream until the planner has nothing more; returns its status."""
     import ray
 
+    from raypipe.generate.outage import watching_outages
     from raypipe.generate.source import tickets_for
 
     planner = run["planner"]
@@ -241,7 +242,10 @@ def stream(cfg: GenerateConfig, run: dict[str, Any], tally: Tally) -> dict[str, 
         ds = build_stream(cfg, run, tickets)
         run["executions"] = run.get("executions", 0) + 1
         try:
-            with collecting_garbage(DRIVER_GC_S):
+            with (
+                collecting_garbage(DRIVER_GC_S),
+                watching_outages(run["limiter"], planner, cfg.llm.outage_stop_s, run),
+            ):
                 for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                     tally.add(batch)
                     if run["lease"].lost is not None:  # taken over: stop, publish nothing
@@ -437,6 +441,8 @@ def _stream_and_finish(
         manifest["runs"][-1]["identity_change"] = identity_change
     if run["limiter"] is not None:  # the job's LLM outage detector: failures by kind
         manifest["runs"][-1]["llm_stats"] = run["limiter"].llm_stats()
+    if run.get("outage"):
+        manifest["runs"][-1]["outage"] = run["outage"]
     store.write_json("manifest.json", manifest)  # fenced: only while this run holds OUT
     write_card_and_preview(store, manifest)
     return manifest

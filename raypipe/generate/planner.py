@@ -8,35 +8,30 @@ to make (:meth:`Planner.pull`), and the planner answers from what it knows so fa
    neither OUT/data nor OUT/rejects (rows in flight or buffered at a kill), whether or
    not the quota is met already, so a resumed run always ends balanced; then the
    smallest free indices, as many as the ability still needs (``quota - accepted``).
-2. When a row is rejected (at any stage), the planner plans one replacement: the next
-   index of that ability that was never planned. Rows beyond an ability's quota are
-   never planned, so they can never be written as data. Which indices are planned
-   depends only on which rows are rejected, and rejection depends only on a row's own
-   content, so a re-run makes the same decisions.
+2. A rejected row (at any stage) gets one replacement: the next never-planned index
+   of its ability. Rows beyond the quota are never planned. Rejection depends only on
+   a row's own content, so a re-run makes the same decisions.
 3. A prompt request answers k rows at once (a *chunk*: indices ``c*k .. c*k+k-1``).
    When some of its prompts do not parse, the prompt writer *burns* those positions
    (:meth:`burn`): they are never planned as replacements, so no row is ever served
    an answer that already failed; the chunk's good prompts stay usable.
-4. Prompt dedup is decided here (:meth:`dedup`), by index, not arrival order: a row's
-   prompt is compared only once every planned row of its ability with a lower index
-   has arrived, so among repeats the lowest index wins whatever order the prompt
-   writers finish in. Exact and near duplicates (``near_duplicate_threshold``) count,
-   within an ability, against every earlier row that passed dedup (this run and, from
-   OUT/data, earlier runs).
-5. A run stops planning when every ability has its quota, when an ability used up its
-   replacement budget (``replace_budget``), or when the run's paid LLM spend reached
-   ``max_usd`` (rows already in flight finish). Then :meth:`pull` returns nothing more
-   and the source ends.
-
-Planned ids are logged to OUT/plan (every few seconds and at the end), so the manifest
-can say which planned ids are neither accepted nor rejected (``balanced: false``).
-Burned positions are logged there too (at once), so a re-run never plans a row onto an
-answer that failed in an earlier run either: it sends a request with a new key.
+4. Prompt dedup is decided here (:meth:`dedup`) in index order: a row's prompt is
+   compared once every lower-index row of its ability has arrived, so the lowest index
+   wins among repeats, against every earlier row of its ability that passed dedup
+   (this run and OUT/data), exact or near (``near_duplicate_threshold``).
+5. A row whose LLM request failed as transient (an outage, not its content) is handed
+   back and planned again under the same id after a pause (:meth:`report`): it burns
+   no position and spends no replacement budget; rows of its ability with higher
+   indices wait at dedup for it, so dedup decides as it would have.
+6. A run stops planning when every ability has its quota, when an ability used up its
+   replacement budget (``replace_budget``), or when it is halted (:meth:`halt`:
+   ``max_usd`` reached, or ``llm.outage_stop_s`` of outage): rows in flight finish or
+   are handed back unmade. Then :meth:`pull` returns nothing more and the source ends.
+   What was planned, handed back and burned is in OUT/plan (raypipe.generate.plan_log).
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import threading
 import time
@@ -46,7 +41,8 @@ from typing import Any
 import pyarrow as pa
 
 from raypipe.generate.keywords import keyword_for
-from raypipe.generate.llm_stage import UNMADE
+from raypipe.generate.llm_stage import TRANSIENT_REASON, UNMADE
+from raypipe.generate.plan_log import PlanLog, outstanding_ids
 from raypipe.generate.store import OutputStore
 from raypipe.schema import sample_id
 from raypipe.similarity import NearDuplicateIndex
@@ -61,15 +57,14 @@ CHUNK_SCHEMA = pa.schema(
         ("chunk_keywords", pa.list_(pa.string())),
     ]
 )
-#: OUT/plan rows: ids handed to the stream (``planned``), and chunk positions whose
-#: answer failed (``burned``: never to be planned, in this run or a later one).
-PLAN_SCHEMA = pa.schema([("id", pa.string()), ("ability", pa.string()), ("state", pa.string())])
 
 #: How long a pull that has fewer rows than it may take waits for more, while rows are
 #: in flight (their rejects may add replacements): fewer, fuller pulls in a run's tail.
 TAIL_WAIT_S = 0.5
-#: How often the plan log is written to OUT/plan.
-PLAN_LOG_S = 5.0
+#: Pause before a handed-back row is pulled again: doubled with each hand-back of the
+#: row, up to ``REQUEUE_MAX_S`` (its requests already retried with backoff).
+REQUEUE_S = 1.0
+REQUEUE_MAX_S = 30.0
 
 
 class _Ability:
@@ -89,6 +84,10 @@ class _Ability:
         self.replanned: set[int] = set()  # planned before, in neither folder: made again
         self.dedup_queue: deque[int] = deque()  # planned, not yet through dedup
         self.arrived: dict[int, tuple[str, str | None]] = {}  # index -> (id, prompt)
+        self.passed: set[int] = set()  # through dedup (its prompt is in the index)
+        self.waved: set[int] = set()  # through dedup without its turn, to be handed back
+        self.due: dict[int, float] = {}  # handed back: not pulled again before this time
+        self.handed_back: dict[int, int] = {}  # index -> times handed back (transient)
 
     def open(self) -> int:
         return len(self.pending) + len(self.in_flight)
@@ -143,9 +142,9 @@ class Planner:
         self.spent_usd = spent_usd
         self.stopped: str | None = None
         self._cond = threading.Condition()
-        self._plan_log: list[dict[str, str]] = []
-        self._plan_logged_at = time.monotonic()
+        self._plan_log = PlanLog(self.store)
         self._pulls = 0
+        self.requeued = 0  # rows handed back after a transient LLM failure, made again
 
         # 1. What OUT already holds.
         done_ids, accepted = self.store.done_ids()
@@ -240,26 +239,35 @@ class Planner:
                 if pending and time.monotonic() >= deadline:
                     break
                 if not pending and self.finished():
-                    self._flush_plan_log(force=True)
+                    self._plan_log.flush(force=True)
                     return CHUNK_SCHEMA.empty_table()
                 self._cond.wait(timeout=0.1 if pending else 1.0)
             items = self._take(limit)
-            self._flush_plan_log()
+            self._plan_log.flush()
         return pa.Table.from_pylist(items, schema=CHUNK_SCHEMA)
 
     def _held_chunks(self, ab: _Ability) -> set[int]:
-        """Chunks whose request is out: their other rows wait (sent once per run)."""
-        return {i // self.k for i in ab.unanswered}
+        """Chunks whose request is out (their other rows wait: sent once per run), and
+        chunks with a handed-back row still pausing."""
+        held = {i // self.k for i in ab.unanswered}
+        if ab.due:
+            now = time.monotonic()
+            for i, t in list(ab.due.items()):
+                if t <= now:
+                    del ab.due[i]
+                else:
+                    held.add(i // self.k)
+        return held
 
     def _takeable(self, ab: _Ability) -> int:
-        if not ab.unanswered:
+        if not ab.unanswered and not ab.due:
             return len(ab.pending)
         held = self._held_chunks(ab)
         return sum(1 for i in ab.pending if i // self.k not in held)
 
     def _next_chunk(self, ab: _Ability) -> list[int]:
         """Pops the rows of the first pending chunk whose request is not out ([] if none)."""
-        held = self._held_chunks(ab) if ab.unanswered else set()
+        held = self._held_chunks(ab) if ab.unanswered or ab.due else set()
         c = next((i // self.k for i in ab.pending if i // self.k not in held), None)
         if c is None:
             return []
@@ -307,22 +315,12 @@ class Planner:
                     ab.in_flight.add(i)
                     ab.unanswered.add(i)
                     sid = sample_id(self.seed, ab.name, i)
-                    self._plan_log.append({"id": sid, "ability": ab.name, "state": "planned"})
+                    self._plan_log.add(sid, ab.name, "planned")
                     item["indices"].append(i)
                     item["ids"].append(sid)
                 taken += len(item["indices"])
                 items.append(item)
         return items
-
-    def _flush_plan_log(self, force: bool = False) -> None:
-        due = time.monotonic() - self._plan_logged_at >= PLAN_LOG_S
-        if self._plan_log and (force or due):
-            entries = "\n".join(sorted(f"{e['state']} {e['id']}" for e in self._plan_log))
-            name = f"part-{hashlib.sha256(entries.encode()).hexdigest()[:20]}.parquet"
-            table = pa.Table.from_pylist(self._plan_log, schema=PLAN_SCHEMA)
-            self.store.write_table("plan", table, name=name)
-            self._plan_log = []
-            self._plan_logged_at = time.monotonic()
 
     # -- what the stages tell the planner ------------------------------------------------
 
@@ -334,11 +332,9 @@ class Planner:
                 return
             new = [i for i in indices if i not in ab.burned]
             ab.burned.update(new)
-            self._plan_log.extend(
-                {"id": sample_id(self.seed, ability, i), "ability": ability, "state": "burned"}
-                for i in new
-            )
-            self._flush_plan_log(force=bool(new))
+            for i in new:
+                self._plan_log.add(sample_id(self.seed, ability, i), ability, "burned")
+            self._plan_log.flush(force=bool(new))
             unplanned = [i for i in ab.pending if i in ab.burned]
             for i in unplanned:  # planned but not handed out yet: plan another row instead
                 ab.pending.remove(i)
@@ -347,19 +343,28 @@ class Planner:
             if unplanned:
                 self._top_up(ab)
 
-    def dedup(
-        self, rows: list[tuple[str, str, int, str | None]]
-    ) -> list[tuple[str, str | None, str | None]]:
-        """Rows that reached dedup: ``(id, ability, index, prompt or None if rejected)``.
+    def dedup(self, rows: list[tuple]) -> list[tuple[str, str | None, str | None]]:
+        """Rows that reached dedup: ``(id, ability, index, prompt or None if rejected,
+        unmade reason or None)`` (the last item may be left out).
 
         Returns ``(id, reason, repeats)`` for every row that can be decided now (reason
-        None = passed), in index order per ability; the rest wait for lower indices.
+        None = passed), in index order per ability; the rest wait for lower indices. A
+        row handed back unmade keeps its place (its ability's higher rows wait for it to
+        be made again) unless the run is halted; a row that passed dedup before a
+        hand-back passes again.
         """
         out: list[tuple[str, str | None, str | None]] = []
         with self._cond:
             touched = set()
-            for sid, ability, index, prompt in rows:
+            for sid, ability, index, prompt, *unmade in rows:
                 ab = self.abilities[ability]
+                if index in ab.passed:  # made again after a hand-back: decided before
+                    out.append((sid, None, None))
+                    continue
+                if unmade and unmade[0] and not self.stopped:  # to be handed back
+                    ab.waved.add(index)
+                    out.append((sid, None, None))
+                    continue
                 ab.arrived[index] = (sid, prompt)
                 ab.unanswered.discard(index)  # its chunk's answer is back (and cached)
                 touched.add(ability)
@@ -377,33 +382,84 @@ class Planner:
                     out.append((sid, hit[0], hit[1]) if hit else (sid, None, None))
                     if hit:
                         self._finish(ab, i, accepted=False)
+                    else:
+                        ab.passed.add(i)
         return out
 
-    def report(self, outcomes: list[tuple[str, int, str | None]]) -> None:
-        """Final decisions from the writer: ``(ability, index, reject stage or None)``."""
-        with self._cond:
-            for ability, index, stage in outcomes:
-                self._finish(self.abilities[ability], index, accepted=not stage)
-                if stage == UNMADE:
-                    sid = sample_id(self.seed, ability, index)
-                    self._plan_log.append({"id": sid, "ability": ability, "state": "returned"})
+    def report(self, outcomes: list[tuple]) -> None:
+        """Final decisions from the writer: ``(ability, index, reject stage or None,
+        reject reason or None)`` (the reason may be left out).
 
-    def over_budget(self) -> bool:
-        """Whether the run stopped at ``max_usd``: LLM stages then send no more requests."""
-        return self.stopped == "max_usd"
+        A row handed back unmade after a transient LLM failure is planned again (see the
+        module doc); once the run is halted, a handed-back row that went past dedup
+        without its turn is sent through once more, unmade, so the rows behind it are
+        decided; any other is handed back for the next run."""
+        with self._cond:
+            for ability, index, stage, *reason in outcomes:
+                ab = self.abilities[ability]
+                if stage == UNMADE and index in ab.in_flight:
+                    if reason and reason[0] == TRANSIENT_REASON and not self.stopped:
+                        self._requeue(ab, index, pause=True)
+                        continue
+                    if self.stopped and index in ab.waved:
+                        self._requeue(ab, index, pause=False)
+                        continue
+                self._finish(ab, index, accepted=not stage)
+                if stage == UNMADE:
+                    self._log_returned(ab, index)
+
+    def _requeue(self, ab: _Ability, index: int, pause: bool) -> None:
+        """Plan ``index`` again; the plan log says it was handed back (it says planned
+        again when it is pulled again)."""
+        self._log_returned(ab, index)
+        ab.waved.discard(index)
+        ab.in_flight.discard(index)
+        ab.unanswered.discard(index)
+        ab.pending = deque(sorted([*ab.pending, index]))
+        if pause:
+            n = ab.handed_back[index] = ab.handed_back.get(index, 0) + 1
+            ab.due[index] = time.monotonic() + min(REQUEUE_MAX_S, REQUEUE_S * 2 ** (n - 1))
+            self.requeued += 1
+        self._cond.notify_all()
+
+    def _log_returned(self, ab: _Ability, index: int) -> None:
+        sid = sample_id(self.seed, ab.name, index)
+        self._plan_log.add(sid, ab.name, "returned")
+
+    def stop_reason(self) -> str | None:
+        """Why the run was halted (``max_usd``, ``llm_outage``), else None: LLM stages
+        then send no more requests and hand their rows back unmade."""
+        return self.stopped
 
     def spend(self, usd: float) -> None:
-        """Paid LLM spend of a batch; at ``max_usd`` the run stops planning new rows."""
+        """Paid LLM spend of a batch; at ``max_usd`` the run is halted."""
         with self._cond:
             self.spent_usd += usd
-            if self.max_usd is not None and self.spent_usd >= self.max_usd and not self.stopped:
-                self.stopped = "max_usd"
-                for ab in self.abilities.values():
-                    for i in ab.pending:
-                        ab.dedup_queue.remove(i)
-                    ab.planned -= len(ab.pending)
-                    ab.pending.clear()
-                self._cond.notify_all()
+            if self.max_usd is not None and self.spent_usd >= self.max_usd:
+                self._halt("max_usd")
+
+    def halt(self, reason: str) -> None:
+        """Stop planning (``reason``: e.g. ``llm_outage``): rows in flight finish or are
+        handed back unmade, and the stream ends."""
+        with self._cond:
+            self._halt(reason)
+
+    def _halt(self, reason: str) -> None:
+        if self.stopped:
+            return
+        self.stopped = reason
+        for ab in self.abilities.values():
+            ab.due.clear()  # what still goes through is handed back, without a request
+            # A pending row that no pulled row waits for at dedup is never made: only a
+            # lower index than one already out must still pass (unmade) to decide it.
+            hi = max(ab.in_flight | set(ab.arrived), default=-1)
+            drop = [i for i in ab.pending if i > hi or i in ab.passed]
+            for i in drop:
+                ab.pending.remove(i)
+                ab.planned -= 1
+                if i not in ab.passed:
+                    ab.dedup_queue.remove(i)
+        self._cond.notify_all()
 
     def restart(self) -> None:
         """After an execution ended early: rows pulled but not decided are planned again."""
@@ -413,12 +469,12 @@ class Planner:
                 ab.in_flight.clear()
                 ab.unanswered.clear()
                 ab.pending = deque(again)
-                ab.dedup_queue = deque(sorted(set(ab.dedup_queue) | set(again)))
+                ab.dedup_queue = deque(sorted((set(ab.dedup_queue) | set(again)) - ab.passed))
                 ab.arrived.clear()
 
     def status(self) -> dict[str, Any]:
         with self._cond:
-            self._flush_plan_log(force=True)
+            self._plan_log.flush(force=True)
             stopped = self.stopped
             if not stopped and any(
                 ab.exhausted or (ab.need and not ab.open()) for ab in self.abilities.values()
@@ -430,6 +486,7 @@ class Planner:
                 "spent_usd": self.spent_usd,
                 "planned": sum(ab.planned for ab in self.abilities.values()),
                 "planned_at_start": self.planned_at_start,
+                "requeued": self.requeued,
                 "abilities": {
                     ab.name: {
                         "need": ab.need,
@@ -441,19 +498,3 @@ class Planner:
                     for ab in self.abilities.values()
                 },
             }
-
-
-def outstanding_ids(logged: list[tuple[str, str]]) -> set[str]:
-    """Ids of OUT/plan's ``(id, state)`` rows that are planned more often than handed
-    back unmade (``returned``): each planning logs ``planned`` once and each hand-back
-    ``returned`` once, so an id returned by one run and planned again by a later one is
-    outstanding again."""
-    from collections import Counter
-
-    balance: Counter = Counter()
-    for sid, state in logged:
-        if state == "planned":
-            balance[sid] += 1
-        elif state == "returned":
-            balance[sid] -= 1
-    return {sid for sid, n in balance.items() if n > 0}

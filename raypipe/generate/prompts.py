@@ -18,6 +18,7 @@ from raypipe.generate.llm_stage import (
 )
 from raypipe.llm import tasks
 from raypipe.llm.base import LLMRequest
+from raypipe.llm.failures import TRANSIENT
 from raypipe.llm.tasks import (
     parse_prompts,
     prompt_request,
@@ -59,9 +60,10 @@ class PromptWriter(LLMStage):
         self.negative_prompt = negative_prompt
 
     def prepare(self, items: list[dict[str, Any]]) -> list[LLMRequest | None]:
-        if self.over_budget():
+        stop = self.stop_reason()
+        if stop:
             for it in items:
-                it["unmade"] = True
+                it["unmade"] = stop
             return [None] * len(items)
         requests: list[LLMRequest | None] = []
         for it in items:
@@ -86,6 +88,7 @@ class PromptWriter(LLMStage):
         for it, req, res in zip(items, requests, results):
             k = len(it["chunk_keywords"])
             failure = self.failure(res)
+            transient = failure is not None and res.failure == TRANSIENT
             if failure is not None:
                 parsed = None
             elif req.response_schema:
@@ -93,7 +96,7 @@ class PromptWriter(LLMStage):
             else:
                 parsed = parse_prompts(res.text, list(it["chunk_keywords"]))
             failed = [p for p in range(k) if parsed is None or parsed[p].reason]
-            if failed and self.planner is not None:
+            if failed and self.planner is not None and not transient:
                 import ray
 
                 ray.get(
@@ -113,7 +116,8 @@ class PromptWriter(LLMStage):
                 }
                 add_usage(row, "prompts", usage_meta(res, share=len(it["indices"])))
                 if failure is not None:
-                    reject(row, "prompts", failure, res.text or "")
+                    if not self.hand_back(row, res):
+                        reject(row, "prompts", failure, res.text or "")
                 elif parsed[pos].reason:
                     reject(row, "prompts", parsed[pos].reason, parsed[pos].raw or res.text)
                 else:
@@ -127,7 +131,7 @@ class PromptWriter(LLMStage):
         for it in items:
             for index, sid in zip(it["indices"], it["ids"]):
                 row = {"id": sid, "ability": it["ability"], "index": index, "meta": "{}"}
-                rows.append(reject(row, UNMADE, "max_usd", ""))
+                rows.append(reject(row, UNMADE, it["unmade"], ""))
         return rows_to_table(rows)
 
 
@@ -144,7 +148,7 @@ class DedupStage(Stage):
     Run it as a pool of exactly one actor: rows it holds are released by later blocks.
     """
 
-    INPUT_COLUMNS = ("id", "ability", "index", "prompt", "reject_stage")
+    INPUT_COLUMNS = ("id", "ability", "index", "prompt", "reject_stage", "reject_reason")
 
     def __init__(self, planner):
         self.planner = planner
@@ -157,7 +161,13 @@ class DedupStage(Stage):
         for r in rows:
             self.held[r["id"]] = r
         light = [
-            (r["id"], r["ability"], r["index"], None if is_rejected(r) else r["prompt"])
+            (
+                r["id"],
+                r["ability"],
+                r["index"],
+                None if is_rejected(r) else r["prompt"],
+                r["reject_reason"] if r["reject_stage"] == UNMADE else None,
+            )
             for r in rows
         ]
         released = []

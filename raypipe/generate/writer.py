@@ -72,13 +72,15 @@ class PartWriter:
                         self._since[sub] = time.monotonic()
                     if sum(t.num_rows for t in self._buffers[sub]) >= self.max_rows:
                         self._flush(sub, whole_parts_only=True)
-        stages = batch.column("reject_stage").to_pylist()
-        outcomes = [
-            (ab, idx, stage or None)
-            for ab, idx, stage in zip(
-                batch.column("ability").to_pylist(), batch.column("index").to_pylist(), stages
+        outcomes = list(
+            zip(
+                *(
+                    batch.column(c).to_pylist()
+                    for c in ("ability", "index", "reject_stage", "reject_reason")
+                )
             )
-        ]
+        )
+        outcomes = [(ab, i, stage or None, reason or None) for ab, i, stage, reason in outcomes]
         ray.get(self.planner.report.remote(outcomes))
         return batch.select(SUMMARY_COLUMNS)
 

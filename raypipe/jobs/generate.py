@@ -16,7 +16,8 @@ skipped by id and answered LLM requests come from OUT/cache. One run holds OUT a
 one dataset: a resume with another seed, model, ... is refused unless
 --accept-identity-change. Exit status: 0 when every ability has its quota; 75
 (EX_TEMPFAIL) when the run stopped cleanly and continues when run again (max_usd
-reached, another run holds OUT or took it over); 1 when the run ended short for
+reached, the LLM endpoint down for llm.outage_stop_s, another run holds OUT or took
+it over); 1 when the run ended short for
 another reason (it says why and how to continue); 2 for a user error (bad config,
 unreachable endpoint, OUT holds another dataset, ...).
 Any config field can be overridden as dotted.path=value (values parsed as YAML).
@@ -31,6 +32,7 @@ import sys
 from raypipe.config import load_config
 from raypipe.errors import EXIT_RESUMABLE
 from raypipe.generate.config import GenerateConfig
+from raypipe.generate.outage import LLM_OUTAGE, outage_message
 from raypipe.jobs import guarded, start_ray
 from raypipe.jobs.help import HelpParser, generate_epilog
 
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     problem = shortfall(cfg, manifest, args.out)
     if problem:
         print(problem, file=sys.stderr)
-        return EXIT_RESUMABLE if manifest.get("stopped") == "max_usd" else 1
+        return EXIT_RESUMABLE if manifest.get("stopped") in ("max_usd", LLM_OUTAGE) else 1
     return 0
 
 
@@ -158,6 +160,8 @@ def shortfall(cfg: GenerateConfig, manifest: dict, out: str) -> str | None:
             "again to continue (each run may spend up to max_usd; answered requests come "
             "from OUT/cache at no cost), or raise max_usd."
         )
+    elif stopped == LLM_OUTAGE:
+        lines.append(outage_message(manifest, wanted))
     elif stopped == "replace_budget":
         lines.append(
             f"raypipe: the replacement budget is used up (replace_budget="

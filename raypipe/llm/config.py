@@ -219,7 +219,18 @@ class LLMConfig(Config):
         "corrected with the reported usage. None = unlimited.",
     )
     max_attempts: int = Field(
-        6, ge=1, description="HTTP attempts per request before it is rejected."
+        6,
+        ge=1,
+        description="HTTP attempts per request. A request still failing as transient "
+        "(429, 5xx, timeouts, dropped connections) after them hands its rows back to be "
+        "made again; other failures reject them with the reason.",
+    )
+    outage_stop_s: float = Field(
+        300.0,
+        gt=0,
+        description="Stop the run cleanly (rows written, manifest kept, exit 75: the same "
+        "command resumes) when the endpoint has answered nothing for this many seconds "
+        "while its requests fail as transient. Shorter outages only pause the run.",
     )
     timeout_s: float = Field(
         60.0,

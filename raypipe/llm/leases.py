@@ -47,6 +47,7 @@ class Leases:
         self._failures: Counter[str] = Counter()
         self._pause_s = 0.0
         self._fatal: str | None = None
+        self._last_error: str | None = None  # the last failure's message, until reported
         self.client = uuid.uuid4().hex  # names this client's totals at the limiter
         self._totals: dict[str, Any] = {"answers": 0, "failures": Counter()}
         self._pause_until = -float("inf")  # time.monotonic() until which attempts wait
@@ -91,6 +92,8 @@ class Leases:
             self._totals["failures"][failure] += 1
         if failure == "fatal" and message:
             self._fatal = self._fatal or message
+        if failure is not None and message:
+            self._last_error = message
         self._report_soon(at_once=failure == "fatal")
 
     def pause(self, seconds: float) -> None:
@@ -211,6 +214,7 @@ class Leases:
     async def _flush(self) -> None:
         while self._correction or self._answers or self._failures or self._pause_s:
             news = dict(
+                last_error=self._last_error,
                 answers=self._answers,
                 failures=dict(self._failures),
                 pause_s=self._pause_s,
@@ -220,6 +224,7 @@ class Leases:
                 totals={**self._totals, "failures": dict(self._totals["failures"])},
             )
             self._answers, self._failures, self._pause_s = 0, Counter(), 0.0
+            self._last_error = None
             self._correction = 0.0
             reply = await self.handle.actor.report.remote(**news)
             self._hear(reply)

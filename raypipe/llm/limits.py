@@ -148,6 +148,8 @@ class JobLimiter:
         self._pause_until = -float("inf")
         self._started = clock()
         self._last_success: float | None = None
+        self._last_failure: float | None = None  # the last transient failure heard
+        self._last_error: str | None = None  # its message (scrubbed by the client)
         self._answers = 0
         self._failures: Counter[str] = Counter({k: 0 for k in FAILURE_KINDS})
         self._pauses = 0
@@ -179,11 +181,12 @@ class JobLimiter:
         fatal: str | None = None,
         client: str | None = None,
         totals: dict[str, Any] | None = None,
+        last_error: str | None = None,
     ) -> dict[str, float]:
         """A client's news since its last report: answers, failures by kind, a pause it
         was asked for, token corrections, the message of a fatal failure, and (with
-        ``client``) its running ``totals`` of answers and failures since it started.
-        Returns the pause left and the in-flight limit."""
+        ``client``) its running ``totals`` of answers and failures since it started, and
+        the message of its last failure. Returns the pause left and the in-flight limit."""
         now = self._clock()
         if client is not None and totals is not None:
             self._totals[client] = totals
@@ -196,6 +199,10 @@ class JobLimiter:
             self.limit = min(float(self.concurrency), self.limit + answers / self.limit)
         for kind, n in (failures or {}).items():
             self._failures[kind] += n
+        if (failures or {}).get("transient"):
+            self._last_failure = now
+        if last_error:
+            self._last_error = last_error
         if (failures or {}).get("transient") and now - self._last_cut >= CUT_HOLD_S:
             self.limit = max(1.0, self.limit / 2)
             self._last_cut = now
@@ -220,6 +227,12 @@ class JobLimiter:
             "restarted": self._restarted,
             "seconds_since_success": round(now - since, 3),
             "any_success": self._last_success is not None,
+            # Seconds without an answer while transient failures arrive: the endpoint is
+            # down (0 while it answers, or while requests are only slow).
+            "outage_s": round(now - since, 3)
+            if self._last_failure is not None and self._last_failure >= since
+            else 0.0,
+            "last_error": self._last_error,
             "pauses": self._pauses,
             "in_flight_limit": round(self.limit, 2),
             "fatal_error": self._fatal,
