@@ -45,5 +45,10 @@ class LeaseLost(ResumableStop):
     """Another run took over OUT's lease: this run published nothing more and stopped."""
 
 
+class ActorLost(ResumableStop):
+    """An actor that holds the run's state (the planner, the writer) died: the run
+    stopped; the same command makes what was lost again."""
+
+
 #: Exit status of a run that stopped cleanly and continues when run again (EX_TEMPFAIL).
 EXIT_RESUMABLE = 75

@@ -304,3 +304,40 @@ def test_a_halt_sends_handed_back_rows_through_unmade_so_the_rows_behind_are_dec
     # The next run makes the handed-back rows, under the same ids.
     again = planner(tmp_path, {"color": 10})
     assert pulled(again) == [("color", i) for i in range(10)]
+
+
+def test_a_restarted_dedup_actor_stops_the_run_instead_of_waiting_for_its_lost_rows(tmp_path):
+    from raypipe.generate.manifest import count_ids
+
+    p = planner(tmp_path, {"color": 10})
+    p.dedup_started()
+    pulled(p)
+    # Rows 5-9 reached the dedup actor and wait there for rows 0-4; then it crashed.
+    assert p.dedup([(sample_id(0, "color", i), "color", i, f"((red)) p{i}") for i in range(5, 10)]) == []
+    p.dedup_started()  # Ray restarted it: the rows it held are gone
+    assert p.pull().num_rows == 0  # at once: nothing more is pulled, nothing waits
+    out = p.dedup([(sample_id(0, "color", i), "color", i, f"((red)) p{i}") for i in range(5)])
+    assert {reason for _, reason, _ in out} == {"unmade"}  # handed back, not decided
+    p.report([("color", i, "unmade", "actor_lost") for i in range(5)])
+    st = p.status()
+    assert st["stopped"] == "actor_lost" and st["lost_actor"] == "prompt dedup"
+    ids = count_ids(OutputStore(str(tmp_path)))
+    assert sorted(ids["missing_ids"]) == [sample_id(0, "color", i) for i in range(5, 10)]
+    # The same command makes every row again, under the same ids.
+    again = planner(tmp_path, {"color": 10})
+    assert sorted(i for _, i in pulled(again)) == list(range(10))
+    # A new execution starts a new dedup actor: that is no restart; nor is a restart
+    # while no row is in flight (the dead actor held none).
+    again.dedup_started()
+    again.restart()
+    again.dedup_started()
+    assert again.status()["lost_actor"] is None
+    done = planner(tmp_path / "done", {"color": 10})
+    done.dedup_started()
+    pulled(done)
+    light = [(sample_id(0, "color", i), "color", i, f"((red)) p{i % 5}") for i in range(10)]
+    first = done.dedup(light)
+    done.dedup_started()
+    assert done.status()["lost_actor"] is None
+    # Ray retries the crashed actor's block on the new one: decided as before.
+    assert done.dedup(light) == first and [r[1] for r in first[5:]] == ["duplicate_prompt"] * 5

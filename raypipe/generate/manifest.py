@@ -305,6 +305,7 @@ def run_report(
         "planned": status["planned"],
         # Rows handed back after a transient LLM failure and made again (an outage).
         "requeued": status.get("requeued", 0),
+        "lost_actor": status.get("lost_actor"),  # restarted after a crash: the run stopped
         # Ray Data executions of the stream: 1 unless rejects outran the read tasks
         # (source.tickets_for), each further one starting the actor pools again.
         "stream_executions": executions,

@@ -28,7 +28,7 @@ import time
 from typing import Any
 
 from raypipe.abilities import load_catalog
-from raypipe.errors import ConfigError
+from raypipe.errors import ActorLost, ConfigError
 from raypipe.generate.config import GenerateConfig
 from raypipe.generate.dialogues import BenchmarkItemWriter, DialogueWriter
 from raypipe.generate.guards import check_shared_out, lease_lost, nothing_to_add, take_lease
@@ -231,7 +231,7 @@ def stream(cfg: GenerateConfig, run: dict[str, Any], tally: Tally) -> dict[str, 
     planner = run["planner"]
     status = ray.get(planner.status.remote())
     for execution in range(MAX_EXECUTIONS):
-        if status["finished"]:
+        if status["finished"] or status["lost_actor"]:
             break
         if execution:
             log.info("the stream ran out of read tasks; continuing in a new execution")
@@ -251,6 +251,9 @@ def stream(cfg: GenerateConfig, run: dict[str, Any], tally: Tally) -> dict[str, 
                     if run["lease"].lost is not None:  # taken over: stop, publish nothing
                         raise run["lease"].lost
         except Exception as e:
+            lost = lost_actor(run)
+            if lost is not None:
+                raise lost from e
             fatal = fatal_cause(e)
             if fatal is None and run.get("limiter") is not None:  # an actor met it
                 error = run["limiter"].llm_stats().get("fatal_error")
@@ -268,6 +271,27 @@ def stream(cfg: GenerateConfig, run: dict[str, Any], tally: Tally) -> dict[str, 
         gc.collect()  # the finished execution's operators and their per-block stats
         status = ray.get(planner.status.remote())
     return status
+
+
+def lost_actor(run: dict[str, Any]) -> ActorLost | None:
+    """After the stream failed: whether the planner or the writer died (their state is
+    lost, so the run stops; exit 75: the same command makes the rest), else None."""
+    import ray
+
+    for name, probe in (
+        ("planner", lambda: run["planner"].status.remote()),  # also flushes its plan log
+        ("writer", lambda: run["writer"].__ray_ready__.remote()),
+    ):
+        try:
+            ray.get(probe(), timeout=30)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return ActorLost(
+                f"the run's {name} actor died (its worker or node was lost), so the run "
+                "stopped: the parts already in OUT are kept. Run the same command again: it "
+                "makes the rows that were in flight or buffered again (answered requests "
+                "come from OUT/cache at no cost)."
+            )
+    return None
 
 
 @contextlib.contextmanager

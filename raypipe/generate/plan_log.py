@@ -1,4 +1,4 @@
-"""OUT/plan: what a run handed to the stream, so the next run and the manifest know.
+"""What the planner tracks per ability, and OUT/plan: what a run handed to the stream.
 
 Rows (``id``, ``ability``, ``state``): ``planned`` each time an id is handed to the
 stream, ``returned`` each time it is handed back unmade (after a transient LLM failure,
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections import Counter
+from collections import Counter, deque
 
 import pyarrow as pa
 
@@ -20,6 +20,44 @@ import pyarrow as pa
 PLAN_SCHEMA = pa.schema([("id", pa.string()), ("ability", pa.string()), ("state", pa.string())])
 #: How often the plan log is written to OUT/plan.
 PLAN_LOG_S = 5.0
+
+
+class AbilityPlan:
+    """What the planner tracks for one ability."""
+
+    def __init__(self, name: str, need: int, max_planned: int, done: set[int]):
+        self.name = name
+        self.need = need  # accepted rows still wanted
+        self.max_planned = max_planned  # most rows this run may plan
+        self.planned = 0
+        self.done = done  # indices already in OUT (data or rejects)
+        self.burned: set[int] = set()
+        self.next_index = 0
+        self.pending: deque[int] = deque()  # planned, not yet pulled
+        self.in_flight: set[int] = set()  # pulled, not yet decided
+        self.unanswered: set[int] = set()  # pulled, not yet back from the prompt writer
+        self.replanned: set[int] = set()  # planned before, in neither folder: made again
+        self.dedup_queue: deque[int] = deque()  # planned, not yet through dedup
+        self.arrived: dict[int, tuple[str, str | None]] = {}  # index -> (id, prompt)
+        self.passed: set[int] = set()  # through dedup (its prompt is in the index)
+        self.decided: dict[int, tuple] = {}  # index -> dedup's (reason, repeats)
+        self.waved: set[int] = set()  # through dedup without its turn, to be handed back
+        self.due: dict[int, float] = {}  # handed back: not pulled again before this time
+        self.handed_back: dict[int, int] = {}  # index -> times handed back (transient)
+
+    def open(self) -> int:
+        return len(self.pending) + len(self.in_flight)
+
+    @property
+    def exhausted(self) -> bool:
+        return self.need > self.open() and self.planned >= self.max_planned
+
+    def next_free(self) -> int:
+        i = self.next_index
+        while i in self.done or i in self.burned or i in self.replanned:
+            i += 1
+        self.next_index = i + 1
+        return i
 
 
 class PlanLog:

@@ -42,7 +42,7 @@ import pyarrow as pa
 
 from raypipe.generate.keywords import keyword_for
 from raypipe.generate.llm_stage import TRANSIENT_REASON, UNMADE
-from raypipe.generate.plan_log import PlanLog, outstanding_ids
+from raypipe.generate.plan_log import AbilityPlan, PlanLog, outstanding_ids
 from raypipe.generate.store import OutputStore
 from raypipe.schema import sample_id
 from raypipe.similarity import NearDuplicateIndex
@@ -61,47 +61,12 @@ CHUNK_SCHEMA = pa.schema(
 #: How long a pull that has fewer rows than it may take waits for more, while rows are
 #: in flight (their rejects may add replacements): fewer, fuller pulls in a run's tail.
 TAIL_WAIT_S = 0.5
+#: Why a run stops when a restarted actor lost the rows it held (exit 75).
+ACTOR_LOST = "actor_lost"
 #: Pause before a handed-back row is pulled again: doubled with each hand-back of the
 #: row, up to ``REQUEUE_MAX_S`` (its requests already retried with backoff).
 REQUEUE_S = 1.0
 REQUEUE_MAX_S = 30.0
-
-
-class _Ability:
-    """What the planner tracks for one ability."""
-
-    def __init__(self, name: str, need: int, max_planned: int, done: set[int]):
-        self.name = name
-        self.need = need  # accepted rows still wanted
-        self.max_planned = max_planned  # most rows this run may plan
-        self.planned = 0
-        self.done = done  # indices already in OUT (data or rejects)
-        self.burned: set[int] = set()
-        self.next_index = 0
-        self.pending: deque[int] = deque()  # planned, not yet pulled
-        self.in_flight: set[int] = set()  # pulled, not yet decided
-        self.unanswered: set[int] = set()  # pulled, not yet back from the prompt writer
-        self.replanned: set[int] = set()  # planned before, in neither folder: made again
-        self.dedup_queue: deque[int] = deque()  # planned, not yet through dedup
-        self.arrived: dict[int, tuple[str, str | None]] = {}  # index -> (id, prompt)
-        self.passed: set[int] = set()  # through dedup (its prompt is in the index)
-        self.waved: set[int] = set()  # through dedup without its turn, to be handed back
-        self.due: dict[int, float] = {}  # handed back: not pulled again before this time
-        self.handed_back: dict[int, int] = {}  # index -> times handed back (transient)
-
-    def open(self) -> int:
-        return len(self.pending) + len(self.in_flight)
-
-    @property
-    def exhausted(self) -> bool:
-        return self.need > self.open() and self.planned >= self.max_planned
-
-    def next_free(self) -> int:
-        i = self.next_index
-        while i in self.done or i in self.burned or i in self.replanned:
-            i += 1
-        self.next_index = i + 1
-        return i
 
 
 class Planner:
@@ -145,6 +110,7 @@ class Planner:
         self._plan_log = PlanLog(self.store)
         self._pulls = 0
         self.requeued = 0  # rows handed back after a transient LLM failure, made again
+        self.lost_actor, self._dedup_starts = None, 0  # see dedup_started
 
         # 1. What OUT already holds.
         done_ids, accepted = self.store.done_ids()
@@ -164,13 +130,13 @@ class Planner:
         ):
             if ab in self.index and prompt:
                 self.index[ab].add(sid, prompt)
-        self.abilities: dict[str, _Ability] = {}
+        self.abilities: dict[str, AbilityPlan] = {}
         for name, want in quota.items():
             prefix = sample_id(run_seed, name, 0)[:-7]
             done = {int(s[len(prefix) :]) for s in done_ids if s.startswith(prefix)}
             need = max(0, want - accepted.get(name, 0))
             extra = max(self.k, math.ceil(need * replace_budget)) if need else 0
-            self.abilities[name] = _Ability(name, need, need + extra, done)
+            self.abilities[name] = AbilityPlan(name, need, need + extra, done)
             self.abilities[name].burned = {
                 int(s[len(prefix) :]) for s in burned_ids if s.startswith(prefix)
             }
@@ -193,7 +159,7 @@ class Planner:
 
     # -- planning ------------------------------------------------------------------------
 
-    def _top_up(self, ab: _Ability) -> None:
+    def _top_up(self, ab: AbilityPlan) -> None:
         while not self.stopped and ab.need > ab.open() and ab.planned < ab.max_planned:
             i = ab.next_free()
             ab.pending.append(i)
@@ -201,7 +167,7 @@ class Planner:
             ab.planned += 1
         self._cond.notify_all()
 
-    def _finish(self, ab: _Ability, index: int, accepted: bool) -> None:
+    def _finish(self, ab: AbilityPlan, index: int, accepted: bool) -> None:
         if index not in ab.in_flight:
             return  # decided already (a dedup reject reported again by the writer)
         ab.in_flight.discard(index)
@@ -227,6 +193,9 @@ class Planner:
         with self._cond:
             deadline = None
             while True:
+                if self.lost_actor:  # nothing more: the run stops (see dedup_started)
+                    self._plan_log.flush(force=True)
+                    return CHUNK_SCHEMA.empty_table()
                 pending = sum(self._takeable(ab) for ab in self.abilities.values())
                 out = self._rows_in_flight()
                 if pending and out and out + min(limit, pending) > self.max_in_flight:
@@ -246,7 +215,7 @@ class Planner:
             self._plan_log.flush()
         return pa.Table.from_pylist(items, schema=CHUNK_SCHEMA)
 
-    def _held_chunks(self, ab: _Ability) -> set[int]:
+    def _held_chunks(self, ab: AbilityPlan) -> set[int]:
         """Chunks whose request is out (their other rows wait: sent once per run), and
         chunks with a handed-back row still pausing."""
         held = {i // self.k for i in ab.unanswered}
@@ -259,13 +228,13 @@ class Planner:
                     held.add(i // self.k)
         return held
 
-    def _takeable(self, ab: _Ability) -> int:
+    def _takeable(self, ab: AbilityPlan) -> int:
         if not ab.unanswered and not ab.due:
             return len(ab.pending)
         held = self._held_chunks(ab)
         return sum(1 for i in ab.pending if i // self.k not in held)
 
-    def _next_chunk(self, ab: _Ability) -> list[int]:
+    def _next_chunk(self, ab: AbilityPlan) -> list[int]:
         """Pops the rows of the first pending chunk whose request is not out ([] if none)."""
         held = self._held_chunks(ab) if ab.unanswered or ab.due else set()
         c = next((i // self.k for i in ab.pending if i // self.k not in held), None)
@@ -355,11 +324,13 @@ class Planner:
         """
         out: list[tuple[str, str | None, str | None]] = []
         with self._cond:
+            if self.lost_actor:  # rows behind the lost ones cannot be decided: hand back
+                return [(r[0], UNMADE, self.stopped) for r in rows]
             touched = set()
             for sid, ability, index, prompt, *unmade in rows:
                 ab = self.abilities[ability]
-                if index in ab.passed:  # made again after a hand-back: decided before
-                    out.append((sid, None, None))
+                if index in ab.decided:  # made again after a hand-back, or a retried
+                    out.append((sid, *ab.decided[index]))  # block: decided before
                     continue
                 if unmade and unmade[0] and not self.stopped:  # to be handed back
                     ab.waved.add(index)
@@ -374,13 +345,10 @@ class Planner:
                 while ab.dedup_queue and ab.dedup_queue[0] in ab.arrived:
                     i = ab.dedup_queue.popleft()
                     sid, prompt = ab.arrived.pop(i)
-                    if prompt is None:  # rejected before dedup: decided
-                        out.append((sid, None, None))
-                        self._finish(ab, i, accepted=False)
-                        continue
-                    hit = self.index[name].check_and_add(sid, prompt)
-                    out.append((sid, hit[0], hit[1]) if hit else (sid, None, None))
-                    if hit:
+                    hit = None if prompt is None else self.index[name].check_and_add(sid, prompt)
+                    ab.decided[i] = hit or (None, None)
+                    out.append((sid, *ab.decided[i]))
+                    if prompt is None or hit:  # rejected before dedup, or a repeat
                         self._finish(ab, i, accepted=False)
                     else:
                         ab.passed.add(i)
@@ -408,7 +376,7 @@ class Planner:
                 if stage == UNMADE:
                     self._log_returned(ab, index)
 
-    def _requeue(self, ab: _Ability, index: int, pause: bool) -> None:
+    def _requeue(self, ab: AbilityPlan, index: int, pause: bool) -> None:
         """Plan ``index`` again; the plan log says it was handed back (it says planned
         again when it is pulled again)."""
         self._log_returned(ab, index)
@@ -422,7 +390,7 @@ class Planner:
             self.requeued += 1
         self._cond.notify_all()
 
-    def _log_returned(self, ab: _Ability, index: int) -> None:
+    def _log_returned(self, ab: AbilityPlan, index: int) -> None:
         sid = sample_id(self.seed, ab.name, index)
         self._plan_log.add(sid, ab.name, "returned")
 
@@ -461,9 +429,27 @@ class Planner:
                     ab.dedup_queue.remove(i)
         self._cond.notify_all()
 
+    def dedup_started(self) -> None:
+        """Each dedup actor calls this as it starts. A second start in one execution is
+        Ray restarting a dead one: if rows were waiting at dedup, those it held are lost
+        (rows of the block Ray retries on the new actor pass as decided before), and the
+        run stops (``stopped: actor_lost``; nothing more is pulled and rows still arriving
+        at dedup are handed back), and the same command makes the lost rows again."""
+        with self._cond:
+            self._dedup_starts += 1
+            held = any(ab.arrived for ab in self.abilities.values())
+            if self._dedup_starts > 1 and held and not self.lost_actor:
+                self.stopped = None  # what stops this run is the lost actor
+                self._halt(ACTOR_LOST)
+                self.lost_actor = "prompt dedup"
+                for ab in self.abilities.values():
+                    ab.planned -= len(ab.pending)
+                    ab.pending.clear()
+
     def restart(self) -> None:
         """After an execution ended early: rows pulled but not decided are planned again."""
         with self._cond:
+            self._dedup_starts = 0
             for ab in self.abilities.values():
                 again = sorted(ab.in_flight | set(ab.pending))
                 ab.in_flight.clear()
@@ -487,6 +473,7 @@ class Planner:
                 "planned": sum(ab.planned for ab in self.abilities.values()),
                 "planned_at_start": self.planned_at_start,
                 "requeued": self.requeued,
+                "lost_actor": self.lost_actor,
                 "abilities": {
                     ab.name: {
                         "need": ab.need,

@@ -146,6 +146,9 @@ class DedupStage(Stage):
     ``dedup`` (``duplicate_prompt`` / ``near_duplicate_prompt``, raw naming the row it
     repeats) where they repeat an earlier one. Already-rejected rows pass through.
     Run it as a pool of exactly one actor: rows it holds are released by later blocks.
+    If Ray restarts it after a crash, the rows it held are lost: the planner stops the
+    run (:meth:`~raypipe.generate.planner.Planner.dedup_started`) rather than wait for
+    them, and the same command makes them again.
     """
 
     INPUT_COLUMNS = ("id", "ability", "index", "prompt", "reject_stage", "reject_reason")
@@ -153,6 +156,10 @@ class DedupStage(Stage):
     def __init__(self, planner):
         self.planner = planner
         self.held: dict[str, dict] = {}
+        if planner is not None:  # a restart after a crash lost what was held: say so
+            import ray
+
+            ray.get(planner.dedup_started.remote())
 
     def process(self, batch: pa.Table) -> pa.Table:
         import ray
@@ -173,7 +180,9 @@ class DedupStage(Stage):
         released = []
         for sid, reason, other in ray.get(self.planner.dedup.remote(light)):
             row = self.held.pop(sid)
-            if reason:
+            if reason == UNMADE:  # the run stops (``other``: why): handed back
+                reject(row, UNMADE, other, "")
+            elif reason:
                 reject(
                     row, "dedup", reason, json.dumps({"prompt": row["prompt"], "repeats": other})
                 )

@@ -16,8 +16,8 @@ skipped by id and answered LLM requests come from OUT/cache. One run holds OUT a
 one dataset: a resume with another seed, model, ... is refused unless
 --accept-identity-change. Exit status: 0 when every ability has its quota; 75
 (EX_TEMPFAIL) when the run stopped cleanly and continues when run again (max_usd
-reached, the LLM endpoint down for llm.outage_stop_s, another run holds OUT or took
-it over); 1 when the run ended short for
+reached, the LLM endpoint down for llm.outage_stop_s, an actor holding the run's
+state died, another run holds OUT or took it over); 1 when the run ended short for
 another reason (it says why and how to continue); 2 for a user error (bad config,
 unreachable endpoint, OUT holds another dataset, ...).
 Any config field can be overridden as dotted.path=value (values parsed as YAML).
@@ -113,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     problem = shortfall(cfg, manifest, args.out)
     if problem:
         print(problem, file=sys.stderr)
-        return EXIT_RESUMABLE if manifest.get("stopped") in ("max_usd", LLM_OUTAGE) else 1
+        from raypipe.generate.planner import ACTOR_LOST
+
+        resumable = ("max_usd", LLM_OUTAGE, ACTOR_LOST)
+        return EXIT_RESUMABLE if manifest.get("stopped") in resumable else 1
     return 0
 
 
@@ -149,6 +152,8 @@ def dry_run(cfg: GenerateConfig, args: argparse.Namespace) -> int:
 
 def shortfall(cfg: GenerateConfig, manifest: dict, out: str) -> str | None:
     """What to tell the user when the run ended short of its quota (None: it did not)."""
+    from raypipe.generate.planner import ACTOR_LOST
+
     counts = manifest["counts"]
     accepted, wanted = counts["accepted"], cfg.num_samples
     stopped = manifest.get("stopped")
@@ -162,6 +167,13 @@ def shortfall(cfg: GenerateConfig, manifest: dict, out: str) -> str | None:
         )
     elif stopped == LLM_OUTAGE:
         lines.append(outage_message(manifest, wanted))
+    elif stopped == ACTOR_LOST:
+        lines.append(
+            f"raypipe: the run's {manifest['runs'][-1].get('lost_actor') or 'an'} actor was "
+            f"restarted after a crash and lost the rows it held, so the run stopped: "
+            f"{accepted} of {wanted} rows accepted. Run the same command again: it makes "
+            "the lost rows again (answered requests come from OUT/cache at no cost)."
+        )
     elif stopped == "replace_budget":
         lines.append(
             f"raypipe: the replacement budget is used up (replace_budget="
