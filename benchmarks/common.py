@@ -91,24 +91,3 @@ def emit(result: dict) -> dict:
     """Print the benchmark's result as its last line, one JSON object."""
     print(json.dumps(result))
     return result
-
-
-#: Llama-2-7B / Vicuna-7B with LLaVA-1.5's 32064-token vocabulary.
-LLAMA_7B = dict(
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    vocab_size=32064,
-    max_position_embeddings=4096,
-)
-#: CLIP ViT-L/14 at 336 px (576 patches), LLaVA-1.5's vision tower.
-CLIP_L_336 = dict(
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_attention_heads=16,
-    num_hidden_layers=24,
-    image_size=336,
-    patch_size=14,
-    projection_dim=768,
-)

@@ -52,7 +52,7 @@ from pathlib import Path
 
 import common
 import pyarrow as pa
-from real_size import build_real_size_llava15
+from common_models import build_real_size_llava15
 
 from raypipe.evaluate.inference import check_local_model
 from raypipe.evaluate.items import items_to_table

@@ -1,15 +1,13 @@
-"""Random-weight models at real sizes, built from their published configs (nothing is
-downloaded), for timing on a GPU: Stable Diffusion 1.5 (with its MFU model), LLaVA-1.5-7B
-for inference, and a LLaVA-1.5-shaped model for a training step. Built once into
-$RAYPIPE_BENCH_DIR (default the temp folder) where they are saved.
+"""Random-weight Stable Diffusion 1.5 at its real size, built from its published config
+(nothing is downloaded) for timing on a GPU, and its MFU model. Built once into
+$RAYPIPE_BENCH_DIR (default the temp folder) where it is saved. The LLaVA models are in
+common_models.py.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
-from common import CLIP_L_336, LLAMA_7B
 
 #: Dense fp16/bf16 tensor-core peak, FLOP/s, by a substring of the GPU name.
 PEAK_FLOPS = {
@@ -118,114 +116,3 @@ def sd15_mfu(cfg, model: str, ips: float) -> dict:
     flops = (cfg.steps * guided * SD15_UNET_FLOPS_512 + SD15_VAE_DECODE_FLOPS_512) * scale
     out.update(tflop_per_image=round(flops / 1e12, 2), mfu=round(ips * flops / peak, 4))
     return out
-
-
-def real_size_llava15_config(tokenizer):
-    """LLaVA-1.5-7B's published config: CLIP ViT-L/14 at 336 px (576 image tokens), the
-    mlp2x_gelu projector, a 32-layer Llama-2-7B with LLaVA-1.5's 32064-token vocabulary;
-    special token ids from ``tokenizer``."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    vision = CLIPVisionConfig(**CLIP_L_336, hidden_act="quick_gelu")
-    text = LlamaConfig(
-        **LLAMA_7B,
-        num_hidden_layers=32,
-        rms_norm_eps=1e-5,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return LlavaConfig(
-        vision_config=vision.to_dict(),
-        text_config=text.to_dict(),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        projector_hidden_act="gelu",
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-        image_seq_length=576,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-
-
-def real_size_llava15_processor(tokenizer):
-    """The processor of LLaVA-1.5 (336 px CLIP preprocessing, 576 ``<image>`` tokens)."""
-    from transformers import LlavaProcessor
-
-    from raypipe.tiny import LLAMA_CHAT_TEMPLATE, tiny_clip_image_processor
-
-    return LlavaProcessor(
-        image_processor=tiny_clip_image_processor(336),
-        tokenizer=tokenizer,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by "default"
-        chat_template=LLAMA_CHAT_TEMPLATE,
-    )
-
-
-def build_real_size_llava15(path: Path) -> Path:
-    """Random-weight LLaVA-1.5-7B (:func:`real_size_llava15_config`) saved in fp16, with
-    raypipe's small offline tokenizer, whose ids all fall inside the 32064-token
-    vocabulary: fine for timing. Needs a CUDA GPU (the weights are initialised there)."""
-    import torch
-    from transformers import GenerationConfig, LlavaForConditionalGeneration
-
-    from raypipe.tiny import build_tiny_llama_tokenizer
-
-    if (path / ".complete").exists():
-        return path
-    if not torch.cuda.is_available():
-        raise SystemExit("--real-size-llava15 needs a CUDA GPU (about 14 GB of fp16 weights)")
-    tokenizer = build_tiny_llama_tokenizer(path / "_tokenizer_build")
-    torch.manual_seed(0)
-    with torch.device("cuda"):  # random init on the GPU: seconds instead of minutes
-        model = LlavaForConditionalGeneration(real_size_llava15_config(tokenizer)).half()
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model.save_pretrained(path, safe_serialization=True)
-    real_size_llava15_processor(tokenizer).save_pretrained(path)
-    del model
-    torch.cuda.empty_cache()
-    (path / ".complete").write_text("ok\n")
-    return path
-
-
-def auto_llm_layers(free_bytes: int) -> int:
-    """Llama-7B layers that fit next to the rest, at 16 bytes per parameter + headroom."""
-    d, ff, vocab = LLAMA_7B["hidden_size"], LLAMA_7B["intermediate_size"], LLAMA_7B["vocab_size"]
-    per_layer = 4 * d * d + 3 * d * ff
-    fixed = 2 * vocab * d + 304_000_000 + 21_000_000  # embeddings + head, CLIP-L, projector
-    budget = 0.85 * free_bytes - 14e9  # activations, logits, workspace
-    return max(1, min(32, int((budget / 16 - fixed) // per_layer)))
-
-
-def build_llava15_train_model(layers: int, device: str = "cuda"):
-    """Random-weight LLaVA-1.5-shaped model on the GPU (fp32 weights), stage 2."""
-    import torch
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-    )
-
-    from raypipe.train.model import apply_freeze_policy
-
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(**CLIP_L_336).to_dict(),
-        text_config=LlamaConfig(num_hidden_layers=layers, **LLAMA_7B).to_dict(),
-        image_token_index=32000,
-        image_seq_length=576,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-        pad_token_id=32001,
-    )
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlavaForConditionalGeneration(config)
-    model.config.use_cache = False
-    apply_freeze_policy(model, 2)
-    return model

@@ -52,7 +52,12 @@ from pathlib import Path
 
 import common
 import torch
-from real_size import auto_llm_layers, build_llava15_train_model
+from common_models import (
+    auto_llm_layers,
+    build_cpu_model,
+    build_llava15_train_model,
+    synthetic_batch,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,62 +72,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-ray", action="store_true", help="bare path only")
     p.add_argument("--fused-adamw", action="store_true", help="GPU: fused AdamW kernel")
     return p.parse_args(argv)
-
-
-# ---------------------------------------------------------------------------------------
-# Models
-# ---------------------------------------------------------------------------------------
-
-
-def build_cpu_model(folder: Path, smoke: bool) -> Path:
-    """Random-weight LLaVA + processor saved to ``folder`` (tiny tokenizer, 32 px CLIP)."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-
-    from raypipe import tiny
-
-    if (folder / "config.json").exists():
-        return folder
-    tokenizer = tiny.build_tiny_llama_tokenizer(folder / "_tokenizer")
-    vision = tiny.tiny_clip_vision_config(32)
-    text = tiny.tiny_llama_config(len(tokenizer), tokenizer)
-    if not smoke:
-        text.hidden_size, text.intermediate_size, text.num_hidden_layers = 256, 688, 4
-        vision.hidden_size, vision.intermediate_size = 64, 256
-    torch.manual_seed(0)
-    config = LlavaConfig(
-        vision_config=vision.to_dict(),
-        text_config=text.to_dict(),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=16,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    LlavaForConditionalGeneration(config).save_pretrained(folder)
-    LlavaProcessor(
-        image_processor=tiny.tiny_clip_image_processor(32),
-        tokenizer=tokenizer,
-        patch_size=vision.patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=tiny.LLAMA_CHAT_TEMPLATE,
-    ).save_pretrained(folder)
-    return folder
-
-
-def synthetic_batch(batch: int, seq_len: int, config) -> dict[str, torch.Tensor]:
-    """576 image tokens then random text, every text token supervised."""
-    n_image = 576
-    ids = torch.randint(3, 32000, (batch, seq_len))
-    ids[:, 1 : 1 + n_image] = config.image_token_id
-    labels = ids.clone()
-    labels[:, : 1 + n_image] = -100
-    return {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "labels": labels,
-        "pixel_values": torch.randn(batch, 3, 336, 336),
-    }
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,183 @@
+"""The LLaVA models the benchmarks build, random weights from configs (nothing is
+downloaded): LLaVA-1.5-7B for inference (saved in fp16), a LLaVA-1.5-shaped model for a
+training step on a GPU, a small one for the CPU, and synthetic batches for them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+#: Llama-2-7B / Vicuna-7B with LLaVA-1.5's 32064-token vocabulary.
+LLAMA_7B = dict(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32064,
+    max_position_embeddings=4096,
+)
+#: CLIP ViT-L/14 at 336 px (576 patches), LLaVA-1.5's vision tower.
+CLIP_L_336 = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_attention_heads=16,
+    num_hidden_layers=24,
+    image_size=336,
+    patch_size=14,
+    projection_dim=768,
+)
+
+
+def llava_config(vision, text, image_token: int, image_tokens: int, pad: int, **extra):
+    """LLaVA over ``vision`` and ``text`` configs, image features from CLIP's second-last
+    layer without the CLS token (``image_tokens`` per image)."""
+    from transformers import LlavaConfig
+
+    return LlavaConfig(
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        image_token_index=image_token,
+        image_seq_length=image_tokens,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        pad_token_id=pad,
+        **extra,
+    )
+
+
+def llava_processor(tokenizer, image_size: int, patch_size: int):
+    """A LLaVA processor: CLIP preprocessing at ``image_size`` px, one ``<image>`` token
+    per patch, Llama's chat template."""
+    from transformers import LlavaProcessor
+
+    from raypipe.tiny import LLAMA_CHAT_TEMPLATE, tiny_clip_image_processor
+
+    return LlavaProcessor(
+        image_processor=tiny_clip_image_processor(image_size),
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by "default"
+        chat_template=LLAMA_CHAT_TEMPLATE,
+    )
+
+
+def real_size_llava15_config(tokenizer):
+    """LLaVA-1.5-7B's published config: CLIP ViT-L/14 at 336 px (576 image tokens), the
+    mlp2x_gelu projector, a 32-layer Llama-2-7B with LLaVA-1.5's 32064-token vocabulary;
+    special token ids from ``tokenizer``."""
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    text = LlamaConfig(
+        **LLAMA_7B,
+        num_hidden_layers=32,
+        rms_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return llava_config(
+        CLIPVisionConfig(**CLIP_L_336, hidden_act="quick_gelu"),
+        text,
+        tokenizer.convert_tokens_to_ids("<image>"),
+        576,
+        tokenizer.pad_token_id,
+        projector_hidden_act="gelu",
+    )
+
+
+def build_real_size_llava15(path: Path) -> Path:
+    """Random-weight LLaVA-1.5-7B (:func:`real_size_llava15_config`) saved in fp16, with
+    raypipe's small offline tokenizer, whose ids all fall inside the 32064-token
+    vocabulary: fine for timing. Needs a CUDA GPU (the weights are initialised there)."""
+    import torch
+    from transformers import GenerationConfig, LlavaForConditionalGeneration
+
+    from raypipe.tiny import build_tiny_llama_tokenizer
+
+    if (path / ".complete").exists():
+        return path
+    if not torch.cuda.is_available():
+        raise SystemExit("--real-size-llava15 needs a CUDA GPU (about 14 GB of fp16 weights)")
+    tokenizer = build_tiny_llama_tokenizer(path / "_tokenizer_build")
+    torch.manual_seed(0)
+    with torch.device("cuda"):  # random init on the GPU: seconds instead of minutes
+        model = LlavaForConditionalGeneration(real_size_llava15_config(tokenizer)).half()
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.save_pretrained(path, safe_serialization=True)
+    llava_processor(tokenizer, 336, 14).save_pretrained(path)
+    del model
+    torch.cuda.empty_cache()
+    (path / ".complete").write_text("ok\n")
+    return path
+
+
+def auto_llm_layers(free_bytes: int) -> int:
+    """Llama-7B layers that fit next to the rest, at 16 bytes per parameter + headroom."""
+    d, ff, vocab = LLAMA_7B["hidden_size"], LLAMA_7B["intermediate_size"], LLAMA_7B["vocab_size"]
+    per_layer = 4 * d * d + 3 * d * ff
+    fixed = 2 * vocab * d + 304_000_000 + 21_000_000  # embeddings + head, CLIP-L, projector
+    budget = 0.85 * free_bytes - 14e9  # activations, logits, workspace
+    return max(1, min(32, int((budget / 16 - fixed) // per_layer)))
+
+
+def build_llava15_train_model(layers: int, device: str = "cuda"):
+    """Random-weight LLaVA-1.5-shaped model on the GPU (fp32 weights), stage 2."""
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaForConditionalGeneration
+
+    from raypipe.train.model import apply_freeze_policy
+
+    text = LlamaConfig(num_hidden_layers=layers, **LLAMA_7B)
+    config = llava_config(CLIPVisionConfig(**CLIP_L_336), text, 32000, 576, 32001)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(config)
+    model.config.use_cache = False
+    apply_freeze_policy(model, 2)
+    return model
+
+
+def build_cpu_model(folder: Path, smoke: bool) -> Path:
+    """Random-weight LLaVA + processor saved to ``folder`` (tiny tokenizer, 32 px CLIP);
+    unless ``smoke``, sized so a CPU step takes ~100+ ms (Llama hidden 256, 4 layers)."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from raypipe import tiny
+
+    if (folder / "config.json").exists():
+        return folder
+    tokenizer = tiny.build_tiny_llama_tokenizer(folder / "_tokenizer")
+    vision = tiny.tiny_clip_vision_config(32)
+    text = tiny.tiny_llama_config(len(tokenizer), tokenizer)
+    if not smoke:
+        text.hidden_size, text.intermediate_size, text.num_hidden_layers = 256, 688, 4
+        vision.hidden_size, vision.intermediate_size = 64, 256
+    torch.manual_seed(0)
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    config = llava_config(vision, text, image_token, 16, tokenizer.pad_token_id)
+    LlavaForConditionalGeneration(config).save_pretrained(folder)
+    llava_processor(tokenizer, 32, vision.patch_size).save_pretrained(folder)
+    return folder
+
+
+def synthetic_batch(batch: int, seq_len: int, config) -> dict:
+    """576 image tokens then random text, every text token supervised."""
+    import torch
+
+    n_image = 576
+    ids = torch.randint(3, 32000, (batch, seq_len))
+    ids[:, 1 : 1 + n_image] = config.image_token_id
+    labels = ids.clone()
+    labels[:, : 1 + n_image] = -100
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": labels,
+        "pixel_values": torch.randn(batch, 3, 336, 336),
+    }
