@@ -1,5 +1,5 @@
 """What the benchmarks share: the checkout on the import path, an offline environment,
-a private Ray, and alternating timed passes.
+their options, a private Ray, alternating timed passes and the figures made of them.
 
 Importing this module puts the repository (``raypipe``) and ``tests/`` (the fixture
 writers and the loopback LLM server) on ``sys.path``, so a benchmark runs as
@@ -9,11 +9,13 @@ writers and the loopback LLM server) on ``sys.path``, so a benchmark runs as
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,19 @@ def bench_env(ray_niceness: int | None = None) -> None:
         os.environ.setdefault("RAY_worker_niceness", str(ray_niceness))
 
 
+def bench_dir() -> Path:
+    """Where the real-size models are kept between runs (building one takes longer than a
+    benchmark run): ``$RAYPIPE_BENCH_DIR``, default the temp folder."""
+    return Path(os.environ.get("RAYPIPE_BENCH_DIR", tempfile.gettempdir()))
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """A parser whose ``--help`` shows the benchmark's docstring as written."""
+    return argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
 def add_pass_args(p: argparse.ArgumentParser, smoke: str, what: str) -> None:
     """The options of a benchmark that alternates a raypipe path with a bare loop."""
     p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"])
@@ -46,6 +61,19 @@ def add_pass_args(p: argparse.ArgumentParser, smoke: str, what: str) -> None:
     p.add_argument("--smoke-test", action="store_true", help=smoke)
 
 
+def torch_device(threads: int | None) -> tuple[str, int]:
+    """(device, threads): cuda when torch sees a GPU, else cpu, where torch then runs
+    ``threads`` threads (default 1)."""
+    import torch
+
+    from raypipe.models import resolve_device
+
+    device, threads = resolve_device("auto"), threads or 1
+    if device == "cpu":
+        torch.set_num_threads(threads)
+    return device, threads
+
+
 def ray_wanted(no_ray: bool) -> bool:
     """Whether the raypipe path runs on Ray: asked for, and Ray installed."""
     if no_ray:
@@ -55,6 +83,13 @@ def ray_wanted(no_ray: bool) -> bool:
     except ImportError:
         return False
     return True
+
+
+def pipeline_name(have_ray: bool, no_ray: bool) -> str:
+    """How the raypipe path ran: on Ray Data, or its stage called in-process."""
+    if have_ray:
+        return "ray-data"
+    return "in-process" + ("" if no_ray else " (ray not installed)")
 
 
 def start_ray(num_cpus: int, num_gpus: int | None = None) -> None:
@@ -72,6 +107,25 @@ def start_ray(num_cpus: int, num_gpus: int | None = None) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
+@contextlib.contextmanager
+def ray_up(have_ray: bool, num_cpus: int, num_gpus: int | None = None) -> Iterator[None]:
+    """:func:`start_ray` for the ``with`` block (when ``have_ray``), shut down after it."""
+    if not have_ray:
+        yield
+        return
+    import ray
+
+    start_ray(num_cpus, num_gpus)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def niceness(have_ray: bool) -> int | None:
+    return int(os.environ["RAY_worker_niceness"]) if have_ray else None
+
+
 def alternate(bare: Callable[[], Any], pipeline: Callable[[int], Any], rounds: int):
     """Bare, then ``rounds`` times (pipeline, bare): every pipeline pass lies between two
     bare passes, so a change in the machine's load weighs on both sides alike. Returns
@@ -83,8 +137,61 @@ def alternate(bare: Callable[[], Any], pipeline: Callable[[int], Any], rounds: i
     return bare_passes, pipe_passes
 
 
-def niceness(have_ray: bool) -> int | None:
-    return int(os.environ["RAY_worker_niceness"]) if have_ray else None
+def timed_batches(run: Callable[[list], list], rows: list, size: int, device: str, finish=None):
+    """A bare loop's pass: ``run`` on the first ``size`` rows (the warm-up, untimed), then
+    on the others, ``size`` at a time, timed, and ``finish`` on their results inside the
+    timed window. Returns (seconds, warm-up results, timed results)."""
+    import torch
+
+    warm = run(rows[:size])
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    done = []
+    for start in range(size, len(rows), size):
+        done += run(rows[start : start + size])
+    if finish is not None:
+        finish(done)
+    return time.perf_counter() - t0, warm, done
+
+
+def window(ends: list[float], closed_at: float) -> tuple[float, list[bool]]:
+    """A pipeline pass's timed window, from the end of the stage's first call (the earliest
+    of the rows' call ``ends``) to ``closed_at``, and which rows it holds (later calls')."""
+    first = min(ends)
+    return closed_at - first, [e > first for e in ends]
+
+
+def pass_figures(unit: str, rate: str, pipe: list, bare: list, rounds: int):
+    """The figures of :func:`alternate`'s passes, each pass a tuple (seconds, count, ...):
+    each side's count, rate over all its passes (``pipeline_<rate>``, ``bare_<rate>``) and
+    per pass (``*_by_pass``), and ratio = pipeline / bare. Returns (figures, the
+    pipeline's rate, the bare loop's rate), the rates unrounded."""
+    pipe_n, pipe_s = sum(p[1] for p in pipe), sum(p[0] for p in pipe)
+    bare_n, bare_s = sum(p[1] for p in bare), sum(p[0] for p in bare)
+    pipe_rate, bare_rate = pipe_n / pipe_s, bare_n / bare_s
+    figures = {
+        unit: pipe_n,
+        f"bare_{unit}": bare_n,
+        f"pipeline_{rate}": round(pipe_rate, 3),
+        f"bare_{rate}": round(bare_rate, 3),
+        "ratio": round(pipe_rate / bare_rate, 3),
+        "rounds": rounds,
+        f"pipeline_{rate}_by_pass": [round(p[1] / p[0], 3) for p in pipe],
+        f"bare_{rate}_by_pass": [round(p[1] / p[0], 3) for p in bare],
+    }
+    return figures, pipe_rate, bare_rate
+
+
+def run_settings(device: str, threads: int, have_ray: bool) -> dict:
+    """The settings that close a passes benchmark's figures."""
+    import torch
+
+    return {
+        "threads": threads if device == "cpu" else None,
+        "ray_worker_niceness": niceness(have_ray),
+        "torch": torch.__version__,
+    }
 
 
 def emit(result: dict) -> dict:

@@ -1,11 +1,14 @@
-"""The LLaVA models the benchmarks build, random weights from configs (nothing is
-downloaded): LLaVA-1.5-7B for inference (saved in fp16), a LLaVA-1.5-shaped model for a
-training step on a GPU, a small one for the CPU, and synthetic batches for them.
+"""The LLaVA models and inputs the benchmarks build: random weights from configs (nothing
+is downloaded), LLaVA-1.5-7B for inference (saved in fp16), a LLaVA-1.5-shaped model for a
+training step on a GPU and a small one for the CPU; synthetic training batches and the
+inference benchmark's items.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import pyarrow as pa
 
 #: Llama-2-7B / Vicuna-7B with LLaVA-1.5's 32064-token vocabulary.
 LLAMA_7B = dict(
@@ -181,3 +184,37 @@ def synthetic_batch(batch: int, seq_len: int, config) -> dict:
         "labels": labels,
         "pixel_values": torch.randn(batch, 3, 336, 336),
     }
+
+
+def make_items(n: int, size: int = 32) -> pa.Table:
+    """``n`` benchmark items: a noisy colour square each (the fixture data's), and a
+    question about it."""
+    import numpy as np
+    from fixture_data import FIXTURE_COLOURS, fixture_image
+
+    from raypipe.evaluate.items import items_to_table
+
+    rng = np.random.default_rng(0)
+    names = sorted(FIXTURE_COLOURS)
+    rows = []
+    for i in range(n):
+        colour, other = names[i % len(names)], names[(i + 1) % len(names)]
+        image = fixture_image(rng, colour, size, size)
+        kind = ("wh", "yes_no", "either_or")[i % 3]
+        question, keywords = {
+            "wh": ("What colour is the square?", [colour]),
+            "yes_no": (f"Is the square {other}?", ["no"]),
+            "either_or": (f"Is the square {colour} or {other}?", [colour]),
+        }[kind]
+        rows.append(
+            {
+                "id": f"bench-color-{i:06d}",
+                "benchmark": "synthetic",
+                "ability": "color",
+                "image": image,
+                "question": question,
+                "question_type": kind,
+                "answer_keywords": keywords,
+            }
+        )
+    return items_to_table(rows)
