@@ -30,7 +30,7 @@ import time
 
 import common
 import pyarrow as pa
-from common_models import build_real_size_llava15, make_items
+from common_llava import build_real_size_llava15, make_items
 
 import raypipe.evaluate.predict_local as pl
 from raypipe.evaluate.inference import check_local_model

@@ -51,7 +51,7 @@ from pathlib import Path
 import common
 import pyarrow as pa
 import pyarrow.parquet as pq
-from real_size import build_real_size_sd15, sd15_mfu
+from common_sd import build_real_size_sd15, sd15_mfu
 
 from raypipe.generate.config import RenderConfig
 from raypipe.generate.render import EXTENSIONS, Renderer, check_render_model

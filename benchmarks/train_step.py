@@ -52,7 +52,7 @@ from pathlib import Path
 
 import common
 import torch
-from common_models import (
+from common_llava import (
     auto_llm_layers,
     build_cpu_model,
     build_llava15_train_model,

@@ -1,7 +1,7 @@
-"""Random-weight Stable Diffusion 1.5 at its real size, built from its published config
-(nothing is downloaded) for timing on a GPU, and its MFU model. Built once into
-$RAYPIPE_BENCH_DIR (default the temp folder) where it is saved. The LLaVA models are in
-common_models.py.
+"""The Stable Diffusion models the benchmarks build: SD 1.5 at its real size, random
+weights from its published config (nothing is downloaded) for timing on a GPU, built once
+into $RAYPIPE_BENCH_DIR (default the temp folder); and its MFU model. The LLaVA models are
+in common_llava.py.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The LLaVA models and inputs the benchmarks build: random weights from configs (nothing
 is downloaded), LLaVA-1.5-7B for inference (saved in fp16), a LLaVA-1.5-shaped model for a
 training step on a GPU and a small one for the CPU; synthetic training batches and the
-inference benchmark's items.
+inference benchmark's items. The Stable Diffusion models are in common_sd.py.
 """
 
 from __future__ import annotations
