@@ -97,6 +97,20 @@ def build_real_size_sd15(path: Path) -> Path:
     return path
 
 
+def render_model(real_size_sd15: bool, name: str, size: int | None) -> tuple[str, int]:
+    """(model, width = height) of the render benchmark: the random SD 1.5 (kept in
+    :func:`common.bench_dir`, 512 px), or ``name`` resolved (64 px if tiny, else 512)."""
+    from common import bench_dir
+
+    from raypipe.generate.config import RenderConfig
+    from raypipe.generate.render import check_render_model
+
+    if real_size_sd15:
+        return str(build_real_size_sd15(bench_dir() / "raypipe-sd15-random")), size or 512
+    model = check_render_model(RenderConfig(model=name))
+    return model, size or (64 if name.startswith("raypipe-tiny/") else 512)
+
+
 def sd15_mfu(cfg, model: str, ips: float) -> dict:
     import torch
 
@@ -116,3 +130,51 @@ def sd15_mfu(cfg, model: str, ips: float) -> dict:
     flops = (cfg.steps * guided * SD15_UNET_FLOPS_512 + SD15_VAE_DECODE_FLOPS_512) * scale
     out.update(tflop_per_image=round(flops / 1e12, 2), mfu=round(ips * flops / peak, 4))
     return out
+
+
+SUBJECTS = ["vintage car", "golden retriever", "bowl of ramen", "firefighter", "sunflower"]
+COLOURS = ["crimson", "teal", "golden", "olive", "navy", "beige", "maroon", "silver"]
+
+
+def make_rows(n: int) -> list[dict]:
+    """``n`` rows to render: StableLLaVA-style prompts of a colour and a subject."""
+    from raypipe.schema import row_seed
+
+    rows = []
+    for i in range(n):
+        sid = f"bench-s0-{i:07d}"
+        colour, subject = COLOURS[i % len(COLOURS)], SUBJECTS[i % len(SUBJECTS)]
+        prompt = f"(({colour})) {subject}, city street, realistic, dramatic lighting, 8k"
+        rows.append(
+            {
+                "id": sid,
+                "ability": "color",
+                "prompt": prompt,
+                "seed": row_seed(sid),
+                "negative_prompt": "",
+            }
+        )
+    return rows
+
+
+def bare_pipeline(cfg, model: str):
+    """(diffusers pipeline, device) of the render benchmark's bare loop: ``model`` at the
+    config's dtype on its device, no progress bars, channels-last UNet and VAE on CUDA when
+    the config asks."""
+    import diffusers
+    import torch
+    from diffusers import AutoPipelineForText2Image
+
+    from raypipe.models import resolve_device, resolve_dtype
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    new_kw = hasattr(diffusers.utils.deprecation_utils, "_resolve_dtype")
+    kw = {"dtype": dtype} if new_kw else {"torch_dtype": dtype}
+    pipe = AutoPipelineForText2Image.from_pretrained(model, use_safetensors=True, **kw)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    if device == "cuda" and cfg.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    return pipe, device
