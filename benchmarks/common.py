@@ -42,6 +42,14 @@ def bench_dir() -> Path:
     return Path(os.environ.get("RAYPIPE_BENCH_DIR", tempfile.gettempdir()))
 
 
+def quiet_transformers() -> None:
+    """No progress bars and only errors from transformers."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def parser(doc: str) -> argparse.ArgumentParser:
     """A parser whose ``--help`` shows the benchmark's docstring as written."""
     return argparse.ArgumentParser(

@@ -1,7 +1,7 @@
-"""The LLaVA models and inputs the benchmarks build: random weights from configs (nothing
-is downloaded), LLaVA-1.5-7B for inference (saved in fp16), a LLaVA-1.5-shaped model for a
-training step on a GPU and a small one for the CPU; synthetic training batches and the
-inference benchmark's items. The Stable Diffusion models are in common_sd.py.
+"""The LLaVA models and inputs the benchmarks build: the Llama-7B and CLIP-L/336 shapes,
+LLaVA configs and processors, LLaVA-1.5-7B for inference (random weights from its
+published config, nothing downloaded, saved in fp16) and the inference benchmark's items.
+The training models are in common_train.py, the Stable Diffusion ones in common_sd.py.
 """
 
 from __future__ import annotations
@@ -117,73 +117,6 @@ def build_real_size_llava15(path: Path) -> Path:
     torch.cuda.empty_cache()
     (path / ".complete").write_text("ok\n")
     return path
-
-
-def auto_llm_layers(free_bytes: int) -> int:
-    """Llama-7B layers that fit next to the rest, at 16 bytes per parameter + headroom."""
-    d, ff, vocab = LLAMA_7B["hidden_size"], LLAMA_7B["intermediate_size"], LLAMA_7B["vocab_size"]
-    per_layer = 4 * d * d + 3 * d * ff
-    fixed = 2 * vocab * d + 304_000_000 + 21_000_000  # embeddings + head, CLIP-L, projector
-    budget = 0.85 * free_bytes - 14e9  # activations, logits, workspace
-    return max(1, min(32, int((budget / 16 - fixed) // per_layer)))
-
-
-def build_llava15_train_model(layers: int, device: str = "cuda"):
-    """Random-weight LLaVA-1.5-shaped model on the GPU (fp32 weights), stage 2."""
-    import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaForConditionalGeneration
-
-    from raypipe.train.model import apply_freeze_policy
-
-    text = LlamaConfig(num_hidden_layers=layers, **LLAMA_7B)
-    config = llava_config(CLIPVisionConfig(**CLIP_L_336), text, 32000, 576, 32001)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlavaForConditionalGeneration(config)
-    model.config.use_cache = False
-    apply_freeze_policy(model, 2)
-    return model
-
-
-def build_cpu_model(folder: Path, smoke: bool) -> Path:
-    """Random-weight LLaVA + processor saved to ``folder`` (tiny tokenizer, 32 px CLIP);
-    unless ``smoke``, sized so a CPU step takes ~100+ ms (Llama hidden 256, 4 layers)."""
-    import torch
-    from transformers import LlavaForConditionalGeneration
-
-    from raypipe import tiny
-
-    if (folder / "config.json").exists():
-        return folder
-    tokenizer = tiny.build_tiny_llama_tokenizer(folder / "_tokenizer")
-    vision = tiny.tiny_clip_vision_config(32)
-    text = tiny.tiny_llama_config(len(tokenizer), tokenizer)
-    if not smoke:
-        text.hidden_size, text.intermediate_size, text.num_hidden_layers = 256, 688, 4
-        vision.hidden_size, vision.intermediate_size = 64, 256
-    torch.manual_seed(0)
-    image_token = tokenizer.convert_tokens_to_ids("<image>")
-    config = llava_config(vision, text, image_token, 16, tokenizer.pad_token_id)
-    LlavaForConditionalGeneration(config).save_pretrained(folder)
-    llava_processor(tokenizer, 32, vision.patch_size).save_pretrained(folder)
-    return folder
-
-
-def synthetic_batch(batch: int, seq_len: int, config) -> dict:
-    """576 image tokens then random text, every text token supervised."""
-    import torch
-
-    n_image = 576
-    ids = torch.randint(3, 32000, (batch, seq_len))
-    ids[:, 1 : 1 + n_image] = config.image_token_id
-    labels = ids.clone()
-    labels[:, : 1 + n_image] = -100
-    return {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "labels": labels,
-        "pixel_values": torch.randn(batch, 3, 336, 336),
-    }
 
 
 def make_items(n: int, size: int = 32) -> pa.Table:
