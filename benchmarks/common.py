@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -200,6 +201,17 @@ def run_settings(device: str, threads: int, have_ray: bool) -> dict:
         "ray_worker_niceness": niceness(have_ray),
         "torch": torch.__version__,
     }
+
+
+def start_server(cmd: list[str], **popen_kw) -> tuple[subprocess.Popen, int]:
+    """Start a loopback LLM server as ``cmd`` (one that prints ``PORT <n>`` first):
+    (its process, its port)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, **popen_kw)
+    line = proc.stdout.readline()
+    if not line.startswith("PORT "):
+        proc.kill()
+        raise RuntimeError(f"loopback server did not start: {line!r}")
+    return proc, int(line.split()[1])
 
 
 def emit(result: dict) -> dict:
