@@ -1,5 +1,6 @@
 """What the benchmarks share: the checkout on the import path, an offline environment,
-their options, a private Ray, alternating timed passes and the figures made of them.
+their options, a private Ray, alternating timed passes and the figures made of them, and
+a class registry settled before tracemalloc starts.
 
 Importing this module puts the repository (``raypipe``) and ``tests/`` (the fixture
 writers and the loopback LLM server) on ``sys.path``, so a benchmark runs as
@@ -101,19 +102,21 @@ def pipeline_name(have_ray: bool, no_ray: bool) -> str:
     return "in-process" + ("" if no_ray else " (ray not installed)")
 
 
-def start_ray(num_cpus: int, num_gpus: int | None = None) -> None:
+def start_ray(num_cpus: int, num_gpus: int | None = None) -> str:
     """A private local Ray (own temp folder, no dashboard, no progress bars); GPUs as Ray
-    detects them unless ``num_gpus`` is given."""
+    detects them unless ``num_gpus`` is given. Returns the temp folder."""
     import ray
 
+    temp = tempfile.mkdtemp(prefix="rp-bench-", dir="/tmp")
     ray.init(
         num_cpus=num_cpus,
         num_gpus=num_gpus,
         include_dashboard=False,
         log_to_driver=False,
-        _temp_dir=tempfile.mkdtemp(prefix="rp-bench-", dir="/tmp"),
+        _temp_dir=temp,
     )
     ray.data.DataContext.get_current().enable_progress_bars = False
+    return temp
 
 
 @contextlib.contextmanager
@@ -203,6 +206,29 @@ def run_settings(device: str, threads: int, have_ray: bool) -> dict:
     }
 
 
+def settle_type_registry(limit: int = 50_000) -> None:
+    """Have the interpreter reallocate its registry of ``object``'s subclasses now, before
+    tracemalloc starts, rather than during a traced job (where it shows as ~295 KB of new
+    memory): classes made and freed until one creation allocates over 64 KB, which leaves
+    ~6,000 creations of headroom (benchmarks/RESULTS.md, 2026-12-03)."""
+    import gc
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        for i in range(limit):
+            before = tracemalloc.get_traced_memory()[0]
+            type("Churn", (), {})
+            if tracemalloc.get_traced_memory()[0] - before > 64 * 1024:
+                return
+            if i % 64 == 0:
+                gc.collect(0)  # free the classes made so far (each is a reference cycle)
+        raise RuntimeError(f"no reallocation of the class registry in {limit} classes")
+    finally:
+        tracemalloc.stop()
+        gc.collect()
+
+
 def start_server(cmd: list[str], **popen_kw) -> tuple[subprocess.Popen, int]:
     """Start a loopback LLM server as ``cmd`` (one that prints ``PORT <n>`` first):
     (its process, its port)."""
@@ -212,6 +238,28 @@ def start_server(cmd: list[str], **popen_kw) -> tuple[subprocess.Popen, int]:
         proc.kill()
         raise RuntimeError(f"loopback server did not start: {line!r}")
     return proc, int(line.split()[1])
+
+
+def last_json(out: str) -> dict | None:
+    """The last line of ``out`` that is a JSON object, or None."""
+    for line in reversed(out.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+    return None
+
+
+def run_json(cmd: list[str], timeout: float | None = None, **kw):
+    """Run a benchmark (or one job of one) as ``cmd``: (exit code, stdout, stderr, the JSON
+    object it printed last or None); exit code 124 if it ran past ``timeout`` seconds."""
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+        rc, out, err = done.returncode, done.stdout, done.stderr
+    except subprocess.TimeoutExpired as e:
+        rc, out, err = 124, (e.stdout or b"").decode(errors="replace"), "timed out"
+    return rc, out, err, last_json(out)
 
 
 def emit(result: dict) -> dict:
