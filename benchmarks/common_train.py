@@ -82,6 +82,7 @@ def synthetic_batch(batch: int, seq_len: int, config) -> dict:
 
 
 def init_single_process_group(device: torch.device) -> None:
+    """This process as a world of one rank (nccl on CUDA, gloo on CPU), for FSDP2."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
