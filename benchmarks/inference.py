@@ -5,110 +5,35 @@
     python benchmarks/inference.py --real-size-llava15 --items 512 --batch-size 32 --no-ray
                                                      # one CUDA GPU: random-weight LLaVA-1.5-7B
 
-The random LLaVA-1.5-7B (fp16, about 14 GB) is built once into $RAYPIPE_BENCH_DIR
-(default the temp folder).
+Both paths answer the same items (noisy colour squares, wh, yes/no and either-or
+questions) with the same model and batches, greedily, up to ``--max-new-tokens`` tokens,
+through the chat template; ``same_predictions`` compares their answers item by item.
+The random LLaVA-1.5-7B (fp16, 14 GB) is built once into $RAYPIPE_BENCH_DIR (or the temp
+folder).
 
-Both paths answer the same items (noisy colour squares with wh, yes/no and either-or
-questions) with the same model, in the same batches of ``--batch-size``, greedily, for at
-most ``--max-new-tokens`` tokens, through the model's chat template, and end with one
-prediction dict per item. The random-weight models seldom stop early, so both decode
-about ``--max-new-tokens`` tokens per item; their answers are compared item by item
-(``same_predictions``).
+(a) pipeline: ``predict_local``, one ``LlavaPredictor`` actor of ``--threads`` threads
+    (``--no-ray``: in-process, same blocks). Its window opens when the actor's first call
+    ends (Ray start-up and model load left out, that call's rows not counted) and closes
+    when ``predict_local`` returns its rows.
+(b) bare: ``generate`` on left-padded batches, ``batch_decode``; one warm-up batch untimed.
 
-(a) pipeline: :func:`raypipe.evaluate.predict_local.predict_local` with one
-    :class:`LlavaPredictor` actor of ``--threads`` torch threads (and as many CPUs
-    reserved); items go in as :func:`predict_local` blocks them (up to four batches a
-    block). Ray is started once; each pass is one ``predict_local`` call, with its own
-    actor pool. Ray start-up and the actor's model load are outside the timed window:
-    each model call stamps its end time into its rows, the window opens when the
-    actor's first call (the first block) ends and closes when ``predict_local`` returns
-    its rows; the rows of that first call are not counted. So the window holds every
-    later block's scheduling, transfer, preprocessing, generation and decoding, and the
-    gathering of every row in the items' order; with the default 1024 items that last
-    fixed cost (tens of milliseconds) is under 1% of it. With ``--no-ray`` the
-    predictor is called in-process on the same blocks instead.
-(b) bare: ``LlavaForConditionalGeneration.generate`` on left-padded batches from
-    ``processor(images, texts)``, decoded with ``batch_decode``, one warm-up batch
-    first, untimed; ``--threads`` torch threads; the model loaded once, in the driver.
-
-The passes alternate, bare first (:func:`common.alternate`; the bare passes run while
-Ray is up and idle). Each side's figure is its items over its timed seconds, all passes
-together (``*_by_pass``: each). Ray's workers run at the bare loop's niceness, 0
-(``--ray-niceness``; Ray's own default is 15).
-
-The last line printed is one JSON object: items (timed, per path),
-pipeline_items_per_s, bare_items_per_s, ratio (= pipeline / bare), and the settings; on
-CUDA also items_per_s (the pipeline's) and the GPU's name.
+The passes alternate, bare first (:func:`common.alternate`; Ray up and idle during the bare
+ones, its workers at niceness 0: ``--ray-niceness``). The last line printed is one JSON
+object: pipeline_items_per_s, bare_items_per_s (all passes; ``*_by_pass``: each), ratio =
+pipeline / bare (target >= 0.9), the settings; on CUDA also items_per_s and the GPU.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
-import os
-import tempfile
 import time
-from pathlib import Path
 
 import common
 import pyarrow as pa
-from real_size import build_real_size_llava15
+from common_llava import build_real_size_llava15, make_items
 
+import raypipe.evaluate.predict_local as pl
 from raypipe.evaluate.inference import check_local_model
-from raypipe.evaluate.items import items_to_table
-from raypipe.evaluate.predict_local import (
-    LlavaPredictor,
-    block_rows,
-    model_dtype,
-    predict_local,
-    vision_messages,
-)
-
-COLOURS = {
-    "red": (220, 30, 30),
-    "green": (30, 180, 60),
-    "blue": (30, 60, 220),
-    "yellow": (240, 220, 40),
-}
-
-
-def make_items(n: int, size: int = 32) -> pa.Table:
-    """``n`` benchmark items: a noisy colour square each, and a question about it."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    names = sorted(COLOURS)
-    rows = []
-    for i in range(n):
-        colour, other = names[i % len(names)], names[(i + 1) % len(names)]
-        noise = rng.integers(-12, 13, size=(size, size, 3))
-        pixels = np.clip(np.array(COLOURS[colour]) + noise, 0, 255).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(pixels).save(buf, format="PNG")
-        kind = ("wh", "yes_no", "either_or")[i % 3]
-        question, keywords = {
-            "wh": ("What colour is the square?", [colour]),
-            "yes_no": (f"Is the square {other}?", ["no"]),
-            "either_or": (f"Is the square {colour} or {other}?", [colour]),
-        }[kind]
-        rows.append(
-            {
-                "id": f"bench-color-{i:06d}",
-                "benchmark": "synthetic",
-                "ability": "color",
-                "image": buf.getvalue(),
-                "question": question,
-                "question_type": kind,
-                "answer_keywords": keywords,
-            }
-        )
-    return items_to_table(rows)
-
-
-# ---------------------------------------------------------------------------------------
-# (b) the bare loop
-# ---------------------------------------------------------------------------------------
 
 
 class BareLoop:
@@ -133,7 +58,7 @@ class BareLoop:
         processor = self.processor
         texts = [
             processor.apply_chat_template(
-                vision_messages(r["question"]), add_generation_prompt=True, tokenize=False
+                pl.vision_messages(r["question"]), add_generation_prompt=True, tokenize=False
             )
             for r in batch
         ]
@@ -156,25 +81,13 @@ class BareLoop:
 
     def timed_pass(self, items: pa.Table) -> tuple[float, int, list[dict]]:
         """(seconds, timed rows, every row): one warm-up batch first, untimed."""
-        import torch
-
-        rows, b = items.to_pylist(), self.batch_size
-        warm = self.run(rows[:b])
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        done = []
-        for start in range(b, len(rows), b):
-            done += self.run(rows[start : start + b])
-        return time.perf_counter() - t0, len(done), warm + done
+        t, warm, done = common.timed_batches(
+            self.run, items.to_pylist(), self.batch_size, self.device
+        )
+        return t, len(done), warm + done
 
 
-# ---------------------------------------------------------------------------------------
-# (a) the actor pool
-# ---------------------------------------------------------------------------------------
-
-
-class TimedPredictor(LlavaPredictor):
+class TimedPredictor(pl.LlavaPredictor):
     """The inference stage, stamping each call's end time into its rows."""
 
     def process(self, batch: pa.Table) -> pa.Table:
@@ -182,56 +95,45 @@ class TimedPredictor(LlavaPredictor):
         return out.append_column("bench_end", pa.array([time.time()] * out.num_rows))
 
 
-def window(rows: list[dict], closed_at: float) -> tuple[float, list[dict]]:
-    """(seconds, timed rows) from the first call's end to ``closed_at``."""
-    first = min(r["bench_end"] for r in rows)
-    return closed_at - first, [r for r in rows if r["bench_end"] > first]
+def timed_rows(rows: list[dict], closed_at: float) -> tuple[float, int, list[dict]]:
+    """A pass's window (:func:`common.window`): (seconds, timed rows, those rows)."""
+    seconds, timed = common.window([r["bench_end"] for r in rows], closed_at)
+    rows = [r for r, t in zip(rows, timed) if t]
+    return seconds, len(rows), rows
 
 
-def ray_pipeline(folder: str, items: pa.Table, args, device: str, threads: int):
-    """One predict_local call (a fresh actor pool): (window seconds, timed rows)."""
-    rows = predict_local(
-        items,
-        folder,
-        "bench",
+def make_pipeline(folder: str, items: pa.Table, args, device: str, threads: int, ray: bool):
+    """The raypipe path's pass, as :func:`timed_rows`: one predict_local call (a
+    fresh actor pool each), or the predictor called in-process on its blocks."""
+    kw = dict(
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         device=device,
         dtype=args.dtype,
-        num_cpus=1.0 if device == "cuda" else float(threads),
         threads=threads,
-        stage=TimedPredictor,
     )
-    return window(rows, time.time())
+    if ray:
+        cpus = 1.0 if device == "cuda" else float(threads)
 
+        def ray_pass(_: int):
+            rows = pl.predict_local(
+                items, folder, "bench", num_cpus=cpus, stage=TimedPredictor, **kw
+            )
+            return timed_rows(rows, time.time())
 
-class InProcess:
-    """The predictor called in-process on predict_local's blocks (``--no-ray``)."""
+        return ray_pass
+    stage = TimedPredictor(folder, "bench", **kw)
 
-    def __init__(self, folder: str, args, device: str, threads: int):
-        self.stage = TimedPredictor(
-            folder,
-            "bench",
-            batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
-            device=device,
-            dtype=args.dtype,
-            threads=threads,
-        )
+    def in_process(_: int):
+        step = pl.block_rows(items.num_rows, stage.batch_size)
+        parts = [stage(items.slice(s, step)) for s in range(0, items.num_rows, step)]
+        return timed_rows(pa.concat_tables(parts).to_pylist(), time.time())
 
-    def __call__(self, items: pa.Table) -> tuple[float, list[dict]]:
-        step = block_rows(items.num_rows, self.stage.batch_size)
-        parts = [self.stage(items.slice(s, step)) for s in range(0, items.num_rows, step)]
-        return window(pa.concat_tables(parts).to_pylist(), time.time())
-
-
-# ---------------------------------------------------------------------------------------
+    return in_process
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = common.parser(__doc__)
     p.add_argument("--model", default="raypipe-tiny/tiny-llava", help="LLaVA folder or tiny id")
     p.add_argument("--real-size-llava15", action="store_true", help="random LLaVA-1.5-7B, fp16")
     p.add_argument("--items", type=int, default=1024, help="items per path")
@@ -243,77 +145,44 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke_test:
         args.items, args.batch_size, args.max_new_tokens, args.rounds = 8, 4, 4, 1
 
-    import torch
-
-    from raypipe.models import resolve_device
-
-    device = resolve_device("auto", field="device")
-    threads = args.threads or 1
-    if device == "cpu":
-        torch.set_num_threads(threads)
+    device, threads = common.torch_device(args.threads)
     if args.real_size_llava15:
-        # Kept between runs (about 14 GB): building it takes longer than a benchmark run.
-        cache = Path(os.environ.get("RAYPIPE_BENCH_DIR", tempfile.gettempdir()))
-        folder = str(build_real_size_llava15(cache / "raypipe-llava15-7b-random"))
+        folder = str(build_real_size_llava15(common.bench_dir() / "raypipe-llava15-7b-random"))
     else:
         folder = str(check_local_model(args.model))
     items = make_items(args.items + args.batch_size)  # + one warm-up batch
     have_ray = common.ray_wanted(args.no_ray)
-    dtype = model_dtype(args.dtype, device)
+    dtype = pl.model_dtype(args.dtype, device)
     bare = BareLoop(folder, args.batch_size, args.max_new_tokens, device, dtype)
-    if have_ray:
-        common.start_ray(threads + 1, 1 if device == "cuda" else 0)  # + one for Ray Data
-        how = "ray-data"
-
-        def pipeline(_: int):
-            return ray_pipeline(folder, items, args, device, threads)
-    else:
-        in_process = InProcess(folder, args, device, threads)
-        how = "in-process" + ("" if args.no_ray else " (ray not installed)")
-
-        def pipeline(_: int):
-            return in_process(items)
-
-    try:
+    pipeline = make_pipeline(folder, items, args, device, threads, have_ray)
+    with common.ray_up(have_ray, threads + 1, 1 if device == "cuda" else 0):  # + one for Ray Data
         bare_passes, pipe_passes = common.alternate(
             lambda: bare.timed_pass(items), pipeline, args.rounds
         )
-    finally:
-        if have_ray:
-            import ray
-
-            ray.shutdown()
-    pipe_rows = [r for _, rows in pipe_passes for r in rows]
-    pipe_s = sum(t for t, _ in pipe_passes)
-    bare_n, bare_s = sum(n for _, n, _ in bare_passes), sum(t for t, _, _ in bare_passes)
-    pipeline_ips, bare_ips = len(pipe_rows) / pipe_s, bare_n / bare_s
+    pipe_rows = [r for _, _, rows in pipe_passes for r in rows]
+    figures, pipeline_ips, _ = common.pass_figures(
+        "items", "items_per_s", pipe_passes, bare_passes, args.rounds
+    )
     # Ray Data may run any block first: the pipeline's untimed call need not hold the
     # bare loop's warm-up batch, so answers are compared by item over every row.
     bare_answers = {r["id"]: r["prediction"] for r in bare_passes[0][2]}
     same = all(bare_answers.get(r["id"]) == r["prediction"] for r in pipe_rows)
     tokens = sum(r["completion_tokens"] for r in pipe_rows) / max(1, len(pipe_rows))
     result = {
-        "items": len(pipe_rows),
-        "bare_items": bare_n,
-        "pipeline_items_per_s": round(pipeline_ips, 3),
-        "bare_items_per_s": round(bare_ips, 3),
-        "ratio": round(pipeline_ips / bare_ips, 3),
-        "rounds": args.rounds,
-        "pipeline_items_per_s_by_pass": [round(len(r) / t, 3) for t, r in pipe_passes],
-        "bare_items_per_s_by_pass": [round(n / t, 3) for t, n, _ in bare_passes],
+        **figures,
         "same_predictions": same,
         "completion_tokens_per_item": round(tokens, 2),
         "device": device,
-        "pipeline": how,
+        "pipeline": common.pipeline_name(have_ray, args.no_ray),
         "model": "random-weight LLaVA-1.5-7B" if args.real_size_llava15 else args.model,
         "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens,
         "dtype": str(dtype).removeprefix("torch."),
-        "threads": threads if device == "cpu" else None,
-        "ray_worker_niceness": common.niceness(have_ray),
-        "torch": torch.__version__,
+        **common.run_settings(device, threads, have_ray),
     }
     if device == "cuda":
+        import torch
+
         result.update(gpu=torch.cuda.get_device_name(), items_per_s=round(pipeline_ips, 3))
     return common.emit(result)
 

@@ -30,27 +30,22 @@ import sys
 import time
 import urllib.request
 from collections import Counter
-from pathlib import Path
+
+import common
 
 from raypipe.llm.base import LLMRequest
 from raypipe.llm.client import OpenAIBackend
 from raypipe.llm.config import LLMConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 KEY_ENV = "RAYPIPE_BENCH_KEY"
 
 
 def start_server(latency_s: float, faults: bool, *extra: str) -> tuple[subprocess.Popen, int]:
-    cmd = [sys.executable, str(ROOT / "tests" / "llm_server.py"), "--latency", str(latency_s)]
+    cmd = [sys.executable, str(common.ROOT / "tests/llm_server.py"), "--latency", str(latency_s)]
     cmd += ["--api-key", os.environ[KEY_ENV], "--lifetime", "900", *extra]
     if faults:
         cmd += ["--faults", "standard", "--retry-after", "1", "--hang", "10"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    if not line.startswith("PORT "):
-        proc.kill()
-        raise RuntimeError(f"loopback server did not start: {line!r}")
-    return proc, int(line.split()[1])
+    return common.start_server(cmd)
 
 
 def make_requests(n: int, tag: str) -> list[LLMRequest]:

@@ -3,27 +3,21 @@
     .venv-vllm/bin/python benchmarks/llm_vllm.py                # 128 requests, demo-vllm engine
     .venv-vllm/bin/python benchmarks/llm_vllm.py --smoke-test   # 16 requests
 
-Both sides get the same chat requests (the writers' prompt and dialogue templates for
-all 13 abilities, structured output on, each request with its own seed) and the same
-engine settings (``raypipe.llm.vllm.engine_kwargs`` of the preset's ``llm``):
+Both sides get the same chat requests (the writers' prompt and dialogue templates for all
+13 abilities, structured output on, a seed each) and engine settings (``engine_kwargs`` of
+the preset's ``llm``):
 
-- pipeline: the rows raypipe's request stage makes (chat-template token ids, sampling
-  parameters) through :func:`raypipe.llm.vllm.build_engine_processor` in one
-  Ray Data execution, consumed as they stream out, to the run's engines (a Serve
-  application, :class:`raypipe.llm.vllm.EngineService`);
-- bare: one ``vllm.LLM`` in this process, one ``llm.chat(conversations, params)`` call
-  (``bare_tokens_per_s``); then, for reference, the same requests as token ids made
-  before the window through ``llm.generate`` on the warm engine
-  (``bare_token_ids_tokens_per_s``).
+- pipeline: raypipe's request rows (chat-template token ids, sampling parameters) through
+  ``build_engine_processor`` in one Ray Data execution to the run's engines (a Serve
+  application); its window runs from the first request reaching the engines (a row's
+  output time minus its engine time) to the last row reaching this process;
+- bare: one ``vllm.LLM`` here, its window one ``llm.chat`` call (``bare_tokens_per_s``);
+  then the same requests as token ids via ``llm.generate`` (``bare_token_ids_tokens_per_s``).
 
-Engine start-up is left out on both sides: the bare window is the ``chat`` call; the
-pipeline window runs from the moment the first request was sent to the engines (its
-output time minus the time Ray Data LLM reports for its call) to the last row reaching
-this process, so it holds everything Ray Data and Serve do once the engine is up.
-``pipeline_engine_start_s`` is the engines' start (the Serve application), and
-``pipeline_first_request_s`` the time from the start of the Ray Data execution to the
-first request reaching them. Tokens/s counts generated tokens. Runs in .venv-vllm (scripts/bootstrap-vllm.sh); the last line printed
-is one JSON object of figures.
+Engine start-up is left out (``*_engine_start_s``); ``pipeline_first_request_s`` runs from
+the execution's start to the first request. Tokens/s counts generated tokens; ratio =
+pipeline / bare (target >= 0.9). Runs in .venv-vllm (scripts/bootstrap-vllm.sh); the last
+line printed is one JSON object of figures.
 """
 
 from __future__ import annotations
@@ -36,8 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-PRESET = ROOT / "raypipe" / "configs" / "generate" / "demo-vllm.yaml"
+import common
+
+PRESET = common.ROOT / "raypipe" / "configs" / "generate" / "demo-vllm.yaml"
 
 
 def make_requests(n: int):
@@ -45,7 +40,6 @@ def make_requests(n: int):
     from raypipe.generate.keywords import keyword_for, seed_bank
     from raypipe.generate.llm_stage import stable_seed
     from raypipe.llm import tasks
-    from raypipe.llm.tasks import dialogue_request, prompt_request
 
     catalog = list(load_catalog().items())
     out, i = [], 0
@@ -56,11 +50,11 @@ def make_requests(n: int):
         kws = [keyword_for(bank, 0, name, c * 5 + p) for p in range(5)]
         if i % 2 == 0:
             key = f"prompts/{name}/{c:06d}"
-            req = prompt_request(ability, kws, key=key, seed=stable_seed(0, key))
+            req = tasks.prompt_request(ability, kws, key=key, seed=stable_seed(0, key))
         else:
             prompt = f"(({kws[0]})), {name} photo, soft light, detailed, high quality"
             q = ability.questions[c % len(ability.questions)]
-            req = dialogue_request(ability, prompt, q, key=f"d/{i}", seed=stable_seed(0, i))
+            req = tasks.dialogue_request(ability, prompt, q, key=f"d/{i}", seed=stable_seed(0, i))
         out.append(tasks.with_schema(req))
         i += 1
     return out
@@ -115,7 +109,7 @@ def run_bare(cfg, requests) -> dict:
     import vllm
     from vllm.sampling_params import StructuredOutputsParams
 
-    from raypipe.llm.vllm import engine_kwargs, model_path, sampling_params
+    from raypipe.llm.vllm import chat_ids, engine_kwargs, model_path, sampling_params
 
     kwargs = engine_kwargs(cfg)
     kwargs.pop("disable_log_stats", None)
@@ -132,8 +126,6 @@ def run_bare(cfg, requests) -> dict:
     window = time.time() - t
     # The same requests again as token ids made outside the window (as the pipeline's
     # request stage makes them), on the now warm engine: where the time of chat goes.
-    from raypipe.llm.vllm import chat_ids
-
     tok = llm.get_tokenizer()
     prompts = [{"prompt_token_ids": chat_ids(tok, r.messages)} for r in requests]
     t = time.time()
@@ -160,7 +152,6 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAYPIPE_TINY_DIR", str(Path(tempfile.gettempdir()) / "raypipe-tiny"))
-    import ray
 
     from raypipe.config import load_config
     from raypipe.generate.config import GenerateConfig
@@ -169,44 +160,39 @@ def main() -> None:
     requests = make_requests(n)
     if args.bare_first:
         bare = run_bare(cfg, requests)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _temp_dir=tempfile.mkdtemp(prefix="rp-bench-", dir="/tmp"))  # fmt: skip
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    pipe = run_pipeline(cfg, requests)
-    ray.shutdown()  # its engine is gone: the bare engine gets the machine to itself
+    with common.ray_up(True, 2):
+        pipe = run_pipeline(cfg, requests)
+    # Ray is down, its engine gone: the bare engine gets the machine to itself.
     if not args.bare_first:
         bare = run_bare(cfg, requests)
     p_tps = pipe["completion_tokens"] / pipe["window_s"]
     b_tps = bare["completion_tokens"] / bare["window_s"]
+    ids_tps = bare["ids_completion_tokens"] / bare["ids_window_s"]
     for name, figures in (("pipeline", pipe), ("bare", bare)):
         print(name, json.dumps({k: round(v, 3) for k, v in figures.items()}))
     import vllm
 
-    print(
-        json.dumps(
-            {
-                "pipeline_tokens_per_s": round(p_tps, 1),
-                "bare_tokens_per_s": round(b_tps, 1),
-                "bare_token_ids_tokens_per_s": round(
-                    bare["ids_completion_tokens"] / bare["ids_window_s"], 1
-                ),
-                "ratio": round(p_tps / b_tps, 3),
-                "requests": n,
-                "pipeline_completion_tokens": pipe["completion_tokens"],
-                "bare_completion_tokens": bare["completion_tokens"],
-                "pipeline_window_s": round(pipe["window_s"], 2),
-                "bare_window_s": round(bare["window_s"], 2),
-                "pipeline_engine_start_s": round(pipe["engine_start_s"], 1),
-                "bare_engine_start_s": round(bare["engine_start_s"], 1),
-                "pipeline_first_request_s": round(pipe["first_request_s"], 1),
-                "model": cfg.model,
-                "batch_size": cfg.vllm.batch_size,
-                "structured_output": True,
-                "order": "bare first" if args.bare_first else "pipeline first",
-                "vllm": vllm.__version__,
-                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-            }
-        )
+    common.emit(
+        {
+            "pipeline_tokens_per_s": round(p_tps, 1),
+            "bare_tokens_per_s": round(b_tps, 1),
+            "bare_token_ids_tokens_per_s": round(ids_tps, 1),
+            "ratio": round(p_tps / b_tps, 3),
+            "requests": n,
+            "pipeline_completion_tokens": pipe["completion_tokens"],
+            "bare_completion_tokens": bare["completion_tokens"],
+            "pipeline_window_s": round(pipe["window_s"], 2),
+            "bare_window_s": round(bare["window_s"], 2),
+            "pipeline_engine_start_s": round(pipe["engine_start_s"], 1),
+            "bare_engine_start_s": round(bare["engine_start_s"], 1),
+            "pipeline_first_request_s": round(pipe["first_request_s"], 1),
+            "model": cfg.model,
+            "batch_size": cfg.vllm.batch_size,
+            "structured_output": True,
+            "order": "bare first" if args.bare_first else "pipeline first",
+            "vllm": vllm.__version__,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        }
     )
 
 

@@ -6,43 +6,28 @@
                                                    # one CUDA GPU: random-weight SD 1.5, fp16, 512 px
     python benchmarks/render.py --no-ray ...       # no Ray: the Renderer class in-process
 
-The random SD 1.5 is built once into $RAYPIPE_BENCH_DIR (default the temp folder).
+Both paths render the same prompts with the same model, per-row seeds, batch size, steps,
+guidance and image encoding, and write Parquet. The random SD 1.5 is built once into
+$RAYPIPE_BENCH_DIR (or the temp folder).
 
-Both paths render the same prompts with the same model, per-row seeds, batch size,
-steps, guidance and image encoding, and write the images to Parquet.
+(a) pipeline: ``ray.data.from_items`` (one batch a block) -> ``add_render`` (one Renderer
+    actor) -> ``write_parquet``. Its window opens when the actor's first call ends (Ray
+    start-up and model load left out, that call's rows not counted) and closes when
+    ``write_parquet`` returns.
+(b) bare: ``AutoPipelineForText2Image`` on batches of prompts with per-row generators,
+    Pillow encoding, one Parquet file at the end; one warm-up batch untimed.
 
-(a) pipeline: ``ray.data.from_items(rows)`` in blocks of one batch each -> ``add_render``
-    (one Renderer actor) -> ``write_parquet``. Ray start-up and the actor's model load are outside the timed
-    window: each render call stamps its end time into the row's meta, the window opens
-    when the actor's first call (the warm-up batch) ends and closes when
-    ``write_parquet`` returns; the rows of that first call are not counted. So the
-    window holds every later batch's scheduling, transfer, render, encode and the
-    Parquet write. With ``--no-ray`` (or when Ray is not installed) the Renderer is
-    called in-process on the same batches instead.
-(b) bare: ``AutoPipelineForText2Image`` called on batches of prompt strings with a
-    list of per-row generators, PNG/JPEG/WebP encoding with Pillow, one Parquet file
-    written at the end; one warm-up batch first, untimed.
-
-The passes alternate, bare first (:func:`common.alternate`), with Ray up (and idle)
-during the bare passes too, so the machine's load and Ray's own processes fall on both
-sides; pipeline_ips and bare_ips are over all passes of a side (``*_by_pass``: each).
-Ray's workers run at the bare loop's niceness, 0 (``--ray-niceness``; Ray's own default
-is 15, which on a busy CPU machine measures the load rather than the stage).
-
-The last line printed is one JSON object: images (timed, per path), pipeline_ips,
-bare_ips, ratio (= pipeline / bare), device; on CUDA also images_per_s (the
-pipeline's) and mfu, from the published costs for SD 1.5 (about 803 GFLOP per UNet
-call at 512 px, x2 with classifier-free guidance, plus about 2.5 TFLOP per VAE
-decode, scaled by H*W/512^2) over the GPU's dense fp16/bf16 peak. mfu is given only
-for SD 1.5-shaped UNets (the tiny model's FLOPs are not those).
+The passes alternate, bare first (:func:`common.alternate`; Ray up and idle during the bare
+ones, its workers at niceness 0: ``--ray-niceness``). The last line printed is one JSON
+object: images (timed, per path), pipeline_ips, bare_ips (all passes; ``*_by_pass``: each),
+ratio = pipeline / bare (target >= 0.9; 0.95 on a GPU), device; on CUDA also images_per_s,
+mfu and bare_mfu (SD 1.5-shaped UNets only; FLOPs and peaks in common_sd.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -51,57 +36,20 @@ from pathlib import Path
 import common
 import pyarrow as pa
 import pyarrow.parquet as pq
-from real_size import build_real_size_sd15, sd15_mfu
+from common_sd import bare_pipeline, make_rows, render_model, sd15_mfu
 
 from raypipe.generate.config import RenderConfig
-from raypipe.generate.render import EXTENSIONS, Renderer, check_render_model
-from raypipe.models import resolve_device, resolve_dtype
-from raypipe.schema import WORK_SCHEMA, row_seed, rows_to_table, update_meta
-
-SUBJECTS = ["vintage car", "golden retriever", "bowl of ramen", "firefighter", "sunflower"]
-COLOURS = ["crimson", "teal", "golden", "olive", "navy", "beige", "maroon", "silver"]
-
-
-def make_rows(n: int) -> list[dict]:
-    rows = []
-    for i in range(n):
-        sid = f"bench-s0-{i:07d}"
-        colour, subject = COLOURS[i % len(COLOURS)], SUBJECTS[i % len(SUBJECTS)]
-        prompt = f"(({colour})) {subject}, city street, realistic, dramatic lighting, 8k"
-        rows.append(
-            {
-                "id": sid,
-                "ability": "color",
-                "prompt": prompt,
-                "seed": row_seed(sid),
-                "negative_prompt": "",
-            }
-        )
-    return rows
-
-
-# ---------------------------------------------------------------------------------------
-# (b) the bare loop
-# ---------------------------------------------------------------------------------------
+from raypipe.generate.render import EXTENSIONS, Renderer
+from raypipe.models import resolve_dtype
+from raypipe.schema import WORK_SCHEMA, rows_to_table, update_meta
 
 
 def bare_loop(cfg: RenderConfig, model: str, rows: list[dict], out: Path) -> tuple[float, int]:
     """Plain diffusers + Pillow + pyarrow; returns (seconds for the timed rows, rows)."""
-    import diffusers
     import torch
-    from diffusers import AutoPipelineForText2Image
     from PIL import Image
 
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    new_kw = hasattr(diffusers.utils.deprecation_utils, "_resolve_dtype")
-    kw = {"dtype": dtype} if new_kw else {"torch_dtype": dtype}
-    pipe = AutoPipelineForText2Image.from_pretrained(model, use_safetensors=True, **kw)
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    if device == "cuda" and cfg.channels_last:
-        pipe.unet.to(memory_format=torch.channels_last)
-        pipe.vae.to(memory_format=torch.channels_last)
+    pipe, device = bare_pipeline(cfg, model)
     fmt = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}[cfg.image_format]
     save_kw = {"compress_level": 1} if fmt == "PNG" else {"quality": cfg.image_quality}
 
@@ -126,21 +74,11 @@ def bare_loop(cfg: RenderConfig, model: str, rows: list[dict], out: Path) -> tup
             done.append({**r, "image": image})
         return done
 
-    b = cfg.batch_size
-    run(rows[:b])  # warm-up, untimed
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    done = []
-    for start in range(b, len(rows), b):
-        done += run(rows[start : start + b])
-    pq.write_table(rows_to_table(done), out / "bare.parquet")
-    return time.perf_counter() - t0, len(done)
+    def finish(done: list[dict]) -> None:
+        pq.write_table(rows_to_table(done), out / "bare.parquet")
 
-
-# ---------------------------------------------------------------------------------------
-# (a) the render stage
-# ---------------------------------------------------------------------------------------
+    seconds, _, done = common.timed_batches(run, rows, cfg.batch_size, device, finish)
+    return seconds, len(done)
 
 
 class TimedRenderer(Renderer):
@@ -157,13 +95,20 @@ class TimedRenderer(Renderer):
 def window(table: pa.Table, closed_at: float) -> tuple[float, int, int]:
     """(seconds, timed rows, rejected rows) from the first call's end to ``closed_at``."""
     ends = [json.loads(m)["bench_end"] for m in table.column("meta").to_pylist()]
-    first = min(ends)
-    timed = sum(1 for e in ends if e > first)
-    rejected = sum(1 for s in table.column("reject_stage").to_pylist() if s)
-    return closed_at - first, timed, rejected
+    seconds, timed = common.window(ends, closed_at)
+    return seconds, sum(timed), sum(1 for s in table.column("reject_stage").to_pylist() if s)
 
 
-def ray_pipeline(cfg: RenderConfig, rows: list[dict], out: Path):
+def pipeline_pass(cfg: RenderConfig, rows: list[dict], out: Path, have_ray: bool):
+    """One pass of the raypipe path into ``out``: :func:`window` of its rows."""
+    out.mkdir(parents=True)
+    if not have_ray:  # the Renderer in-process, on the same batches
+        stage, b = TimedRenderer(cfg), cfg.batch_size
+        table = pa.concat_tables(
+            [stage(rows_to_table(rows[s : s + b])) for s in range(0, len(rows), b)]
+        )
+        pq.write_table(table, out / "in_process.parquet")
+        return window(table, time.time())
     import ray
 
     from raypipe.generate.render import add_render
@@ -177,23 +122,8 @@ def ray_pipeline(cfg: RenderConfig, rows: list[dict], out: Path):
     return window(pq.read_table(out / "pipeline", schema=WORK_SCHEMA), closed)
 
 
-def in_process(cfg: RenderConfig, rows: list[dict], out: Path):
-    stage = TimedRenderer(cfg)
-    parts = []
-    for start in range(0, len(rows), cfg.batch_size):
-        parts.append(stage(rows_to_table(rows[start : start + cfg.batch_size])))
-    table = pa.concat_tables(parts)
-    pq.write_table(table, out / "in_process.parquet")
-    return window(table, time.time())
-
-
-# ---------------------------------------------------------------------------------------
-
-
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = common.parser(__doc__)
     p.add_argument("--model", default="raypipe-tiny/tiny-sd", help="hub id, folder or tiny id")
     p.add_argument("--real-size-sd15", action="store_true", help="random-weight SD 1.5, 512 px")
     p.add_argument("--images", type=int, default=64, help="timed images per path")
@@ -210,21 +140,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke_test:
         args.images, args.batch_size, args.steps, args.rounds = 4, 2, 1, 1
 
-    import torch
-
-    device = resolve_device("auto")
-    threads = args.threads or 1
-    if device == "cpu":
-        torch.set_num_threads(threads)
+    device, threads = common.torch_device(args.threads)
     work = Path(tempfile.mkdtemp(prefix="rp-bench-"))
-    if args.real_size_sd15:
-        # Kept between runs (about 2 GB): building it takes longer than a benchmark run.
-        cache = Path(os.environ.get("RAYPIPE_BENCH_DIR", tempfile.gettempdir()))
-        model = str(build_real_size_sd15(cache / "raypipe-sd15-random"))
-        size = args.size or 512
-    else:
-        model = check_render_model(RenderConfig(model=args.model))
-        size = args.size or (64 if args.model.startswith("raypipe-tiny/") else 512)
+    model, size = render_model(args.real_size_sd15, args.model, args.size)
     cfg = RenderConfig(
         model=model,
         device=device,
@@ -242,40 +160,22 @@ def main(argv: list[str] | None = None) -> dict:
     )
     rows = make_rows(args.images + args.batch_size)  # + one warm-up batch
     have_ray = common.ray_wanted(args.no_ray)
-    how = "ray-data" if have_ray else "in-process" + ("" if args.no_ray else " (ray not installed)")
-
-    def pipeline(i: int):
-        out = work / f"pipeline-{i}"
-        out.mkdir(parents=True)
-        return (ray_pipeline if have_ray else in_process)(cfg, rows, out)
-
-    try:
-        if have_ray:  # up (and idle) during the bare passes too
-            common.start_ray(threads + 1)  # the actor's CPUs + one for reading and writing
-        bare_passes, pipe_passes = common.alternate(
-            lambda: bare_loop(cfg, model, rows, work), pipeline, args.rounds
-        )
+    try:  # the actor's CPUs + one for reading and writing
+        with common.ray_up(have_ray, threads + 1):
+            bare_passes, pipe_passes = common.alternate(
+                lambda: bare_loop(cfg, model, rows, work),
+                lambda i: pipeline_pass(cfg, rows, work / f"pipeline-{i}", have_ray),
+                args.rounds,
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        if have_ray:
-            import ray
-
-            ray.shutdown()
-    pipe_s, pipe_n = sum(t for t, _, _ in pipe_passes), sum(n for _, n, _ in pipe_passes)
-    bare_s, bare_n = sum(t for t, _ in bare_passes), sum(n for _, n in bare_passes)
-    rejected = sum(r for _, _, r in pipe_passes)
-    pipeline_ips, bare_ips = pipe_n / pipe_s, bare_n / bare_s
+    figures, pipeline_ips, bare_ips = common.pass_figures(
+        "images", "ips", pipe_passes, bare_passes, args.rounds
+    )
     result = {
-        "images": pipe_n,
-        "bare_images": bare_n,
-        "pipeline_ips": round(pipeline_ips, 3),
-        "bare_ips": round(bare_ips, 3),
-        "ratio": round(pipeline_ips / bare_ips, 3),
-        "rounds": args.rounds,
-        "pipeline_ips_by_pass": [round(n / t, 3) for t, n, _ in pipe_passes],
-        "bare_ips_by_pass": [round(n / t, 3) for t, n in bare_passes],
+        **figures,
         "device": device,
-        "pipeline": how,
+        "pipeline": common.pipeline_name(have_ray, args.no_ray),
         "model": "random-weight SD 1.5" if args.real_size_sd15 else args.model,
         "size": size,
         "batch_size": args.batch_size,
@@ -284,10 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
         "dtype": str(resolve_dtype(cfg.dtype, device)).removeprefix("torch."),
         "batch_invariant": args.batch_invariant,
         "format": args.format,
-        "rejected": rejected,
-        "threads": threads if device == "cpu" else None,
-        "ray_worker_niceness": common.niceness(have_ray),
-        "torch": torch.__version__,
+        "rejected": sum(r for _, _, r in pipe_passes),
+        **common.run_settings(device, threads, have_ray),
     }
     if device == "cuda":
         result.update(sd15_mfu(cfg, model, pipeline_ips))

@@ -5,22 +5,18 @@
     python benchmarks/run_all.py --gpu            # one CUDA GPU, no internet (see below)
     python benchmarks/run_all.py --only render,train_step --out figures.json
 
-Each benchmark runs as its own process (``python benchmarks/NAME.py ARGS``) and prints
-one JSON object as its last line; this script collects them into ``--out`` (default
+Each benchmark runs as its own process (``python benchmarks/NAME.py ARGS``) and prints one
+JSON object as its last line; they are collected into ``--out`` (default
 ``benchmarks/results/run_all-<UTC time>.json``) with the machine, the command lines and
-each run's wall time, and prints one table: the benchmark, its headline figure, the
-ratio of the raypipe path to the bare loop beside it (measured in the same run), and the
-target that ratio has. A benchmark that fails is a row with its exit code and the tail of
-its output; the exit status is 1 if any failed.
+each run's wall time, and printed as one table: the benchmark, its headline figure, the
+ratio of the raypipe path to the bare loop (same run) and that ratio's target. A failed
+benchmark is a row with its exit code and output tail; the exit status is then 1.
 
-``--gpu`` (one CUDA GPU, random weights built from configs, nothing downloaded): first
-checks that Ray starts there (``ray.init`` and one task), then runs real-size SD 1.5 at
-512 px through the Ray Data render stage beside the bare diffusers loop (batch 8 and 16,
-20 steps, eager), a one-step run at that size (SD-Turbo's step count, no guidance) the same way, and a
-LLaVA-7B-shaped training step; each prints images/s or tokens/s and MFU (fixed formulas
-in the benchmarks: 803 GFLOP per SD 1.5 UNet call at 512 px, doubled under
-classifier-free guidance, 2.5 TFLOP per VAE decode; ``raypipe/train/flops.py`` for
-LLaVA). The whole ``--gpu`` set is sized to finish in about 8 minutes on an H100.
+``--gpu`` (one CUDA GPU, random weights from configs, nothing downloaded) checks that Ray
+starts, then runs real-size SD 1.5 at 512 px through the render stage beside the bare
+diffusers loop (batch 8 and 16, 20 steps; and one step, no guidance, as SD-Turbo) and a
+LLaVA-7B-shaped training step, each with images/s or tokens/s and MFU (FLOPs: common_sd.py,
+raypipe/train/flops.py): about 8 minutes on an H100.
 """
 
 from __future__ import annotations
@@ -34,6 +30,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import common
 
 HERE = Path(__file__).resolve().parent
 
@@ -49,26 +47,11 @@ CPU_RUNS = {
 }
 
 SD15 = ["--real-size-sd15", "--images", "64", "--steps", "20", "--guidance", "7.5"]
+SD15_1STEP = "--real-size-sd15 --images 128 --steps 1 --guidance 0 --batch-size 16".split()
 GPU_RUNS = {
     "render_sd15_b8": ("render.py", SD15 + ["--batch-size", "8"], "images_per_s", "ratio", 0.95),
     "render_sd15_b16": ("render.py", SD15 + ["--batch-size", "16"], "images_per_s", "ratio", 0.95),
-    "render_sd15_1step": (
-        "render.py",
-        [
-            "--real-size-sd15",
-            "--images",
-            "128",
-            "--steps",
-            "1",
-            "--guidance",
-            "0",
-            "--batch-size",
-            "16",
-        ],
-        "images_per_s",
-        "ratio",
-        0.95,
-    ),
+    "render_sd15_1step": ("render.py", SD15_1STEP, "images_per_s", "ratio", 0.95),
     "train_step_llava7b": (
         "train_step.py",
         ["--gpu-real-size"],
@@ -87,21 +70,9 @@ RAY_CHECK = (
 def run_one(name: str, script: str, args: list[str], timeout: float) -> dict:
     cmd = [sys.executable, str(HERE / script), *args]
     t0 = time.time()
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        rc, out, err = done.returncode, done.stdout, done.stderr
-    except subprocess.TimeoutExpired as e:
-        rc, out, err = 124, (e.stdout or b"").decode(errors="replace"), "timed out"
+    rc, out, err, figures = common.run_json(cmd, timeout=timeout)
     wall = round(time.time() - t0, 1)
     entry = {"name": name, "command": " ".join(cmd[1:]), "rc": rc, "wall_s": wall}
-    figures = None
-    for line in reversed(out.strip().splitlines()):
-        if line.startswith("{"):
-            try:
-                figures = json.loads(line)
-                break
-            except ValueError:
-                continue
     if rc == 0 and figures is not None:
         entry["figures"] = figures
     else:

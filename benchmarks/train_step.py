@@ -5,38 +5,24 @@
     python benchmarks/train_step.py --gpu-real-size  # one CUDA GPU: CLIP ViT-L/14-336 + a
                                                      # Llama-7B-shaped LLM, bf16, MFU
 
-Both paths train the same random-weight model (stage 2: projector + LLM, vision tower
-frozen) with the same per-worker micro-batch, AdamW, gradient clipping and loss (summed
-token losses over supervised tokens), sharded with FSDP2 by
-``raypipe.train.parallel.parallelize_llava`` (one rank here):
+Both paths train the same random-weight model (stage 2: projector + LLM) with the same
+micro-batch, AdamW, clipping and loss, sharded with FSDP2 (``parallelize_llava``, one rank):
 
-(a) ray: ``raypipe.train.trainer.fit`` with one TorchTrainer worker (1 CPU) on fixture
-    Parquet: the worker reads its rows (raypipe.train.shards), decodes, pads to square, tokenises
-    and pads them (one step ahead in a thread), and trains. tokens/s is the loop's own:
-    non-pad tokens over the wall time from the end of step 1 to the end of the last
-    step (checkpoints off, one metrics report at the end). Ray start-up, the worker's
-    start and the model build are outside it.
-(b) bare: the same rows, in the same step order as the Ray path
-    (``raypipe.train.shards``), encoded up front in this process, then the same steps in a
-    plain loop over those tensors (no Ray, no data work in the timed window), timed the
-    same way; torch gets as many threads as the Ray worker has CPUs (1).
+(a) ray: ``raypipe.train.trainer.fit``, one TorchTrainer worker (1 CPU) on fixture Parquet,
+    reading, decoding and tokenising its rows itself. tokens/s is the loop's own: non-pad
+    tokens from the end of step 1 to the end of the last step (Ray start-up, the worker's
+    start and the model build are outside it; checkpoints off).
+(b) bare: the same rows in the same step order, encoded up front, then the same steps in a
+    plain loop (common_train.py), timed the same way, with 1 torch thread.
 
-On CPU the model is sized (Llama hidden 256, 4 layers; CLIP 2 layers, 16 patches) so a
-step takes ~100+ ms rather than ~10 ms: the fixed costs a step always has (Ray Data
-batches, collectives, logging) then don't dominate. The ratio is ray / bare.
+On CPU the model is sized so a step takes ~100+ ms (Llama hidden 256, 4 layers).
+``--gpu-real-size`` runs the bare path only (one GPU is one worker), on synthetic batches
+(576 image tokens + text, ``--seq-len`` in all): CLIP-L/336 and as many Llama-2-7B layers as
+fit (``--llm-layers``), bf16, activation checkpointing (``--no-activation-checkpointing``).
+MFU = model FLOPs (raypipe.train.flops) / (seconds x peak), peak 989 TFLOP/s on H100/H200.
 
-``--gpu-real-size`` builds CLIP ViT-L/14-336's vision config (24 layers, 576 patches) and
-a Llama-2-7B-shaped LLM (hidden 4096, FFN 11008, 32 heads, vocab 32064) with as many of
-its 32 layers as fit the GPU next to fp32 master weights and AdamW state (16 bytes per
-parameter; ``--llm-layers`` to choose), bf16 compute, activation checkpointing (unless
-``--no-activation-checkpointing``). It runs the bare path only, on synthetic batches
-(576 image tokens + text, ``--seq-len`` in all), and needs no Ray: one GPU is one
-worker, and Ray's overhead is what the CPU run measures. MFU = model FLOPs (raypipe.train.flops: 6·N per trained token,
-2·N per frozen vision patch, attention) / (seconds x peak); peak 989 TFLOP/s (H100/H200
-bf16 dense).
-
-The last line printed is one JSON object: ray_tokens_per_s, bare_tokens_per_s, ratio,
-mfu (null on CPU) and the settings.
+The last line printed is one JSON object: ray_tokens_per_s, bare_tokens_per_s, ratio =
+ray / bare (target >= 0.9), mfu (null on CPU) and the settings.
 """
 
 from __future__ import annotations
@@ -47,12 +33,18 @@ import os
 import platform
 import sys
 import tempfile
-import time
-from pathlib import Path
 
 import common
 import torch
-from real_size import auto_llm_layers, build_llava15_train_model
+from common_train import (
+    auto_llm_layers,
+    bare_loop,
+    build_cpu_model,
+    build_llava15_train_model,
+    cpu_bare_batches,
+    init_single_process_group,
+    synthetic_batch,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -69,150 +61,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-# ---------------------------------------------------------------------------------------
-# Models
-# ---------------------------------------------------------------------------------------
-
-
-def build_cpu_model(folder: Path, smoke: bool) -> Path:
-    """Random-weight LLaVA + processor saved to ``folder`` (tiny tokenizer, 32 px CLIP)."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-
-    from raypipe import tiny
-
-    if (folder / "config.json").exists():
-        return folder
-    tokenizer = tiny.build_tiny_llama_tokenizer(folder / "_tokenizer")
-    vision = tiny.tiny_clip_vision_config(32)
-    text = tiny.tiny_llama_config(len(tokenizer), tokenizer)
-    if not smoke:
-        text.hidden_size, text.intermediate_size, text.num_hidden_layers = 256, 688, 4
-        vision.hidden_size, vision.intermediate_size = 64, 256
-    torch.manual_seed(0)
-    config = LlavaConfig(
-        vision_config=vision.to_dict(),
-        text_config=text.to_dict(),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=16,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    LlavaForConditionalGeneration(config).save_pretrained(folder)
-    LlavaProcessor(
-        image_processor=tiny.tiny_clip_image_processor(32),
-        tokenizer=tokenizer,
-        patch_size=vision.patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=tiny.LLAMA_CHAT_TEMPLATE,
-    ).save_pretrained(folder)
-    return folder
-
-
-def synthetic_batch(batch: int, seq_len: int, config) -> dict[str, torch.Tensor]:
-    """576 image tokens then random text, every text token supervised."""
-    n_image = 576
-    ids = torch.randint(3, 32000, (batch, seq_len))
-    ids[:, 1 : 1 + n_image] = config.image_token_id
-    labels = ids.clone()
-    labels[:, : 1 + n_image] = -100
-    return {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "labels": labels,
-        "pixel_values": torch.randn(batch, 3, 336, 336),
-    }
-
-
-# ---------------------------------------------------------------------------------------
-# The bare loop
-# ---------------------------------------------------------------------------------------
-
-
-def init_single_process_group(device: torch.device) -> None:
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        store = tempfile.mktemp(prefix="raypipe-pg-")
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
-
-
-def bare_loop(
-    model, batches, steps: int, lr: float, device: torch.device, fused: bool = False
-) -> dict:
-    """Steps over prepared micro-batches (one per step); timing from the end of step 1."""
-    from raypipe.train.flops import flops_per_sample_parts, step_flops
-    from raypipe.train.step import token_loss_sum
-
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0, fused=fused or None)
-    parts = flops_per_sample_parts(model)
-    model.train()
-    tokens = flops = 0.0
-    start = None
-    for step in range(steps):
-        batch = {
-            k: v.to(device, non_blocking=True) for k, v in batches[step % len(batches)].items()
-        }
-        logits = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            pixel_values=batch["pixel_values"],
-        ).logits
-        n = (batch["labels"][:, 1:] != -100).sum().clamp(min=1)
-        (token_loss_sum(logits, batch["labels"]) / n).backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if step == 0:
-            start = time.perf_counter()
-            continue
-        tokens += float(batch["attention_mask"].sum())
-        flops += step_flops(parts, [batch])
-    seconds = time.perf_counter() - start
-    return {"tokens_per_s": tokens / seconds, "flops_per_s": flops / seconds, "seconds": seconds}
-
-
-# ---------------------------------------------------------------------------------------
-# CPU: Ray vs bare
-# ---------------------------------------------------------------------------------------
-
-
-def cpu_step_rows(parquet: Path, cfg) -> list[list[dict]]:
-    """Each step's rows in the order the Ray path trains them (one worker: its reader
-    sees the whole global batch), so both paths train the same batches, padding and all."""
-    import math
-
-    from raypipe.train.shards import ShardReader, build_index, rows_per_epoch
-
-    index = build_index([str(parquet)])
-    per_epoch = math.ceil(rows_per_epoch(index, cfg.seed, None) / cfg.global_batch_size)
-    reader = ShardReader(
-        index,
-        seed=cfg.seed,
-        window_rows=cfg.data.shuffle_window_rows,
-        num_samples=None,
-        global_batch=cfg.global_batch_size,
-        world=1,
-        rank=0,
-    )
-    return list(reader.steps(0, cfg.max_steps, per_epoch))
-
-
 def run_cpu(args) -> dict:
     from fixture_data import write_fixture_parquet
 
     from raypipe.config import build_config
     from raypipe.train.config import TrainConfig
-    from raypipe.train.encoding import SampleEncoder, collate
 
     steps = args.steps or (4 if args.smoke_test else 30)
     micro = args.micro_batch or (2 if args.smoke_test else 16)
-    work = Path(os.environ.get("RAYPIPE_BENCH_DIR", tempfile.gettempdir())) / "raypipe-train-bench"
+    work = common.bench_dir() / "raypipe-train-bench"
     model_dir = build_cpu_model(work / ("tiny" if args.smoke_test else "small"), args.smoke_test)
     parquet = write_fixture_parquet(work / f"data-{steps * micro}", steps * micro, seed=0)
     cfg = build_config(
@@ -246,30 +103,15 @@ def run_cpu(args) -> dict:
     # (a) Ray Train
     ray_tps = None
     if not args.no_ray:
-        import ray
-
         from raypipe.train.trainer import fit
 
-        common.start_ray(os.cpu_count())
-        out = fit(cfg, [str(parquet)], tempfile.mkdtemp(prefix="raypipe-train-bench-"))
+        with common.ray_up(True, os.cpu_count()):
+            out = fit(cfg, [str(parquet)], tempfile.mkdtemp(prefix="raypipe-train-bench-"))
         ray_tps = out.tokens_per_s
         result["ray_final_loss"] = out.final_loss
-        ray.shutdown()
 
     # (b) bare loop over the same rows, encoded up front
-    torch.set_num_threads(1)
-    device = torch.device("cpu")
-    init_single_process_group(device)
-    from raypipe.train.worker import setup_model
-
-    model, processor = setup_model(cfg, 0, device)
-    encoder = SampleEncoder(
-        processor=processor, template="vicuna_v1", max_length=256, pad_to_square=True
-    )
-    batches = [
-        collate(encoder(rows), processor.tokenizer.pad_token_id)
-        for rows in cpu_step_rows(parquet, cfg)
-    ]
+    model, batches, device = cpu_bare_batches(cfg, parquet)
     bare = bare_loop(model, batches, steps, cfg.lr, device)
     result.update(
         ray_tokens_per_s=round(ray_tps, 1) if ray_tps else None,
@@ -279,11 +121,6 @@ def run_cpu(args) -> dict:
         bare_step_s=round(bare["seconds"] / (steps - 1), 4),
     )
     return result
-
-
-# ---------------------------------------------------------------------------------------
-# GPU: real-size model, bare loop, MFU
-# ---------------------------------------------------------------------------------------
 
 
 def run_gpu(args) -> dict:
@@ -332,10 +169,7 @@ def run_gpu(args) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     common.bench_env()
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+    common.quiet_transformers()
     if args.gpu_real_size:
         if not torch.cuda.is_available():
             print("--gpu-real-size needs a CUDA GPU", file=sys.stderr)

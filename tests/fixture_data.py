@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-_FIXTURE_COLOURS = {
+FIXTURE_COLOURS = {
     "red": (220, 30, 30),
     "green": (30, 180, 60),
     "blue": (30, 60, 220),
@@ -19,13 +19,13 @@ _FIXTURE_COLOURS = {
 }
 
 
-def _fixture_image(rng, colour: str, width: int, height: int) -> bytes:
+def fixture_image(rng, colour: str, width: int, height: int) -> bytes:
     import io
 
     import numpy as np
     from PIL import Image
 
-    base = np.array(_FIXTURE_COLOURS[colour], dtype=np.int16)
+    base = np.array(FIXTURE_COLOURS[colour], dtype=np.int16)
     noise = rng.integers(-12, 13, size=(height, width, 3))
     pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
     buf = io.BytesIO()
@@ -35,7 +35,7 @@ def _fixture_image(rng, colour: str, width: int, height: int) -> bytes:
 
 def _fixture_dialogue(rng, index: int) -> tuple[str, list[dict[str, str]]]:
     """(colour, LLaVA turns): one turn, or two for every third row."""
-    colours = sorted(_FIXTURE_COLOURS)
+    colours = sorted(FIXTURE_COLOURS)
     colour = colours[int(rng.integers(len(colours)))]
     turns = [
         {"from": "human", "value": "<image>\nWhat colour is the square?"},
@@ -80,7 +80,7 @@ def write_fixture_parquet(
                 "negative_prompt": "",
                 "seed": i,
                 "image": {
-                    "bytes": _fixture_image(rng, colour, image_size, image_size),
+                    "bytes": fixture_image(rng, colour, image_size, image_size),
                     "path": None,
                 },
                 "width": image_size,
@@ -130,7 +130,7 @@ def _write_fixture_images(folder: Path, rng, n: int, image_size: int):
     for i in range(n):
         colour, turns = _fixture_dialogue(rng, i)
         # Non-square images, so pad-to-square and crops have something to do.
-        data = _fixture_image(rng, colour, image_size + 8 * (i % 2), image_size)
+        data = fixture_image(rng, colour, image_size + 8 * (i % 2), image_size)
         rel = f"images/{i:05d}.png"
         (folder / rel).write_bytes(data)
         items.append((rel, colour, turns))
