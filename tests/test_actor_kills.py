@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from llm_server import LLMServer  # noqa: E402
 from test_generate import (  # noqa: E402
     _job_cmd,
+    _job_env,
     read_data,
     read_rejects,
     template_responder,
@@ -119,7 +120,7 @@ def test_a_killed_actor_stops_the_run_or_heals_and_the_same_command_ends_exact(
     ray_local, tiny_dir, tmp_path, capsys
 ):
     """One OUT; each step asks for more rows (an operational change) and kills one
-    actor of that run after its first row in OUT (the last step: three, two rows apart)."""
+    actor of that run after its first row in OUT (the heal step: three, two rows apart)."""
     from raypipe.jobs import generate as generate_job
 
     out = tmp_path / "out"
@@ -132,16 +133,16 @@ def test_a_killed_actor_stops_the_run_or_heals_and_the_same_command_ends_exact(
             # What holds state that is lost: the run stops at once (exit 75), except when
             # the dedup actor held no row as it died (then the retried block is decided
             # as before and the run goes on).
-            (["DedupStage"], "prompt dedup actor was restarted"),
-            (["PartWriter"], "writer actor died"),
-            (["Planner"], "planner actor died"),
+            (10, ["DedupStage"], "prompt dedup actor was restarted"),
+            (20, ["PartWriter"], "writer actor died"),
             # What Ray restarts: the run goes on.
-            (["JobLimiter", "MapBatches(DialogueWriter)", "MapBatches(Render"], None),
+            (40, ["JobLimiter", "MapBatches(DialogueWriter)", "MapBatches(Render"], None),
+            # Last: its re-run is a job of its own (a new driver, as the command is).
+            (50, ["Planner"], "planner actor died"),
         ]
-        for step, (names, says) in enumerate(steps, start=1):
-            n = 10 * step + (10 if says is None else 0)  # the last step kills three
-            cmd = _job_cmd(out, *base, f"num_samples={n}", "part_max_rows=2", "part_max_seconds=1")
-            cmd = cmd[2:]  # from --config on: the job's main() in this process
+        for n, names, says in steps:
+            full = _job_cmd(out, *base, f"num_samples={n}", "part_max_rows=2", "part_max_seconds=1")
+            cmd = full[2:]  # from --config on: the job's main() in this process
             rc, killer = run_killing(
                 server, out, cmd, [(m, 1 + 2 * k) for k, m in enumerate(names)]
             )
@@ -153,7 +154,13 @@ def test_a_killed_actor_stops_the_run_or_heals_and_the_same_command_ends_exact(
                 assert rc == 0, err[-2000:]
             else:
                 assert rc == EXIT_RESUMABLE and says in err and "same command" in err, err[-2000:]
-                assert generate_job.main(cmd) == 0  # the same command, once
+                if names == ["Planner"]:
+                    job = subprocess.run(
+                        full, env=_job_env(tiny_dir), capture_output=True, text=True, timeout=400
+                    )
+                    assert job.returncode == 0, job.stderr[-2000:]
+                else:
+                    assert generate_job.main(cmd) == 0  # the same command, once
             exact(out, n)
         repeated = {d for d, k in server.answered_by_hash.items() if k > 1}
     # Only answers that reached a worker as it was killed (never stored) were asked again.
