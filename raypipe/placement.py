@@ -193,20 +193,13 @@ def cluster_gpu_capacity() -> dict[str, Any]:
     """GPUs of the connected cluster now, and what its autoscaler can add.
 
     Returns ``{"now": GPUS, "can_add": {NODE_TYPE: GPUS_PER_NODE}, "source": WHERE}``;
-    ``source`` says where the node types were read (``gcs``, a config file path, or None
-    when the cluster has no autoscaler config this process can read).
+    ``source`` says where the node types were read (a config file path, or None when the
+    cluster has no autoscaler config this process can read: Ray has no public API for
+    it; set ``RAYPIPE_AUTOSCALING_CONFIG``, or the pool's ``device: cuda``).
     """
     import ray
 
     now = float(ray.cluster_resources().get("GPU", 0) or 0)
-    try:
-        from ray._private.state import state
-
-        max_resources = state.get_max_resources_from_cluster_config()
-    except Exception:  # noqa: BLE001 - older Ray, or no autoscaler v2
-        max_resources = None
-    if max_resources and max_resources.get("GPU"):
-        return {"now": now, "can_add": {"*": float(max_resources["GPU"])}, "source": "gcs"}
     candidates = [
         os.environ.get("RAYPIPE_AUTOSCALING_CONFIG"),
         _monitor_config_path(_gcs_address()),

@@ -26,10 +26,6 @@ DENIED = {
 
 #: (module, denied name) -> why it is still there. Only ever shrinks.
 EXCEPTIONS = {
-    ("placement.py", "ray._private"): (
-        "cluster_gpu_capacity reads the autoscaler's max resources from the GCS "
-        "(ray._private.state); the config file is the public fallback."
-    ),
     ("stage.py", "map_batches_internal"): (
         "GPU pools run with batch_size=None because the planner feeds the stream's "
         "source and no stage may wait to fill a batch; full GPU batches need the "
