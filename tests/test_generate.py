@@ -141,9 +141,12 @@ def test_demo_writes_valid_balanced_reproducible_dataset(ray_local, tiny_dir, tm
         assert a[sid]["image"]["bytes"] == b[sid]["image"]["bytes"], sid
         assert a[sid]["conversations"] == b[sid]["conversations"]
 
-    # Re-running on a complete OUT adds nothing.
+    # Re-running on a complete OUT adds nothing and starts nothing: it returns OUT's
+    # manifest with a note, and OUT stays as it was.
+    before = sorted((p.relative_to(out1), p.stat().st_mtime_ns) for p in out1.rglob("*"))
     again = generate(cfg, str(out1))
-    assert len(read_data(out1)) == 26 and again["runs"][-1]["rows_written"] == 0
+    assert "nothing to do" in again["note"] and again["runs"] == on_disk["runs"]
+    assert sorted((p.relative_to(out1), p.stat().st_mtime_ns) for p in out1.rglob("*")) == before
 
 
 def test_black_images_are_rejected_with_reason(ray_local, tiny_dir, tmp_path):
@@ -318,25 +321,26 @@ def test_killed_job_resumes_without_loss_duplicates_or_repaid_requests(
 
 @pytest.mark.integration
 def test_driver_memory_stays_flat_with_10x_rows(tiny_dir, tmp_path):
-    """Rows stream through the workers: the driver's peak RSS does not grow with N."""
+    """Rows stream through the workers: the driver's peak RSS does not grow with N.
+
+    One job process (its own Ray) runs the job twice into one OUT: 13 rows (one per
+    ability), then 130, which makes the 117 rows more. The peak RSS after the first run
+    includes the job's start-up (imports, Ray, the first execution); what the second run
+    adds to it is what ten times the rows cost the driver.
+    """
     probe = (
-        "import resource, runpy, sys; sys.argv = sys.argv[1:];"
-        "\ntry:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
-        "except SystemExit:\n    pass\n"
-        "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "import resource, sys\n"
+        "from raypipe.jobs import generate as job\n"
+        "for n in (13, 130):\n"
+        "    assert job.main([*sys.argv[1:], '--num-samples', str(n)]) == 0, n\n"
+        "    print('MAXRSS_KB', n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     )
-    peaks = {}
-    for n in (13, 130):  # one row per ability, then ten
-        cmd = [
-            sys.executable,
-            "-c",
-            probe,
-            *_job_cmd(tmp_path / str(n), "--num-samples", str(n), "log_to_driver=false")[1:],
-        ]
-        res = subprocess.run(cmd, env=_job_env(tiny_dir), capture_output=True, timeout=400)
-        assert res.returncode == 0, res.stderr.decode()[-3000:]
-        peaks[n] = int(re.search(rb"MAXRSS_KB (\d+)", res.stdout).group(1))
-        assert len(read_data(tmp_path / str(n))) == n
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-c", probe, *_job_cmd(out, "log_to_driver=false")[2:]]
+    res = subprocess.run(cmd, env=_job_env(tiny_dir), capture_output=True, timeout=400)
+    assert res.returncode == 0, res.stderr.decode()[-3000:]
+    peaks = {int(n): int(kb) for n, kb in re.findall(rb"MAXRSS_KB (\d+) (\d+)", res.stdout)}
+    assert set(peaks) == {13, 130} and len(read_data(out)) == 130
     growth_mb = (peaks[130] - peaks[13]) / 1024
     print(f"driver peak RSS (KiB) by rows: {peaks}; growth {growth_mb:.1f} MB")
     # 60 MB for 117 more rows: the same ~0.5 MB a row as 120 MB for 26 -> 260 rows.

@@ -1,7 +1,8 @@
 """What guards OUT before and during a generation run (raypipe.generate.pipeline step 0).
 
 - :func:`take_lease`: one run at a time (:mod:`raypipe.lease`).
-- :func:`nothing_to_add`: a run asking for fewer rows than OUT holds does nothing.
+- :func:`nothing_to_add`: a run asking for fewer rows than OUT holds, or exactly what a
+  finished OUT holds, does nothing.
 - :func:`check_shared_out`: on a multi-node cluster, a local-path OUT must be a folder
   every node sees.
 - :func:`lease_lost`: the :class:`~raypipe.errors.LeaseLost` behind an error raised in
@@ -35,22 +36,52 @@ def take_lease(cfg: GenerateConfig, store: OutputStore, take_over: bool):
         ) from None
 
 
-def nothing_to_add(cfg: GenerateConfig, store: OutputStore) -> dict[str, Any] | None:
-    """A run asking for fewer rows than OUT holds is a no-op (rows are never removed):
-    OUT's manifest, with a note; None when there is something to do."""
+def nothing_to_add(
+    cfg: GenerateConfig, store: OutputStore, names: list[str], identity_changed: bool = False
+) -> dict[str, Any] | None:
+    """OUT's manifest, with a note, when the run has nothing to add; None otherwise.
+
+    Nothing to add: ``num_samples`` is below the rows OUT holds (rows are never
+    removed), or OUT already holds every ability's quota of ``num_samples`` and its
+    manifest is current (it counts the rows OUT holds, and every planned id is accepted
+    or rejected). A re-run of a finished job then returns at once, before any actor or
+    model starts. ``names``: the run's abilities, in catalog order. A finished OUT
+    whose identity change this run accepted still runs, so that the change is recorded.
+    """
     manifest = store.read_json("manifest.json")
     if manifest is None:
         return None
-    held = sum(store.done_ids()[1].values())
-    if cfg.num_samples >= held:
+    per_ability = store.done_ids()[1]
+    held = sum(per_ability.values())
+    if cfg.num_samples < held:
+        note = (
+            f"{store.uri} holds {held} accepted rows, more than num_samples={cfg.num_samples}: "
+            "nothing to do (rows are never removed). Use the first rows of OUT/data for a "
+            "smaller set, or raise num_samples to extend the dataset."
+        )
+    elif not identity_changed and _complete(cfg, store, manifest, per_ability, names):
+        note = (
+            f"{store.uri} already holds num_samples={cfg.num_samples} accepted rows, every "
+            "ability's share: nothing to do. Raise num_samples to extend the dataset."
+        )
+    else:
         return None
-    note = (
-        f"{store.uri} holds {held} accepted rows, more than num_samples={cfg.num_samples}: "
-        "nothing to do (rows are never removed). Use the first rows of OUT/data for a "
-        "smaller set, or raise num_samples to extend the dataset."
-    )
     log.info(note)
     return {**manifest, "num_samples": held, "note": note}
+
+
+def _complete(cfg, store, manifest, per_ability: dict[str, int], names: list[str]) -> bool:
+    """OUT holds each ability's quota and the manifest counts exactly what OUT holds."""
+    from raypipe.generate.manifest import count_ids
+    from raypipe.generate.pipeline import quotas
+
+    quota = quotas(cfg, names)
+    if set(per_ability) - set(quota) or any(per_ability.get(a, 0) != n for a, n in quota.items()):
+        return False
+    counts = manifest.get("counts") or {}
+    if counts.get("accepted") != sum(quota.values()) or not counts.get("balanced"):
+        return False
+    return bool(count_ids(store)["balanced"])
 
 
 def check_shared_out(store: OutputStore, run_on=None) -> None:

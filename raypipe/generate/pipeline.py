@@ -353,7 +353,7 @@ def generate(
     # 0. One dataset per OUT, one run at a time: checked before anything is paid or loaded.
     catalog = load_catalog(cfg.catalog_dirs or None, names=cfg.abilities)
     checked = check_identity(store, cfg, catalog, accept_identity_change)
-    done = nothing_to_add(cfg, store)
+    done = nothing_to_add(cfg, store, list(catalog), bool(checked["changes"]))
     if done is not None:
         return done
     lease = take_lease(cfg, store, take_over_lease)
