@@ -144,18 +144,18 @@ def test_engine_gpu_seconds_price_the_llm_per_1000_samples():
 
     cfg = load_config(GenerateConfig, "raypipe/configs/generate/sd15-vllm.yaml")
     service = {"engines_started": 2, "engine_s": 400.0, "found_running": False}
-    usage = llm_engine_usage(cfg, {}, service)
+    usage = llm_engine_usage(cfg.llm, {}, service)
     assert usage == {
         "engines": 2, "found_running": False, "engine_s": 400.0, "gpus_per_engine": 1.0,
         "gpu_s": 400.0,
     }  # fmt: skip
     # Engines another run left up: this run started none, and pays for the time it held them.
     reused = llm_engine_usage(
-        cfg, {}, {"engines_started": 0, "engine_s": 50.0, "found_running": True}
+        cfg.llm, {}, {"engines_started": 0, "engine_s": 50.0, "found_running": True}
     )
     assert reused["engines"] == 0 and reused["found_running"] and reused["gpu_s"] == 50.0
-    assert llm_engine_usage(cfg, {})["engines"] == 0  # served from OUT/cache
-    assert llm_engine_usage(load_config(GenerateConfig, None), {}) is None
+    assert llm_engine_usage(cfg.llm, {})["engines"] == 0  # served from OUT/cache
+    assert llm_engine_usage(load_config(GenerateConfig, None).llm, {}) is None
 
 
 def _bounds(req) -> list[int]:

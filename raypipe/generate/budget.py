@@ -32,6 +32,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from raypipe.generate.config import GenerateConfig
+from raypipe.llm.config import LLMConfig
 from raypipe.llm.tasks import dialogue_request, for_run, keyword_request, prompt_request
 from raypipe.llm.tasks.common import MAX_PROMPT_CHARS
 
@@ -144,9 +145,8 @@ def _replacements(cfg: GenerateConfig, missing: int) -> int:
     return max(cfg.prompts_per_request, math.ceil(missing * cfg.replace_budget))
 
 
-def _llm_price(cfg: GenerateConfig) -> tuple[tuple[float, float] | None, str]:
+def _llm_price(llm: LLMConfig) -> tuple[tuple[float, float] | None, str]:
     """(USD per million prompt/completion tokens or None, what the price means)."""
-    llm = cfg.llm
     if llm.backend == "offline":
         return None, "offline writer: no LLM is called, cost 0 USD"
     if llm.backend == "vllm":
@@ -243,7 +243,7 @@ def estimate(
     requests, tokens, per_request = _requests_and_tokens(cfg, catalog, abilities, set(banks_saved))
 
     # 3. LLM cost.
-    price, price_note = _llm_price(cfg)
+    price, price_note = _llm_price(cfg.llm)
     llm_usd = {
         col: (tokens["prompt"][col] * price[0] + tokens["completion"][col] * price[1]) / 1e6
         if price

@@ -40,6 +40,7 @@ import pyarrow as pa
 
 from raypipe.generate.config import GenerateConfig
 from raypipe.llm.base import LLMRequest, LLMResult
+from raypipe.llm.config import LLMConfig
 from raypipe.llm.vllm import VLLMBackend, decode, finish_reason, sampling_params
 from raypipe.stage import Stage, add_stage
 
@@ -338,11 +339,11 @@ def _second_writer_unanswered(planner, writer, rows: list[dict], stored: set) ->
 # ------------------------------------------------------------------------------------
 
 
-def start_engine_service(cfg: GenerateConfig):
+def start_engine_service(llm: LLMConfig):
     """``llm.backend: vllm``: the run's :class:`~raypipe.llm.vllm.EngineService`
     actor (on the driver's node; it reserves nothing and starts the engines only when a
     request needs them), else None."""
-    if cfg.llm.backend != "vllm":
+    if llm.backend != "vllm":
         return None
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -350,7 +351,7 @@ def start_engine_service(cfg: GenerateConfig):
     from raypipe.llm.vllm.service import start_service
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    return start_service(cfg.llm, scheduling_strategy=here)
+    return start_service(llm, scheduling_strategy=here)
 
 
 def vllm_writers(cfg: GenerateConfig, args: tuple, cache: str | None, service) -> dict[str, Any]:

@@ -14,9 +14,10 @@ from collections import Counter, defaultdict
 from typing import Any
 
 from raypipe.config import redacted
-from raypipe.generate.config import GenerateConfig
+from raypipe.generate.config import GenerateConfig, RenderConfig
 from raypipe.generate.llm_stage import UNMADE
 from raypipe.generate.store import OutputStore
+from raypipe.llm.config import LLMConfig
 
 #: Stages in the order rows meet them; a row is rejected by at most one.
 SAMPLE_STAGES = ("prompts", "dedup", "dialogue", "render", "quality")
@@ -279,12 +280,12 @@ def run_report(
     llm["cached_prompt_tokens"] += kw_stats.get("cached_prompt_tokens", 0)
     llm["cached_completion_tokens"] += kw_stats.get("cached_completion_tokens", 0)
     accepted_now = sum(v for (_, stage, _), v in tally.outcomes.items() if not stage)
-    gpu = cfg.render.device != "cpu" and _render_on_gpu(cfg)
+    gpu = cfg.render.device != "cpu" and _render_on_gpu(cfg.render)
     gpu_s = tally.render_s * cfg.render.gpus_per_actor if gpu else 0.0
     gpu_usd = gpu_s / 3600 * cfg.gpu_hour_usd if cfg.gpu_hour_usd is not None else None
     per_k = 1000 / accepted_now if accepted_now else None
     executions = (engines or {}).get("executions", 1)
-    engines = llm_engine_usage(cfg, kw_stats, (engines or {}).get("service"))
+    engines = llm_engine_usage(cfg.llm, kw_stats, (engines or {}).get("service"))
     llm_usd: float | None = llm["cost_usd"]
     if engines is not None and engines["gpu_s"]:
         llm_usd = (
@@ -335,7 +336,7 @@ def run_report(
 
 
 def llm_engine_usage(
-    cfg: GenerateConfig, kw_stats: dict[str, Any], service: dict[str, Any] | None = None
+    llm: LLMConfig, kw_stats: dict[str, Any], service: dict[str, Any] | None = None
 ) -> dict[str, Any] | None:
     """``llm.backend: vllm``: the engines this run started, their time and GPU-seconds.
 
@@ -346,9 +347,9 @@ def llm_engine_usage(
     and that is what a cluster bills. ``kw_stats``: a keyword-bank backend with engines
     of its own (none in a run: the banks use the run's). None for the other backends.
     """
-    if cfg.llm.backend != "vllm":
+    if llm.backend != "vllm":
         return None
-    v = cfg.llm.vllm
+    v = llm.vllm
     service = service or {}
     engine_s = service.get("engine_s", 0.0) + kw_stats.get("engine_s", 0.0)
     gpus = v.gpus_per_worker * v.tensor_parallel_size
@@ -361,10 +362,10 @@ def llm_engine_usage(
     }
 
 
-def _render_on_gpu(cfg: GenerateConfig) -> bool:
+def _render_on_gpu(render: RenderConfig) -> bool:
     from raypipe.generate.render import render_uses_gpu
 
-    return render_uses_gpu(cfg.render)
+    return render_uses_gpu(render)
 
 
 def summary_table(manifest: dict[str, Any]) -> str:

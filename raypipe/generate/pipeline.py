@@ -377,7 +377,7 @@ def generate(
         check_shared_out(store)
         ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
         limiter = start_limiter(cfg.llm)
-        service = start_engine_service(cfg)  # vllm: the run's engines, started on first use
+        service = start_engine_service(cfg.llm)  # vllm: the run's engines, started on first use
         try:
             return _generate(
                 cfg, store, catalog, cache, limiter, service, timings, t_start,

@@ -25,6 +25,7 @@ from raypipe.abilities import MIN_ITEMS, load_catalog
 from raypipe.config import load_config
 from raypipe.generate.config import GenerateConfig
 from raypipe.jobs import guarded
+from raypipe.llm.config import LLMConfig
 from raypipe.llm.curation import curate_ability, save_curated
 
 
@@ -46,14 +47,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def make_curation_backend(cfg: GenerateConfig, catalog: dict, cache_dir: str | None):
-    if cfg.llm.backend == "offline":
+def make_curation_backend(llm: LLMConfig, catalog: dict, cache_dir: str | None):
+    if llm.backend == "offline":
         from raypipe.llm.offline import OfflineBackend
 
-        return OfflineBackend(cfg.llm, catalog)
+        return OfflineBackend(llm, catalog)
     from raypipe.llm import make_backend
 
-    return make_backend(cfg.llm, cache_dir)
+    return make_backend(llm, cache_dir)
 
 
 @guarded
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(GenerateConfig, args.config, args.overrides)
     names = [a.strip() for a in args.abilities.split(",")] if args.abilities else cfg.abilities
     catalog = load_catalog(cfg.catalog_dirs or None, names)
-    backend = make_curation_backend(cfg, catalog, args.cache_dir)
+    backend = make_curation_backend(cfg.llm, catalog, args.cache_dir)
 
     short = []
     try:
