@@ -347,6 +347,35 @@ def test_the_whole_or_nothing_check_fails_a_put_straight_to_the_final_name(tmp_p
         assert_put_whole_or_nothing(cache)
 
 
+def test_only_a_finished_out_is_left_alone_by_an_equal_run(tmp_path):
+    """nothing_to_add returns a finished OUT's manifest at once (no lease, no actor), and
+    lets every other OUT run: a row short, a row planned but lost, a stopped run, a
+    stale manifest, an accepted identity change."""
+    from raypipe.schema import sample_id
+
+    names = ["color", "animal"]
+    cfg = demo_config("abilities=[color,animal]", "num_samples=4")
+    store = OutputStore(str(tmp_path))
+    store.makedirs()
+    ids = [(a, sample_id(0, a, i)) for a in names for i in range(2)]
+    store.write_table("plan", pa.table({"id": [i for _, i in ids], "state": ["planned"] * 4}))
+    store.write_table("data", pa.table({"id": [i for _, i in ids], "ability": [a for a, _ in ids]}))
+    manifest = {"counts": {"accepted": 4, "balanced": True}, "stopped": None, "runs": [{}]}
+    store.write_json("manifest.json", manifest)
+
+    done = guards.nothing_to_add(cfg, store, names)
+    assert "nothing to do" in done["note"] and done["runs"] == [{}]
+    assert guards.nothing_to_add(cfg, store, names, identity_changed=True) is None
+    assert guards.nothing_to_add(demo_config("num_samples=4"), store, names + ["food"]) is None
+    for changed in ({"stopped": "actor_lost"}, {"counts": {"accepted": 3, "balanced": True}}):
+        store.write_json("manifest.json", {**manifest, **changed})
+        assert guards.nothing_to_add(cfg, store, names) is None, changed
+    store.write_json("manifest.json", manifest)
+    lost = sample_id(0, "color", 2)  # planned, in neither data nor rejects
+    store.write_table("plan", pa.table({"id": [lost], "state": ["planned"]}))
+    assert guards.nothing_to_add(cfg, store, names) is None
+
+
 def test_temporaries_are_cleaned_by_the_next_run_holding_out(tmp_path):
     store = OutputStore(str(tmp_path))
     for sub in ("data", "plan", "cache", ""):

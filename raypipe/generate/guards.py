@@ -71,7 +71,8 @@ def nothing_to_add(
 
 
 def _complete(cfg, store, manifest, per_ability: dict[str, int], names: list[str]) -> bool:
-    """OUT holds each ability's quota and the manifest counts exactly what OUT holds."""
+    """OUT holds each ability's quota, and the manifest of a run that ended without a
+    stop counts exactly what OUT holds."""
     from raypipe.generate.manifest import count_ids
     from raypipe.generate.pipeline import quotas
 
@@ -80,6 +81,8 @@ def _complete(cfg, store, manifest, per_ability: dict[str, int], names: list[str
         return False
     counts = manifest.get("counts") or {}
     if counts.get("accepted") != sum(quota.values()) or not counts.get("balanced"):
+        return False
+    if manifest.get("stopped") is not None:  # the job reports the stop; a run clears it
         return False
     return bool(count_ids(store)["balanced"])
 
