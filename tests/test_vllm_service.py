@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import sys
 import tempfile
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import ray
 
 from raypipe.errors import ModelError
 from raypipe.llm.config import LLMConfig
@@ -57,6 +59,10 @@ class ScriptedServe(EngineService):
 
     def _other_users(self):
         return self.users
+
+    def _handed(self, peer):
+        peer.inherit.remote()
+        return True
 
 
 @pytest.fixture
@@ -200,6 +206,11 @@ class BusyPeer(EngineService):
 
     def is_owner(self) -> bool:
         return self.owner
+
+    @ray.method(concurrency_group="peers")
+    def inherit(self) -> None:
+        time.sleep(0.5)  # busy: it takes the hand-over a moment after it is asked
+        super().inherit()
 
 
 def test_a_run_deletes_engines_only_once_other_live_runs_are_gone(ray_local, clock):

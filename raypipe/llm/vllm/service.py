@@ -264,14 +264,29 @@ class EngineService:
                 "(`serve delete %s` stops them)", self.app, self.app,
             )  # fmt: skip
             return
-        others = self._other_users()
-        if others:
-            for peer in others:
-                peer.inherit.remote()
-            log.info("vLLM engines %s: left up for %d other run(s)", self.app, len(others))
+        heirs = self._hand_over(self._other_users())
+        if heirs:
+            log.info("vLLM engines %s: left up for %d other run(s)", self.app, heirs)
             return
         self._delete()
         self.deleted = True
+
+    def _hand_over(self, others: list) -> int:
+        """Make each other user an owner; returns how many took it."""
+        return sum(self._handed(peer) for peer in others)
+
+    def _handed(self, peer) -> bool:
+        """Hand ownership to ``peer`` and wait for it to take it, so that when this run
+        ends the others already own the engines. A peer that ended meanwhile is not an
+        heir; one that does not answer in time is (it has the hand-over queued), as in
+        :meth:`_other_users`."""
+        try:
+            ray.get(peer.inherit.remote(), timeout=PEER_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            pass
+        except ray.exceptions.RayActorError:  # that run has ended
+            return False
+        return True
 
     def stats(self) -> dict[str, Any]:
         """``engines_started``: engines this service started (0: none, or found running);
