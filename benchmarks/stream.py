@@ -4,19 +4,23 @@
     .venv/bin/python benchmarks/stream.py --smoke-test  # N=10 and 100, two jobs: ~2 min
 
 The demo preset, openai backend against the loopback server (its own process, 0.1 s per
-request, ``llm.concurrency=1``), tiny SD at 32 px and 1 step, ``part_max_seconds=5``. Each
+request, ``llm.concurrency=1``; every prompt unique, and the lines of a tenth of the
+keywords malformed, so about 10% of prompts are rejected and replaced), tiny SD at 32 px
+and 1 step, ``part_max_seconds=5``. Each
 job runs in a fresh subprocess and OUT: ``timed`` (10N rows, alone: the time figures), then
 ``small`` (N) and ``large`` (10N) after a warm-up job, under tracemalloc (the memory
-figure). Times are seconds from just before ``generate()``; imports and Ray's start-up
-are ``setup_s``. ``--smoke-test`` (``run_all.py --quick``) leaves ``timed`` out (null):
-its time figures come from the traced, slower ``large`` run.
+figure). Times are seconds from just before ``generate()`` (imports, Ray: ``setup_s``).
+``--smoke-test`` leaves ``timed`` out: its times come from the traced ``large`` run.
 
 - first_part_s: earliest mtime of OUT/data/*.parquet;
 - last_prompt_answer_s: the server's last answer to a prompt request;
 - stream_ratio = first_part_s / last_prompt_answer_s (target <= 0.5);
 - driver_bytes_per_row = (the driver's peak traced bytes at 10N - at N) / 9N (target <= 512);
 - render_busy_fraction = manifest ``render_busy_s`` / the render window (the server's
-  first dialogue answer to the writer's close), a lower bound.
+  first dialogue answer to the writer's close), a lower bound;
+- render_full_batch_share = manifest ``render.full_batch_calls / render.calls`` (target
+  >= 0.95); render_idle_between_executions_share = ``render.idle_between_executions_s``
+  / the stream's time (target <= 0.05).
 
 The last line printed is one JSON object of figures.
 """
@@ -45,6 +49,7 @@ def serve(latency_s: float, times_path: str) -> None:
     from test_generate import template_responder
 
     respond, log = template_responder(), open(times_path, "a", buffering=1)
+    answered = [0]
 
     def timed(messages):
         text = respond(messages)
@@ -52,6 +57,15 @@ def serve(latency_s: float, times_path: str) -> None:
         kind = "prompt" if PROMPT_MARK in user else "dialogue" if "Description:" in user else None
         if kind:
             log.write(f"{kind} {time.time()}\n")
+        if kind == "prompt":  # unique prompts; a tenth of the keywords' lines malformed
+            answered[0] += 1
+            lines = [
+                f"{ln.split('.')[0]}. a nice picture of something"
+                if sum(map(ord, ln.split("((")[-1].split("))")[0])) % 10 == 0
+                else f"{ln}, take {answered[0]}-{i}"
+                for i, ln in enumerate(text.splitlines())
+            ]
+            text = "\n".join(lines)
         return text
 
     with LLMServer(responder=timed, latency_s=latency_s, lifetime_s=3600) as server:
@@ -75,7 +89,7 @@ def one(n: int, out: str, traced: bool = True) -> dict:
     import raypipe.llm.limits  # noqa: F401
     from raypipe.config import load_config
     from raypipe.generate.config import GenerateConfig
-    from raypipe.generate.pipeline import generate
+    from raypipe.generate.pipeline import generate, local_cpus
     from raypipe.generate.render import check_render_model
 
     times = out + "-answers.txt"
@@ -85,12 +99,12 @@ def one(n: int, out: str, traced: bool = True) -> dict:
         GenerateConfig,
         common.ROOT / "raypipe" / "configs" / "generate" / "demo.yaml",
         ["log_to_driver=false", "progress=false", f"num_samples={n}", "part_max_seconds=5",
-         "render.width=32", "render.height=32", "render.steps=1",
+         "render.width=32", "render.height=32", "render.steps=1", "near_duplicate_threshold=1.0",
          "llm.backend=openai", f"llm.base_url=http://127.0.0.1:{port}/v1",
          f"llm.api_key_env={KEY_ENV}", "llm.model=test-model", "llm.concurrency=1"],
     )  # fmt: skip
     check_render_model(cfg.render)
-    ray_tmp = common.start_ray(2)
+    ray_tmp = common.start_ray(local_cpus(cfg))  # as a job's own local Ray
     try:
         # A small job first, untraced: Ray Data and the clients allocate some things once
         # per driver process (the stats actor's handle, ...); the figure is growth with N.
@@ -136,6 +150,8 @@ def one(n: int, out: str, traced: bool = True) -> dict:
         "images_per_s": round(run["images_per_s"], 2),
         "render_busy_s": round(run["render_busy_s"], 2),
         "render_window_s": round(window, 2),
+        "render": run["render"],
+        "stream_executions": run["stream_executions"],
         "timings_s": {k: round(v, 2) for k, v in run["timings_s"].items()},
     }
 
@@ -189,6 +205,12 @@ def main() -> None:
         "stream_ratio_traced": round(large["first_part_s"] / large["last_prompt_answer_s"], 3),
         "driver_bytes_per_row": round(growth / (9 * n), 1),
         "render_busy_fraction": round(clock["render_busy_s"] / clock["render_window_s"], 3),
+        "render_full_batch_share": round(
+            clock["render"]["full_batch_calls"] / clock["render"]["calls"], 3
+        ),
+        "render_idle_between_executions_share": round(
+            clock["render"]["idle_between_executions_s"] / clock["timings_s"]["stream_s"], 3
+        ),
         "timed": timed,
         "small": small,
         "large": large,

@@ -95,6 +95,27 @@ def check_accelerator_type(value: str | None, field: str) -> str | None:
     return value
 
 
+def start_ray(address: str | None = None, local_cpus: int | None = None, **kwargs) -> None:
+    """Join the cluster (under ``ray job submit``, ``address`` or RAY_ADDRESS) or start a
+    local Ray, unless this process already runs one: what the jobs call before any work
+    (library functions use the Ray that is running). A local Ray started here gets at
+    least ``local_cpus`` logical CPUs: what a generation run's actor pools reserve, plus
+    the task that cuts render batches (``raypipe.generate.pipeline.local_cpus``), which
+    may be more than a small machine's cores."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if local_cpus and not address and not os.environ.get("RAY_ADDRESS"):
+        try:
+            ray.init(num_cpus=max(os.cpu_count() or 1, local_cpus), **kwargs)
+            return
+        except ValueError as e:  # a local cluster from `ray start` runs here: join it
+            if "existing cluster" not in str(e):
+                raise
+    ray.init(address=address, **kwargs)
+
+
 def actor_resources(
     *,
     num_cpus: float,

@@ -6,17 +6,14 @@ A stage is a class that loads its model once in ``__init__`` and is a pure
 after the wrong one fails at once with the missing column's name (as ``ray.data.llm``
 stages do) instead of with a ``KeyError`` deep inside.
 
-Every stage is appended with :func:`add_stage`, which passes ``batch_size=None``: each
-block is handed to the stage as it arrives. Stages that want fixed-size model calls
-(render, CLIP) split blocks themselves. A Ray Data batch size would make a stage wait
-until it has that many rows, and the generation stream feeds replacements for rejected
-rows back into its own source: rows held back for a batch that never fills would stall
-the run (the source ends only when every planned row has been written).
+Every stage is appended with :func:`add_stage`, through Ray Data's public
+``map_batches``. By default a stage takes each block as it arrives (``batch_size=None``);
+the render pool asks for ``render.batch_size`` rows per call, which the stream can give
+because each execution's input is a fixed plan that ends (raypipe.generate.source).
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import pyarrow as pa
@@ -61,34 +58,24 @@ def add_stage(
     stage: type,
     kwargs: dict[str, Any],
     *,
+    batch_size: int | None = None,
     min_actors: int = 1,
     max_actors: int = 1,
     num_cpus: float = 1.0,
     num_gpus: float | None = None,
     **remote_args: Any,
 ):
-    """Append ``stage`` to ``ds`` as an autoscaling actor pool, one block per call."""
+    """Append ``stage`` to ``ds`` as an autoscaling actor pool (Ray Data restarts a dead
+    actor and retries its block); ``batch_size`` rows per call, or whole blocks."""
     import ray
 
-    map_batches = ds.map_batches
-    if num_gpus:
-        remote_args["num_gpus"] = num_gpus
-        # Ray's public map_batches refuses GPUs without a batch size; its internal entry
-        # (as map_groups uses) applies the same op without that check. Older Ray names it
-        # _map_batches_without_batch_size_validation.
-        map_batches = getattr(ds, "map_batches_internal", None)
-        if map_batches is None:
-            map_batches = ds._map_batches_without_batch_size_validation
-    with warnings.catch_warnings():
-        # Ray 2.60 has no named parameter for actor restarts and retries yet, and warns
-        # that extra remote args are deprecated; they are still applied.
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        return map_batches(
-            stage,
-            fn_constructor_kwargs=kwargs,
-            batch_size=None,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
-            num_cpus=num_cpus,
-            **remote_args,
-        )
+    return ds.map_batches(
+        stage,
+        fn_constructor_kwargs=kwargs,
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        **remote_args,
+    )

@@ -68,8 +68,11 @@ def ray_local(tiny_dir):
         os.environ.update(NODE_KEYS)
         # Short temp dir: Ray's socket paths must stay under 108 characters.
         temp_dir = tempfile.mkdtemp(prefix="rp-ray-", dir="/tmp")
+        # 4 logical CPUs on a 2-core machine: a run's pools and the one-CPU task that
+        # cuts render batches (raypipe.generate.pipeline.local_cpus), as a job's own
+        # local Ray gets.
         ray.init(
-            num_cpus=2,
+            num_cpus=4,
             include_dashboard=False,
             log_to_driver=False,
             _temp_dir=temp_dir,

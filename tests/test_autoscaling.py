@@ -49,7 +49,10 @@ def fake_cluster(tiny_dir):
     import os
 
     env = dict(os.environ, RAYPIPE_TINY_DIR=str(tiny_dir), HF_HUB_OFFLINE="1")
-    with ray_head(num_cpus=2, autoscaling={"workers": NODE_TYPES}, env=env) as head:
+    # A head with room for the run's light pools and the 1-CPU task that cuts render
+    # batches: with 2 CPUs that task waits for a node, and the autoscaler adds one of
+    # the GPU type for it.
+    with ray_head(num_cpus=4, autoscaling={"workers": NODE_TYPES}, env=env) as head:
         yield head
 
 

@@ -91,9 +91,17 @@ def template_responder(bad_keywords: frozenset[str] = frozenset()):
 
 
 def test_demo_writes_valid_balanced_reproducible_dataset(ray_local, tiny_dir, tmp_path):
+    import warnings
+
+    from ray.util.annotations import RayDeprecationWarning
+
     cfg = demo_config()
     out1, out2 = tmp_path / "a", tmp_path / "b"
-    manifest = generate(cfg, str(out1))
+    with warnings.catch_warnings():  # the demo uses no deprecated Ray path
+        warnings.simplefilter("error", RayDeprecationWarning)
+        manifest = generate(cfg, str(out1))
+    # Full render batches: 26 rows in calls of 8, only the last one short.
+    assert manifest["runs"][-1]["render"]["rows_per_call"] == {"2": 1, "8": 3}
 
     rows = read_data(out1)
     assert len(rows) == 26

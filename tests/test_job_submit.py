@@ -51,7 +51,7 @@ def head():
     )
     # What cluster.yaml does with ~/.raypipe/env: `ray start` runs with the key exported.
     env[KEY_ENV] = SENTINEL
-    with ray_head(num_cpus=2, env=env, cwd=REPO) as h:
+    with ray_head(num_cpus=4, env=env, cwd=REPO) as h:
         yield h
 
 

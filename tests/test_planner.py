@@ -5,6 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
+from raypipe.generate.executions import LATE_TASKS
 from raypipe.generate.planner import Planner
 from raypipe.generate.store import OutputStore
 from raypipe.schema import REJECT_SCHEMA, sample_id
@@ -206,47 +207,123 @@ def test_first_pulls_ramp_up_so_the_first_rows_start_early(tmp_path):
     assert sizes == [5, 10, 20, 40, 40]  # 1, 2, 4, 8, 8 chunks of k=5
 
 
-def test_pulls_wait_while_the_in_flight_window_is_full(tmp_path):
+def _plan_rows(p: Planner, plan: dict) -> list[tuple[str, int]]:
+    """The rows of the plan's slices (its late read tasks are taken apart)."""
+    return [
+        (it["ability"], i)
+        for t in range(plan["tasks"] - LATE_TASKS)
+        for it in p.take(plan["execution"], t).to_pylist()
+        for i in it["indices"]
+    ]
+
+
+def test_an_execution_reads_a_fixed_plan_whose_read_tasks_never_wait(tmp_path):
+    p = planner(tmp_path, {"color": 100, "animal": 100})
+    plan = p.plan_execution()
+    assert plan == {
+        "execution": 0, "tasks": 8 + LATE_TASKS, "rows": 200, "top_up": False, "wait_s": 0.0
+    }  # fmt: skip
+    rows = _plan_rows(p, plan)
+    assert sorted(rows) == sorted(
+        [("color", i) for i in range(100)] + [("animal", i) for i in range(100)]
+    )
+    # The first read tasks are small (1, 2, 4, then 8 chunks of k=5): GPUs start early.
+    assert [p.take(0, t).num_rows for t in range(4)] == [1, 2, 4, 8]
+    # A read task that Ray runs again gets the same rows; an old execution's, none.
+    assert p.take(0, 3).equals(p.take(0, 3))
+    p.report([(a, i, None) for a, i in rows[:150]])
+    again = p.plan_execution()  # the 50 rows pulled and undecided: planned again
+    assert again["execution"] == 1 and again["rows"] == 50 and not again["top_up"]
+    assert p.take(0, 0).num_rows == 0 and sorted(_plan_rows(p, again)) == sorted(rows[150:])
+    p.report([(a, i, None) for a, i in rows[150:]])
+    assert p.plan_execution()["tasks"] == 0 and p.finished()
+
+
+def _late_rows(p: Planner, plan: dict, task: int) -> list[tuple[str, int]]:
+    table = p.take(plan["execution"], plan["tasks"] - LATE_TASKS + task)
+    return [(it["ability"], i) for it in table.to_pylist() for i in it["indices"]]
+
+
+def test_late_read_tasks_make_replacements_of_rows_rejected_before_render(tmp_path):
     import threading
 
-    p = planner(tmp_path, {"color": 100, "animal": 100}, max_rows_in_flight=80)
-    first = pulled(p) + pulled(p)
-    assert len(first) == 80  # two full pulls of 40 fill the window
+    p = planner(tmp_path, {"color": 10})
+    plan = p.plan_execution()
+    rows = _plan_rows(p, plan)
+    p.report([("color", i, "prompts") for i in (2, 7)])  # rejected at prompts
     got: list = []
-    t = threading.Thread(target=lambda: got.append(pulled(p)), daemon=True)
-    t.start()
-    t.join(0.5)
-    assert t.is_alive() and not got, "a pull went out past the window"
-    p.report([(a, i, None) for a, i in first[:40]])  # 40 rows decided: room for one pull
-    t.join(60)  # an event: the pull returns once there is room (60 s: a bound, not a timing)
-    assert not t.is_alive() and len(got[0]) == 40
-    assert not {r for r in got[0]} & set(first)
+    late = threading.Thread(target=lambda: got.append(_late_rows(p, plan, 0)), daemon=True)
+    late.start()
+    late.join(0.5)
+    assert late.is_alive() and not got, "a late read task went before rows 0-9 were past"
+    p.past_dialogues([(a, i) for a, i in rows if i not in (2, 7)])  # an event, not a timing
+    late.join(60)
+    assert got == [[("color", 10), ("color", 11)]]  # the two replacements, this execution
+    assert _late_rows(p, plan, 0) == got[0]  # run again by Ray: the same rows
+    p.report([("color", 10, "dialogue")])
+    p.past_dialogues([("color", 11)])
+    assert _late_rows(p, plan, 1) == [("color", 12)]
+    p.past_dialogues([("color", 12)])
+    assert _late_rows(p, plan, 2) == []
+    p.report([("color", i, None) for i in (0, 1, 3, 4, 5, 6, 8, 9, 11, 12)])
+    assert p.finished() and p.plan_execution()["tasks"] == 0  # no top-up was needed
+    assert p.status()["top_ups"] == 0
 
 
-def test_the_window_always_fits_one_full_pull(tmp_path):
-    p = planner(tmp_path, {"color": 100}, max_rows_in_flight=3)
-    assert p.max_in_flight == 40 and len(pulled(p)) == 40
+def test_late_read_tasks_take_nothing_once_a_row_was_handed_back(tmp_path):
+    p = planner(tmp_path, {"color": 10})
+    plan = p.plan_execution()
+    p.report([("color", 2, "prompts")])
+    _transient(p, [5, 6, 7, 8, 9])
+    p.report([("color", i, "unmade", "llm_transient") for i in range(5, 10)])
+    # Rows 0, 1, 3 and 4 are still before render: the late task does not wait for them.
+    assert _late_rows(p, plan, 0) == []
+    # A late task of an execution that ended takes nothing from the next one.
+    p.past_dialogues([("color", i) for i in (0, 1, 3, 4)])
+    p.report([("color", i, None) for i in (0, 1, 3, 4)])
+    p.abilities["color"].due.clear()  # (the pause: tested below)
+    nxt = p.plan_execution()
+    assert sorted(_plan_rows(p, nxt)) == [("color", i) for i in range(5, 11)]
+    assert nxt["top_up"]  # row 10 replaces row 2
+    assert p.take(plan["execution"], plan["tasks"] - 1).num_rows == 0
 
 
-def test_read_tasks_follow_the_rows_expected_not_the_most_that_may_be_planned(tmp_path):
-    from raypipe.generate import source
-    from raypipe.generate.source import tickets_for
+def test_replacements_are_made_by_at_most_three_top_ups(tmp_path):
+    from raypipe.generate import executions as planner_module
 
-    def first(n: int) -> int:
-        quota = {"color": n // 2, "animal": n - n // 2}
-        return tickets_for(planner(tmp_path / str(n), quota).status(), 8, 5)
+    p = planner(tmp_path, {"color": 10}, replace_budget=10.0)
+    rows = _plan_rows(p, p.plan_execution())
+    for top_up in range(planner_module.MAX_TOP_UPS + 1):
+        # Every row but the first is rejected: each execution replaces them.
+        p.report([("color", i, "quality") for _, i in rows[1:]] + [("color", rows[0][1], None)])
+        plan = p.plan_execution()
+        if top_up == planner_module.MAX_TOP_UPS:
+            break
+        assert plan["top_up"] and plan["rows"] == 9 - top_up, top_up
+        before = max(i for _, i in rows)
+        rows = _plan_rows(p, plan)
+        assert min(i for _, i in rows) > before  # never-planned indices
+    st = p.status()
+    assert plan["tasks"] == 0 and st["stopped"] == "top_ups" and st["top_ups"] == 3
+    assert st["abilities"]["color"]["need"] == 6  # 4 accepted of 10: the re-run continues
 
-    # Full pulls (8 chunks of 5 rows) for the open rows and half as many replacements
-    # (1000 rows: 1500 rows, 300 chunks, 38 pulls), + spares.
-    assert first(1000) == 38 + source.SPARE_TICKETS
-    assert first(10_000) == 375 + source.SPARE_TICKETS
-    # Growth with N: one read task per ~27 planned rows (it was one per 10).
-    assert (first(10_000) - first(1000)) / 9000 < 1 / 26
-    # Never more replacements than the budget allows.
-    tight = planner(tmp_path / "tight", {"color": 100}, replace_budget=0.05).status()
-    assert tickets_for(tight, 8, 5) == 3 + source.SPARE_TICKETS  # 105 rows, 21 chunks
-    # A later execution (rejects outran the first) gets room for all it may still plan.
-    assert tickets_for(tight, 8, 5, first=False) == 2 * 3 + 64  # as before: 105 rows
+
+def test_rows_handed_back_pause_before_the_next_execution_makes_them(tmp_path, monkeypatch):
+    import raypipe.generate.planner as planner_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(planner_module.time, "monotonic", lambda: clock[0])
+    p = planner(tmp_path, {"color": 10})
+    p.plan_execution()
+    _transient(p, range(5))
+    p.dedup([(sample_id(0, "color", i), "color", i, f"((red)) p{i}") for i in range(5, 10)])
+    p.report([("color", i, "unmade", "llm_transient") for i in range(5)])
+    plan = p.plan_execution()  # rows 5-9 wait at dedup for rows 0-4, which pause
+    assert plan["tasks"] == 0 and plan["wait_s"] == planner_module.REQUEUE_S
+    clock[0] += planner_module.REQUEUE_S
+    plan = p.plan_execution()
+    # All ten again (5-9 were held at dedup when the execution ended): no top-up.
+    assert plan["rows"] == 10 and not plan["top_up"] and p.status()["requeued"] == 5
 
 
 def _transient(p: Planner, rows: list[int], ability: str = "color") -> list:
@@ -258,7 +335,7 @@ def _transient(p: Planner, rows: list[int], ability: str = "color") -> list:
 def test_a_transient_failure_is_made_again_keeping_its_place_in_dedup(tmp_path, monkeypatch):
     import raypipe.generate.planner as planner_module
 
-    monkeypatch.setattr(planner_module, "REQUEUE_S", 0.05)
+    monkeypatch.setattr(planner_module, "REQUEUE_S", 0.0)  # (the pause: tested above)
     p = planner(tmp_path, {"color": 10})
     assert sorted(i for _, i in pulled(p)) == list(range(10))
     # Chunk 0's request failed after its retries: its rows pass dedup untouched (to be
@@ -271,7 +348,7 @@ def test_a_transient_failure_is_made_again_keeping_its_place_in_dedup(tmp_path, 
     st = p.status()
     # Made again under the same ids: no position burned, no replacement budget spent.
     assert st["requeued"] == 5 and st["planned"] == 10 and st["abilities"]["color"]["burned"] == 0
-    assert pulled(p) == [("color", i) for i in range(5)]  # after a pause
+    assert pulled(p) == [("color", i) for i in range(5)]
     out = p.dedup([(sample_id(0, "color", i), "color", i, prompts[i]) for i in range(5)])
     decided = {sid: reason for sid, reason, _ in out}
     assert decided[sample_id(0, "color", 5)] == "duplicate_prompt"  # lowest index wins
@@ -287,7 +364,10 @@ def test_a_halt_sends_handed_back_rows_through_unmade_so_the_rows_behind_are_dec
     p = planner(tmp_path, {"color": 10})
     pulled(p)
     _transient(p, range(5))
-    assert p.dedup([(sample_id(0, "color", i), "color", i, f"((red)) p{i}") for i in range(5, 10)]) == []
+    assert (
+        p.dedup([(sample_id(0, "color", i), "color", i, f"((red)) p{i}") for i in range(5, 10)])
+        == []
+    )
     p.halt("llm_outage")
     assert p.stop_reason() == "llm_outage"
     # The hand-backs arrive after the halt: each goes through once more, unmade, in order.
@@ -313,7 +393,10 @@ def test_a_restarted_dedup_actor_stops_the_run_instead_of_waiting_for_its_lost_r
     p.dedup_started()
     pulled(p)
     # Rows 5-9 reached the dedup actor and wait there for rows 0-4; then it crashed.
-    assert p.dedup([(sample_id(0, "color", i), "color", i, f"((red)) p{i}") for i in range(5, 10)]) == []
+    assert (
+        p.dedup([(sample_id(0, "color", i), "color", i, f"((red)) p{i}") for i in range(5, 10)])
+        == []
+    )
     p.dedup_started()  # Ray restarted it: the rows it held are gone
     assert p.pull().num_rows == 0  # at once: nothing more is pulled, nothing waits
     out = p.dedup([(sample_id(0, "color", i), "color", i, f"((red)) p{i}") for i in range(5)])
@@ -329,7 +412,7 @@ def test_a_restarted_dedup_actor_stops_the_run_instead_of_waiting_for_its_lost_r
     # A new execution starts a new dedup actor: that is no restart; nor is a restart
     # while no row is in flight (the dead actor held none).
     again.dedup_started()
-    again.restart()
+    again.plan_execution()
     again.dedup_started()
     assert again.status()["lost_actor"] is None
     done = planner(tmp_path / "done", {"color": 10})

@@ -26,19 +26,10 @@ DENIED = {
 
 #: (module, denied name) -> why it is still there. Only ever shrinks.
 EXCEPTIONS = {
-    ("stage.py", "map_batches_internal"): (
-        "GPU pools run with batch_size=None because the planner feeds the stream's "
-        "source and no stage may wait to fill a batch; full GPU batches need the "
-        "stream's fixed plan per execution."
-    ),
-    ("stage.py", "unvalidated map_batches"): "the same entry under older Ray.",
-    ("stage.py", "warnings filter"): (
-        "hides Ray 2.60's ray_remote_args deprecation for max_restarts and "
-        "max_task_retries, which have no named parameter yet."
-    ),
     ("llm/vllm/processor.py", "edits a built processor's stage"): (
         "raises the ServeDeploymentStage's in-flight bound while Ray Data LLM runs at "
-        "batch_size=1 (the same cause as stage.py's entries)."
+        "batch_size=1; the stream's input now ends with each execution's fixed plan, so "
+        "the writers can move to llm.vllm.batch_size (not done yet)."
     ),
     ("train/worker.py", "warnings filter"): (
         "torch's FSDP2 view warning and transformers' gradient-checkpointing rename, "

@@ -120,13 +120,15 @@ def test_gpu_render_runs_the_checks_in_its_own_actors(ray_local):
     )
     assert op.fn is RenderAndCheck
     assert op.ray_remote_args["num_gpus"] == 1
-    assert op.ray_remote_args["max_restarts"] == -1
+    # A block that kills its GPU actor every time fails the run (Ray Data restarts the
+    # actor itself without limit by default).
+    assert op.ray_remote_args["max_task_retries"] == render.max_task_retries
     assert (op.compute.min_size, op.compute.max_size) == (2, 8)
     kwargs = op.fn_constructor_kwargs
     assert kwargs["render"].device == "cuda" and kwargs["quality"] == QUALITY_ON
     assert kwargs["banks"] == banks
-    # Whole blocks, no Ray Data batch size (a stage must never wait to fill a batch).
-    assert op.batch_size is None
+    # Full GPU batches: the stream cuts blocks of render.batch_size rows before the pool.
+    assert op.batch_size == render.batch_size
 
 
 def test_cpu_render_and_quality_are_two_cpu_pools(ray_local):
@@ -137,7 +139,8 @@ def test_cpu_render_and_quality_are_two_cpu_pools(ray_local):
     )
     assert [op.fn for op in ops] == [Renderer, QualityCheck]
     assert all("num_gpus" not in op.ray_remote_args for op in ops)
-    assert all(op.batch_size is None for op in ops)
+    assert "max_task_retries" not in ops[0].ray_remote_args  # Ray Data's default on CPU
+    assert [op.batch_size for op in ops] == [render.batch_size, None]
     assert ops[1].ray_remote_args["num_cpus"] == 0.5 and ops[1].compute.max_size == 2
     assert ops[1].fn_constructor_kwargs["banks"] == {"a": ["b"]}
     # Without grounding the banks stay home.

@@ -69,7 +69,7 @@ class Recorder:
 
 
 @pytest.mark.slow
-def test_first_part_is_written_while_prompts_are_still_answered(ray_local, tiny_dir, tmp_path):
+def test_rendering_starts_while_prompts_are_still_answered(ray_local, tiny_dir, tmp_path):
     rec = Recorder(template_responder())
     with LLMServer(responder=rec, latency_s=0.3, lifetime_s=600) as server:
         cfg = demo_config(
@@ -78,9 +78,6 @@ def test_first_part_is_written_while_prompts_are_still_answered(ray_local, tiny_
                 "llm.concurrency=1",
                 "llm_batch_chunks=1",
                 "num_samples=130",
-                # A window well under N, as at scale (the default, 256 per render
-                # actor, would hold all 130 rows at once here).
-                "max_rows_in_flight=32",
                 "part_max_seconds=5",
                 "render.width=32",
                 "render.height=32",
@@ -89,12 +86,13 @@ def test_first_part_is_written_while_prompts_are_still_answered(ray_local, tiny_
         start = time.time()
         manifest = generate(cfg, str(tmp_path))
     parts = sorted((tmp_path / "data").glob("part-*.parquet"), key=lambda p: p.stat().st_mtime)
-    first_part = parts[0].stat().st_mtime - start
+    data = read_data(tmp_path)
+    first_render = min(json.loads(r["meta"])["render_wall"][0] for r in data) - start
     last_prompt = max(rec.prompt_answers) - start
-    print(f"first part at {first_part:.1f}s, last prompt answered at {last_prompt:.1f}s")
-    assert first_part < last_prompt, (first_part, last_prompt)
+    print(f"first render call at {first_render:.1f}s, last prompt answered at {last_prompt:.1f}s")
+    assert first_render < last_prompt, (first_render, last_prompt)
     assert len(parts) > 1  # flushed by age, then more parts
-    assert len(read_data(tmp_path)) == 130 and manifest["counts"]["balanced"]
+    assert len(data) == 130 and manifest["counts"]["balanced"]
 
 
 def _bad_positions_responder(bad: set[str], refuse_after_first: bool = False):
@@ -268,26 +266,59 @@ def test_s3_run_killed_and_rerun_elsewhere_pays_nothing_twice(
 
 
 @pytest.mark.slow
-def test_a_run_that_outruns_its_read_tasks_continues_in_a_new_execution(
-    ray_local, tiny_dir, tmp_path, monkeypatch
+def test_a_thousand_rows_with_a_tenth_of_prompts_rejected_render_in_full_batches(
+    ray_local, tiny_dir, tmp_path
 ):
-    from raypipe.generate import source
+    # A tenth of the bank's keywords get a malformed prompt line: about one prompt in
+    # ten is rejected, and its replacement is made by a top-up execution.
+    bank = seed_bank(load_catalog(None, names=["color"])["color"])
+    bad = set(bank[::10])
+    answer = _bad_positions_responder(bad)
+    taken = [0]
 
-    # No room for replacements or spare pulls: the first execution's one read task
-    # carries only the first (ramp-up) pull of one chunk, 5 of the 20 rows.
-    monkeypatch.setattr(source, "EXPECTED_REPLACEMENTS", 0.0)
-    monkeypatch.setattr(source, "SPARE_TICKETS", 0)
-    cfg = demo_config("abilities=[color,animal]", "num_samples=20")
-    manifest = generate(cfg, str(tmp_path))
-    assert manifest["runs"][-1]["stream_executions"] == 2
+    def respond(messages):  # a 58-keyword bank, 1,000 prompts: each made unique
+        lines = answer(messages).splitlines()
+        if PROMPT_MARK not in messages[-1]["content"]:
+            return "\n".join(lines)
+        taken[0] += 1
+        return "\n".join(f"{ln}, take {taken[0]}-{i}" for i, ln in enumerate(lines))
+
+    with LLMServer(responder=respond, lifetime_s=900) as server:
+        cfg = demo_config(
+            *openai_overrides(
+                server,
+                "abilities=[color]",
+                "num_samples=1000",
+                "near_duplicate_threshold=1.0",  # exact repeats only
+                "replace_budget=0.5",
+                "render.width=32",
+                "render.height=32",
+                "render.steps=1",
+            )
+        )
+        manifest = generate(cfg, str(tmp_path))
     run = manifest["runs"][-1]
-    per_call = {int(n): c for n, c in run["render"]["rows_per_call"].items()}
-    assert sum(n * c for n, c in per_call.items()) == run["images_rendered"] == 20
-    assert run["render"]["calls"] == sum(per_call.values())
-    assert run["render"]["full_batch_calls"] == per_call.get(cfg.render.batch_size, 0)
     ids = [r["id"] for r in read_data(tmp_path)]
-    assert len(ids) == 20 and len(set(ids)) == 20
-    assert manifest["counts"]["balanced"] and manifest["counts"]["accepted"] == 20
+    assert len(ids) == 1000 and len(set(ids)) == 1000, (
+        manifest["stopped"],
+        manifest["counts"],
+        run,
+    )
+    assert manifest["stopped"] is None and manifest["counts"]["balanced"]
+    rejected = manifest["counts"]["reject_reasons"]
+    assert 50 <= sum(rejected.values()) <= 200, rejected  # about a tenth, all at prompts
+    assert all(reason.startswith("prompts:") for reason in rejected)
+    # Replacements of rows rejected before render are made by the execution's late
+    # read tasks: no top-up, so the GPUs never wait for a new execution to start.
+    assert run["stream_executions"] == 1 and run["top_ups"] == 0
+    # Every render call is full but the last of each execution.
+    calls = run["render"]
+    per_call = {int(n): c for n, c in calls["rows_per_call"].items()}
+    assert sum(n * c for n, c in per_call.items()) == run["images_rendered"] == 1000
+    assert calls["calls"] == sum(per_call.values())
+    assert calls["full_batch_calls"] == per_call[cfg.render.batch_size]
+    assert calls["calls"] - calls["full_batch_calls"] <= 1  # the execution's last call
+    assert calls["full_batch_calls"] >= 0.95 * calls["calls"], calls
 
 
 def test_the_manifest_counts_render_calls_and_rows_per_call():
@@ -305,7 +336,10 @@ def test_the_manifest_counts_render_calls_and_rows_per_call():
     tally.add(pa.table({"ability": ["color"] * n, "reject_stage": [None] * n,
                         "reject_reason": [None] * n, "meta": metas}))  # fmt: skip
     calls = tally.render_calls(batch_size=4)
-    assert calls == {"calls": 4, "full_batch_calls": 2, "rows_per_call": {"1": 1, "3": 1, "4": 2}}
+    assert calls == {
+        "calls": 4, "full_batch_calls": 2, "rows_per_call": {"1": 1, "3": 1, "4": 2},
+        "idle_between_executions_s": 0,
+    }  # fmt: skip
     assert tally.rendered == 12
 
 
@@ -317,7 +351,7 @@ def test_the_driver_collects_cyclic_garbage_while_the_stream_runs():
     import gc
     import weakref
 
-    from raypipe.generate.pipeline import collecting_garbage
+    from raypipe.generate.stream import collecting_garbage
 
     def garbage_class() -> weakref.ref:
         class Wrapper:  # as ray.actor.ActorClass.options defines one per call

@@ -122,3 +122,4 @@ def test_installed_command_generates_the_demo(installed):
     rows = pq.read_table(out / "data").to_pylist()
     assert len(rows) == N and len({r["id"] for r in rows}) == N
     assert f"wrote {N} rows" in res.stdout
+    assert "RayDeprecationWarning" not in res.stdout + res.stderr  # no deprecated Ray path

@@ -299,9 +299,13 @@ def run_evaluation(
     out = Path(out)
     plan = Plan(cfg, Path(preset_dir), out)  # everything checked before any work
     summary: dict[str, Any] = {"out": str(out), "benchmarks": {}}
-    if not ray.is_initialized():
+    if not ray.is_initialized():  # a local Ray with room for the generation runs' pools
+        from raypipe.generate.pipeline import local_cpus
+        from raypipe.placement import start_ray
+
+        gen = [c for c in (plan.bench_cfg, plan.train_gen_cfg) if c is not None]
         address = plan.bench_cfg.ray_address if plan.bench_cfg else None
-        ray.init(address=address)
+        start_ray(address, max((local_cpus(c) for c in gen), default=None))
     if cfg.training is not None:
         export, reused = make_trained_model(plan)
         summary["trained_model"] = str(export)

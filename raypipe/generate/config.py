@@ -137,8 +137,9 @@ class RenderConfig(PoolPlacement):
     max_task_retries: int = Field(
         3,
         ge=0,
-        description="Times a batch is retried after its actor died (the actor itself is "
-        "restarted without limit); bounded so a batch that always kills its actor fails the job.",
+        description="GPU pools: times a batch is retried after its actor died (the actor "
+        "itself is restarted without limit); bounded so a batch that always kills its GPU "
+        "actor fails the job. CPU pools retry as Ray Data does by default.",
     )
 
 
@@ -227,11 +228,6 @@ class QualityConfig(PoolPlacement):
 # ---------------------------------------------------------------------------------------
 
 
-#: Default in-flight window per render actor (GenerateConfig.max_rows_in_flight): an
-#: fp16 SD 1.5 actor on an H100-class GPU renders about 6-8 images/s at 512 px.
-ROWS_IN_FLIGHT_PER_RENDER_ACTOR = 256
-
-
 class GenerateConfig(Config):
     """The generation job (jobs/generate.py): what to make, with which models, how fast."""
 
@@ -307,23 +303,6 @@ class GenerateConfig(Config):
         "build): each row gets a question of one of these types, drawn with these weights, "
         "its reference response and reference answer keywords. None = training data.",
     )
-    max_rows_in_flight: int | None = Field(
-        None,
-        ge=1,
-        description="Most rows handed to the stream and not yet written: the planner hands "
-        "out no more until earlier rows are decided, so the LLM stages never run far ahead "
-        "of the GPUs and what the stream holds stays bounded at any run size. None = "
-        "ROWS_IN_FLIGHT_PER_RENDER_ACTOR per render actor (render.max_actors), about half a "
-        "minute of work per GPU; always at least one full pull.",
-    )
-
-    @property
-    def rows_in_flight(self) -> int:
-        """``max_rows_in_flight``, or its default for this render pool."""
-        pull = self.llm_batch_chunks * self.prompts_per_request
-        window = self.max_rows_in_flight or ROWS_IN_FLIGHT_PER_RENDER_ACTOR * self.render.max_actors
-        return max(window, pull)
-
     part_max_rows: int = Field(
         256, ge=1, description="A Parquet part is written once it holds this many rows..."
     )
@@ -385,4 +364,4 @@ class GenerateConfig(Config):
     log_to_driver: bool = Field(True, description="Forward worker logs to the driver.")
 
 
-__all__ = ["GenerateConfig", "QualityConfig", "RenderConfig", "ROWS_IN_FLIGHT_PER_RENDER_ACTOR"]
+__all__ = ["GenerateConfig", "QualityConfig", "RenderConfig"]

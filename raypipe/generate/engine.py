@@ -366,7 +366,7 @@ def vllm_writers(cfg: GenerateConfig, args: tuple, cache: str | None, service) -
     """
     import ray
 
-    from raypipe.generate.pipeline import second_writer
+    from raypipe.generate.stream import second_writer
     from raypipe.llm.vllm import engine_failure
 
     second, second_kwargs = second_writer(cfg)

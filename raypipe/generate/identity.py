@@ -126,7 +126,6 @@ FIELD_CLASS: dict[str, str] = {
     "llm_actor_cpus": OPERATIONAL,
     "llm_actor_resources": OPERATIONAL,
     "llm_batch_chunks": OPERATIONAL,
-    "max_rows_in_flight": OPERATIONAL,
     "part_max_rows": OPERATIONAL,
     "part_max_seconds": OPERATIONAL,
     "writer_cpus": OPERATIONAL,

@@ -84,7 +84,8 @@ class LLMStage(Stage):
     The backend reads the API key on the actor's node (``llm.api_key_env`` or
     ``llm.api_key_file``): it is never an argument. ``limiter`` is the job-wide limiter
     shared by every LLM client of the run; ``planner`` the run's planner, told what each
-    batch paid (for ``max_usd``).
+    batch paid (for ``max_usd``); ``lease`` the run's LeaseToken, which fences the
+    answers it stores in OUT/cache.
     """
 
     def __init__(
@@ -95,10 +96,14 @@ class LLMStage(Stage):
         run_seed: int,
         limiter=None,
         planner=None,
+        lease=None,
     ):
         self.cfg = LLMConfig.model_validate(llm)
         self.catalog = load_catalog(catalog_dirs or None)
         self.backend = make_backend(self.cfg, cache_dir, self.catalog, limiter=limiter)
+        cache = getattr(self.backend, "cache", None)
+        if cache is not None and lease is not None:  # answers stored only while the run
+            cache.fence = lease.check  # holds OUT (``lease``: its LeaseToken)
         self.run_seed = run_seed
         self.planner = planner
 

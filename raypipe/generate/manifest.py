@@ -33,6 +33,8 @@ class Tally:
         self.rendered = 0
         self.render_s = 0.0
         self.call_rows: Counter = Counter()  # rows per pipeline call -> rows rendered
+        self.execution = 0  # the stream's execution the next rows come from
+        self.walls: dict[int, list[float]] = {}  # execution -> [first call start, last end]
 
     def add(self, batch) -> None:
         for ability, stage, reason, meta in zip(
@@ -47,7 +49,31 @@ class Tally:
                 self.rendered += 1
                 self.render_s += m["render_s"]
                 self.call_rows[m.get("render_call_rows", 0)] += 1
+                if "render_wall" in m:
+                    self._span(self.execution, *m["render_wall"])
             count_usage(m, self.llm, self.stages)
+
+    def _span(self, execution: int, start: float, end: float) -> None:
+        w = self.walls.setdefault(execution, [start, end])
+        w[0], w[1] = min(w[0], start), max(w[1], end)
+
+    def merge(self, other: Tally) -> None:
+        """Add another tally's counts (the writer's, of rows routed to it before render)."""
+        self.outcomes.update(other.outcomes)
+        self.llm.update(other.llm)
+        for stage, counts in other.stages.items():
+            self.stages[stage].update(counts)
+        self.rendered += other.rendered
+        self.render_s += other.render_s
+        self.call_rows.update(other.call_rows)
+        for execution, (start, end) in other.walls.items():
+            self._span(execution, start, end)
+
+    def idle_between_executions_s(self) -> float:
+        """Seconds the render pool had no call between executions: from the last call of
+        one execution ending to the first call of the next starting, summed."""
+        spans = [self.walls[e] for e in sorted(self.walls)]
+        return sum(max(0.0, b[0] - a[1]) for a, b in zip(spans, spans[1:]))
 
     def render_calls(self, batch_size: int) -> dict[str, Any]:
         """The render pool's pipeline calls: how many, how many of ``batch_size`` rows,
@@ -57,6 +83,7 @@ class Tally:
             "calls": sum(calls.values()),
             "full_batch_calls": calls.get(batch_size, 0),
             "rows_per_call": {str(n): c for n, c in calls.items()},
+            "idle_between_executions_s": round(self.idle_between_executions_s(), 3),
         }
 
 
@@ -307,9 +334,11 @@ def run_report(
         # Rows handed back after a transient LLM failure and made again (an outage).
         "requeued": status.get("requeued", 0),
         "lost_actor": status.get("lost_actor"),  # restarted after a crash: the run stopped
-        # Ray Data executions of the stream: 1 unless rejects outran the read tasks
-        # (source.tickets_for), each further one starting the actor pools again.
+        # Ray Data executions of the stream, each a fixed plan: the first, top-ups that
+        # replace rejected rows (at most planner.MAX_TOP_UPS), and any that make again
+        # rows handed back after an outage.
         "stream_executions": executions,
+        "top_ups": status.get("top_ups", 0),
         "images_rendered": tally.rendered,
         "images_per_s": tally.rendered / timings["stream_s"] if timings.get("stream_s") else 0.0,
         "render_busy_s": tally.render_s,

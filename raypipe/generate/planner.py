@@ -1,15 +1,19 @@
-"""The run's planner: which rows to make, fed to the stream as earlier rows are decided.
+"""The run's planner: which rows to make, as a fixed plan per execution of the stream.
 
-One generation run is one streaming Ray Data execution. Its source does not hold a
-fixed list of rows: each read task asks the :class:`Planner` actor for the next rows
-to make (:meth:`Planner.pull`), and the planner answers from what it knows so far:
+A generation run is one or a few streaming Ray Data executions. Before each, the
+:class:`Planner` actor fixes what it makes (:meth:`Planner.plan_execution`): every row
+that can be made now, cut into read tasks; each read task takes its slice at once
+(:meth:`Planner.take`), so no read task waits and the stream's input ends when the plan
+is read, which lets a stage fill fixed-size batches (the render pool's last call of an
+execution is the only partial one). The planner answers from what it knows so far:
 
 1. At the start it plans, per ability, every id an earlier run planned that is in
    neither OUT/data nor OUT/rejects (rows in flight or buffered at a kill), whether or
    not the quota is met already, so a resumed run always ends balanced; then the
    smallest free indices, as many as the ability still needs (``quota - accepted``).
 2. A rejected row (at any stage) gets one replacement: the next never-planned index
-   of its ability. Rows beyond the quota are never planned. Rejection depends only on
+   of its ability, made by the next execution (a *top-up*: at most ``MAX_TOP_UPS`` per
+   run). Rows beyond the quota are never planned. Rejection depends only on
    a row's own content, so a re-run makes the same decisions.
 3. A prompt request answers k rows at once (a *chunk*: indices ``c*k .. c*k+k-1``).
    When some of its prompts do not parse, the prompt writer *burns* those positions
@@ -20,13 +24,15 @@ to make (:meth:`Planner.pull`), and the planner answers from what it knows so fa
    wins among repeats, against every earlier row of its ability that passed dedup
    (this run and OUT/data), exact or near (``near_duplicate_threshold``).
 5. A row whose LLM request failed as transient (an outage, not its content) is handed
-   back and planned again under the same id after a pause (:meth:`report`): it burns
-   no position and spends no replacement budget; rows of its ability with higher
-   indices wait at dedup for it, so dedup decides as it would have.
+   back and planned again under the same id by the next execution, after a pause
+   (:meth:`report`): it burns no position, spends no replacement budget and is no
+   top-up; rows of its ability with higher indices wait at dedup for it (those still
+   waiting when the execution ends are planned again with it), so dedup decides as it
+   would have.
 6. A run stops planning when every ability has its quota, when an ability used up its
    replacement budget (``replace_budget``), or when it is halted (:meth:`halt`:
-   ``max_usd`` reached, or ``llm.outage_stop_s`` of outage): rows in flight finish or
-   are handed back unmade. Then :meth:`pull` returns nothing more and the source ends.
+   ``max_usd`` reached, or ``llm.outage_stop_s`` of outage), or when its top-ups are
+   used up: rows in flight finish or are handed back unmade, and no execution follows.
    What was planned, handed back and burned is in OUT/plan (raypipe.generate.plan_log).
 """
 
@@ -40,6 +46,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from raypipe.generate.executions import CHUNK_SCHEMA, ExecutionPlans
 from raypipe.generate.keywords import keyword_for
 from raypipe.generate.llm_stage import TRANSIENT_REASON, UNMADE
 from raypipe.generate.plan_log import AbilityPlan, PlanLog, outstanding_ids
@@ -47,20 +54,6 @@ from raypipe.generate.store import OutputStore
 from raypipe.schema import sample_id
 from raypipe.similarity import NearDuplicateIndex
 
-#: What a pull hands the prompt writer: one item per request chunk.
-CHUNK_SCHEMA = pa.schema(
-    [
-        ("ability", pa.string()),
-        ("chunk", pa.int64()),
-        ("indices", pa.list_(pa.int64())),
-        ("ids", pa.list_(pa.string())),
-        ("chunk_keywords", pa.list_(pa.string())),
-    ]
-)
-
-#: How long a pull that has fewer rows than it may take waits for more, while rows are
-#: in flight (their rejects may add replacements): fewer, fuller pulls in a run's tail.
-TAIL_WAIT_S = 0.5
 #: Why a run stops when a restarted actor lost the rows it held (exit 75).
 ACTOR_LOST = "actor_lost"
 #: Pause before a handed-back row is pulled again: doubled with each hand-back of the
@@ -69,10 +62,10 @@ REQUEUE_S = 1.0
 REQUEUE_MAX_S = 30.0
 
 
-class Planner:
+class Planner(ExecutionPlans):
     """Plans rows, decides prompt dedup by index, plans replacements (see module doc).
 
-    Runs as one threaded Ray actor per run (``max_concurrency`` > 1: a pull waits while
+    Runs as one threaded Ray actor per run (``max_concurrency`` > 1: a late read task waits while
     reports arrive). Reads OUT itself, so the driver never holds the ids of a big run.
     """
 
@@ -88,7 +81,6 @@ class Planner:
         near_duplicate_threshold: float,
         max_usd: float | None = None,
         spent_usd: float = 0.0,
-        max_rows_in_flight: int | None = None,
         lease=None,
     ):
         # Plan logs are published only while the run holds OUT (``lease``: a LeaseToken).
@@ -97,18 +89,18 @@ class Planner:
         self.banks = banks
         self.k = prompts_per_request
         self.pull_chunks = pull_chunks
-        # None = no window; else at least one full pull fits, so the stream always moves.
-        self.max_in_flight = (
-            math.inf
-            if max_rows_in_flight is None
-            else max(max_rows_in_flight, pull_chunks * prompts_per_request)
-        )
         self.max_usd = max_usd
         self.spent_usd = spent_usd
         self.stopped: str | None = None
         self._cond = threading.Condition()
         self._plan_log = PlanLog(self.store)
         self._pulls = 0
+        self.execution, self.top_ups = -1, 0
+        self._slices: list[pa.Table] = []  # the read tasks of the current execution
+        self._late: dict[int, pa.Table] = {}  # its late read tasks, as first taken
+        self._before_render: set[tuple[str, int]] = set()  # taken, not yet past dialogues
+        self._fresh: set[tuple[str, int]] = set()  # replacements planned, not yet taken
+        self._handed_back = False  # a row of this execution was handed back
         self.requeued = 0  # rows handed back after a transient LLM failure, made again
         self.lost_actor, self._dedup_starts = None, 0  # see dedup_started
 
@@ -165,11 +157,14 @@ class Planner:
             ab.pending.append(i)
             ab.dedup_queue.append(i)
             ab.planned += 1
+            if self.execution >= 0:
+                self._fresh.add((ab.name, i))
         self._cond.notify_all()
 
     def _finish(self, ab: AbilityPlan, index: int, accepted: bool) -> None:
         if index not in ab.in_flight:
             return  # decided already (a dedup reject reported again by the writer)
+        self._before_render.discard((ab.name, index))
         ab.in_flight.discard(index)
         ab.unanswered.discard(index)
         if accepted:
@@ -180,39 +175,21 @@ class Planner:
         return all(ab.open() == 0 for ab in self.abilities.values())
 
     def pull(self) -> pa.Table:
-        """The next rows to make, as request chunks (empty when the run has no more).
+        """The next rows to make now, as request chunks (empty when none can be taken).
 
-        The first pulls are small (1, 2, 4, ... chunks, up to ``pull_chunks``), so the
-        first rows reach the GPUs and OUT/data early; later pulls are full size. A pull
-        waits while ``max_rows_in_flight`` rows are out and undecided: the LLM stages
-        never race far ahead of the GPUs, and what the stream (and the driver's
-        bookkeeping of its blocks) holds is bounded by that window, not by the run's size.
+        Never waits: rows planned while an execution runs (replacements of its rejects,
+        rows handed back) wait for the next execution (:meth:`plan_execution`). The
+        first pulls of an execution are small (1, 2, 4, ... chunks, up to
+        ``pull_chunks``), so its first rows reach the GPUs and OUT/data early.
         """
         limit = min(self.pull_chunks, 2**self._pulls) * self.k
         self._pulls += 1
         with self._cond:
-            deadline = None
-            while True:
-                if self.lost_actor:  # nothing more: the run stops (see dedup_started)
-                    self._plan_log.flush(force=True)
-                    return CHUNK_SCHEMA.empty_table()
-                pending = sum(self._takeable(ab) for ab in self.abilities.values())
-                out = self._rows_in_flight()
-                if pending and out and out + min(limit, pending) > self.max_in_flight:
-                    self._cond.wait(timeout=1.0)  # a report frees room
-                    continue
-                if pending >= limit or (pending and not self._any_in_flight()):
-                    break
-                if pending and deadline is None:
-                    deadline = time.monotonic() + TAIL_WAIT_S
-                if pending and time.monotonic() >= deadline:
-                    break
-                if not pending and self.finished():
-                    self._plan_log.flush(force=True)
-                    return CHUNK_SCHEMA.empty_table()
-                self._cond.wait(timeout=0.1 if pending else 1.0)
+            if self.lost_actor:  # nothing more: the run stops (see dedup_started)
+                self._plan_log.flush(force=True)
+                return CHUNK_SCHEMA.empty_table()
             items = self._take(limit)
-            self._plan_log.flush()
+            self._plan_log.flush(force=not items)
         return pa.Table.from_pylist(items, schema=CHUNK_SCHEMA)
 
     def _held_chunks(self, ab: AbilityPlan) -> set[int]:
@@ -249,12 +226,6 @@ class Planner:
         ab.pending = deque(i for i in ab.pending if i // self.k != c)
         return rows
 
-    def _any_in_flight(self) -> bool:
-        return any(ab.in_flight for ab in self.abilities.values())
-
-    def _rows_in_flight(self) -> int:
-        return sum(len(ab.in_flight) for ab in self.abilities.values())
-
     def _take(self, limit: int) -> list[dict[str, Any]]:
         """Up to ``limit`` pending rows as request chunks, one chunk per ability in turn
         (so every ability streams from the start, and a chunk is never split across
@@ -283,6 +254,8 @@ class Planner:
                 for i in rows:
                     ab.in_flight.add(i)
                     ab.unanswered.add(i)
+                    self._before_render.add((ab.name, i))
+                    self._fresh.discard((ab.name, i))
                     sid = sample_id(self.seed, ab.name, i)
                     self._plan_log.add(sid, ab.name, "planned")
                     item["indices"].append(i)
@@ -380,6 +353,8 @@ class Planner:
         """Plan ``index`` again; the plan log says it was handed back (it says planned
         again when it is pulled again)."""
         self._log_returned(ab, index)
+        self._handed_back = True
+        self._before_render.discard((ab.name, index))
         ab.waved.discard(index)
         ab.in_flight.discard(index)
         ab.unanswered.discard(index)
@@ -446,18 +421,6 @@ class Planner:
                     ab.planned -= len(ab.pending)
                     ab.pending.clear()
 
-    def restart(self) -> None:
-        """After an execution ended early: rows pulled but not decided are planned again."""
-        with self._cond:
-            self._dedup_starts = 0
-            for ab in self.abilities.values():
-                again = sorted(ab.in_flight | set(ab.pending))
-                ab.in_flight.clear()
-                ab.unanswered.clear()
-                ab.pending = deque(again)
-                ab.dedup_queue = deque(sorted((set(ab.dedup_queue) | set(again)) - ab.passed))
-                ab.arrived.clear()
-
     def status(self) -> dict[str, Any]:
         with self._cond:
             self._plan_log.flush(force=True)
@@ -473,6 +436,8 @@ class Planner:
                 "planned": sum(ab.planned for ab in self.abilities.values()),
                 "planned_at_start": self.planned_at_start,
                 "requeued": self.requeued,
+                "executions": self.execution + 1,
+                "top_ups": self.top_ups,
                 "lost_actor": self.lost_actor,
                 "abilities": {
                     ab.name: {

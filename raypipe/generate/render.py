@@ -261,7 +261,8 @@ class Renderer(Stage):
         self.node = _ray_node_id()
 
     def process(self, batch: pa.Table) -> pa.Table:
-        # A block of any size: rendered in calls of at most cfg.batch_size rows.
+        # In the stream, batches of cfg.batch_size rows (rejected rows were routed to the
+        # writer before); called directly, a table of any size, in calls of at most that.
         rows = batch.to_pylist()
         todo = [r for r in rows if not is_rejected(r)]
         for group in self._groups(todo):
@@ -298,7 +299,7 @@ class Renderer(Stage):
         """Render rows of one chunk count in one pipeline call; fill their columns in place."""
         import torch
 
-        t0 = time.perf_counter()
+        t0, wall0 = time.perf_counter(), time.time()
         # 1. Text embeddings, per row (emphasis + chunks), one encoder pass per encoder.
         embeds = self._embed(rows)
         # 2. One generator per row, on the CPU: a row's noise depends on its seed alone,
@@ -333,6 +334,7 @@ class Renderer(Stage):
             self.pool.map(lambda p: encode_image(p, fmt, self.cfg.image_quality), pixels)
         )
         per_image = (time.perf_counter() - t0) / len(rows)
+        wall = [round(wall0, 3), round(time.time(), 3)]  # the call's span (idle between executions)
 
         # 6. Fill the rows.
         for row, data, px, is_nan in zip(rows, encoded, pixels, bad):
@@ -344,6 +346,7 @@ class Renderer(Stage):
                 guidance=self.cfg.guidance_scale,
                 render_s=round(per_image, 4),
                 render_call_rows=len(rows),  # the size of the pipeline call it was in
+                render_wall=wall,
                 scheduler=self.scheduler_name,
                 dtype=str(self.dtype).removeprefix("torch."),
                 prompt_chunks=chunks,
@@ -420,16 +423,20 @@ def render_uses_gpu(cfg: RenderConfig) -> bool:
 
 
 def render_pool_args(cfg: RenderConfig, use_gpu: bool) -> dict[str, Any]:
-    """The render pool's size and Ray resource requests (for :func:`add_stage`).
+    """The render pool's size, batch and Ray resource requests (for :func:`add_stage`).
 
-    On GPU each actor asks for ``gpus_per_actor`` GPUs (of ``accelerator_type``, if set),
-    plus the custom ``resources``, so a cluster autoscaler adds nodes that have them while
-    the pool wants more actors (:func:`raypipe.placement.actor_resources`). A dead actor
-    is restarted (without limit) and its block retried ``max_task_retries`` times.
+    Every call gets ``batch_size`` rows (the stream cuts blocks to that size before the
+    pool). On GPU each actor asks for ``gpus_per_actor`` GPUs (of ``accelerator_type``,
+    if set), plus the custom ``resources``, so a cluster autoscaler adds nodes that have
+    them while the pool wants more actors (:func:`raypipe.placement.actor_resources`).
+    Ray Data restarts a dead actor without limit; on GPU its block is retried
+    ``max_task_retries`` times, so a prompt that kills its GPU worker every time fails
+    the run instead of taking GPUs forever.
     """
     from raypipe.placement import actor_resources
 
-    return {
+    args = {
+        "batch_size": cfg.batch_size,
         "min_actors": cfg.min_actors,
         "max_actors": cfg.max_actors,
         **actor_resources(
@@ -438,9 +445,13 @@ def render_pool_args(cfg: RenderConfig, use_gpu: bool) -> dict[str, Any]:
             resources=cfg.resources,
             accelerator_type=cfg.accelerator_type,
         ),
-        "max_restarts": -1,
-        "max_task_retries": cfg.max_task_retries,
     }
+    if use_gpu:
+        # The one raypipe parameter that Ray 2.60 takes only as an extra remote arg
+        # (deprecated; a RayDeprecationWarning): replace it with the named remote
+        # parameter once Ray Data's map_batches has one (announced for Ray 2.64).
+        args["max_task_retries"] = cfg.max_task_retries
+    return args
 
 
 def add_render(ds, cfg: RenderConfig, stage: type[Renderer] = Renderer):

@@ -1,30 +1,25 @@
-"""The stream's source: read tasks that each pull the next rows from the planner
-(:class:`raypipe.generate.planner.Planner`), and how many of them an execution gets."""
+"""The stream's source: one execution's fixed plan, read as its read tasks.
+
+:meth:`raypipe.generate.planner.Planner.plan_execution` cuts the rows an execution makes
+into slices; read task ``t`` takes slice ``t`` (:meth:`~raypipe.generate.planner.Planner.take`)
+and yields it as one block. A read task never waits, and one that Ray runs again gets the
+same rows, so the source ends once the plan is read.
+"""
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
-from raypipe.generate.planner import CHUNK_SCHEMA
+from raypipe.generate.executions import CHUNK_SCHEMA
 
 
-def plan_source(planner, tickets: int):
-    """A Ray Datasource of ``tickets`` read tasks, each one pull from ``planner``.
-
-    One pull per read task, so each answer becomes its own block at once (Ray Data
-    coalesces what a single read task yields until 128 MiB or the task ends). A pull
-    after the run is finished yields no block at all: an empty block would still cross
-    every stage as a task (and leave its stats in every operator's bookkeeping on the
-    driver), and :func:`tickets_for` leaves room for twice the pulls a run needs.
-    """
+def plan_source(planner, execution: int, tasks: int):
+    """A Ray Datasource of ``tasks`` read tasks over ``planner``'s plan of ``execution``."""
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
-    def read_fn():
+    def read_fn(task: int):
         import ray
 
-        rows = ray.get(planner.pull.remote())
+        rows = ray.get(planner.take.remote(execution, task))
         if rows.num_rows:
             yield rows
 
@@ -34,41 +29,12 @@ def plan_source(planner, tickets: int):
 
         def get_read_tasks(self, parallelism, per_task_row_limit=None, **kwargs):
             meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
-            return [ReadTask(read_fn, meta, schema=CHUNK_SCHEMA) for _ in range(tickets)]
+            return [
+                ReadTask(lambda t=t: read_fn(t), meta, schema=CHUNK_SCHEMA) for t in range(tasks)
+            ]
 
         @property
         def supports_distributed_reads(self) -> bool:
             return True
 
     return PlanSource()
-
-
-#: Rows beyond the open ones that a first execution's read tasks leave room for, as a
-#: fraction of them: the replacements of a run that rejects up to this share (dedup,
-#: format, render and quality rejects together) stay in the same execution.
-EXPECTED_REPLACEMENTS = 0.5
-#: Read tasks beyond full pulls: the first pulls' ramp-up and a tail of small pulls.
-SPARE_TICKETS = 16
-
-
-def tickets_for(status: dict[str, Any], pull_chunks: int, k: int, first: bool = True) -> int:
-    """Read tasks for one execution (each one pull: see :func:`plan_source`).
-
-    Every read task runs, and one that finds the run finished still costs a task and an
-    (empty) block in every operator's bookkeeping on the driver, so the count follows
-    the rows the run expects rather than the most it may plan: the first execution gets
-    full pulls for each ability's open rows plus ``EXPECTED_REPLACEMENTS`` of them in
-    replacements (never more than its replacement budget allows), plus
-    ``SPARE_TICKETS``. A run that rejects more continues in a new execution (the
-    planner keeps its state), which gets read tasks for everything that may still be
-    planned, twice over."""
-    abilities = status["abilities"].values()
-    room = [a["max_planned"] - a["planned"] + a["open"] for a in abilities]
-    if first:
-        rows = [
-            min(r, math.ceil(a["open"] * (1 + EXPECTED_REPLACEMENTS)))
-            for a, r in zip(abilities, room)
-        ]
-        chunks = sum(math.ceil(n / k) for n in rows)
-        return math.ceil(chunks / pull_chunks) + SPARE_TICKETS
-    return max(8, math.ceil(sum(room) / (pull_chunks * k)) * 2 + 64)

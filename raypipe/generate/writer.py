@@ -38,9 +38,7 @@ SUMMARY_COLUMNS = ["id", "ability", "index", "reject_stage", "reject_reason", "m
 class PartWriter:
     """Buffers rows and writes parts by size or age; reports outcomes to the planner."""
 
-    def __init__(
-        self, out: str, planner, part_max_rows: int, part_max_seconds: float, lease=None
-    ):
+    def __init__(self, out: str, planner, part_max_rows: int, part_max_seconds: float, lease=None):
         self.store = OutputStore(out, fence=lease.check if lease is not None else None)
         self.planner = planner
         self.max_rows = part_max_rows
@@ -52,6 +50,7 @@ class PartWriter:
         self._taken: set[str] = set()  # ids buffered or written by this run
         self.repeats_dropped = 0
         self.flush_errors = 0
+        self._routed = None  # the Tally of rows routed here before render (route_rejects)
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._age_flusher, daemon=True)
         self._thread.start()
@@ -83,6 +82,22 @@ class PartWriter:
         outcomes = [(ab, i, stage or None, reason or None) for ab, i, stage, reason in outcomes]
         ray.get(self.planner.report.remote(outcomes))
         return batch.select(SUMMARY_COLUMNS)
+
+    def add_routed(self, batch: pa.Table) -> None:
+        """Buffer rows decided before render (rejected or handed back): they never cross
+        the render pool, so the driver gets their counts from :meth:`routed_tally`."""
+        from raypipe.generate.manifest import Tally
+
+        summary = self.add(batch)
+        with self._lock:
+            self._routed = self._routed or Tally()
+            self._routed.add(summary)
+
+    def routed_tally(self):
+        """The counts of rows routed here since the last call (a Tally, or None)."""
+        with self._lock:
+            tally, self._routed = self._routed, None
+        return tally
 
     def _new_only(self, table: pa.Table) -> pa.Table:
         """The rows of ``table`` whose ids this run has not taken yet (now taken)."""
@@ -142,6 +157,23 @@ class PartWriter:
             for sub in self._buffers:
                 self._flush(sub)
         return self.parts_written
+
+
+def route_rejects(batch: pa.Table, writer, planner) -> pa.Table:
+    """Before render (a light task): rows already rejected or handed back go to the
+    writer at once; the rest go on, so every render call is filled with rows to render,
+    and the planner hears that they are past the LLM stages (its late read tasks wait
+    for that to take the replacements of rows rejected before render)."""
+    import ray
+
+    decided = pc.fill_null(pc.not_equal(batch["reject_stage"], ""), False)
+    if pc.any(decided).as_py():
+        ray.get(writer.add_routed.remote(batch.filter(decided)))
+        batch = batch.filter(pc.invert(decided))
+    if batch.num_rows:
+        rows = zip(batch.column("ability").to_pylist(), batch.column("index").to_pylist())
+        ray.get(planner.past_dialogues.remote(list(rows)))
+    return batch
 
 
 def write_block(batch: pa.Table, writer) -> pa.Table:

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 
 from raypipe.errors import EXIT_RESUMABLE, RaypipeError, ResumableStop
+from raypipe.placement import start_ray
 
 #: command -> (module in raypipe.jobs, one line for ``raypipe --help``)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -43,15 +44,6 @@ def guarded(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | No
             return 2
 
     return run
-
-
-def start_ray(address: str | None = None, **kwargs) -> None:
-    """Join the cluster (under ``ray job submit``, ``address`` or RAY_ADDRESS)
-    or start a local Ray, unless this process already runs one."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address, **kwargs)
 
 
 def script(command: str) -> int:

@@ -95,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return dry_run(cfg, args)
     from raypipe.generate.manifest import summary_table
-    from raypipe.generate.pipeline import generate
+    from raypipe.generate.pipeline import generate, local_cpus
 
-    start_ray(cfg.ray_address, log_to_driver=cfg.log_to_driver)
+    start_ray(cfg.ray_address, local_cpus(cfg), log_to_driver=cfg.log_to_driver)
     manifest = generate(
         cfg,
         args.out,
@@ -152,6 +152,7 @@ def dry_run(cfg: GenerateConfig, args: argparse.Namespace) -> int:
 
 def shortfall(cfg: GenerateConfig, manifest: dict, out: str) -> str | None:
     """What to tell the user when the run ended short of its quota (None: it did not)."""
+    from raypipe.generate.executions import MAX_TOP_UPS, TOP_UPS
     from raypipe.generate.planner import ACTOR_LOST
 
     counts = manifest["counts"]
@@ -181,6 +182,13 @@ def shortfall(cfg: GenerateConfig, manifest: dict, out: str) -> str | None:
             f"{counts['rejected']} rejected. See why in {out}/rejects (stage and reason per "
             "row; counts by stage:reason above), then raise replace_budget or run the same "
             "command again to continue."
+        )
+    elif stopped == TOP_UPS:
+        lines.append(
+            f"raypipe: rows kept being rejected at render or quality after {MAX_TOP_UPS} "
+            f"top-up executions: {accepted} of {wanted} rows accepted, {counts['rejected']} "
+            f"rejected. See why in {out}/rejects (stage and reason per row; counts by "
+            "stage:reason above), then run the same command again to continue."
         )
     elif stopped or accepted < wanted:
         lines.append(

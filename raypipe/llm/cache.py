@@ -137,8 +137,14 @@ class ResponseCache:
             return None
         return data
 
+    #: Called before every store (a generation run's lease check: raises LeaseLost once
+    #: another run holds OUT, so nothing more is published into its cache).
+    fence = None
+
     def put(self, key: str, entry: dict[str, Any]) -> None:
         """Store ``entry`` (must hold ``text``) atomically under ``key``."""
+        if self.fence is not None:
+            self.fence()
         payload = json.dumps({"format": ENTRY_FORMAT, **entry}, ensure_ascii=False).encode()
         # Temporary names at the cache's top (not in its 256 sub-folders): the next run
         # removes leftovers there without listing every entry.

@@ -52,7 +52,7 @@ def ray_vllm(tiny_dir):
     os.environ.setdefault(SERVER_KEY_ENV, "not-checked-by-vllms-server")
     if not ray.is_initialized():
         ray.init(
-            num_cpus=2,
+            num_cpus=4,  # the pools and the task that cuts render batches
             include_dashboard=False,
             log_to_driver=False,
             _temp_dir=tempfile.mkdtemp(prefix="rp-vllm-", dir="/tmp"),
