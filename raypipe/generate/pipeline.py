@@ -44,7 +44,10 @@ def local_cpus(cfg: GenerateConfig) -> int:
     pools = 2 * cfg.llm_actors * cfg.llm_actor_cpus + 0.05  # two LLM writers, dedup
     pools += cfg.render.max_actors * cfg.render.cpus_per_actor
     pools += cfg.quality.max_actors * cfg.quality.cpus_per_actor  # CPU runs only
-    return math.ceil(pools + 2 * cfg.writer_cpus + 1.0)
+    # The cutter's CPU, and one more: with only its own, Ray Data's per-operator
+    # reservations held the cutter back until the LLM pools ended (rendering started
+    # after the last prompt; benchmarks/RESULTS.md, "Fixed plans per execution").
+    return math.ceil(pools + 2 * cfg.writer_cpus + 2.0)
 
 
 def check_inputs(cfg: GenerateConfig, store: OutputStore) -> dict[str, Any]:
