@@ -211,7 +211,7 @@ def _plan_rows(p: Planner, plan: dict) -> list[tuple[str, int]]:
     """The rows of the plan's slices (its late read tasks are taken apart)."""
     return [
         (it["ability"], i)
-        for t in range(plan["tasks"] - LATE_TASKS)
+        for t in range(plan["tasks"] - p.late_tasks)
         for it in p.take(plan["execution"], t).to_pylist()
         for i in it["indices"]
     ]
@@ -286,6 +286,20 @@ def test_late_read_tasks_take_nothing_once_a_row_was_handed_back(tmp_path):
     assert sorted(_plan_rows(p, nxt)) == [("color", i) for i in range(5, 11)]
     assert nxt["top_up"]  # row 10 replaces row 2
     assert p.take(plan["execution"], plan["tasks"] - 1).num_rows == 0
+
+
+def test_a_vllm_run_has_no_late_read_tasks_and_replaces_rejects_by_a_top_up(tmp_path):
+    from raypipe.generate.executions import late_tasks
+
+    # vLLM writers batch rows: a late read task would wait on rows a batch holds.
+    assert late_tasks("vllm") == 0 and late_tasks("openai") == LATE_TASKS
+    p = planner(tmp_path, {"color": 10}, late_tasks=late_tasks("vllm"))
+    plan = p.plan_execution()
+    assert plan["rows"] == 10 and len(_plan_rows(p, plan)) == 10  # no task waits
+    p.report([("color", i, "prompts" if i in (2, 7) else None) for i in range(10)])
+    plan = p.plan_execution()
+    assert plan["top_up"]
+    assert _plan_rows(p, plan) == [("color", 10), ("color", 11)]
 
 
 def test_replacements_are_made_by_at_most_three_top_ups(tmp_path):

@@ -26,11 +26,6 @@ DENIED = {
 
 #: (module, denied name) -> why it is still there. Only ever shrinks.
 EXCEPTIONS = {
-    ("llm/vllm/processor.py", "edits a built processor's stage"): (
-        "raises the ServeDeploymentStage's in-flight bound while Ray Data LLM runs at "
-        "batch_size=1; the stream's input now ends with each execution's fixed plan, so "
-        "the writers can move to llm.vllm.batch_size (not done yet)."
-    ),
     ("train/worker.py", "warnings filter"): (
         "torch's FSDP2 view warning and transformers' gradient-checkpointing rename, "
         "printed by every worker on every step; no Ray warning."

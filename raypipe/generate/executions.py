@@ -41,12 +41,20 @@ TOP_UPS = "top_ups"
 LATE_TASKS = 3
 
 
+def late_tasks(backend: str) -> int:
+    """Late read tasks per execution for ``llm.backend``: none for ``vllm``, whose writers
+    batch rows (``llm.vllm.batch_size``): a batch waits for rows until the execution's
+    input ends, and a late read task would wait for the rows that batch holds. A vLLM
+    run's replacements are made by top-ups."""
+    return 0 if backend == "vllm" else LATE_TASKS
+
+
 class ExecutionPlans:
     """Executions of the stream, each a fixed plan (a mixin of the Planner)."""
 
     def plan_execution(self) -> dict[str, Any]:
         """Fix the plan of the next execution of the stream: every row that can be made
-        now, cut into read tasks (:meth:`take`), then ``LATE_TASKS`` late read tasks for
+        now, cut into read tasks (:meth:`take`), then ``late_tasks`` late read tasks for
         the replacements of rows rejected before render. Rows pulled by the last
         execution and not decided (held at dedup when it ended, or lost with an actor)
         are planned again. Returns ``{"execution", "tasks", "rows", "top_up", "wait_s"}``:
@@ -90,7 +98,7 @@ class ExecutionPlans:
 
     def _plan(self, top_up: bool, wait_s: float) -> dict[str, Any]:
         rows = sum(len(i) for t in self._slices for i in t.column("indices").to_pylist())
-        late = LATE_TASKS if self._slices else 0
+        late = self.late_tasks if self._slices else 0
         return {
             "execution": self.execution,
             "tasks": len(self._slices) + late,

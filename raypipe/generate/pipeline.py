@@ -29,6 +29,7 @@ from raypipe.generate.keywords import keyword_banks
 from raypipe.generate.manifest import Tally, build_manifest, write_card_and_preview
 from raypipe.generate.store import OutputStore
 from raypipe.generate.stream import stream
+from raypipe.llm.vllm.processor import ENGINE_STAGE_CPUS
 
 log = logging.getLogger("raypipe.generate")
 
@@ -44,6 +45,8 @@ def local_cpus(cfg: GenerateConfig) -> int:
     pools = 2 * cfg.llm_actors * cfg.llm_actor_cpus + 0.05  # two LLM writers, dedup
     pools += cfg.render.max_actors * cfg.render.cpus_per_actor
     pools += cfg.quality.max_actors * cfg.quality.cpus_per_actor  # CPU runs only
+    if cfg.llm.backend == "vllm":  # each writer's Ray Data LLM stage (its actors' CPU)
+        pools += 2 * cfg.llm.vllm.max_engines * ENGINE_STAGE_CPUS
     # The cutter's CPU, and one more: with only its own, Ray Data's per-operator
     # reservations held the cutter back until the LLM pools ended (rendering started
     # after the last prompt; benchmarks/RESULTS.md, "Fixed plans per execution").
@@ -100,6 +103,7 @@ def start_actors(
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from raypipe.generate.executions import late_tasks
     from raypipe.generate.planner import Planner
     from raypipe.generate.writer import PartWriter
 
@@ -107,7 +111,11 @@ def start_actors(
     planner = (
         ray.remote(Planner)
         .options(num_cpus=0, max_concurrency=64, scheduling_strategy=here)
-        .remote(*planner_args(cfg, store, banks, quota, spent_usd), lease=lease)
+        .remote(
+            *planner_args(cfg, store, banks, quota, spent_usd),
+            lease=lease,
+            late_tasks=late_tasks(cfg.llm.backend),
+        )
     )
     writer = (
         ray.remote(PartWriter)

@@ -46,7 +46,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from raypipe.generate.executions import CHUNK_SCHEMA, ExecutionPlans
+from raypipe.generate.executions import CHUNK_SCHEMA, LATE_TASKS, ExecutionPlans
 from raypipe.generate.keywords import keyword_for
 from raypipe.generate.llm_stage import TRANSIENT_REASON, UNMADE
 from raypipe.generate.plan_log import AbilityPlan, PlanLog, outstanding_ids
@@ -60,6 +60,11 @@ ACTOR_LOST = "actor_lost"
 #: row, up to ``REQUEUE_MAX_S`` (its requests already retried with backoff).
 REQUEUE_S = 1.0
 REQUEUE_MAX_S = 30.0
+
+
+def _positions(ids, prefix: str) -> set[int]:
+    """The plan positions of the ids that start with an ability's ``prefix``."""
+    return {int(s[len(prefix) :]) for s in ids if s.startswith(prefix)}
 
 
 class Planner(ExecutionPlans):
@@ -82,6 +87,7 @@ class Planner(ExecutionPlans):
         max_usd: float | None = None,
         spent_usd: float = 0.0,
         lease=None,
+        late_tasks: int = LATE_TASKS,
     ):
         # Plan logs are published only while the run holds OUT (``lease``: a LeaseToken).
         self.store = OutputStore(out, fence=lease.check if lease is not None else None)
@@ -96,6 +102,7 @@ class Planner(ExecutionPlans):
         self._plan_log = PlanLog(self.store)
         self._pulls = 0
         self.execution, self.top_ups = -1, 0
+        self.late_tasks = late_tasks  # per execution (executions.late_tasks)
         self._slices: list[pa.Table] = []  # the read tasks of the current execution
         self._late: dict[int, pa.Table] = {}  # its late read tasks, as first taken
         self._before_render: set[tuple[str, int]] = set()  # taken, not yet past dialogues
@@ -125,16 +132,12 @@ class Planner(ExecutionPlans):
         self.abilities: dict[str, AbilityPlan] = {}
         for name, want in quota.items():
             prefix = sample_id(run_seed, name, 0)[:-7]
-            done = {int(s[len(prefix) :]) for s in done_ids if s.startswith(prefix)}
             need = max(0, want - accepted.get(name, 0))
             extra = max(self.k, math.ceil(need * replace_budget)) if need else 0
-            self.abilities[name] = AbilityPlan(name, need, need + extra, done)
-            self.abilities[name].burned = {
-                int(s[len(prefix) :]) for s in burned_ids if s.startswith(prefix)
-            }
-            self.abilities[name].replanned = {
-                int(s[len(prefix) :]) for s in unfinished if s.startswith(prefix)
-            }
+            ab = AbilityPlan(name, need, need + extra, _positions(done_ids, prefix))
+            ab.burned = _positions(burned_ids, prefix)
+            ab.replanned = _positions(unfinished, prefix)
+            self.abilities[name] = ab
 
         # 2. The first plan: the rows to make again, then as many as each ability needs.
         with self._cond:

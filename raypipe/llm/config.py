@@ -68,9 +68,8 @@ class VLLMConfig(Config):
     batch_size: int = Field(
         64,
         ge=1,
-        description="Requests one engine decodes together (vLLM's max_num_seqs) and keeps in "
-        "flight. Rows reach the engine one by one as they arrive (a Ray Data batch would "
-        "wait for rows the stream's source is itself waiting on).",
+        description="Requests one engine decodes together (vLLM's max_num_seqs), and the rows "
+        "per batch of each writer's Ray Data LLM stage.",
     )
     gpus_per_worker: float = Field(
         1.0,

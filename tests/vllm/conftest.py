@@ -52,7 +52,9 @@ def ray_vllm(tiny_dir):
     os.environ.setdefault(SERVER_KEY_ENV, "not-checked-by-vllms-server")
     if not ray.is_initialized():
         ray.init(
-            num_cpus=4,  # the pools and the task that cuts render batches
+            # The pools, the task that cuts render batches, and each writer's Ray Data LLM
+            # stage actor (1 CPU each: Ray Data's default, which it does not let us set).
+            num_cpus=6,
             include_dashboard=False,
             log_to_driver=False,
             _temp_dir=tempfile.mkdtemp(prefix="rp-vllm-", dir="/tmp"),

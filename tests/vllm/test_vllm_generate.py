@@ -549,13 +549,17 @@ def test_a_writer_on_the_engines_lands_in_the_ray_data_plan(ray_vllm, tiny_dir):
         negative_prompt="", llm=cfg.llm.model_dump(), cache_dir=None, catalog_dirs=[],
         run_seed=0,
     )  # fmt: skip
-    stages, op = {}, ds._logical_plan.dag
+    stages, sizes, op = {}, {}, ds._logical_plan.dag
     while op is not None:
         if hasattr(op, "ray_remote_args"):
             stages[op.name] = op.ray_remote_args
+            sizes[op.name] = getattr(op, "batch_size", None)
         op = op.input_dependencies[0] if op.input_dependencies else None
+    # The serve stage as Ray Data LLM builds it: the configured batch size, nothing edited
+    # (its actors take Ray Data's default CPU, which local_cpus counts).
     serve_stage = stages["MapBatches(ServeDeploymentStageUDF)"]
-    assert serve_stage["num_cpus"] == cfg.llm_actor_cpus and "num_gpus" not in serve_stage
+    assert sizes["MapBatches(ServeDeploymentStageUDF)"] == cfg.llm.vllm.batch_size > 1
+    assert "num_cpus" not in serve_stage and "num_gpus" not in serve_stage
     for half in ("MapBatches(EngineRequests)", "MapBatches(EngineAnswers)"):
         assert stages[half]["resources"] == {"api_slot": 1.0}, half
         assert stages[half]["num_cpus"] == cfg.llm_actor_cpus

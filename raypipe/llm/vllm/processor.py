@@ -7,9 +7,10 @@ from typing import Any
 from raypipe.llm.config import LLMConfig
 from raypipe.llm.vllm.settings import DEPLOYMENT
 
-#: Ray Data's own default for async stages is 4 batches at once per task; raypipe hands
-#: rows to the engine one by one (see VLLMConfig.batch_size), so it raises the bound.
-ASYNC_CONCURRENCY_VAR = "RAY_DATA_DEFAULT_ASYNC_BATCH_UDF_MAX_CONCURRENCY"
+#: Logical CPUs of each engine-stage actor: Ray Data's default for a map actor (1), which
+#: ``ServeDeploymentProcessorConfig`` does not let a caller change. Each writer's stage
+#: has up to ``llm.vllm.max_engines`` of them (a local Ray counts them: ``local_cpus``).
+ENGINE_STAGE_CPUS = 1
 
 
 def _preprocess(row: dict[str, Any]) -> dict[str, Any]:
@@ -35,38 +36,28 @@ def build_engine_processor(cfg: LLMConfig, app: str, num_cpus: float = 0.05):
     writer of the run, so the prompt and dialogue writers batch their requests on the
     same engines instead of each holding a copy of the model. Rows carry ``method`` and
     ``request_kwargs`` (the chat prompt's token ids and sampling parameters: raypipe
-    builds them itself). Ray Data LLM's ``batch_size`` is 1: a larger batch would hold
-    rows until that many have arrived, and the generation stream's source waits for its
-    rows to be decided, so a run's last rows would wait forever. The stage is light
-    actors (``num_cpus`` each, up to ``max_engines``) that keep ``2 * batch_size`` requests
-    per engine in flight; each engine decodes ``batch_size`` of them together.
+    builds them itself). The stage runs at ``llm.vllm.batch_size`` rows per batch, on
+    ``1..max_engines`` actors; each actor sends its batches' requests at once (Ray
+    Data's default of 4 batches in flight per actor), and each engine decodes
+    ``batch_size`` of them together. A batch waits until it has ``batch_size`` rows or
+    its execution's input has ended, which is why a vLLM run has no late read tasks
+    (:func:`raypipe.generate.executions.late_tasks`). The pre- and post-processing
+    stages are light (``num_cpus``).
     """
-    import ray
     from ray.data.llm import ServeDeploymentProcessorConfig, build_processor
 
     v = cfg.vllm
     config = ServeDeploymentProcessorConfig(
         deployment_name=DEPLOYMENT,
         app_name=app,
-        batch_size=1,
-        concurrency=1,
+        batch_size=v.batch_size,
+        concurrency=(1, v.max_engines),
         should_continue_on_error=True,  # a failed request becomes a reject, not a dead job
     )
-    processor = build_processor(
+    return build_processor(
         config,
         preprocess=_preprocess,
         postprocess=_postprocess,
         preprocess_map_kwargs={"num_cpus": num_cpus},
         postprocess_map_kwargs={"num_cpus": num_cpus},
     )
-    in_flight = 2 * v.batch_size
-    stage = processor.get_stage_by_name("ServeDeploymentStage")
-    stage.map_batches_kwargs.update(
-        compute=ray.data.ActorPoolStrategy(
-            min_size=1, max_size=v.max_engines, max_tasks_in_flight_per_actor=in_flight
-        ),
-        max_concurrency=in_flight,
-        num_cpus=num_cpus,
-        runtime_env={"env_vars": {ASYNC_CONCURRENCY_VAR: str(in_flight)}},
-    )
-    return processor
