@@ -333,3 +333,30 @@ def test_pipeline_safety_checker_never_blacks_out_images(cfg, tmp_path):
         assert row["reject_stage"] is None
         pixels = np.asarray(Image.open(io.BytesIO(row["image"]["bytes"])))
         assert pixels.std() > 2 and pixels.mean() > 8
+
+
+def _pixels(row):
+    import numpy as np
+
+    return np.asarray(Image.open(io.BytesIO(row["image"]["bytes"])), dtype=np.int64)
+
+
+@pytest.mark.parametrize("invariant", ["on", "off"])
+def test_rows_of_different_chunk_counts_share_one_full_call(renderer, cfg, invariant):
+    """A long prompt (3 chunks) and short ones (1) render in one pipeline call: each row
+    attends to its own tokens only, so it renders as it does alone (bit for bit when
+    batch-invariant; off, within the rounding of a different batch)."""
+    r = renderer if invariant == "on" else Renderer(cfg.model_copy(update={"batch_invariant": "off"}))
+    assert r.invariant == (invariant == "on")
+    prompts, seeds = ["a blue cat", LONG, "tree", "red bus"], [3, 4, 5, 6]
+    mixed = render(r, make_rows(prompts, seeds))
+    metas = [__import__("json").loads(row["meta"]) for row in mixed]
+    assert [m["prompt_chunks"] for m in metas] == [1, 3, 1, 1]
+    assert [m["render_call_rows"] for m in metas] == [4, 4, 4, 4]  # one call, full
+    for i in (0, 1):
+        alone = render(r, make_rows([prompts[i]], [seeds[i]]))[0]
+        if invariant == "on":
+            assert mixed[i]["image"]["bytes"] == alone["image"]["bytes"], prompts[i]
+        else:
+            diff = abs(_pixels(mixed[i]) - _pixels(alone))
+            assert diff.max() <= 2 and diff.mean() < 0.05, (prompts[i], diff.max(), diff.mean())

@@ -37,6 +37,12 @@ import pyarrow as pa
 from raypipe.errors import ConfigError, ModelError
 from raypipe.generate.config import RenderConfig
 from raypipe.generate.emphasis import TokenChunks, encode_chunks, pad_chunks, tokenize_chunks
+from raypipe.generate.unet_batches import (
+    KeyLengths,
+    masked_forward,
+    rowwise_forward,
+    trim_forward,
+)
 from raypipe.models import OFFLINE_HINT, resolve_device, resolve_dtype, resolve_pretrained
 from raypipe.schema import is_rejected, reject, rows_to_table, update_meta
 from raypipe.stage import Stage, add_stage
@@ -164,43 +170,6 @@ def encode_image(pixels: np.ndarray, image_format: str, quality: int = 95) -> by
     return buf.getvalue()
 
 
-def rowwise_forward(forward, guided: bool):
-    """Wrap a UNet ``forward`` to run one row (and its CFG twin) per call.
-
-    Under classifier-free guidance diffusers stacks the batch as [uncond rows; cond
-    rows], so row i's pair is (i, i + n/2). Every tensor argument whose first dimension
-    is the batch is sliced alike (SDXL's ``added_cond_kwargs`` included); the outputs are
-    put back in the original order.
-    """
-    import torch
-
-    def take(x, idx, n):
-        if isinstance(x, torch.Tensor) and x.ndim > 0 and x.shape[0] == n:
-            return x[idx]
-        if isinstance(x, dict):
-            return {k: take(v, idx, n) for k, v in x.items()}
-        return x
-
-    def run(sample, *args, **kwargs):
-        n = sample.shape[0]
-        half = n // 2 if guided and n % 2 == 0 else 0
-        groups = [[i, i + half] for i in range(half)] if half else [[i] for i in range(n)]
-        outs, order = [], []
-        for idx in groups:
-            out = forward(
-                sample[idx],
-                *[take(a, idx, n) for a in args],
-                **{k: take(v, idx, n) for k, v in kwargs.items()},
-            )
-            outs.append(out[0] if isinstance(out, tuple) else out.sample)
-            order += idx
-        result = torch.empty_like(sample, dtype=outs[0].dtype)
-        result[order] = torch.cat(outs)
-        return (result,) if isinstance(out, tuple) else type(out)(sample=result)
-
-    return run
-
-
 # ---------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------
@@ -253,10 +222,14 @@ class Renderer(Stage):
         self.invariant = cfg.batch_invariant == "on" or (
             cfg.batch_invariant == "auto" and self.device == "cpu"
         )
+        # Rows of any chunk counts share a call (raypipe.generate.unet_batches).
+        self.keys = KeyLengths()
+        forward = trim_forward(self.pipe.unet.forward)
         if self.invariant:
             # Same shapes for a row whatever its batch -> same kernels -> same bits.
             self.pipe.vae.enable_slicing()
-            self.pipe.unet.forward = rowwise_forward(self.pipe.unet.forward, self.guided)
+            forward = rowwise_forward(forward, self.guided)
+        self.pipe.unet.forward = masked_forward(forward, self.keys)
         self.pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
         self.node = _ray_node_id()
 
@@ -264,17 +237,17 @@ class Renderer(Stage):
         # In the stream, batches of cfg.batch_size rows (rejected rows were routed to the
         # writer before); called directly, a table of any size, in calls of at most that.
         rows = batch.to_pylist()
-        todo = [r for r in rows if not is_rejected(r)]
-        for group in self._groups(todo):
-            for start in range(0, len(group), self.cfg.batch_size):
-                self.render_rows(group[start : start + self.cfg.batch_size])
+        todo = self._prepare([r for r in rows if not is_rejected(r)])
+        for start in range(0, len(todo), self.cfg.batch_size):
+            self.render_rows(todo[start : start + self.cfg.batch_size])
         return rows_to_table(rows)
 
     # -- steps ---------------------------------------------------------------------------
 
-    def _groups(self, rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-        """Tokenize each row and group rows by chunk count (one shape per pipeline call)."""
-        groups: dict[int, list[dict[str, Any]]] = {}
+    def _prepare(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Tokenize each row (``_n``: its chunk count, the longest of its prompt and its
+        negative prompt); reject rows that cannot render."""
+        todo = []
         for row in rows:
             if not (row.get("prompt") or "").strip():
                 reject(row, STAGE, "empty_prompt", "")
@@ -289,33 +262,27 @@ class Renderer(Stage):
             if self.guided:
                 row["_neg_tokens"] = [self._tokenize(tok, negative) for tok, _ in self.encoders]
                 n = max([n] + [len(t.ids) for t in row["_neg_tokens"]])
-            groups.setdefault(n, []).append(row)
-        return [groups[n] for n in sorted(groups)]
+            row["_n"] = n
+            todo.append(row)
+        return todo
 
     def _tokenize(self, tokenizer, text: str) -> TokenChunks:
         return tokenize_chunks(tokenizer, text, emphasis=self.cfg.emphasis)
 
     def render_rows(self, rows: list[dict[str, Any]]) -> None:
-        """Render rows of one chunk count in one pipeline call; fill their columns in place."""
+        """Render rows in one pipeline call; fill their columns in place."""
         import torch
 
         t0, wall0 = time.perf_counter(), time.time()
         # 1. Text embeddings, per row (emphasis + chunks), one encoder pass per encoder.
         embeds = self._embed(rows)
+        own = [r.pop("_n") for r in rows]
         # 2. One generator per row, on the CPU: a row's noise depends on its seed alone,
         #    on any device and in any batch.
         generators = [torch.Generator("cpu").manual_seed(int(r["seed"])) for r in rows]
         # 3. Denoise and decode.
         with torch.inference_mode():
-            images = self.pipe(
-                **embeds,
-                num_inference_steps=self.cfg.steps,
-                guidance_scale=self.cfg.guidance_scale,
-                width=self.cfg.width,
-                height=self.cfg.height,
-                generator=generators,
-                output_type="pt",
-            ).images
+            images = self._denoise(embeds, own, generators)
             # 4. NaN check and 8-bit conversion on the device (as diffusers' own
             #    numpy path: float32, x255, round), then one small copy to the host.
             bad = torch.isnan(images).flatten(1).any(1).tolist()
@@ -359,28 +326,48 @@ class Renderer(Stage):
             row["image"] = {"bytes": data, "path": f"{row['id']}.{ext}"}
             row["height"], row["width"] = int(px.shape[0]), int(px.shape[1])
 
+    def _denoise(self, embeds: dict[str, Any], chunks: list[int], generators):
+        """The pipeline call: images (as tensors) of rows of ``chunks`` prompt chunks each."""
+        per_chunk = embeds["prompt_embeds"].shape[1] // max(chunks)
+        if len(set(chunks)) > 1:  # the keys each row attends to (unet_batches)
+            self.keys.lengths = [n * per_chunk for n in chunks]
+        try:
+            return self.pipe(
+                **embeds,
+                num_inference_steps=self.cfg.steps,
+                guidance_scale=self.cfg.guidance_scale,
+                width=self.cfg.width,
+                height=self.cfg.height,
+                generator=generators,
+                output_type="pt",
+            ).images
+        finally:
+            self.keys.lengths = None
+
     def _embed(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Pipeline kwargs: prompt_embeds (+ negative, + pooled for SDXL-style pipelines)."""
         import torch
 
-        n = max(len(t.ids) for r in rows for t in r["_tokens"] + r.get("_neg_tokens", []))
+        n = max(r["_n"] for r in rows)
         out: dict[str, Any] = {}
         sides = [("", "_tokens")] + ([("negative_", "_neg_tokens")] if self.guided else [])
         with torch.inference_mode():
             for prefix, key in sides:
                 parts, pooled = [], None
                 for i, (tokenizer, encoder) in enumerate(self.encoders):
-                    chunks = [pad_chunks(r[key][i], tokenizer, n) for r in rows]
+                    # Each row padded to its own chunk count (the call's padding beyond
+                    # is masked in the UNet: masked_forward).
+                    chunks = [pad_chunks(r[key][i], tokenizer, r["_n"]) for r in rows]
                     if self.dual:
                         # SDXL: penultimate hidden states of both encoders, concatenated;
                         # pooled output of the second encoder's first chunk.
                         last = i == len(self.encoders) - 1
-                        res = self._encode(encoder, chunks, -2, pooled=last)
+                        res = self._encode(tokenizer, encoder, chunks, n, -2, pooled=last)
                         if last:
                             res, pooled = res
                         parts.append(res)
                     else:
-                        parts.append(self._encode(encoder, chunks))
+                        parts.append(self._encode(tokenizer, encoder, chunks, n))
                 embeds = torch.cat(parts, dim=-1)
                 if (
                     prefix
@@ -397,16 +384,26 @@ class Renderer(Stage):
                     out[f"{prefix}pooled_prompt_embeds"] = pooled.to(self.dtype)
         return out
 
-    def _encode(self, encoder, chunks: list[TokenChunks], layer=None, pooled=False):
-        """encode_chunks over the rows at once, or row by row when batch-invariant."""
+    def _encode(
+        self, tokenizer, encoder, chunks: list[TokenChunks], n: int, layer=None, pooled=False
+    ):
+        """encode_chunks over the rows at once, or row by row when batch-invariant; each
+        row's embedding zero-padded to ``n`` chunks (keys the UNet masks)."""
         import torch
 
-        if not self.invariant:
-            return encode_chunks(encoder, chunks, self.device, layer, pooled)
-        outs = [encode_chunks(encoder, [c], self.device, layer, pooled) for c in chunks]
+        if self.invariant:
+            outs = [encode_chunks(encoder, [c], self.device, layer, pooled) for c in chunks]
+        else:  # one pass needs one shape: the padding chunks are empty prompts
+            padded = [pad_chunks(c, tokenizer, n) for c in chunks]
+            outs = [encode_chunks(encoder, padded, self.device, layer, pooled)]
+        states = [o[0] if pooled else o for o in outs]
+        width = max(s.shape[1] for s in states)
+        states = torch.cat(
+            [torch.nn.functional.pad(s, (0, 0, 0, width - s.shape[1])) for s in states]
+        )
         if pooled:
-            return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
-        return torch.cat(outs)
+            return states, torch.cat([o[1] for o in outs])
+        return states
 
 
 # ---------------------------------------------------------------------------------------
