@@ -6,23 +6,18 @@
 The demo preset, openai backend against the loopback server (its own process, 0.1 s per
 request, ``llm.concurrency=1``; every prompt unique, and the lines of a tenth of the
 keywords malformed, so about 10% of prompts are rejected and replaced), tiny SD at 32 px
-and 1 step, ``part_max_seconds=5``. Each
-job runs in a fresh subprocess and OUT: ``timed`` (10N rows, alone: the time figures), then
-``small`` (N) and ``large`` (10N) after a warm-up job, under tracemalloc (the memory
-figure). Times are seconds from just before ``generate()`` (imports, Ray: ``setup_s``).
-``--smoke-test`` leaves ``timed`` out: its times come from the traced ``large`` run.
+and 1 step, ``part_max_seconds=5``. Each job runs in a fresh subprocess and OUT: ``timed``
+(10N rows, alone: the time figures), then ``small`` (N) and ``large`` (10N) after a
+warm-up job, under tracemalloc (memory). Times are seconds from just before
+``generate()`` (imports, Ray: ``setup_s``); ``--smoke-test`` takes them from ``large``.
 
-- first_part_s: earliest mtime of OUT/data/*.parquet;
-- last_prompt_answer_s: the server's last answer to a prompt request;
-- stream_ratio = first_part_s / last_prompt_answer_s (target <= 0.5);
-- driver_bytes_per_row = (the driver's peak traced bytes at 10N - at N) / 9N (target <= 512);
-- render_busy_fraction = manifest ``render_busy_s`` / the render window (the server's
-  first dialogue answer to the writer's close), a lower bound;
-- render_full_batch_share = manifest ``render.full_batch_calls / render.calls`` (target
-  >= 0.95); render_idle_between_executions_share = ``render.idle_between_executions_s``
-  / the stream's time (target <= 0.05).
-
-The last line printed is one JSON object of figures.
+- stream_ratio = first_part_s (earliest OUT/data mtime) / last_prompt_answer_s (<= 0.5);
+- driver_bytes_per_row = (peak traced bytes at 10N - at N) / 9N (<= 512);
+- render_busy_fraction = manifest ``render_busy_s`` / the render window (first dialogue
+  answer to the writer's close), a lower bound;
+- render_full_batch_share = ``render.full_batch_calls / render.calls`` (>= 0.95);
+  render_idle_between_executions_share = ``render.idle_between_executions_s`` / the
+  stream's time (<= 0.05). The last line printed is one JSON object of figures.
 """
 
 from __future__ import annotations
@@ -131,29 +126,20 @@ def one(n: int, out: str, traced: bool = True) -> dict:
     parts = glob.glob(os.path.join(out, "data", "*.parquet"))
     run = manifest["runs"][-1]
     window = run["timings_s"]["total_s"] - min(dialogues)
+    r2 = lambda x: round(x, 2)  # noqa: E731
     return {
-        "n": n,
-        "wall_s": round(wall, 2),
-        "setup_s": round(setup_s, 2),
-        "peak_traced_bytes": peak,
-        "first_part_s": round(min(os.path.getmtime(p) for p in parts) - t0, 2),
-        "first_prompt_answer_s": round(min(prompts), 2),
-        "last_prompt_answer_s": round(max(prompts), 2),
-        "first_dialogue_answer_s": round(min(dialogues), 2),
-        "prompt_requests": len(prompts),
-        "dialogue_requests": len(dialogues),
-        "data_parts": len(parts),
-        "accepted": run["accepted"],
-        "rejected": run["rows_written"] - run["accepted"],
-        "stopped": manifest["stopped"],
-        "images_rendered": run["images_rendered"],
-        "images_per_s": round(run["images_per_s"], 2),
-        "render_busy_s": round(run["render_busy_s"], 2),
-        "render_window_s": round(window, 2),
-        "render": run["render"],
+        "n": n, "wall_s": r2(wall), "setup_s": r2(setup_s), "peak_traced_bytes": peak,
+        "first_part_s": r2(min(os.path.getmtime(p) for p in parts) - t0),
+        "first_prompt_answer_s": r2(min(prompts)), "last_prompt_answer_s": r2(max(prompts)),
+        "first_dialogue_answer_s": r2(min(dialogues)), "prompt_requests": len(prompts),
+        "dialogue_requests": len(dialogues), "data_parts": len(parts),
+        "accepted": run["accepted"], "rejected": run["rows_written"] - run["accepted"],
+        "stopped": manifest["stopped"], "images_rendered": run["images_rendered"],
+        "images_per_s": r2(run["images_per_s"]), "render_busy_s": r2(run["render_busy_s"]),
+        "render_window_s": r2(window), "render": run["render"],
         "stream_executions": run["stream_executions"],
-        "timings_s": {k: round(v, 2) for k, v in run["timings_s"].items()},
-    }
+        "timings_s": {k: r2(v) for k, v in run["timings_s"].items()},
+    }  # fmt: skip
 
 
 def run_one(n: int, out: Path, env: dict, traced: bool = True) -> dict:
@@ -196,25 +182,20 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     clock = timed or large  # --smoke-test: the traced run's (slower) times
     growth = large["peak_traced_bytes"] - small["peak_traced_bytes"]
+    render = clock["render"]
     figures = {
-        "n_small": n,
-        "n_large": 10 * n,
-        "first_part_s": clock["first_part_s"],
+        "n_small": n, "n_large": 10 * n, "first_part_s": clock["first_part_s"],
         "last_prompt_answer_s": clock["last_prompt_answer_s"],
         "stream_ratio": round(clock["first_part_s"] / clock["last_prompt_answer_s"], 3),
         "stream_ratio_traced": round(large["first_part_s"] / large["last_prompt_answer_s"], 3),
         "driver_bytes_per_row": round(growth / (9 * n), 1),
         "render_busy_fraction": round(clock["render_busy_s"] / clock["render_window_s"], 3),
-        "render_full_batch_share": round(
-            clock["render"]["full_batch_calls"] / clock["render"]["calls"], 3
-        ),
+        "render_full_batch_share": round(render["full_batch_calls"] / render["calls"], 3),
         "render_idle_between_executions_share": round(
-            clock["render"]["idle_between_executions_s"] / clock["timings_s"]["stream_s"], 3
+            render["idle_between_executions_s"] / clock["timings_s"]["stream_s"], 3
         ),
-        "timed": timed,
-        "small": small,
-        "large": large,
-    }
+        "timed": timed, "small": small, "large": large,
+    }  # fmt: skip
     common.emit(figures)
 
 
