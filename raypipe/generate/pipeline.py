@@ -29,7 +29,6 @@ from raypipe.generate.keywords import keyword_banks
 from raypipe.generate.manifest import Tally, build_manifest, write_card_and_preview
 from raypipe.generate.store import OutputStore
 from raypipe.generate.stream import stream
-from raypipe.llm.vllm.processor import ENGINE_STAGE_CPUS
 
 log = logging.getLogger("raypipe.generate")
 
@@ -46,6 +45,8 @@ def local_cpus(cfg: GenerateConfig) -> int:
     pools += cfg.render.max_actors * cfg.render.cpus_per_actor
     pools += cfg.quality.max_actors * cfg.quality.cpus_per_actor  # CPU runs only
     if cfg.llm.backend == "vllm":  # each writer's Ray Data LLM stage (its actors' CPU)
+        from raypipe.llm.vllm.processor import ENGINE_STAGE_CPUS
+
         pools += 2 * cfg.llm.vllm.max_engines * ENGINE_STAGE_CPUS
     # The cutter's CPU, and one more: with only its own, Ray Data's per-operator
     # reservations held the cutter back until the LLM pools ended (rendering started

@@ -422,8 +422,8 @@ def render_uses_gpu(cfg: RenderConfig) -> bool:
 def render_pool_args(cfg: RenderConfig, use_gpu: bool) -> dict[str, Any]:
     """The render pool's size, batch and Ray resource requests (for :func:`add_stage`).
 
-    Every call gets ``batch_size`` rows (the stream cuts blocks of a multiple of that
-    size before the pool). On GPU each actor asks for ``gpus_per_actor`` GPUs (of ``accelerator_type``,
+    Every call gets ``batch_size`` rows (the stream cuts blocks to that size before the
+    pool). On GPU each actor asks for ``gpus_per_actor`` GPUs (of ``accelerator_type``,
     if set), plus the custom ``resources``, so a cluster autoscaler adds nodes that have
     them while the pool wants more actors (:func:`raypipe.placement.actor_resources`).
     Ray Data restarts a dead actor without limit; on GPU its block is retried

@@ -37,10 +37,6 @@ log = logging.getLogger("raypipe.generate")
 #: generation, where they wait for a rare full collection (seen: ~200 more of them alive
 #: at the peak of a 1,000-row run than of a 100-row one). See :func:`collecting_garbage`.
 DRIVER_GC_S = 1.0
-#: Render batches per block after the cut: the render pool runs each block as that many
-#: full calls. Ray Data's driver keeps per-block bookkeeping of every operator until the
-#: execution ends, so fewer blocks keep the driver smaller on long runs.
-RENDER_BLOCK_BATCHES = 2
 
 
 # ------------------------------------------------------------------------------------
@@ -139,9 +135,7 @@ def build_stream(cfg: GenerateConfig, run: dict[str, Any], plan: dict[str, Any])
         batch_format="pyarrow",
         num_cpus=cfg.writer_cpus,
     )
-    ds = ds.repartition(
-        target_num_rows_per_block=cfg.render.batch_size * RENDER_BLOCK_BATCHES, strict=True
-    )
+    ds = ds.repartition(target_num_rows_per_block=cfg.render.batch_size, strict=True)
     ds = add_image_stages(ds, cfg.render, cfg.quality, run["banks"])
     return ds.map_batches(
         write_block,
