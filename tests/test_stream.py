@@ -165,24 +165,20 @@ def test_partly_malformed_answer_keeps_good_rows_and_replaces_the_rest(
     assert not {r["id"] for r in read_data(out)} & {r["id"] for r in read_rejects(out)}
 
 
-def test_reasoning_model_gets_max_completion_tokens(ray_local, tiny_dir, tmp_path):
-    with LLMServer(
-        responder=template_responder(), models=("o4-mini",), reasoning_models=("o4-mini",)
-    ) as server:
-        cfg = demo_config(
-            *openai_overrides(server, "llm.model=o4-mini", "abilities=[color]", "num_samples=3")
-        )
-        manifest = generate(cfg, str(tmp_path))
-        refused = server.fault_counts.get("unsupported_param", 0)
-    assert len(read_data(tmp_path)) == 3 and manifest["stopped"] is None
-    assert refused == 0
-
-
 def test_max_usd_stops_the_run_and_the_rerun_completes_it(ray_local, tiny_dir, tmp_path):
-    with LLMServer(responder=template_responder(), lifetime_s=300) as server:
+    """Also a reasoning model's run: the server refuses ``max_tokens`` and ``temperature``
+    for it (OpenAI's 400), so every request must send ``max_completion_tokens``."""
+    with LLMServer(
+        responder=template_responder(),
+        models=("o4-mini",),
+        reasoning_models=("o4-mini",),
+        lifetime_s=300,
+    ) as server:
         # $100 per million tokens: about 6 cents a request.
-        price = "llm.prices={test-model: [100, 100]}"
-        base = openai_overrides(server, price, "abilities=[color,animal]", "num_samples=20")
+        price = "llm.prices={o4-mini: [100, 100]}"
+        base = openai_overrides(
+            server, "llm.model=o4-mini", price, "abilities=[color,animal]", "num_samples=20"
+        )
         base += ["llm_batch_chunks=1", "llm.concurrency=1"]
         first = generate(demo_config(*base, "max_usd=0.5"), str(tmp_path))
         run = first["runs"][-1]
@@ -195,6 +191,8 @@ def test_max_usd_stops_the_run_and_the_rerun_completes_it(ray_local, tiny_dir, t
         assert 0 < made < 20 and first["counts"]["balanced"]
         again = generate(demo_config(*base), str(tmp_path))
         repeats = [h for h, n in server.answered_by_hash.items() if n > 1]
+        refused = server.fault_counts.get("unsupported_param", 0)
+    assert refused == 0  # the reasoning model got max_completion_tokens, no temperature
     rows = read_data(tmp_path)
     assert len(rows) == 20 and len({r["id"] for r in rows}) == 20
     assert again["stopped"] is None and again["counts"]["balanced"]
