@@ -70,29 +70,7 @@ def ids_in(out: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------
-# 1. Idempotent by id
-# ---------------------------------------------------------------------------------------
-
-
-def test_a_retried_write_block_writes_each_id_once(ray_local, tiny_dir, tmp_path, monkeypatch):
-    """The writer task's worker dies right after handing its rows over; Ray runs it again."""
-    from ray import cloudpickle
-
-    from raypipe.generate import writer
-
-    cloudpickle.register_pickle_by_value(faults)
-    monkeypatch.setattr(faults, "MARKER", str(tmp_path / "died-once"))
-    monkeypatch.setattr(writer, "write_block", faults.dying_write_block)
-    out = str(tmp_path / "out")
-    manifest = generate(demo_config(*SMALL, "num_samples=6"), out)
-    assert (tmp_path / "died-once").exists(), "the fault never fired"
-    ids = ids_in(out)
-    assert len(ids) == 6 and len(set(ids)) == 6, sorted(ids)
-    assert manifest["counts"]["balanced"] and manifest["counts"]["duplicate_ids"] == []
-
-
-# ---------------------------------------------------------------------------------------
-# 2. The lease
+# 1. The lease
 # ---------------------------------------------------------------------------------------
 
 
@@ -192,7 +170,7 @@ def test_a_run_whose_lease_is_taken_over_publishes_nothing_more(ray_local, tiny_
 
 
 # ---------------------------------------------------------------------------------------
-# 3. One dataset identity
+# 2. One dataset identity
 # ---------------------------------------------------------------------------------------
 
 
@@ -281,11 +259,19 @@ def test_operational_changes_extend_and_a_killed_runs_lost_part_and_lease_are_ma
 
 
 # ---------------------------------------------------------------------------------------
-# 4. Whole or nothing
+# 3. Whole or nothing, and idempotent by id
 # ---------------------------------------------------------------------------------------
 
 
-def test_s3_part_and_cache_writes_failing_half_way_publish_nothing(ray_local, tiny_dir, s3_server):
+def test_s3_writes_failing_half_way_publish_nothing_and_a_retried_write_writes_ids_once(
+    ray_local, tiny_dir, s3_server, tmp_path, monkeypatch
+):
+    """A part and a cache entry whose writes fail half-way leave nothing under their
+    names; the next run completes. In that run, the writer task's worker dies right
+    after handing its rows over (Ray runs the task again): each id is written once."""
+    from ray import cloudpickle
+
+    from raypipe.generate import writer
     from raypipe.llm.cache import ResponseCache
 
     bucket = s3_server.make_bucket("raypipe-half-way")
@@ -301,9 +287,16 @@ def test_s3_part_and_cache_writes_failing_half_way_publish_nothing(ray_local, ti
     cache = ResponseCache(OutputStore(out).cache_location())
     cache.fs = faults.HalfWritingFS(cache.fs)
     assert_put_whole_or_nothing(cache)
-    # The next run starts (its planner reads every part) and completes.
+    # The next run starts (its planner reads every part) and completes, through a retried
+    # write task.
+    cloudpickle.register_pickle_by_value(faults)
+    monkeypatch.setattr(faults, "MARKER", str(tmp_path / "died-once"))
+    monkeypatch.setattr(writer, "write_block", faults.dying_write_block)
     manifest = generate(demo_config(*SMALL), out)
-    assert manifest["counts"]["balanced"] and len(ids_in(out)) == 4
+    assert (tmp_path / "died-once").exists(), "the write fault never fired"
+    ids = ids_in(out)
+    assert len(ids) == 4 and len(set(ids)) == 4, sorted(ids)
+    assert manifest["counts"]["balanced"] and manifest["counts"]["duplicate_ids"] == []
     from pyarrow.fs import FileSelector
 
     left = fs.get_file_info(FileSelector(f"{bucket}/run", recursive=True))
@@ -389,7 +382,7 @@ def test_temporaries_are_cleaned_by_the_next_run_holding_out(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
-# 5. Rejects re-made; 6. shared OUT; 7. exit statuses
+# 4. Rejects re-made; 5. shared OUT; 6. exit statuses
 # ---------------------------------------------------------------------------------------
 
 
