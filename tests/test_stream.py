@@ -52,16 +52,19 @@ def openai_overrides(server: LLMServer, *more: str) -> list[str]:
 
 
 class Recorder:
-    """Wraps a responder: when each prompt request was answered, and which keywords."""
+    """Wraps a responder: when each prompt request was answered, and which keywords;
+    prompt requests take ``prompt_latency_s`` more than the server's latency."""
 
-    def __init__(self, respond):
+    def __init__(self, respond, prompt_latency_s: float = 0.0):
         self.respond = respond
+        self.prompt_latency_s = prompt_latency_s
         self.prompt_answers: list[float] = []
         self.prompt_keywords: list[list[str]] = []
 
     def __call__(self, messages):
         user = messages[-1]["content"]
         if PROMPT_MARK in user:
+            time.sleep(self.prompt_latency_s)
             block = user.split(PROMPT_MARK)[1].split("\n\n")[0]
             self.prompt_keywords.append(re.findall(r"^\d+\.\s*(.+)$", block.strip(), flags=re.M))
             self.prompt_answers.append(time.time())
@@ -70,8 +73,10 @@ class Recorder:
 
 @pytest.mark.slow
 def test_rendering_starts_while_prompts_are_still_answered(ray_local, tiny_dir, tmp_path):
-    rec = Recorder(template_responder())
-    with LLMServer(responder=rec, latency_s=0.3, lifetime_s=600) as server:
+    # Prompts are slow (26 requests, one at a time: ~18 s), dialogues fast: the GPUs
+    # must start on the rows whose dialogues are written while prompts still come in.
+    rec = Recorder(template_responder(), prompt_latency_s=0.7)
+    with LLMServer(responder=rec, latency_s=0.02, lifetime_s=600) as server:
         cfg = demo_config(
             *openai_overrides(
                 server,
