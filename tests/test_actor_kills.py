@@ -124,7 +124,7 @@ def test_a_killed_actor_stops_the_run_or_heals_and_the_same_command_ends_exact(
     from raypipe.jobs import generate as generate_job
 
     out = tmp_path / "out"
-    with LLMServer(responder=template_responder(), latency_s=0.5, lifetime_s=600) as server:
+    with LLMServer(responder=template_responder(), latency_s=1.0, lifetime_s=600) as server:
         base = openai_overrides(
             server, "abilities=[color,animal]", "llm.concurrency=1", "llm_batch_chunks=1"
         )
