@@ -63,7 +63,8 @@ def rows_in(out: Path) -> int:
 
 
 class Killer(threading.Thread):
-    """Kills each named worker once the run has written ``after`` more rows to OUT."""
+    """Kills each named worker once the run has written ``after`` more rows to OUT (or
+    once ``after()`` is true)."""
 
     def __init__(self, server: LLMServer, out: Path, plan: list[tuple[str, int]]):
         super().__init__(daemon=True)
@@ -74,9 +75,13 @@ class Killer(threading.Thread):
         self.in_flight: set[str] = set()  # answered to a worker that died: asked again
         self.stop = threading.Event()
 
+    def due(self, after) -> bool:
+        """``after``: rows written to OUT since the start, or a condition to wait for."""
+        return after() if callable(after) else rows_in(self.out) - self.base >= after
+
     def run(self) -> None:
         for name, after in self.plan:
-            while rows_in(self.out) - self.base < after:
+            while not self.due(after):
                 if self.stop.wait(0.1):
                     return
             pid = None
@@ -120,7 +125,9 @@ def test_a_killed_actor_stops_the_run_or_heals_and_the_same_command_ends_exact(
     ray_local, tiny_dir, tmp_path, capsys
 ):
     """One OUT; each step asks for more rows (an operational change) and kills one
-    actor of that run after its first row in OUT (the heal step: three, two rows apart)."""
+    actor of that run after its first row in OUT (the heal step: three, two rows apart).
+    The dedup actor is killed once its step's first prompt answers are in: it ends with
+    the read tasks, which may be before the first row reaches OUT."""
     from raypipe.jobs import generate as generate_job
 
     out = tmp_path / "out"
@@ -143,9 +150,11 @@ def test_a_killed_actor_stops_the_run_or_heals_and_the_same_command_ends_exact(
         for n, names, says in steps:
             full = _job_cmd(out, *base, f"num_samples={n}", "part_max_rows=2", "part_max_seconds=1")
             cmd = full[2:]  # from --config on: the job's main() in this process
-            rc, killer = run_killing(
-                server, out, cmd, [(m, 1 + 2 * k) for k, m in enumerate(names)]
-            )
+            plan = [(m, 1 + 2 * k) for k, m in enumerate(names)]
+            if names == ["DedupStage"]:
+                asked = len(server.answered_by_hash)
+                plan = [("DedupStage", lambda asked=asked: len(server.answered_by_hash) > asked)]
+            rc, killer = run_killing(server, out, cmd, plan)
             err = capsys.readouterr().err
             assert killer.killed == names, (names, killer.rows_at_kill, err[-2000:])
             assert max(killer.rows_at_kill) < n  # each kill landed before the run's end
