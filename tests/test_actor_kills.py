@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,7 +67,7 @@ class Killer(threading.Thread):
     """Kills each named worker once the run has written ``after`` more rows to OUT (or
     once ``after()`` is true)."""
 
-    def __init__(self, server: LLMServer, out: Path, plan: list[tuple[str, int]]):
+    def __init__(self, server: LLMServer, out: Path, plan: list[tuple[str, Any]]):
         super().__init__(daemon=True)
         self.server, self.out, self.plan = server, out, plan
         self.base = rows_in(out)
