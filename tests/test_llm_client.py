@@ -26,7 +26,7 @@ from raypipe.llm.base import LLMRequest
 from raypipe.llm.cache import ResponseCache, request_key
 from raypipe.llm.client import OpenAIBackend, httpx, retry_after_s
 from raypipe.llm.config import LLMConfig, is_reasoning_model
-from raypipe.llm.limits import TokenBucket
+from raypipe.llm.limits import InProcess, JobLimiter, LimiterHandle, TokenBucket
 from raypipe.llm.slots import Slots
 
 KEY_ENV = "RAYPIPE_TEST_LLM_KEY"
@@ -395,13 +395,26 @@ def test_tokens_per_minute_limit_bounds_the_token_rate(llm_server):
     assert elapsed >= (used - 1000) / 1000 * 0.9
 
     # Reservations of max_tokens are corrected by the real usage: short answers don't wait.
-    short = llm_server()
-    with OpenAIBackend(make_cfg(short, tokens_per_minute=60_000), None) as llm:
-        start = time.monotonic()
-        results = llm.complete_batch(make_requests(6, max_tokens=900))  # 6 x ~920 reserved
-        elapsed = time.monotonic() - start
-    assert all(r.ok for r in results)
-    assert elapsed < 2.0  # without the correction: >= 4.5 s
+    # Here the bucket never refills (its clock stands still, its sleeps never end), so
+    # only the give-backs of the corrections let requests 2 and 3 through.
+    async def never(seconds: float) -> None:
+        await asyncio.Event().wait()
+
+    short_cfg = make_cfg(llm_server(), tokens_per_minute=60_000)
+    frozen = JobLimiter(None, 60_000, short_cfg.concurrency, clock=lambda: 0.0, sleep=never)
+    handle = LimiterHandle(InProcess(frozen), None, 60_000)
+    batches: list = []
+    with OpenAIBackend(short_cfg, None, limiter=handle) as llm:
+        # 3 x ~920 tokens reserved from a bucket of 1,000
+        run = threading.Thread(
+            target=lambda: batches.append(llm.complete_batch(make_requests(3, max_tokens=900))),
+            daemon=True,
+        )
+        run.start()
+        run.join(30)
+        assert batches, "requests still wait for tokens: the corrections gave none back"
+    assert all(r.ok for r in batches[0])
+    assert frozen.stats()["token_corrections"] < -2 * 800  # real usage, not max_tokens
 
 
 def test_cost_from_the_price_table(llm_server, caplog):
