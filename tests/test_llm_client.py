@@ -576,11 +576,9 @@ def test_reasoning_off_against_a_reasoning_model_fails_the_check_fast(llm_server
     server = llm_server(models=("o3-mini",), reasoning_models=("o3-mini",), refuse=refuse)
     cfg = make_cfg(server, model="o3-mini", reasoning="off")
     with OpenAIBackend(cfg, None) as llm:
-        start = time.monotonic()
         with pytest.raises(EndpointError, match="set llm.reasoning=on") as info:
             llm.check()
-        assert time.monotonic() - start < 3
-        assert server.total_requests == 1  # before any work
+        assert server.total_requests == 1  # the probe alone: not retried, before any work
         (result,) = llm.complete_batch(make_requests(1))  # a run that skipped the check
     assert f"'{param}'" in str(info.value) and "o3-mini" in str(info.value)
     assert result.error.startswith("http_400") and "llm.reasoning=on" in result.error
