@@ -38,15 +38,18 @@ N = 30
 
 
 def ray_worker(name: str) -> int | None:
-    """The pid of the youngest Ray worker whose process title names ``name``."""
-    out = subprocess.run(
-        ["ps", "-eo", "pid,etimes,args"], capture_output=True, text=True, check=True
-    ).stdout
+    """The pid of the youngest worker of this session's Ray (its raylet is a child of
+    this process) whose process title names ``name``; another Ray's are left alone."""
+    import psutil
+
     found = []
-    for line in out.splitlines()[1:]:
-        pid, age, args = line.split(None, 2)
-        if args.startswith("ray::") and name in args:
-            found.append((int(age), int(pid)))
+    for p in psutil.Process().children(recursive=True):
+        try:
+            title = " ".join(p.cmdline())
+            if title.startswith("ray::") and name in title:
+                found.append((-p.create_time(), p.pid))
+        except psutil.Error:  # ended meanwhile
+            continue
     return min(found)[1] if found else None
 
 
